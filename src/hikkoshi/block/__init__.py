@@ -1,0 +1,1 @@
+"""What an export serves: block device layers (raw file; later dirty tracking, mirror, proxy cache)."""

@@ -1,0 +1,36 @@
+"""Entry point of the `hikkoshi` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import __version__
+from . import nbd_serve, nbd_stats
+from .runtime import setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hikkoshi", description="Move running VMs, their disks and identity.")
+    parser.add_argument("--version", action="version", version=f"hikkoshi {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    top = parser.add_subparsers(dest="command", required=True)
+    nbd = top.add_parser("nbd", help="the NBD data plane").add_subparsers(dest="nbd_command", required=True)
+    nbd_serve.add_parser(nbd)
+    nbd_stats.add_parser(nbd)
+    from . import demo
+
+    demo.add_parser(top)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

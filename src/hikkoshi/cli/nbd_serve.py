@@ -1,0 +1,130 @@
+"""`hikkoshi nbd serve`: serve raw images over NBD, with a control socket."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..block.file import RawFile
+from ..nbd.control import ControlError, ControlServer
+from ..nbd.server import Export, ExportTable, ListenAddress, NbdServer
+from ..nbd.tls import server_context
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve raw image files over NBD")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="raw image file (or block device)")
+    p.add_argument("--listen", action="append", metavar="ADDR",
+                   help="HOST:PORT or unix:PATH (repeatable; default 127.0.0.1:10809; port 0 picks one)")
+    p.add_argument("--export", action="append", default=[], metavar="NAME",
+                   help="export name for each IMAGE in order (default: the file name); the first is the default")
+    p.add_argument("--read-only", action="store_true", help="refuse writes (EPERM)")
+    p.add_argument("--control", metavar="unix:PATH", help="JSON control socket (statistics, later layers)")
+    p.add_argument("--tls-cert", type=Path, metavar="F", help="server certificate (PEM); enables TLS, required")
+    p.add_argument("--tls-key", type=Path, metavar="F", help="server private key (PEM)")
+    p.add_argument("--tls-ca", type=Path, metavar="F", help="CA that client certificates must be signed by")
+    p.set_defaults(func=serve_command)
+
+
+def build_exports(images: list[str], names: list[str], read_only: bool) -> ExportTable:
+    """Open every image as an export."""
+    if len(names) > len(images):
+        raise ValueError(f"{len(names)} export names for {len(images)} images")
+    table = ExportTable()
+    for i, image in enumerate(images):
+        name = names[i] if i < len(names) else Path(image).name
+        table.add(Export(name, RawFile(image, read_only=read_only), description=str(Path(image).resolve())))
+    return table
+
+
+def register_commands(control: ControlServer, exports: ExportTable, server: NbdServer) -> None:
+    """Control commands of a plain NBD server."""
+
+    def find(args: dict[str, Any]) -> list[Export]:
+        name = args.get("export")
+        if name is None:
+            return list(exports)
+        export = exports.get(str(name))
+        if export is None:
+            raise ControlError(f"no export named {name!r}")
+        return [export]
+
+    def list_exports(args: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            {"name": e.name, "size": e.device.size, "description": e.description,
+             "read_only": e.device.capabilities.read_only, "connections": e.stats.connections}
+            for e in exports
+        ]
+
+    def stats(args: dict[str, Any]) -> dict[str, Any]:
+        regions = bool(args.get("regions", False))
+        return {e.name: {"size": e.device.size, **e.stats.snapshot(regions)} for e in find(args)}
+
+    control.register("exports", list_exports, "list exports")
+    control.register("stats", stats, "statistics per export; args: export, regions (bool)")
+    control.register("listening", lambda _args: list(server.bound), "addresses the server is bound to")
+
+
+async def serve(args: argparse.Namespace) -> int:
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        tls = server_context(args.tls_cert, args.tls_key, args.tls_ca)
+    elif args.tls_ca:
+        raise ValueError("--tls-ca needs --tls-cert and --tls-key")
+    listen = [ListenAddress.parse(a) for a in (args.listen or ["127.0.0.1:10809"])]
+    control_path = None
+    if args.control:
+        if not args.control.startswith("unix:"):
+            raise ValueError("--control takes unix:PATH")
+        control_path = Path(args.control[5:])
+    exports = build_exports(args.images, args.export, args.read_only)
+    server = NbdServer(exports, listen, tls=tls)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.stop)
+    control = ControlServer(control_path) if control_path else None
+    try:
+        async with asyncio.TaskGroup() as tg:
+            serving = tg.create_task(server.serve())
+            ready = tg.create_task(server.ready.wait())
+            await asyncio.wait([serving, ready], return_when=asyncio.FIRST_COMPLETED)
+            if serving.done():
+                ready.cancel()
+                return 1
+            if control is not None:
+                register_commands(control, exports, server)
+                await control.start()
+            scheme = "nbds" if tls else "nbd"
+            for addr in server.bound:
+                if addr.startswith("unix:"):
+                    print(f"hikkoshi: serving {scheme}+unix:///?socket={addr[5:]}", flush=True)
+                else:
+                    print(f"hikkoshi: serving {scheme}://{addr}/", flush=True)
+    finally:
+        if control is not None:
+            await control.close()
+        for export in exports:
+            export.device.close()
+    return 0
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from .runtime import run
+
+    try:
+        return run(serve(args))
+    except (OSError, ValueError) as exc:
+        print(f"hikkoshi nbd serve: {exc}", file=sys.stderr)
+    except BaseExceptionGroup as group:
+        errors = group.subgroup((OSError, ValueError))
+        if errors is None:
+            raise
+        for exc in errors.exceptions:
+            print(f"hikkoshi nbd serve: {exc}", file=sys.stderr)
+    return 2
