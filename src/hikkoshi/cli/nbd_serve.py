@@ -125,6 +125,14 @@ def serve_command(args: argparse.Namespace) -> int:
         errors = group.subgroup((OSError, ValueError))
         if errors is None:
             raise
-        for exc in errors.exceptions:
+        for exc in leaves(errors):
             print(f"hikkoshi nbd serve: {exc}", file=sys.stderr)
     return 2
+
+
+def leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions inside nested groups."""
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
