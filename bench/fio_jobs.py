@@ -9,6 +9,7 @@ about allocation.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -135,7 +136,7 @@ def parse_fio_json(text: str, workload: Workload) -> tuple[float, dict[str, Any]
 
 
 def run_fio(workload: Workload, uri: str, runtime_s: int, ramp_s: int, scratch: Path) -> Measurement:
-    output = scratch / f"fio-{workload.name}.json"
+    output = scratch / f"fio-{os.getpid()}-{workload.name}.json"
     output.unlink(missing_ok=True)
     argv = fio_argv(workload, uri, runtime_s, ramp_s, output)
     started = time.perf_counter()

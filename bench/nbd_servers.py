@@ -8,6 +8,7 @@ by pid) and with a parent-death signal, so a runner killed outright does not lea
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import shutil
@@ -315,6 +316,40 @@ class RunningServer:
             return "(no log)"
         tail = [line for line in text.strip().splitlines() if line][-lines:]
         return " | ".join(tail) if tail else "(empty log)"
+
+
+def content_check(uri: str, image: Path, chunk: int = 8 << 20) -> dict[str, object]:
+    """Read the whole export over NBD and compare it with the file, so the numbers are real reads."""
+    over_nbd = hashlib.sha256()
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        ["nbdcopy", "--no-extents", uri, "-"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    received = 0
+    try:
+        assert proc.stdout is not None
+        while block := proc.stdout.read(chunk):
+            over_nbd.update(block)
+            received += len(block)
+        status = proc.wait(timeout=60)
+    except BaseException:
+        with signals_deferred():
+            proc.kill()
+            proc.wait()
+        raise
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
+    seconds = time.perf_counter() - started
+    in_file = hashlib.sha256()
+    with open(image, "rb") as f:
+        while block := f.read(chunk):
+            in_file.update(block)
+    ok = status == 0 and over_nbd.digest() == in_file.digest()
+    return {"ok": ok, "nbdcopy_status": status, "bytes": received, "seconds": round(seconds, 3)}
 
 
 def tool_version(argv: tuple[str, ...]) -> str | None:

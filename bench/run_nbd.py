@@ -46,6 +46,7 @@ from bench.nbd_servers import (
     RunningServer,
     ServerError,
     ServerSpec,
+    content_check,
     server_specs,
     tool_version,
     unavailable_reason,
@@ -132,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--hikkoshi", type=Path, default=DEFAULT_HIKKOSHI, help="our CLI (default .venv/bin/hikkoshi)"
     )
+    parser.add_argument(
+        "--no-content-check",
+        action="store_true",
+        help="skip reading the whole image over NBD once per server and comparing it with the file",
+    )
     return parser
 
 
@@ -147,6 +153,7 @@ class Settings:
     workdir: Path
     output_dir: Path
     hikkoshi: Path
+    content_check: bool
 
 
 def settings_from_args(argv: Sequence[str] | None) -> Settings:
@@ -168,6 +175,7 @@ def settings_from_args(argv: Sequence[str] | None) -> Settings:
         workdir=Path(args.workdir).resolve(),
         output_dir=Path(args.output_dir).resolve(),
         hikkoshi=Path(args.hikkoshi).absolute(),
+        content_check=not args.no_content_check,
     )
 
 
@@ -301,7 +309,7 @@ def run_one(
     image: Path,
     source: Path | None,
     log_path: Path,
-    describe: dict[str, Any],
+    probes: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     """Start the server, run one workload, stop the server; the run's record (with any error)."""
     record: dict[str, Any] = {"server": spec.name, "workload": workload.name, "unit": workload.unit}
@@ -310,8 +318,11 @@ def run_one(
             server.start()
             record["server_command"] = server.argv
             record["uri"] = server.uri
-            if spec.name not in describe:
-                describe[spec.name] = server.describe()
+            if spec.name not in probes:
+                # First start of this server in the run: what it advertises, and that it serves the image.
+                probes[spec.name] = {"nbdinfo": server.describe()}
+                if settings.content_check:
+                    probes[spec.name]["content_check"] = content_check(server.uri, image)
             flush_file(image)
             record["loadavg_1m_before"] = os.getloadavg()[0]
             cpu_before = server.cpu_seconds()
@@ -437,7 +448,12 @@ def _fmt_cell(entry: dict[str, Any] | None, unit: str) -> str:
 
 
 def markdown_report(
-    summary: dict[str, Any], floors: list[dict[str, Any]], settings: Settings, servers: list[str], stamp: str
+    summary: dict[str, Any],
+    floors: list[dict[str, Any]],
+    settings: Settings,
+    servers: list[str],
+    stamp: str,
+    probes: dict[str, dict[str, Any]],
 ) -> str:
     peers = [p for p in (QEMU_NBD, NBDKIT) if p in servers] if OURS in servers else []
     header = ["workload", "unit", *servers, *(f"{OURS}/{p}" for p in peers)]
@@ -465,6 +481,10 @@ def markdown_report(
             cpu = entry["servers"].get(s, {}).get("server_cpu_pct_median")
             cells.append("—" if cpu is None else f"{cpu:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
+    checks = [(s, probes[s]["content_check"]) for s in servers if "content_check" in probes.get(s, {})]
+    if checks:
+        verdicts = ", ".join(f"{s} {'ok' if c['ok'] else 'MISMATCH'}" for s, c in checks)
+        lines += ["", f"Whole image read over NBD equals the file: {verdicts}"]
     lines += ["", "Floors:", ""]
     for floor in floors:
         r = floor["ratio"]
@@ -533,7 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "interrupted": False,
     }
     runs: list[dict[str, Any]] = results["runs"]
-    describe: dict[str, Any] = {}
+    probes: dict[str, dict[str, Any]] = {}
     interrupted = False
     try:
         if servers:
@@ -557,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for i, (repeat, workload, name) in enumerate(plan, 1):
                 spec = specs[name]
                 record = run_one(
-                    spec, workload, settings, image, source, logs / f"{stamp}-{name}.log", describe
+                    spec, workload, settings, image, source, logs / f"{stamp}-{name}.log", probes
                 )
                 record["repeat"] = repeat
                 runs.append(record)
@@ -575,11 +595,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         interrupted = True
         log("interrupted: servers stopped; writing partial results")
 
-    for name, info in describe.items():
-        results["servers"][name]["nbdinfo"] = info
+    for name, probe in probes.items():
+        results["servers"][name].update(probe)
     summary = summarize(runs, settings, servers)
     floors = check_floors(summary)
-    report = markdown_report(summary, floors, settings, servers, stamp)
+    report = markdown_report(summary, floors, settings, servers, stamp, probes)
     results.update(
         interrupted=interrupted,
         finished_utc=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

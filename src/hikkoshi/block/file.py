@@ -10,8 +10,8 @@ from collections.abc import Awaitable
 from pathlib import Path
 
 from ..nbd.constants import BASE_ALLOCATION, AllocationFlag
-from . import fallocate
 from ..nbd.device import BlockDevice, Buffer, Capabilities, MaybeAwaitable
+from . import fallocate
 
 _ZERO_CHUNK = 1 << 20
 #: Bound the work of one block status query; the client asks again for the rest.
@@ -36,11 +36,15 @@ class RawFile(BlockDevice):
             raise OSError(errno.EINVAL, f"{self.path} is neither a regular file nor a block device")
         self.is_regular = stat.S_ISREG(st.st_mode)
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
-        can_punch = self.is_regular and not read_only and fallocate.probe(
-            self.fd, fallocate.FALLOC_FL_PUNCH_HOLE, self.size
+        can_punch = (
+            self.is_regular
+            and not read_only
+            and fallocate.probe(self.fd, fallocate.FALLOC_FL_PUNCH_HOLE, self.size)
         )
-        self._can_zero_range = self.is_regular and not read_only and fallocate.probe(
-            self.fd, fallocate.FALLOC_FL_ZERO_RANGE, self.size
+        self._can_zero_range = (
+            self.is_regular
+            and not read_only
+            and fallocate.probe(self.fd, fallocate.FALLOC_FL_ZERO_RANGE, self.size)
         )
         self._can_punch = can_punch
         self._seek_works = self.is_regular

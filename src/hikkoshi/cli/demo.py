@@ -38,9 +38,22 @@ def demo_command(args: argparse.Namespace) -> int:
                 f.seek(i << 20)
                 f.write(os.urandom(1 << 20))
         server = subprocess.Popen(
-            [sys.executable, "-m", "hikkoshi", "nbd", "serve", str(image), "--export", "disk",
-             "--listen", "127.0.0.1:0", "--control", f"unix:{work / 'control.sock'}"],
-            stdout=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "hikkoshi",
+                "nbd",
+                "serve",
+                str(image),
+                "--export",
+                "disk",
+                "--listen",
+                "127.0.0.1:0",
+                "--control",
+                f"unix:{work / 'control.sock'}",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert server.stdout is not None
         line = server.stdout.readline().strip()

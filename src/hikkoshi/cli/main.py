@@ -11,7 +11,9 @@ from .runtime import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hikkoshi", description="Move running VMs, their disks and identity.")
+    parser = argparse.ArgumentParser(
+        prog="hikkoshi", description="Move running VMs, their disks and identity."
+    )
     parser.add_argument("--version", action="version", version=f"hikkoshi {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     top = parser.add_subparsers(dest="command", required=True)

@@ -18,13 +18,24 @@ from ..nbd.tls import server_context
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve raw image files over NBD")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="raw image file (or block device)")
-    p.add_argument("--listen", action="append", metavar="ADDR",
-                   help="HOST:PORT or unix:PATH (repeatable; default 127.0.0.1:10809; port 0 picks one)")
-    p.add_argument("--export", action="append", default=[], metavar="NAME",
-                   help="export name for each IMAGE in order (default: the file name); the first is the default")
+    p.add_argument(
+        "--listen",
+        action="append",
+        metavar="ADDR",
+        help="HOST:PORT or unix:PATH (repeatable; default 127.0.0.1:10809; port 0 picks one)",
+    )
+    p.add_argument(
+        "--export",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="export name for each IMAGE in order (default: the file name); the first is the default",
+    )
     p.add_argument("--read-only", action="store_true", help="refuse writes (EPERM)")
     p.add_argument("--control", metavar="unix:PATH", help="JSON control socket (statistics, later layers)")
-    p.add_argument("--tls-cert", type=Path, metavar="F", help="server certificate (PEM); enables TLS, required")
+    p.add_argument(
+        "--tls-cert", type=Path, metavar="F", help="server certificate (PEM); enables TLS, required"
+    )
     p.add_argument("--tls-key", type=Path, metavar="F", help="server private key (PEM)")
     p.add_argument("--tls-ca", type=Path, metavar="F", help="CA that client certificates must be signed by")
     p.set_defaults(func=serve_command)
@@ -55,8 +66,13 @@ def register_commands(control: ControlServer, exports: ExportTable, server: NbdS
 
     def list_exports(args: dict[str, Any]) -> list[dict[str, Any]]:
         return [
-            {"name": e.name, "size": e.device.size, "description": e.description,
-             "read_only": e.device.capabilities.read_only, "connections": e.stats.connections}
+            {
+                "name": e.name,
+                "size": e.device.size,
+                "description": e.description,
+                "read_only": e.device.capabilities.read_only,
+                "connections": e.stats.connections,
+            }
             for e in exports
         ]
 
@@ -125,8 +141,8 @@ def serve_command(args: argparse.Namespace) -> int:
         errors = group.subgroup((OSError, ValueError))
         if errors is None:
             raise
-        for exc in leaves(errors):
-            print(f"hikkoshi nbd serve: {exc}", file=sys.stderr)
+        for err in leaves(errors):
+            print(f"hikkoshi nbd serve: {err}", file=sys.stderr)
     return 2
 
 

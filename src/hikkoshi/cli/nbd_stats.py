@@ -41,8 +41,13 @@ def stats_command(args: argparse.Namespace) -> int:
     table = Table("export", "size", "conns", "requests", "read", "written", "errors", "lat p50/p99 µs")
     for name, s in result.items():
         table.add_row(
-            name or '""', f"{s['size']:,}", str(s["connections"]), str(sum(s["requests"].values())),
-            f"{s['bytes_read']:,}", f"{s['bytes_written']:,}", str(s["errors"]),
+            name or '""',
+            f"{s['size']:,}",
+            str(s["connections"]),
+            str(sum(s["requests"].values())),
+            f"{s['bytes_read']:,}",
+            f"{s['bytes_written']:,}",
+            str(s["errors"]),
             f"{s['latency_us']['p50']:.0f}/{s['latency_us']['p99']:.0f}",
         )
     Console().print(table)

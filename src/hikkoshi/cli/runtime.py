@@ -14,7 +14,9 @@ T = TypeVar("T")
 def setup_logging(verbose: int) -> None:
     """Log to stderr as one line per event (never a traceback unless -vv)."""
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, stream=sys.stderr, format="hikkoshi: %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="hikkoshi: %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:

@@ -163,7 +163,9 @@ class NbdClient:
         reader, writer = await self._streams()
         try:
             hs = ClientHandshake(
-                ClientOptions(export=self.uri.export, tls=self.tls is not None, meta_contexts=self.meta_contexts)
+                ClientOptions(
+                    export=self.uri.export, tls=self.tls is not None, meta_contexts=self.meta_contexts
+                )
             )
             while True:
                 event = hs.next_event()
@@ -253,7 +255,9 @@ class NbdClient:
 
     # --- requests ------------------------------------------------------------------------------------------
 
-    async def _submit(self, command: int, offset: int, length: int, flags: int = 0, data: bytes | None = None) -> Reply:
+    async def _submit(
+        self, command: int, offset: int, length: int, flags: int = 0, data: bytes | None = None
+    ) -> Reply:
         while True:
             conn = await self._connection()
             if not conn.writable.is_set():
@@ -310,7 +314,9 @@ class NbdClient:
         """Write a range (split when larger than the server's maximum)."""
         step = self.max_request
         if len(data) > step:
-            await asyncio.gather(*(self.write(offset + p, data[p : p + step], fua) for p in range(0, len(data), step)))
+            await asyncio.gather(
+                *(self.write(offset + p, data[p : p + step], fua) for p in range(0, len(data), step))
+            )
             return
         await self._submit(Command.WRITE, offset, len(data), CommandFlag.FUA if fua else 0, bytes(data))
         self._write_gen += 1
@@ -355,7 +361,9 @@ class NbdClient:
         cid = self.contexts.get(context)
         if cid is None:
             raise CommandError(Errno.EINVAL, f"meta context {context!r} was not negotiated")
-        reply = await self._submit(Command.BLOCK_STATUS, offset, length, CommandFlag.REQ_ONE if req_one else 0)
+        reply = await self._submit(
+            Command.BLOCK_STATUS, offset, length, CommandFlag.REQ_ONE if req_one else 0
+        )
         extents = (reply.extents or {}).get(cid)
         if not extents:
             raise ProtocolError(f"block status reply without context {context!r}")

@@ -203,8 +203,13 @@ class ClientHandshake:
         if size is None:
             raise ProtocolError("server finished NBD_OPT_GO without NBD_INFO_EXPORT")
         export = ExportInfo(
-            name=opts.export, size=size, flags=export_flags, description=description,
-            min_block=block[0], preferred_block=block[1], max_block=block[2],
+            name=opts.export,
+            size=size,
+            flags=export_flags,
+            description=description,
+            min_block=block[0],
+            preferred_block=block[1],
+            max_block=block[2],
             meta_contexts=tuple(contexts.values()),
         )
         self._events.append(Negotiated(export, self.structured, contexts))

@@ -58,7 +58,9 @@ class ClientTransmission:
         self._next_handle = 1
         self._buf = bytearray()
 
-    def request(self, command: int, offset: int, length: int, flags: int = 0, data: bytes | None = None) -> tuple[int, bytes]:
+    def request(
+        self, command: int, offset: int, length: int, flags: int = 0, data: bytes | None = None
+    ) -> tuple[int, bytes]:
         """Register a request; return its handle and the bytes to send."""
         handle = self._next_handle
         self._next_handle = (self._next_handle + 1) & 0xFFFFFFFFFFFFFFFF or 1
@@ -182,7 +184,9 @@ def _check_coverage(pending: Pending) -> None:
     pos = 0
     for start, end in sorted(pending.covered):
         if start != pos:
-            raise ProtocolError("read chunks overlap or leave a gap" if start < pos else "read reply leaves a gap")
+            raise ProtocolError(
+                "read chunks overlap or leave a gap" if start < pos else "read reply leaves a gap"
+            )
         pos = end
     if pos != pending.length:
         raise ProtocolError("read reply does not cover the whole request")

@@ -61,8 +61,10 @@ class BlockDevice(abc.ABC):
         """The range's contents are no longer needed (reads may return anything, usually zeroes)."""
 
     @abc.abstractmethod
-    def write_zeroes(self, offset: int, length: int, may_trim: bool, fast_only: bool, fua: bool) -> MaybeAwaitable[None]:
-        """Zero the range. ``may_trim``: it may become a hole. ``fast_only``: fail with ENOTSUP unless cheap."""
+    def write_zeroes(
+        self, offset: int, length: int, may_trim: bool, fast_only: bool, fua: bool
+    ) -> MaybeAwaitable[None]:
+        """Zero the range. ``may_trim``: may become a hole. ``fast_only``: ENOTSUP unless cheap."""
 
     def cache(self, offset: int, length: int) -> MaybeAwaitable[None]:
         """Hint that the range will be read soon."""

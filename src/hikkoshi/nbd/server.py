@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, cast
 
 from .constants import (
-    BASE_ALLOCATION,
     MAX_PAYLOAD,
     ChunkType,
     Command,
@@ -350,7 +349,7 @@ class _Connection(asyncio.BufferedProtocol):
         device = export.device
         stats = export.stats
         structured = rules.structured
-        out: list[bytes | memoryview] = []
+        out: list[bytes | bytearray | memoryview] = []
         clock = time.perf_counter_ns
         while not self._closing:
             req = reader.next_request()
@@ -428,11 +427,15 @@ class _Connection(asyncio.BufferedProtocol):
     def _device_error(self, exc: Exception, command: int) -> int:
         error = nbd_errno(exc)
         if not isinstance(exc, OSError):
-            log.error("export %s: internal error in %s: %r", self.export.name if self.export else "?",
-                      Command(command).name, exc)
+            log.error(
+                "export %s: internal error in %s: %r",
+                self.export.name if self.export else "?",
+                Command(command).name,
+                exc,
+            )
         return error
 
-    def _error_reply(self, handle: int, error: int, message: str) -> list[bytes | memoryview]:
+    def _error_reply(self, handle: int, error: int, message: str) -> list[bytes | bytearray | memoryview]:
         if not self.rules or not self.rules.structured:
             return [simple_reply(handle, error)]
         msg = message.encode()[:4096]
@@ -441,14 +444,14 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _block_status(
         self, device: BlockDevice, handle: int, offset: int, length: int, flags: int
-    ) -> list[bytes | memoryview] | Awaitable[list[bytes | memoryview]]:
+    ) -> list[bytes | bytearray | memoryview] | Awaitable[list[bytes | bytearray | memoryview]]:
         results: list[tuple[int, list[tuple[int, int]] | Awaitable[list[tuple[int, int]]]]] = [
             (cid, device.extents(name, offset, length)) for cid, name in self.contexts
         ]
         if all(isinstance(r, list) for _, r in results):
             return self._encode_status(handle, length, flags, results)  # type: ignore[arg-type]
 
-        async def gather() -> list[bytes | memoryview]:
+        async def gather() -> list[bytes | bytearray | memoryview]:
             done = [(cid, r if isinstance(r, list) else await r) for cid, r in results]
             return self._encode_status(handle, length, flags, done)
 
@@ -457,8 +460,8 @@ class _Connection(asyncio.BufferedProtocol):
     @staticmethod
     def _encode_status(
         handle: int, length: int, flags: int, results: list[tuple[int, list[tuple[int, int]]]]
-    ) -> list[bytes | memoryview]:
-        out: list[bytes | memoryview] = []
+    ) -> list[bytes | bytearray | memoryview]:
+        out: list[bytes | bytearray | memoryview] = []
         for i, (cid, extents) in enumerate(results):
             if not extents:
                 extents = [(length, 0)]
@@ -475,10 +478,12 @@ class _Connection(asyncio.BufferedProtocol):
         self._slow.add(task)
         task.add_done_callback(self._slow.discard)
 
-    async def _finish(self, handle: int, command: int, offset: int, length: int, t0: int, pending: Any) -> None:
+    async def _finish(
+        self, handle: int, command: int, offset: int, length: int, t0: int, pending: Any
+    ) -> None:
         """Await one slow request and send its reply."""
         assert self.export is not None and self.rules is not None
-        out: list[bytes | memoryview]
+        out: list[bytes | bytearray | memoryview]
         try:
             result = await pending
         except Exception as exc:
@@ -522,6 +527,7 @@ class NbdServer:
         self.bound: list[str] = []
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
+        self._drained = asyncio.Event()
         self.ready = asyncio.Event()
 
     def adopt(self, conn: _Connection) -> bool:
@@ -533,8 +539,12 @@ class NbdServer:
             return False
         self.connections.add(conn)
         task = self._tg.create_task(conn.run())
-        task.add_done_callback(lambda _t: self.connections.discard(conn))
+        task.add_done_callback(lambda _t: self._forget(conn))
         return True
+
+    def _forget(self, conn: _Connection) -> None:
+        self.connections.discard(conn)
+        self._drained.set()
 
     def stop(self) -> None:
         """Ask serve() to finish: stop accepting, let requests in flight complete, flush, return."""
@@ -558,7 +568,8 @@ class NbdServer:
                 try:
                     async with asyncio.timeout(drain_timeout):
                         while self.connections:
-                            await asyncio.sleep(0.01)
+                            await self._drained.wait()
+                            self._drained.clear()
                 except TimeoutError:
                     log.warning("%d connections did not finish in time; closing them", len(self.connections))
                     for conn in list(self.connections):

@@ -300,8 +300,11 @@ class ServerHandshake:
         if setting:
             selected: list[str] = []
             for query in request.queries:
-                selected += [n for n in match_contexts(export.meta_contexts, query, allow_prefix=False)
-                             if n not in selected]
+                selected += [
+                    n
+                    for n in match_contexts(export.meta_contexts, query, allow_prefix=False)
+                    if n not in selected
+                ]
             self._meta = {i + 1: n for i, n in enumerate(selected)}
             self._meta_export = request.name
             for cid, name in self._meta.items():
@@ -311,8 +314,11 @@ class ServerHandshake:
             if not request.queries:
                 names = list(export.meta_contexts)
             for query in request.queries:
-                names += [n for n in match_contexts(export.meta_contexts, query, allow_prefix=True)
-                          if n not in names]
+                names += [
+                    n
+                    for n in match_contexts(export.meta_contexts, query, allow_prefix=True)
+                    if n not in names
+                ]
             for name in names:
                 # Listing does not select, so ids are meaningless here; the spec says send 0.
                 self._reply(OptionReply.META_CONTEXT, wire.encode_meta_context(wire.MetaContext(0, name)))

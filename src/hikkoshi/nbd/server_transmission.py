@@ -109,7 +109,14 @@ class RequestReader:
         self._pending = None
         start = self._start
         self._start += length
-        return header[0], header[1], header[2], header[3], length, memoryview(self._buf)[start : start + length]
+        return (
+            header[0],
+            header[1],
+            header[2],
+            header[3],
+            length,
+            memoryview(self._buf)[start : start + length],
+        )
 
     def next_request_skip(self) -> None:
         """Discard as much of an oversize payload as is already buffered."""
@@ -139,7 +146,7 @@ class SessionRules:
         return bool(self.export_flags & TransmissionFlag.READ_ONLY)
 
 
-_NEEDS_FLAG = {
+_NEEDS_FLAG: dict[int, int] = {
     Command.FLUSH: TransmissionFlag.SEND_FLUSH,
     Command.TRIM: TransmissionFlag.SEND_TRIM,
     Command.WRITE_ZEROES: TransmissionFlag.SEND_WRITE_ZEROES,
@@ -196,4 +203,6 @@ def chunk_header(flags: int, chunk_type: int, handle: int, length: int) -> bytes
 
 def offset_data_header(handle: int, offset: int, length: int, done: bool = True) -> bytes:
     """Header and offset of an OFFSET_DATA chunk; ``length`` data bytes must follow."""
-    return CHUNK_HEADER.pack(0x668E33EF, ReplyFlag.DONE if done else 0, 1, handle, length + 8) + U64.pack(offset)
+    return CHUNK_HEADER.pack(0x668E33EF, ReplyFlag.DONE if done else 0, 1, handle, length + 8) + U64.pack(
+        offset
+    )

@@ -20,7 +20,9 @@ def server_context(cert: Path, key: Path, ca: Path | None = None) -> ssl.SSLCont
     return ctx
 
 
-def client_context(ca: Path | None = None, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+def client_context(
+    ca: Path | None = None, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext:
     """A client context verifying the server against ``ca`` (or the system store)."""
     ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2

@@ -153,12 +153,7 @@ class InfoRequest:
 
 def encode_info_request(msg: InfoRequest) -> bytes:
     name = msg.name.encode()
-    return (
-        U32.pack(len(name))
-        + name
-        + U16.pack(len(msg.infos))
-        + b"".join(U16.pack(i) for i in msg.infos)
-    )
+    return U32.pack(len(name)) + name + U16.pack(len(msg.infos)) + b"".join(U16.pack(i) for i in msg.infos)
 
 
 def decode_info_request(data: bytes | memoryview) -> InfoRequest:

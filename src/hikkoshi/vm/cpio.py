@@ -163,9 +163,7 @@ def read_newc(data: bytes) -> list[CpioEntry]:
         if header[:6] != MAGIC:
             raise CpioError(f"bad cpio magic {header[:6]!r} at offset {pos}")
         try:
-            values = {
-                field: int(header[6 + 8 * i : 14 + 8 * i], 16) for i, field in enumerate(_FIELDS)
-            }
+            values = {field: int(header[6 + 8 * i : 14 + 8 * i], 16) for i, field in enumerate(_FIELDS)}
         except ValueError as exc:
             raise CpioError(f"bad cpio header field at offset {pos}") from exc
         name_start = pos + _HEADER_LEN

@@ -87,9 +87,7 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "hikkoshi" / "guest"
 
 
-def build_guest(
-    cache_dir: Path | None = None, *, modules: Sequence[str] = DEFAULT_MODULES
-) -> GuestImage:
+def build_guest(cache_dir: Path | None = None, *, modules: Sequence[str] = DEFAULT_MODULES) -> GuestImage:
     """Build the guest image into ``cache_dir`` (see :func:`default_cache_dir`), or reuse it.
 
     Needs ``apt-get``/``apt-cache`` with a current package index and ``dpkg-deb``; downloads about
@@ -354,7 +352,7 @@ def modinfo(elf: bytes) -> dict[str, str]:
     """
     if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
         raise GuestImageError("not a 64-bit little-endian ELF kernel module")
-    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    (shoff,) = struct.unpack_from("<Q", elf, 0x28)
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
 
     def section(index: int) -> tuple[int, int, int]:
@@ -482,7 +480,12 @@ def qemu_command(
     if console_log is None:
         cmd += ["-serial", "stdio"]
     else:
-        cmd += ["-chardev", f"file,id=console,path={_qemu_opt(str(console_log))}", "-serial", "chardev:console"]
+        cmd += [
+            "-chardev",
+            f"file,id=console,path={_qemu_opt(str(console_log))}",
+            "-serial",
+            "chardev:console",
+        ]
     if drive_uri is not None:
         cmd += ["-drive", f"file={_qemu_opt(drive_uri)},format=raw,if=virtio,cache=none"]
     cmd += extra_args
@@ -546,7 +549,9 @@ def _kvm_boots(guest: GuestImage, qemu: str) -> bool:
         cmd = qemu_command(
             guest, None, "idle", console_log=console, params={"seconds": 0}, accel="kvm", qemu=qemu
         )
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         try:
             code = proc.wait(timeout=_PROBE_TIMEOUT)
         except subprocess.TimeoutExpired:
