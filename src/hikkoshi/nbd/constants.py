@@ -183,14 +183,15 @@ class AllocationFlag(enum.IntFlag):
 
 BASE_ALLOCATION = "base:allocation"
 
-#: Which command flags each command accepts; anything else is EINVAL.
+#: Which command flags each command accepts; anything else is EINVAL. Plain ints on purpose: ``~`` of an
+#: IntFlag member keeps only the defined bits, which would let unknown flag bits through.
 ALLOWED_FLAGS: dict[int, int] = {
-    Command.READ: CommandFlag.DF,
-    Command.WRITE: CommandFlag.FUA,
+    Command.READ: int(CommandFlag.DF),
+    Command.WRITE: int(CommandFlag.FUA),
     Command.DISC: 0,
     Command.FLUSH: 0,
-    Command.TRIM: CommandFlag.FUA,
+    Command.TRIM: int(CommandFlag.FUA),
     Command.CACHE: 0,
-    Command.WRITE_ZEROES: CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
-    Command.BLOCK_STATUS: CommandFlag.REQ_ONE,
+    Command.WRITE_ZEROES: int(CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO),
+    Command.BLOCK_STATUS: int(CommandFlag.REQ_ONE),
 }

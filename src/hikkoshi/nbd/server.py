@@ -324,7 +324,7 @@ class _Connection(asyncio.BufferedProtocol):
         export.stats.connections_total += 1
         flags = event.export.flags
         if not event.structured_replies:
-            flags &= ~TransmissionFlag.SEND_DF
+            flags &= ~int(TransmissionFlag.SEND_DF)
         self.rules = SessionRules(
             size=export.device.size,
             export_flags=flags,

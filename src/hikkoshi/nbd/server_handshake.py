@@ -145,7 +145,7 @@ class ServerHandshake:
             if data is None:
                 return False
             flags = wire.U32.unpack(data)[0]
-            if flags & ~(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES):
+            if flags & ~int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES):
                 raise ProtocolError(f"unknown client flags {flags:#x}")
             if not flags & ClientFlag.FIXED_NEWSTYLE:
                 raise ProtocolError("client does not speak fixed newstyle negotiation")

@@ -131,16 +131,23 @@ done
 size=$(blockdev --getsize64 "$dev") || fail "reason=getsize dev=$dev"
 [ "$size" -ge $((blocks * 4096)) ] || fail "reason=disk-too-small size=$size need=$((blocks * 4096))"
 
+uptime() { cut -d ' ' -f 1 /proc/uptime; }
+t0=$(uptime)
 awk -v run="$run" -v total="$blocks" -f /hikkoshi/diskcheck.awk > /tmp/expected ||
     fail "reason=generate"
-dd if=/tmp/expected of="$dev" bs=4096 count="$blocks" oflag=direct conv=fsync 2> /tmp/dd.err ||
+t1=$(uptime)
+# Large O_DIRECT requests: every request is a slow round trip through QEMU and the NBD server.
+dd if=/tmp/expected of="$dev" bs=256k oflag=direct conv=fsync 2> /tmp/dd.err ||
     fail "reason=write $(tail -n 1 /tmp/dd.err)"
 sync
+t2=$(uptime)
 # Make the read-back come from the disk, not from this guest's page cache.
 echo 3 > /proc/sys/vm/drop_caches
 blockdev --flushbufs "$dev"
-dd if="$dev" of=/tmp/readback bs=4096 count="$blocks" iflag=direct 2> /tmp/dd.err ||
+dd if="$dev" of=/tmp/readback bs=256k count=$((blocks * 4096)) iflag=direct,count_bytes 2> /tmp/dd.err ||
     fail "reason=read $(tail -n 1 /tmp/dd.err)"
+t3=$(uptime)
+echo "diskcheck: generate $t0..$t1 write ..$t2 read ..$t3 (guest uptime, s)"
 got=$(wc -c < /tmp/readback)
 [ "$got" -eq $((blocks * 4096)) ] || fail "reason=short-read bytes=$got"
 if ! cmp -s /tmp/expected /tmp/readback; then
