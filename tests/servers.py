@@ -119,3 +119,27 @@ def peer_server(kind: str, image: Path, *, read_only: bool = False) -> Iterator[
         yield Served(proc, f"nbd://127.0.0.1:{port}/", port)
     finally:
         stop(proc)
+
+
+@contextlib.contextmanager
+def shuffling_server(image: Path, max_delay_ms: int = 20) -> Iterator[Served]:
+    """A read-only nbdkit server on ``image`` that answers reads after random delays, in parallel.
+
+    Replies therefore come back out of order, as the protocol allows (xNBD mixed them up).
+    """
+    port = free_port()
+    size = image.stat().st_size
+    pread = (
+        f"sleep 0.$(printf %03d $((RANDOM % {max_delay_ms + 1})))\n"
+        f'dd if="{image}" skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none'
+    )
+    cmd = [
+        "nbdkit", "-f", "-r", "-i", "127.0.0.1", "-p", str(port), "--threads", "32", "eval",
+        f"get_size=echo {size}", f"pread={pread}", "thread_model=echo parallel", "can_multi_conn=exit 0",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_port(port)
+        yield Served(proc, f"nbd://127.0.0.1:{port}/", port)
+    finally:
+        stop(proc)

@@ -123,15 +123,19 @@ class NbdClient:
         await self._tg.__aenter__()
         try:
             await self._open()
-        except BaseException as exc:
-            await self._tg.__aexit__(type(exc), exc, exc.__traceback__)
+        except BaseException:
+            # No task runs yet; leaving the group cleanly lets the caller see the error itself,
+            # not wrapped in an exception group.
+            await self._tg.__aexit__(None, None, None)
             raise
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.close()
         assert self._tg is not None
-        await self._tg.__aexit__(*exc_info)
+        # close() cancelled the reconnector, the group's only task; the caller's own exception (if any)
+        # propagates unwrapped.
+        await self._tg.__aexit__(None, None, None)
 
     async def close(self) -> None:
         """Disconnect politely (NBD_CMD_DISC) and stop reconnecting."""
