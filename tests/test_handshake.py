@@ -48,7 +48,9 @@ class Table:
 
 
 TABLE = Table(
-    ExportInfo("disk", 1 << 20, FLAGS, description="first", meta_contexts=(BASE_ALLOCATION, "hikkoshi:dirty:a")),
+    ExportInfo(
+        "disk", 1 << 20, FLAGS, description="first", meta_contexts=(BASE_ALLOCATION, "hikkoshi:dirty:a")
+    ),
     ExportInfo("other", 4096, FLAGS | TransmissionFlag.READ_ONLY),
 )
 
@@ -98,7 +100,9 @@ def test_errors_keep_negotiation_going() -> None:
     hs.receive_data(option(Option.GO, wire.encode_info_request(wire.InfoRequest("nope"))))
     hs.receive_data(option(77))
     hs.receive_data(option(Option.GO, b"\x00\x00\x00\x09ab"))
-    hs.receive_data(option(Option.SET_META_CONTEXT, wire.encode_meta_context_request(wire.MetaContextRequest("disk"))))
+    hs.receive_data(
+        option(Option.SET_META_CONTEXT, wire.encode_meta_context_request(wire.MetaContextRequest("disk")))
+    )
     hs.receive_data(option(Option.STARTTLS))
     hs.receive_data(option(Option.LIST, b"x"))
     hs.receive_data(option(Option.EXTENDED_HEADERS))
@@ -222,7 +226,7 @@ def test_plaintext_smuggled_after_starttls_is_refused() -> None:
         hs.next_event()
 
 
-# --- client and server machines talking to each other -------------------------------------------------------
+# --- client and server machines talking to each other ---------------------------------------------------
 
 
 def converse(client: ClientHandshake, server: ServerHandshake, chunk: int) -> tuple[object, object]:
@@ -233,19 +237,19 @@ def converse(client: ClientHandshake, server: ServerHandshake, chunk: int) -> tu
     for _ in range(10_000):
         for i in range(0, len(to_client), chunk):
             client.receive_data(to_client[i : i + chunk])
-        while c_event is None and (event := client.next_event()) is not NEED_DATA:
-            if isinstance(event, StartTLS):
+        while c_event is None and (c_next := client.next_event()) is not NEED_DATA:
+            if isinstance(c_next, StartTLS):
                 client.tls_started()
             else:
-                c_event = event
+                c_event = c_next
         to_server = client.data_to_send()
         for i in range(0, len(to_server), chunk):
             server.receive_data(to_server[i : i + chunk])
-            while s_event is None and (event := server.next_event()) is not NEED_DATA:
-                if isinstance(event, StartTLS):
+            while s_event is None and (s_next := server.next_event()) is not NEED_DATA:
+                if isinstance(s_next, StartTLS):
                     server.tls_started()
                 else:
-                    s_event = event
+                    s_event = s_next
         to_client = server.data_to_send()
         if c_event is not None and s_event is not None:
             return c_event, s_event
@@ -260,8 +264,12 @@ def converse(client: ClientHandshake, server: ServerHandshake, chunk: int) -> tu
     tls=st.booleans(),
     chunk=st.integers(1, 64),
 )
-def test_client_and_server_agree(export: str, structured: bool, contexts: list[str], tls: bool, chunk: int) -> None:
-    client = ClientHandshake(ClientOptions(export=export, tls=tls, structured=structured, meta_contexts=tuple(contexts)))
+def test_client_and_server_agree(
+    export: str, structured: bool, contexts: list[str], tls: bool, chunk: int
+) -> None:
+    client = ClientHandshake(
+        ClientOptions(export=export, tls=tls, structured=structured, meta_contexts=tuple(contexts))
+    )
     server = ServerHandshake(TABLE, TLSMode.REQUIRED if tls else TLSMode.NONE)
     c_event, s_event = converse(client, server, chunk)
     assert isinstance(c_event, ClientNegotiated) and isinstance(s_event, Negotiated)
@@ -298,7 +306,7 @@ def test_client_refuses_tls_refusal() -> None:
         converse(client, server, 100)
 
 
-# --- arbitrary input ----------------------------------------------------------------------------------------
+# --- arbitrary input ------------------------------------------------------------------------------------
 
 option_messages = st.one_of(
     st.builds(option, st.sampled_from(list(Option)) | st.integers(0, 0xFFFFFFFF), st.binary(max_size=40)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -23,7 +24,7 @@ from hikkoshi.nbd.constants import (
 from hikkoshi.nbd.errors import ProtocolError
 from hikkoshi.nbd.server_transmission import RequestReader, SessionRules, check_request
 
-# --- request reader -------------------------------------------------------------------------------------------
+# --- request reader --------------------------------------------------------------------------------------
 
 request_specs = st.lists(
     st.tuples(
@@ -36,7 +37,9 @@ request_specs = st.lists(
 )
 
 
-def encode_stream(specs: list[tuple[int, int, int, int]], max_payload: int) -> tuple[bytes, list[tuple[object, ...]]]:
+def encode_stream(
+    specs: list[tuple[int, int, int, int]], max_payload: int
+) -> tuple[bytes, list[tuple[object, ...]]]:
     stream = b""
     expected: list[tuple[object, ...]] = []
     for handle, (command, flags, offset, length) in enumerate(specs):
@@ -52,8 +55,12 @@ def encode_stream(specs: list[tuple[int, int, int, int]], max_payload: int) -> t
 
 
 @settings(max_examples=150)
-@given(request_specs, st.lists(st.integers(1, 100_000), min_size=1, max_size=20), st.sampled_from([1024, 65536]))
-def test_reader_any_chunking(specs: list[tuple[int, int, int, int]], cuts: list[int], max_payload: int) -> None:
+@given(
+    request_specs, st.lists(st.integers(1, 100_000), min_size=1, max_size=20), st.sampled_from([1024, 65536])
+)
+def test_reader_any_chunking(
+    specs: list[tuple[int, int, int, int]], cuts: list[int], max_payload: int
+) -> None:
     """However the stream is cut into receives, the same requests come out, oversize payloads skipped."""
     stream, expected = encode_stream(specs, max_payload)
     reader = RequestReader(max_payload=max_payload)
@@ -82,7 +89,7 @@ def test_reader_bad_magic_and_initial_bytes() -> None:
         reader.next_request()
 
 
-# --- request rules --------------------------------------------------------------------------------------------
+# --- request rules --------------------------------------------------------------------------------------
 
 ALL = int(
     TransmissionFlag.HAS_FLAGS
@@ -95,7 +102,9 @@ ALL = int(
     | TransmissionFlag.SEND_FAST_ZERO
 )
 RULES = SessionRules(size=1 << 20, export_flags=ALL, structured=True, meta_contexts={1: BASE_ALLOCATION})
-RO = SessionRules(size=1 << 20, export_flags=ALL | TransmissionFlag.READ_ONLY, structured=False, meta_contexts={})
+RO = SessionRules(
+    size=1 << 20, export_flags=ALL | TransmissionFlag.READ_ONLY, structured=False, meta_contexts={}
+)
 
 CASES = [
     (RULES, 0, Command.READ, 0, 4096, 0),
@@ -123,7 +132,9 @@ CASES = [
 
 
 @pytest.mark.parametrize(("rules", "flags", "command", "offset", "length", "error"), CASES)
-def test_check_request(rules: SessionRules, flags: int, command: int, offset: int, length: int, error: int) -> None:
+def test_check_request(
+    rules: SessionRules, flags: int, command: int, offset: int, length: int, error: int
+) -> None:
     assert check_request(rules, flags, command, offset, length) == error
 
 
@@ -133,7 +144,7 @@ def test_check_request_total(flags: int, command: int, offset: int, length: int)
     assert check_request(RULES, flags, command, offset, length) in {0, *Errno}
 
 
-# --- client reply parser as a state machine -------------------------------------------------------------------
+# --- client reply parser as a state machine -------------------------------------------------------------
 
 
 class ClientReplies(RuleBasedStateMachine):
@@ -148,7 +159,11 @@ class ClientReplies(RuleBasedStateMachine):
         self.done: set[int] = set()
         self.expect: dict[int, tuple[int, int, int, bool]] = {}
 
-    @rule(offset=st.integers(0, (1 << 16) - 1), length=st.integers(0, 4096), command=st.sampled_from([0, 1, 3, 7]))
+    @rule(
+        offset=st.integers(0, (1 << 16) - 1),
+        length=st.integers(0, 4096),
+        command=st.sampled_from([0, 1, 3, 7]),
+    )
     def issue(self, offset: int, length: int, command: int) -> None:
         length = min(length, (1 << 16) - offset)
         if command == Command.BLOCK_STATUS and length == 0:
@@ -168,7 +183,7 @@ class ClientReplies(RuleBasedStateMachine):
             cuts = sorted(data.draw(st.sets(st.integers(1, max(length - 1, 1)), max_size=4)) - {length})
             bounds = [0, *[c for c in cuts if 0 < c < length], length] if length else [0, 0]
             pieces: list[wire.ChunkPayload] = []
-            for a, b in zip(bounds, bounds[1:], strict=False):
+            for a, b in itertools.pairwise(bounds):
                 if b <= a:
                     continue
                 chunk = self.disk[offset + a : offset + b]
@@ -201,7 +216,7 @@ class ClientReplies(RuleBasedStateMachine):
                 continue
             assert reply.error == 0
             if command == Command.READ:
-                assert reply.data == self.disk[offset : offset + length]
+                assert reply.data is not None and bytes(reply.data) == self.disk[offset : offset + length]
             if command == Command.BLOCK_STATUS:
                 assert reply.extents == {1: [(length, 3)]}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -62,9 +63,13 @@ ROUND_TRIPS: list[tuple[Any, Callable[[Any], bytes], Callable[[bytes], Any]]] = 
 ]
 
 
-@pytest.mark.parametrize(("strategy", "encode", "decode"), ROUND_TRIPS, ids=lambda x: getattr(x, "__name__", ""))
+@pytest.mark.parametrize(
+    ("strategy", "encode", "decode"), ROUND_TRIPS, ids=lambda x: getattr(x, "__name__", "")
+)
 @given(data=st.data())
-def test_round_trip(strategy: Any, encode: Callable[[Any], bytes], decode: Callable[[bytes], Any], data: Any) -> None:
+def test_round_trip(
+    strategy: Any, encode: Callable[[Any], bytes], decode: Callable[[bytes], Any], data: Any
+) -> None:
     msg = data.draw(strategy)
     assert decode(encode(msg)) == msg
 
@@ -110,18 +115,14 @@ DECODERS: list[Callable[[bytes], Any]] = [
 @pytest.mark.parametrize("decode", DECODERS, ids=lambda f: f.__name__)
 @given(raw=st.binary(max_size=200))
 def test_any_bytes_parse_or_protocol_error(decode: Callable[[bytes], Any], raw: bytes) -> None:
-    try:
+    with contextlib.suppress(ProtocolError):
         decode(raw)
-    except ProtocolError:
-        pass
 
 
 @given(st.sampled_from([0, 1, 2, 5, 0x8001, 0x8002, 0x8003, 7]), st.binary(max_size=100))
 def test_any_chunk_payload_parse_or_protocol_error(chunk_type: int, raw: bytes) -> None:
-    try:
+    with contextlib.suppress(ProtocolError):
         wire.decode_chunk_payload(chunk_type, raw)
-    except ProtocolError:
-        pass
 
 
 def test_specific_rejections() -> None:
@@ -137,15 +138,18 @@ def test_specific_rejections() -> None:
         wire.decode_info(wire.encode_info(wire.InfoExport(1, 2))[:-1])
     # An unknown info type is kept, not rejected: clients must ignore what they do not know.
     assert wire.decode_info(b"\x00\x09abc") == wire.InfoUnknown(9, b"abc")
-    assert Info.BLOCK_SIZE == 3
+    assert int(Info.BLOCK_SIZE) == 3
 
 
 def test_known_wire_bytes() -> None:
     """Spot checks against byte layouts written out from the specification."""
     assert wire.encode_greeting(wire.Greeting(3)) == b"NBDMAGICIHAVEOPT\x00\x03"
     assert wire.encode_request(wire.Request(1, 0, 7, 512, 4096)) == (
-        b"\x25\x60\x95\x13\x00\x01\x00\x00" + (7).to_bytes(8, "big") + (512).to_bytes(8, "big") + b"\x00\x00\x10\x00"
+        b"\x25\x60\x95\x13\x00\x01\x00\x00"
+        + (7).to_bytes(8, "big")
+        + (512).to_bytes(8, "big")
+        + b"\x00\x00\x10\x00"
     )
-    assert wire.encode_simple_reply(wire.SimpleReply(22, 5)) == b"\x67\x44\x66\x98\x00\x00\x00\x16" + (5).to_bytes(
-        8, "big"
-    )
+    assert wire.encode_simple_reply(wire.SimpleReply(22, 5)) == b"\x67\x44\x66\x98\x00\x00\x00\x16" + (
+        5
+    ).to_bytes(8, "big")

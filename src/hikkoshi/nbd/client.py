@@ -116,7 +116,7 @@ class NbdClient:
         self._flushed_gen = 0
         self._in_doubt = False
 
-    # --- lifetime ------------------------------------------------------------------------------------------
+    # --- lifetime ----------------------------------------------------------------------------------------
 
     async def __aenter__(self) -> NbdClient:
         self._tg = asyncio.TaskGroup()
@@ -150,7 +150,7 @@ class NbdClient:
             conn.transport.close()
         self._connected.set()  # wake waiters so they see we are closed
 
-    # --- connecting ----------------------------------------------------------------------------------------
+    # --- connecting --------------------------------------------------------------------------------------
 
     async def _open(self) -> None:
         async with asyncio.timeout(self.connect_timeout):
@@ -257,7 +257,7 @@ class NbdClient:
             raise CommandError(Errno.EIO, f"{self.uri} unreachable for {self.reconnect.deadline}s") from None
         return self._conn
 
-    # --- requests ------------------------------------------------------------------------------------------
+    # --- requests ----------------------------------------------------------------------------------------
 
     async def _submit(
         self, command: int, offset: int, length: int, flags: int = 0, data: bytes | None = None

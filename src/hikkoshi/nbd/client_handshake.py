@@ -98,7 +98,7 @@ class ClientHandshake:
                 self.finished = True
         return self._events.pop(0)
 
-    # --- the script ----------------------------------------------------------------------------------------
+    # --- the script --------------------------------------------------------------------------------------
 
     def _send_option(self, option: int, data: bytes = b"") -> None:
         self._out += wire.encode_option(wire.OptionRequest(option, data))

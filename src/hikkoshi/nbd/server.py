@@ -184,7 +184,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._closing = False
         self._write_paused = False
 
-    # --- asyncio protocol callbacks ------------------------------------------------------------------------
+    # --- asyncio protocol callbacks ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -227,7 +227,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self.transport is not None and not self._closing:
             self.transport.resume_reading()
 
-    # --- lifetime (owned by the server's task group) -------------------------------------------------------
+    # --- lifetime (owned by the server's task group) -----------------------------------------------------
 
     def _notify(self, what: str) -> None:
         if not self._signal.done():
@@ -288,7 +288,7 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.abort()
         self._notify("closed")
 
-    # --- negotiation ---------------------------------------------------------------------------------------
+    # --- negotiation -------------------------------------------------------------------------------------
 
     def _negotiate(self, data: memoryview) -> None:
         hs = self.handshake
@@ -337,7 +337,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.reader = RequestReader(initial=trailing)
         self._notify("transmission")
 
-    # --- transmission --------------------------------------------------------------------------------------
+    # --- transmission ------------------------------------------------------------------------------------
 
     def _process(self) -> None:
         """Handle every complete request in the buffer; batch the replies into one write."""

@@ -90,7 +90,7 @@ class ServerHandshake:
             wire.Greeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
         )
 
-    # --- interface -----------------------------------------------------------------------------------------
+    # --- interface ---------------------------------------------------------------------------------------
 
     def data_to_send(self) -> bytes:
         """Bytes queued for the client (and forget them)."""
@@ -129,7 +129,7 @@ class ServerHandshake:
                 return NEED_DATA
         return self._events.pop(0)
 
-    # --- machinery -----------------------------------------------------------------------------------------
+    # --- machinery ---------------------------------------------------------------------------------------
 
     def _take(self, n: int) -> bytes | None:
         if len(self._buf) < n:

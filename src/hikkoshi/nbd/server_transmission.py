@@ -188,7 +188,7 @@ def check_request(rules: SessionRules, flags: int, command: int, offset: int, le
     return 0
 
 
-# --- replies (hot path: plain functions over precompiled structs) -------------------------------------------
+# --- replies (hot path: plain functions over precompiled structs) ---------------------------------------
 
 
 def simple_reply(handle: int, error: int = 0) -> bytes:

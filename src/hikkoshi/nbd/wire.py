@@ -53,7 +53,7 @@ def _need(data: bytes | memoryview, size: int, what: str, exact: bool = True) ->
         raise ProtocolError(f"{what}: {len(data)} bytes, expected {'' if exact else 'at least '}{size}")
 
 
-# --- handshake ---------------------------------------------------------------------------------------------
+# --- handshake ------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +140,7 @@ def decode_export_name_reply(data: bytes | memoryview) -> ExportNameReply:
     return ExportNameReply(size, flags, len(data) == 134)
 
 
-# --- option payloads ---------------------------------------------------------------------------------------
+# --- option payloads ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,7 +315,7 @@ def decode_meta_context(data: bytes | memoryview) -> MetaContext:
     return MetaContext(cid, _text(data[4:], "meta context name"))
 
 
-# --- transmission ------------------------------------------------------------------------------------------
+# --- transmission ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
