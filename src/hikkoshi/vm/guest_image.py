@@ -2,11 +2,12 @@
 
 :func:`build_guest` downloads (never installs) ``linux-image-amd64``'s real kernel package and
 ``busybox-static`` with ``apt-get download``, unpacks them with ``dpkg-deb -x`` into a scratch
-directory in the cache, and writes ``vmlinuz`` plus a gzip-compressed newc initramfs holding
-busybox, the virtio kernel modules (dependencies first) and the scripts of
-:mod:`hikkoshi.vm.workloads`. The result lives in ``<cache>/guest-<release>-<key>/``, where the key
-hashes the package versions, the module list, the init and workload scripts and the cpio writer,
-so a change to any of them builds a new image while an unchanged one is reused at once.
+directory in the cache, and writes the kernel (the uncompressed PVH-bootable ``vmlinux`` taken out
+of the bzImage, see :func:`pvh_vmlinux`) plus a gzip-compressed newc initramfs holding busybox, the
+virtio kernel modules (dependencies first) and the scripts of :mod:`hikkoshi.vm.workloads`. The
+result lives in ``<cache>/guest-<release>-<key>/``, where the key hashes the package versions, the
+module list, the init and workload scripts and the cpio writer, so a change to any of them builds a
+new image while an unchanged one is reused at once.
 
 :func:`qemu_command` turns a :class:`GuestImage` into a QEMU command line running one workload,
 under KVM when KVM can really run this guest (see :func:`detect_accel`), otherwise under TCG.
@@ -112,14 +113,16 @@ def build_guest(cache_dir: Path | None = None, *, modules: Sequence[str] = DEFAU
         return image
 
 
-# --- package resolution and download --------------------------------------------------------------
+# --- package resolution and download --------------------------------------------------------------------
 
 
 def _run(cmd: Sequence[str], cwd: Path | None = None) -> str:
     try:
         proc = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, check=False)
     except FileNotFoundError as exc:
-        raise GuestImageError(f"{cmd[0]} not found: the guest image needs Debian's apt tools") from exc
+        raise GuestImageError(
+            f"{cmd[0]} not found: the guest image needs Debian's apt and dpkg tools"
+        ) from exc
     if proc.returncode != 0:
         raise GuestImageError(
             f"{' '.join(cmd)} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}"
@@ -130,7 +133,9 @@ def _run(cmd: Sequence[str], cwd: Path | None = None) -> str:
 def _apt_lists_stamp() -> str:
     """Changes whenever ``apt-get update`` changes what apt would pick."""
     h = hashlib.sha256()
-    for path in sorted(Path("/var/lib/apt/lists").glob("*")):
+    paths = [*Path("/var/lib/apt/lists").glob("*"), Path("/var/lib/dpkg/status")]
+    paths += [Path("/etc/apt/preferences"), *Path("/etc/apt/preferences.d").glob("*")]  # pinning
+    for path in sorted(paths):
         try:
             st = path.stat()
         except OSError:
@@ -160,8 +165,14 @@ def _resolve_packages(cache: Path) -> dict[str, str]:
         raise GuestImageError(f"{KERNEL_METAPACKAGE} depends on no linux-image-*-amd64:\n{out}")
     names = [str(found[0]), BUSYBOX_PACKAGE]
     out = _run(["apt-cache", "policy", *names])
-    # Output: "name:" then indented "Installed:", "Candidate:", version table, for each package.
-    candidates = dict(re.findall(r"^(\S+):\s*\n(?:\s+.*\n)*?\s+Candidate:\s*(\S+)", out, re.MULTILINE))
+    # Output: for each package a line "name:", then indented "Installed:", "Candidate:", ...
+    candidates: dict[str, str] = {}
+    current = None
+    for line in out.splitlines():
+        if line and not line[0].isspace() and line.endswith(":"):
+            current = line[:-1]
+        elif current is not None and line.strip().startswith("Candidate:"):
+            candidates[current] = line.split(":", 1)[1].strip()
     packages = {}
     for name in names:
         version = candidates.get(name)
@@ -198,7 +209,7 @@ def _download(debs_dir: Path, package: str, version: str) -> Path:
     return target
 
 
-# --- building -------------------------------------------------------------------------------------
+# --- building -------------------------------------------------------------------------------------------
 
 
 def _cache_key(packages: Mapping[str, str], modules: Sequence[str]) -> str:
@@ -212,7 +223,7 @@ def _cache_key(packages: Mapping[str, str], modules: Sequence[str]) -> str:
             name: {"script": w.script, "files": dict(sorted(w.files.items()))}
             for name, w in sorted(WORKLOADS.items())
         },
-        # The archive bytes depend on the writer too.
+        # The archive bytes depend on the writer too (so even reformatting it rebuilds: cheap).
         "cpio": Path(cpio.__file__).read_text(),
     }
     h.update(json.dumps(parts, sort_keys=True).encode())
@@ -329,7 +340,7 @@ def _prune(cache: Path, keep: GuestImage, keep_debs: Sequence[Path]) -> None:
             deb.unlink(missing_ok=True)
 
 
-# --- kernel ---------------------------------------------------------------------------------------
+# --- kernel ---------------------------------------------------------------------------------------------
 
 _XEN_ELFNOTE_PHYS32_ENTRY = 18  # the note that makes an ELF kernel bootable by PVH
 
@@ -355,7 +366,7 @@ def pvh_vmlinux(bzimage: bytes) -> bytes | None:
 def _has_pvh_note(elf: bytes) -> bool:
     if len(elf) < 64 or elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
         return False
-    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
     for i in range(phnum):
         p_type, _flags, offset, _vaddr, _paddr, filesz = struct.unpack_from(
@@ -373,7 +384,7 @@ def _has_pvh_note(elf: bytes) -> bool:
     return False
 
 
-# --- kernel modules -------------------------------------------------------------------------------
+# --- kernel modules -------------------------------------------------------------------------------------
 
 
 def _module_name(path: Path) -> str:
@@ -459,7 +470,7 @@ def resolve_modules(modules_dir: Path, wanted: Sequence[str]) -> list[tuple[str,
     return ordered
 
 
-# --- running it -----------------------------------------------------------------------------------
+# --- running it -----------------------------------------------------------------------------------------
 
 
 def kernel_cmdline(workload: str, params: Mapping[str, str | int] | None = None) -> str:
@@ -492,6 +503,7 @@ def qemu_command(
     params: Mapping[str, str | int] | None = None,
     memory_mib: int = 256,
     accel: Accel | None = None,
+    cpu: str | None = None,
     qemu: str = DEFAULT_QEMU,
     extra_args: Sequence[str] = (),
 ) -> list[str]:
@@ -499,8 +511,10 @@ def qemu_command(
 
     ``drive_uri`` (e.g. ``nbd://127.0.0.1:10809``) becomes the guest's ``/dev/vda``; ``None``
     boots without a disk. The serial console goes to ``console_log``, or to stdout if ``None``.
-    ``accel`` defaults to :func:`detect_accel`. QEMU exits when the workload ends (the guest
-    powers off) or the guest panics.
+    ``accel`` defaults to :func:`detect_accel`; ``cpu`` to ``host`` under KVM and QEMU's stable
+    ``qemu64`` under TCG (pass a named model for migrations between different hosts).
+    ``extra_args`` are appended. QEMU exits when the workload ends (the guest powers off) or the
+    guest panics.
     """
     accel = accel or detect_accel(guest, qemu=qemu)
     cmd = [
@@ -508,7 +522,7 @@ def qemu_command(
         "-accel",
         accel,
         "-cpu",
-        "host" if accel == "kvm" else "max",
+        cpu or ("host" if accel == "kvm" else "qemu64"),
         "-m",
         str(memory_mib),
         "-smp",
@@ -550,10 +564,11 @@ def _boot_id() -> str:
 def detect_accel(guest: GuestImage, *, qemu: str = DEFAULT_QEMU) -> Accel:
     """``"kvm"`` if KVM really runs this guest here, else ``"tcg"``; ``$HIKKOSHI_ACCEL`` overrides.
 
-    An openable ``/dev/kvm`` is not enough: some hosts create VMs and even run real-mode code
-    but hang once the kernel switches to long mode. So the probe boots the guest itself under KVM
-    (workload ``idle`` ending at once) and checks that it reaches userspace in time. The answer is
-    remembered per host boot, QEMU binary and guest build, in memory and in the cache directory.
+    An openable ``/dev/kvm`` is not enough: some hosts (nested, e.g. under a PVM hypervisor) create
+    VMs and even run real-mode firmware, then abort on an MSR write with ``-cpu host`` or hang once
+    the kernel leaves its setup code. So the probe boots this guest under KVM (workload ``idle``,
+    ending at once) and checks that it reaches userspace in time. The answer is remembered per
+    host boot, QEMU binary and guest build, in memory and in the cache directory.
     """
     forced = os.environ.get("HIKKOSHI_ACCEL")
     if forced:

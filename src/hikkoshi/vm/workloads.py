@@ -26,7 +26,6 @@ DISKCHECK_DEFAULT_BLOCKS = 1024
 
 _LINE = 64
 _PAYLOAD_LINES = 62
-_WORDS_PER_LINE = 7
 _MODULUS = 2**31 - 1  # Park-Miller "minimal standard" generator: exact in awk's doubles
 _MULTIPLIER = 48271
 
@@ -43,6 +42,8 @@ echo "HIKKOSHI-INIT start"
 while read -r module; do
     insmod "/lib/modules/$module.ko" || echo "HIKKOSHI-INIT WARN insmod $module failed"
 done < /lib/modules/load-order
+# From here on kernel messages stay in dmesg: on the console they could split a result line.
+dmesg -n 1
 
 # hikkoshi.<key>=<value> on the kernel command line becomes HIKKOSHI_<KEY>=<value>.
 for arg in $(cat /proc/cmdline); do
@@ -66,6 +67,10 @@ else
     echo "HIKKOSHI-INIT FAIL unknown workload $workload"
     status=127
 fi
+if [ "$status" -ne 0 ]; then
+    echo "HIKKOSHI-INIT dmesg tail:"
+    dmesg | tail -n 40
+fi
 echo "HIKKOSHI-INIT end status=$status"
 sync
 poweroff -f
@@ -81,9 +86,11 @@ fi
 while :; do sleep 3600; done
 """
 
-_DISKCHECK_AWK = r"""# Writes `total` diskcheck records to stdout; hikkoshi.vm.workloads.diskcheck_block is the twin.
-# Record: a header line, 62 lines of 7 generator words, a footer with Fletcher sums of the words.
-# Every line is 63 characters and a newline, so a record is exactly 4096 bytes.
+_DISKCHECK_AWK = r"""# Writes `total` diskcheck records to stdout (Python twin: diskcheck_block).
+# Record = 64 lines of 63 characters and a newline (4096 bytes): a header; 62 payload lines, each
+# naming its record and line and carrying one word of a Park-Miller generator seeded by (run, seq);
+# a footer with Fletcher sums of the 62 words. One generator step and one printf per line: under
+# TCG every awk statement is expensive, and 4 MiB of this takes seconds already.
 BEGIN {
     M = 2147483647
     for (seq = 0; seq < total; seq++) {
@@ -92,15 +99,11 @@ BEGIN {
         s1 = 0
         s2 = 0
         printf "%-63s\n", sprintf("HIKKOSHI-DISKCHECK v1 run=%010d seq=%08d of=%08d", run, seq, total)
-        for (l = 0; l < 62; l++) {
-            for (w = 0; w < 7; w++) {
-                x = (x * 48271) % M
-                v[w] = x
-                s1 = (s1 + x) % M
-                s2 = (s2 + s1) % M
-            }
-            # One printf per line: concatenating strings or printing word by word is much slower.
-            printf "%08x %08x %08x %08x %08x %08x %08x \n", v[0], v[1], v[2], v[3], v[4], v[5], v[6]
+        for (l = 1; l <= 62; l++) {
+            x = (x * 48271) % M
+            s1 = (s1 + x) % M
+            s2 = (s2 + s1) % M
+            printf "seq=%08d line=%02d word=%08x dec=%010d              \n", seq, l, x, x
         }
         printf "%-63s\n", sprintf("sum1=%08x sum2=%08x end", s1, s2)
     }
@@ -111,7 +114,7 @@ _DISKCHECK_SCRIPT = r"""# diskcheck: write records to the disk, sync, drop cache
 # Parameters: hikkoshi.blocks (4 KiB records), hikkoshi.run (a number < 2^31 naming this run),
 # hikkoshi.disk (device, default /dev/vda). Prints one HIKKOSHI-DISKCHECK OK/FAIL line.
 dev=${HIKKOSHI_DISK:-/dev/vda}
-blocks=${HIKKOSHI_BLOCKS:-1024}
+blocks=${HIKKOSHI_BLOCKS:-@DEFAULT_BLOCKS@}
 run=${HIKKOSHI_RUN:-1}
 fail() {
     echo "HIKKOSHI-DISKCHECK FAIL $*"
@@ -119,7 +122,9 @@ fail() {
 }
 case "$blocks" in '' | *[!0-9]*) fail "reason=bad-blocks blocks=$blocks" ;; esac
 case "$run" in '' | *[!0-9]*) fail "reason=bad-run run=$run" ;; esac
-[ "$blocks" -gt 0 ] || fail "reason=bad-blocks blocks=$blocks"
+# Record headers have room for 8 digits of count; the run id must fit awk's 32-bit %d.
+[ "${#blocks}" -le 8 ] && [ "$blocks" -gt 0 ] || fail "reason=bad-blocks blocks=$blocks"
+[ "${#run}" -le 10 ] && [ "$run" -lt 2147483648 ] || fail "reason=bad-run run=$run"
 
 # The virtio disk appears asynchronously after virtio_blk is loaded.
 tries=0
@@ -131,22 +136,22 @@ done
 size=$(blockdev --getsize64 "$dev") || fail "reason=getsize dev=$dev"
 [ "$size" -ge $((blocks * 4096)) ] || fail "reason=disk-too-small size=$size need=$((blocks * 4096))"
 
-uptime() { cut -d ' ' -f 1 /proc/uptime; }
-t0=$(uptime)
+now() { cut -d ' ' -f 1 /proc/uptime; }
+t0=$(now)
 awk -v run="$run" -v total="$blocks" -f /hikkoshi/diskcheck.awk > /tmp/expected ||
     fail "reason=generate"
-t1=$(uptime)
+t1=$(now)
 # Large O_DIRECT requests: every request is a slow round trip through QEMU and the NBD server.
 dd if=/tmp/expected of="$dev" bs=256k oflag=direct conv=fsync 2> /tmp/dd.err ||
     fail "reason=write $(tail -n 1 /tmp/dd.err)"
 sync
-t2=$(uptime)
+t2=$(now)
 # Make the read-back come from the disk, not from this guest's page cache.
 echo 3 > /proc/sys/vm/drop_caches
 blockdev --flushbufs "$dev"
 dd if="$dev" of=/tmp/readback bs=256k count=$((blocks * 4096)) iflag=direct,count_bytes 2> /tmp/dd.err ||
     fail "reason=read $(tail -n 1 /tmp/dd.err)"
-t3=$(uptime)
+t3=$(now)
 echo "diskcheck: generate $t0..$t1 write ..$t2 read ..$t3 (guest uptime, s)"
 got=$(wc -c < /tmp/readback)
 [ "$got" -eq $((blocks * 4096)) ] || fail "reason=short-read bytes=$got"
@@ -155,7 +160,7 @@ if ! cmp -s /tmp/expected /tmp/readback; then
     fail "reason=mismatch block=$(((first - 1) / 4096)) byte=$((first - 1))"
 fi
 echo "HIKKOSHI-DISKCHECK OK blocks=$blocks run=$run"
-"""
+""".replace("@DEFAULT_BLOCKS@", str(DISKCHECK_DEFAULT_BLOCKS))
 
 
 @dataclass(frozen=True)
@@ -195,12 +200,12 @@ def console_result(console: str, tag: str) -> str | None:
     return found
 
 
-# --- diskcheck, host side -------------------------------------------------------------------------
+# --- diskcheck, host side -------------------------------------------------------------------------------
 
 
 def _words(run: int, seq: int) -> Iterator[int]:
     x = (run * 7919 + seq * 104729 + 1) % _MODULUS or 1
-    for _ in range(_PAYLOAD_LINES * _WORDS_PER_LINE):
+    for _ in range(_PAYLOAD_LINES):
         x = x * _MULTIPLIER % _MODULUS
         yield x
 
@@ -224,9 +229,7 @@ def diskcheck_block(run: int, seq: int, total: int) -> bytes:
     _check_run(run)
     words = list(_words(run, seq))
     lines = [f"HIKKOSHI-DISKCHECK v1 run={run:010d} seq={seq:08d} of={total:08d}"]
-    for i in range(_PAYLOAD_LINES):
-        chunk = words[i * _WORDS_PER_LINE : (i + 1) * _WORDS_PER_LINE]
-        lines.append("".join(f"{w:08x} " for w in chunk))
+    lines += [f"seq={seq:08d} line={i:02d} word={w:08x} dec={w:010d}" for i, w in enumerate(words, 1)]
     s1, s2 = _fletcher(words)
     lines.append(f"sum1={s1:08x} sum2={s2:08x} end")
     block = "".join(f"{line:<63}\n" for line in lines).encode()
@@ -245,7 +248,7 @@ class DiskcheckError(Exception):
 
 _HEADER_RE = re.compile(rb"HIKKOSHI-DISKCHECK v1 run=(\d{10}) seq=(\d{8}) of=(\d{8}) *\n")
 _FOOTER_RE = re.compile(rb"sum1=([0-9a-f]{8}) sum2=([0-9a-f]{8}) end *\n")
-_PAYLOAD_RE = re.compile(rb"(?:[0-9a-f]{8} ){7}\n")
+_PAYLOAD_RE = re.compile(rb"seq=(\d{8}) line=(\d{2}) word=([0-9a-f]{8}) dec=(\d{10}) *\n")
 
 
 def check_diskcheck_block(block: bytes, *, run: int, seq: int, total: int) -> None:
@@ -266,9 +269,15 @@ def check_diskcheck_block(block: bytes, *, run: int, seq: int, total: int) -> No
         raise DiskcheckError(seq, f"header says run={got[0]} seq={got[1]} of={got[2]}")
     words: list[int] = []
     for i, line in enumerate(lines[1:-1], start=1):
-        if _PAYLOAD_RE.fullmatch(line) is None:
+        payload = _PAYLOAD_RE.fullmatch(line)
+        if payload is None:
             raise DiskcheckError(seq, f"payload line {i} malformed: {line!r}")
-        words.extend(int(w, 16) for w in line.split())
+        # Each line names its record and position, so a misplaced sector shows up here.
+        if (int(payload[1]), int(payload[2])) != (seq, i):
+            raise DiskcheckError(seq, f"line {i} belongs to record {int(payload[1])} line {int(payload[2])}")
+        if int(payload[3], 16) != int(payload[4]):
+            raise DiskcheckError(seq, f"line {i} hex and decimal words differ")
+        words.append(int(payload[3], 16))
     footer = _FOOTER_RE.fullmatch(lines[-1])
     if footer is None:
         raise DiskcheckError(seq, f"footer malformed: {lines[-1]!r}")
