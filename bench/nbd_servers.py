@@ -17,7 +17,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -35,6 +35,10 @@ _STOP_GRACE_S = 5.0
 
 class ServerError(RuntimeError):
     """A server did not start, did not become ready, or died."""
+
+
+class ServerNotReady(ServerError):
+    """A server kept running but never accepted an NBD connection (not worth a retry)."""
 
 
 @dataclass(frozen=True)
@@ -191,6 +195,7 @@ class RunningServer:
         self.argv: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.exit_status: int | None = None
+        self._log_offset = 0
 
     @property
     def uri(self) -> str:
@@ -220,7 +225,8 @@ class RunningServer:
             self.port = free_port()
             self.argv = self.spec.argv(self.image, self.port)
             with signals_deferred(), open(self.log_path, "ab") as log:
-                log.write(f"\n# {' '.join(self.argv)}\n".encode())
+                self._log_offset = log.tell()
+                log.write(f"# {' '.join(self.argv)}\n".encode())
                 log.flush()
                 self.proc = subprocess.Popen(
                     self.argv,
@@ -233,7 +239,10 @@ class RunningServer:
             try:
                 self._wait_ready(ready_timeout_s)
                 return
-            except ServerError as exc:
+            except ServerNotReady:
+                self.stop()
+                raise
+            except ServerError as exc:  # exited early, e.g. lost the race for the port
                 last = exc
                 self.stop()
         assert last is not None
@@ -261,7 +270,7 @@ class RunningServer:
             except subprocess.TimeoutExpired:
                 pass
             if time.monotonic() > deadline:
-                raise ServerError(f"{self.spec.name} not ready after {timeout_s:.0f} s: {self.log_tail()}")
+                raise ServerNotReady(f"{self.spec.name} not ready after {timeout_s:.0f} s: {self.log_tail()}")
             time.sleep(0.1)
 
     def describe(self) -> dict[str, object] | None:
@@ -294,7 +303,11 @@ class RunningServer:
         return process_tree_cpu_seconds(self.pid)
 
     def stop(self) -> None:
-        """SIGTERM by pid, then SIGKILL after a grace period; always reaps the process."""
+        """SIGTERM by pid, then SIGKILL after a grace period; always reaps the process.
+
+        Anything the server left behind in its own process group (its pid is the group's id,
+        as it was started in a new session) is killed too.
+        """
         proc = self.proc
         if proc is None:
             return
@@ -306,12 +319,17 @@ class RunningServer:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+            with suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
             self.exit_status = proc.returncode
             self.proc = None
 
     def log_tail(self, lines: int = 5) -> str:
+        """The last lines this start of the server wrote to its log."""
         try:
-            text = self.log_path.read_text(errors="replace")
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_offset)
+                text = f.read().decode(errors="replace")
         except OSError:
             return "(no log)"
         tail = [line for line in text.strip().splitlines() if line][-lines:]

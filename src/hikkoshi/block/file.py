@@ -46,7 +46,7 @@ class RawFile(BlockDevice):
             and not read_only
             and fallocate.probe(self.fd, fallocate.FALLOC_FL_ZERO_RANGE, self.size)
         )
-        self._can_punch = can_punch
+        self.can_punch = can_punch
         self._seek_works = self.is_regular
         self.capabilities = Capabilities(
             read_only=read_only,
@@ -79,7 +79,7 @@ class RawFile(BlockDevice):
         return self.flush() if fua else None
 
     def trim(self, offset: int, length: int, fua: bool) -> MaybeAwaitable[None]:
-        if self._can_punch and length:
+        if self.can_punch and length:
             fallocate.punch_hole(self.fd, offset, length)
         # Without hole punching, TRIM is advisory and may do nothing.
         return self._sync_range(fua)
@@ -89,7 +89,7 @@ class RawFile(BlockDevice):
     ) -> MaybeAwaitable[None]:
         if length == 0:
             return None
-        if may_trim and self._can_punch:
+        if may_trim and self.can_punch:
             fallocate.punch_hole(self.fd, offset, length)
         elif self._can_zero_range:
             fallocate.zero_range(self.fd, offset, length)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import nbd_serve, nbd_stats
+from . import nbd_proxy, nbd_serve, nbd_stats, nbd_status
 from .runtime import setup_logging
 
 
@@ -19,7 +19,14 @@ def build_parser() -> argparse.ArgumentParser:
     top = parser.add_subparsers(dest="command", required=True)
     nbd = top.add_parser("nbd", help="the NBD data plane").add_subparsers(dest="nbd_command", required=True)
     nbd_serve.add_parser(nbd)
+    nbd_proxy.add_parser(nbd)
+    nbd_status.add_parser(nbd)
     nbd_stats.add_parser(nbd)
+    from . import datastore, guest, vm
+
+    guest.add_parser(top)
+    datastore.add_parser(top)
+    vm.add_parser(top)
     from . import demo
 
     demo.add_parser(top)

@@ -109,6 +109,7 @@ class NbdClient:
         self.reconnects = 0
         self._conn: _Connection | None = None
         self._connected = asyncio.Event()
+        self._wake = asyncio.Event()
         self._closed = False
         self._tg: asyncio.TaskGroup | None = None
         self._reconnector: asyncio.Task[None] | None = None
@@ -221,14 +222,21 @@ class NbdClient:
 
     async def _reconnect_loop(self, policy: Reconnect) -> None:
         delay = policy.initial_delay
+        # Back off, but never so long that a waiting request times out while the server is back.
+        max_delay = min(policy.max_delay, policy.deadline / 4)
         try:
             while not self._closed:
                 try:
                     await self._open()
                 except (OSError, TimeoutError, ProtocolError) as exc:
                     log.info("reconnect to %s failed: %s; next try in %.2fs", self.uri, exc, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, policy.max_delay)
+                    self._wake.clear()
+                    # A request that needs the server cuts the back-off short (but not below the first delay).
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay):
+                            await asyncio.sleep(policy.initial_delay)
+                            await self._wake.wait()
+                    delay = min(delay * 2, max_delay)
                 else:
                     self.reconnects += 1
                     log.info("reconnected to %s", self.uri)
@@ -247,6 +255,7 @@ class NbdClient:
             raise ConnectionError(f"{self.uri}: client is closed")
         if self.reconnect is None:
             raise ConnectionError(f"{self.uri}: connection lost")
+        self._wake.set()
         try:
             async with asyncio.timeout(self.reconnect.deadline):
                 while self._conn is None or self._conn.lost:

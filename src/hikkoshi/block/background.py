@@ -1,0 +1,159 @@
+"""The background copy of a relocation: everything the guest has not asked for yet, in priority order,
+under a bandwidth limit, pausable; when every block is local the proxy lets go of the source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from ..nbd.constants import BASE_ALLOCATION
+from .copy_plan import CopyPlan, Range, plan_copy
+from .proxy import ProxyDevice
+from .throttle import Throttle
+from .upstream import HEAT_CONTEXT
+
+log = logging.getLogger("hikkoshi.block.background")
+
+#: Finds the byte ranges a file system on the disk uses, reading through the given function; None if none.
+FsReader = Callable[[Callable[[int, int], Awaitable[bytes]], int], Awaitable[list[Range] | None]]
+
+
+class BackgroundCopy:
+    """Owns the copy loop of one proxy."""
+
+    def __init__(
+        self,
+        proxy: ProxyDevice,
+        *,
+        enabled: bool = True,
+        bandwidth: float | None = None,
+        concurrency: int = 8,
+        checkpoint_seconds: float = 5.0,
+        fs_reader: FsReader | None = None,
+        skip_fs_free: bool = False,
+    ) -> None:
+        self.proxy = proxy
+        self.enabled = enabled
+        self.throttle = Throttle(bandwidth)
+        self.concurrency = concurrency
+        self.checkpoint_seconds = checkpoint_seconds
+        self.fs_reader = fs_reader
+        self.skip_fs_free = skip_fs_free
+        self._running = asyncio.Event()
+        self._running.set()
+        self.plan: CopyPlan | None = None
+        self.phase = "starting"
+        self.errors = 0
+
+    # --- control -------------------------------------------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    def set_bandwidth(self, rate: float | None) -> None:
+        self.throttle.rate = rate
+
+    # --- the loop ------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Plan, copy, and detach the upstream when complete (also when the guest made it complete)."""
+        proxy = self.proxy
+        if not proxy.detached:
+            await self._learn()
+            if self.enabled:
+                self.phase = "copying"
+                await self._copy_all()
+            else:
+                self.phase = "on-demand only"
+            await proxy.complete_event.wait()
+            self.phase = "detaching"
+            await proxy.detach()
+        self.phase = "complete"
+
+    async def _learn(self) -> None:
+        """What the source looks like: allocation, heat, file system; then mark zero regions present."""
+        proxy = self.proxy
+        upstream = proxy.upstream
+        self.phase = "mapping"
+        try:
+            if upstream.has_context(BASE_ALLOCATION):
+                proxy.source_map = await upstream.map(BASE_ALLOCATION)
+            heat: list[tuple[int, int, int]] = []
+            if upstream.has_context(HEAT_CONTEXT):
+                heat = await upstream.map(HEAT_CONTEXT)
+            fs_used = await self.fs_reader(upstream.read, proxy.size) if self.fs_reader else None
+        except (OSError, ConnectionError) as exc:
+            log.warning("could not map the source (%s); copying everything in disk order", exc)
+            heat, fs_used = [], None
+        self.plan = plan_copy(
+            proxy.size,
+            proxy.block_size,
+            proxy.source_map,
+            heat=heat,
+            fs_used=fs_used,
+            skip_fs_free=self.skip_fs_free,
+        )
+        for start, count in self.plan.zero:
+            proxy.mark_zero(start, count)
+
+    async def _copy_all(self) -> None:
+        proxy = self.proxy
+        assert self.plan is not None
+        last_checkpoint = time.monotonic()
+        slots = asyncio.Semaphore(self.concurrency)
+        async with asyncio.TaskGroup() as tg:
+            backoff = 0.1
+            rounds = [self.plan.copy]
+            while not proxy.presence.complete:
+                progress_before = proxy.presence.present
+                for start, count in rounds.pop(0) if rounds else list(proxy.presence.missing_runs()):
+                    for chunk in range(start, start + count, proxy.fetch_blocks):
+                        blocks = proxy.presence.missing(
+                            chunk * proxy.block_size, min(proxy.fetch_blocks, start + count - chunk) * proxy.block_size
+                        )
+                        if not blocks:
+                            continue
+                        await self._running.wait()
+                        await self.throttle.take(len(blocks) * proxy.block_size)
+                        await slots.acquire()
+                        tg.create_task(self._fetch(blocks, slots))
+                        if time.monotonic() - last_checkpoint > self.checkpoint_seconds:
+                            last_checkpoint = time.monotonic()
+                            tg.create_task(self._checkpoint())
+                # Let this round's fetches land before judging progress.
+                for _ in range(self.concurrency):
+                    await slots.acquire()
+                for _ in range(self.concurrency):
+                    slots.release()
+                if proxy.presence.present == progress_before and not proxy.presence.complete:
+                    await asyncio.sleep(backoff)  # the upstream is failing; its client is reconnecting
+                    backoff = min(backoff * 2, 5.0)
+                else:
+                    backoff = 0.1
+        await self._checkpoint()
+
+    async def _fetch(self, blocks: list[int], slots: asyncio.Semaphore) -> None:
+        try:
+            await self.proxy.ensure(blocks, demand=False)
+        except OSError as exc:
+            self.errors += 1
+            log.info("background fetch failed (%s); it will be retried", exc)
+        finally:
+            slots.release()
+
+    async def _checkpoint(self) -> None:
+        """Make background progress durable even if the guest never flushes."""
+        try:
+            await self.proxy.flush()
+        except OSError as exc:
+            log.error("checkpoint of the cache failed: %s", exc)

@@ -1,0 +1,417 @@
+"""The relocation proxy (seed 004, xNBD done right): serve a disk at once from a local cache, fetching
+missing blocks from the source on demand; writes stay local.
+
+Rules that make it correct:
+- A block is marked present only after its data is in the cache file; the on-disk bitmap only claims
+  blocks whose data was fsynced before the bitmap was written (flush snapshots the bits first).
+- Concurrent reads of a missing block share one fetch; fetched bytes never overwrite a block the guest
+  wrote meanwhile (a written block is present, and installing skips present blocks).
+- A partial write to a missing block fetches that block first (only the partial blocks), then writes.
+- Replies may complete in any order; nothing here depends on the upstream answering in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..nbd.constants import BASE_ALLOCATION, AllocationFlag
+from ..nbd.device import BlockDevice, Buffer, Capabilities, MaybeAwaitable
+from . import fallocate
+from .bitmap_file import BitmapFile
+from .file import RawFile
+from .upstream import Upstream
+
+log = logging.getLogger("hikkoshi.block.proxy")
+
+_ZEROS = bytes(1 << 20)
+_HOLE = int(AllocationFlag.HOLE | AllocationFlag.ZERO)
+
+
+@dataclass
+class ProxyCounters:
+    """What the proxy did, for status and reports."""
+
+    started: float = field(default_factory=time.monotonic)
+    fetched_demand: int = 0
+    fetched_background: int = 0
+    zero_marked: int = 0
+    reads_local: int = 0
+    reads_fetched: int = 0
+    fetch_errors: int = 0
+    #: (monotonic time, bytes fetched so far) samples for rates.
+    samples: list[tuple[float, int]] = field(default_factory=list)
+
+    def fetched(self) -> int:
+        return self.fetched_demand + self.fetched_background
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        self.samples.append((now, self.fetched()))
+        while len(self.samples) > 2 and self.samples[0][0] < now - 10:
+            self.samples.pop(0)
+
+    def rate(self) -> float:
+        """Bytes per second fetched over the last ~10 s."""
+        if len(self.samples) < 2:
+            return 0.0
+        (t0, b0), (t1, b1) = self.samples[0], self.samples[-1]
+        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+class ProxyDevice(BlockDevice):
+    """A cache file in front of an upstream export."""
+
+    meta_contexts = (BASE_ALLOCATION,)
+
+    def __init__(self, local: RawFile, bitmap: BitmapFile, upstream: Upstream, fetch_size: int = 1 << 20) -> None:
+        if local.size != upstream.size:
+            raise OSError(errno.EINVAL, f"cache is {local.size} bytes but the upstream is {upstream.size}")
+        self.local = local
+        self.bitmap = bitmap
+        self.presence = bitmap.presence
+        self.upstream = upstream
+        self.size = local.size
+        self.block_size = self.presence.block_size
+        self.fetch_blocks = max(1, min(fetch_size, upstream.max_request) // self.block_size)
+        self.capabilities = Capabilities(fast_zero=local.capabilities.fast_zero)
+        self.counters = ProxyCounters()
+        #: Upstream allocation as (offset, length, flags), learned at start; used for block status.
+        self.source_map: list[tuple[int, int, int]] = []
+        self._inflight: dict[int, asyncio.Future[None]] = {}
+        self._flush_lock = asyncio.Lock()
+        self._tg: asyncio.TaskGroup | None = None
+        self.detached = upstream.closed
+        self.complete_event = asyncio.Event()
+        if self.presence.complete:
+            self.complete_event.set()
+
+    def attach(self, tg: asyncio.TaskGroup) -> None:
+        """Give the proxy the task group that owns its fetches (they outlive the request that started them)."""
+        self._tg = tg
+
+    # --- state ---------------------------------------------------------------------------------------------
+
+    @property
+    def upstream_state(self) -> str:
+        if self.detached:
+            return "detached"
+        return "connected" if self.upstream.connected else "reconnecting"
+
+    # --- reads ---------------------------------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> MaybeAwaitable[Buffer]:
+        if self.presence.all_present(offset, length):
+            self.counters.reads_local += 1
+            return self.local.read(offset, length)
+        self.counters.reads_fetched += 1
+        return self._read_missing(offset, length)
+
+    async def _read_missing(self, offset: int, length: int) -> Buffer:
+        await self.ensure(self.presence.missing(offset, length), demand=True)
+        return self.local.read(offset, length)
+
+    def cache(self, offset: int, length: int) -> MaybeAwaitable[None]:
+        missing = self.presence.missing(offset, length)
+        return self.ensure(missing, demand=True) if missing else None
+
+    # --- fetching ------------------------------------------------------------------------------------------
+
+    def ensure(self, blocks: list[int], demand: bool) -> Awaitable[None]:
+        """Make blocks present, joining fetches already in flight; fails with EIO if the upstream does."""
+        loop = asyncio.get_running_loop()
+        waits: list[asyncio.Future[None]] = []
+        run_start = -1
+        run_len = 0
+        runs: list[tuple[int, int]] = []
+        presence = self.presence
+        for b in blocks:
+            if presence.test(b):
+                continue
+            fut = self._inflight.get(b)
+            if fut is not None:
+                waits.append(fut)
+                continue
+            fut = loop.create_future()
+            fut.add_done_callback(_retrieve)  # a waiter may have gone (client left): don't warn
+            self._inflight[b] = fut
+            waits.append(fut)
+            if run_len and b == run_start + run_len and run_len < self.fetch_blocks:
+                run_len += 1
+            else:
+                if run_len:
+                    runs.append((run_start, run_len))
+                run_start, run_len = b, 1
+        if run_len:
+            runs.append((run_start, run_len))
+        for start, count in runs:
+            self._spawn(self._fetch(start, count, demand))
+        return _wait_all(waits)
+
+    def _spawn(self, coro: Any) -> None:
+        if self._tg is None:
+            raise RuntimeError("proxy is not attached to a task group")
+        self._tg.create_task(coro)
+
+    async def _fetch(self, start: int, count: int, demand: bool) -> None:
+        offset = start * self.block_size
+        length = min(count * self.block_size, self.size - offset)
+        try:
+            if self.detached:
+                raise ConnectionError("upstream already detached")
+            data = await self.upstream.read(offset, length)
+            self._install(start, count, data)
+        except Exception as exc:  # every failure goes to the waiters, never up into the task group
+            self.counters.fetch_errors += 1
+            error = OSError(errno.EIO, f"fetching {length} bytes at {offset} from {self.upstream.uri}: {exc}")
+            for b in range(start, start + count):
+                fut = self._inflight.pop(b, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(error)
+            return
+        if demand:
+            self.counters.fetched_demand += length
+        else:
+            self.counters.fetched_background += length
+        self.counters.sample()
+        for b in range(start, start + count):
+            fut = self._inflight.pop(b, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        self._check_complete()
+
+    def _install(self, start: int, count: int, data: bytes) -> None:
+        """Write fetched data for blocks still missing, then mark them present (synchronously)."""
+        presence = self.presence
+        bs = self.block_size
+        fd = self.local.fd
+        view = memoryview(data)
+        b = start
+        end = start + count
+        while b < end:
+            if presence.test(b):  # the guest wrote it meanwhile: its data wins
+                b += 1
+                continue
+            run = b
+            while b < end and not presence.test(b):
+                b += 1
+            lo = (run - start) * bs
+            hi = min((b - start) * bs, len(data))
+            chunk = view[lo:hi]
+            if _is_zero(chunk):
+                # Keep the cache sparse: a zero block becomes a hole (also clearing any stale bytes).
+                if self.local.can_punch:
+                    fallocate.punch_hole(fd, run * bs, hi - lo)
+                else:
+                    os.pwrite(fd, chunk, run * bs)
+            else:
+                written = os.pwrite(fd, chunk, run * bs)
+                while written < len(chunk):
+                    written += os.pwrite(fd, chunk[written:], run * bs + written)
+            for blk in range(run, b):
+                presence.set(blk)
+
+    def mark_zero(self, start: int, count: int) -> int:
+        """Mark missing blocks that the source reports as zero present, as holes; return bytes marked."""
+        marked = 0
+        for b in range(start, min(start + count, self.presence.blocks)):
+            if self.presence.test(b) or b in self._inflight:
+                continue
+            off, n = self.presence.block_span(b)
+            if self.local.can_punch:
+                fallocate.punch_hole(self.local.fd, off, n)
+            else:
+                os.pwrite(self.local.fd, _ZEROS[:n] if n <= len(_ZEROS) else bytes(n), off)
+            self.presence.set(b)
+            marked += n
+        self.counters.zero_marked += marked
+        self._check_complete()
+        return marked
+
+    def _check_complete(self) -> None:
+        if self.presence.complete and not self.complete_event.is_set():
+            self.complete_event.set()
+
+    # --- writes --------------------------------------------------------------------------------------------
+
+    def _modify(self, offset: int, length: int, apply: Callable[[], Any], fua: bool) -> MaybeAwaitable[None]:
+        """Apply a local change to a byte range; partial blocks that are missing are fetched first."""
+        presence = self.presence
+        bs = self.block_size
+        partial: list[int] = []
+        if length:
+            first = offset // bs
+            last = (offset + length - 1) // bs
+            if offset % bs and not presence.test(first):
+                partial.append(first)
+            end = offset + length
+            if end % bs and end < self.size and not presence.test(last) and last not in partial:
+                partial.append(last)
+        if not partial:
+            self._apply(offset, length, apply)
+            return self.flush() if fua else None
+
+        async def slow() -> None:
+            await self.ensure(partial, demand=True)
+            self._apply(offset, length, apply)
+            if fua:
+                await self.flush()
+
+        return slow()
+
+    def _apply(self, offset: int, length: int, apply: Callable[[], Any]) -> None:
+        result = apply()
+        if result is not None:  # the local file never defers these; keep the rule explicit
+            raise RuntimeError("local cache operation did not complete synchronously")
+        for b in self.presence.block_range(offset, length):
+            self.presence.set(b)
+        self._check_complete()
+
+    def write(self, offset: int, data: memoryview, fua: bool) -> MaybeAwaitable[None]:
+        if self._needs_fetch(offset, len(data)):
+            payload = bytes(data)  # the view dies when we return; the slow path needs the bytes later
+            return self._modify(offset, len(payload), lambda: self.local.write(offset, memoryview(payload), False), fua)
+        return self._modify(offset, len(data), lambda: self.local.write(offset, data, False), fua)
+
+    def _needs_fetch(self, offset: int, length: int) -> bool:
+        bs = self.block_size
+        end = offset + length
+        return bool(
+            (offset % bs and not self.presence.test(offset // bs))
+            or (end % bs and end < self.size and not self.presence.test((end - 1) // bs))
+        )
+
+    def trim(self, offset: int, length: int, fua: bool) -> MaybeAwaitable[None]:
+        # TRIM is advisory: only whole blocks are affected, so nothing is ever fetched for it.
+        bs = self.block_size
+        start = -(-offset // bs) * bs
+        end = min((offset + length) // bs * bs, self.size) if offset + length < self.size else self.size
+        if end > start:
+            self._apply(start, end - start, lambda: self.local.trim(start, end - start, False))
+        # Partial blocks that are present may be trimmed too (they read back as zeroes either way).
+        for lo, hi in ((offset, min(start, offset + length)), (max(end, offset), offset + length)):
+            if hi > lo and self.presence.all_present(lo, hi - lo):
+                self.local.trim(lo, hi - lo, False)
+        return self.flush() if fua else None
+
+    def write_zeroes(
+        self, offset: int, length: int, may_trim: bool, fast_only: bool, fua: bool
+    ) -> MaybeAwaitable[None]:
+        if fast_only and self._needs_fetch(offset, length):
+            # Zeroing a partial missing block needs a fetch: not fast.
+            raise OSError(errno.ENOTSUP, "zeroing would need a fetch from the upstream")
+        return self._modify(
+            offset, length, lambda: self.local.write_zeroes(offset, length, may_trim, fast_only, False), fua
+        )
+
+    # --- durability ----------------------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """fsync the cache, then persist the bitmap as it was before the fsync."""
+        async with self._flush_lock:
+            snapshot = {i: self.presence.page(i) for i in self.presence.dirty_pages}
+            self.presence.dirty_pages.clear()
+            try:
+                await asyncio.to_thread(os.fdatasync, self.local.fd)
+                await asyncio.to_thread(self.bitmap.write_pages, snapshot)
+            except BaseException:
+                self.presence.dirty_pages.update(snapshot)
+                raise
+
+    # --- block status --------------------------------------------------------------------------------------
+
+    def extents(self, context: str, offset: int, length: int) -> list[tuple[int, int]]:
+        if context != BASE_ALLOCATION:
+            return [(length, 0)]
+        out: list[tuple[int, int]] = []
+        end = offset + length
+        pos = offset
+        bs = self.block_size
+        while pos < end:
+            block = pos // bs
+            present = self.presence.test(block)
+            run_end = pos
+            b = block
+            while run_end < end and self.presence.test(b) == present:
+                b += 1
+                run_end = min(b * bs, end)
+            if present:
+                out += self.local.extents(context, pos, run_end - pos)
+            else:
+                out += self._source_extents(pos, run_end - pos)
+            pos = run_end
+        return _merge(out)
+
+    def _source_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Allocation of missing ranges as the source reported it at start (data if unknown)."""
+        out: list[tuple[int, int]] = []
+        pos = offset
+        end = offset + length
+        for s_off, s_len, flags in self.source_map:
+            if s_off + s_len <= pos:
+                continue
+            if s_off >= end:
+                break
+            if s_off > pos:
+                out.append((s_off - pos, 0))
+                pos = s_off
+            n = min(s_off + s_len, end) - pos
+            out.append((n, flags & _HOLE))
+            pos += n
+        if pos < end:
+            out.append((end - pos, 0))
+        return out
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+
+    async def detach(self) -> None:
+        """Everything is local: make it durable, then let go of the source."""
+        await self.flush()
+        if not self.detached:
+            self.detached = True
+            await self.upstream.close()
+            log.info("relocation complete: %d bytes local; upstream %s released", self.size, self.upstream.uri)
+
+    def close(self) -> None:
+        self.bitmap.close(clean=True)
+        self.local.close()
+
+
+def _is_zero(view: memoryview | bytes) -> bool:
+    n = len(view)
+    if n <= len(_ZEROS):
+        return view == _ZEROS[:n]
+    return all(view[i : i + len(_ZEROS)] == _ZEROS[: min(len(_ZEROS), n - i)] for i in range(0, n, len(_ZEROS)))
+
+
+def _merge(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for n, f in extents:
+        if n <= 0:
+            continue
+        if out and out[-1][1] == f:
+            out[-1] = (out[-1][0] + n, f)
+        else:
+            out.append((n, f))
+    return out
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+async def _wait_all(waits: list[asyncio.Future[None]]) -> None:
+    if not waits:
+        return
+    # Wait for every fetch (not just the first failure) so no exception is left unretrieved.
+    results = await asyncio.gather(*waits, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result

@@ -1,0 +1,126 @@
+"""The source of a relocation: several NBD client connections to one export, with reconnect."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+from collections.abc import Sequence
+from types import TracebackType
+
+from ..nbd.client import NbdClient, Reconnect
+from ..nbd.constants import BASE_ALLOCATION
+from ..nbd.errors import CommandError
+from ..nbd.uri import NbdUri
+
+log = logging.getLogger("hikkoshi.block.upstream")
+
+HEAT_CONTEXT = "hikkoshi:heat"
+
+
+class Upstream:
+    """Connections to the source export.
+
+    With multi-conn the source guarantees consistency across connections, so fetches are spread over
+    ``connections`` clients; otherwise one client carries everything (still pipelined).
+    """
+
+    def __init__(
+        self,
+        uri: NbdUri | str,
+        connections: int = 4,
+        reconnect: Reconnect | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.uri = NbdUri.parse(uri) if isinstance(uri, str) else uri
+        self.want = max(1, connections)
+        self.reconnect = reconnect or Reconnect()
+        self.tls = tls
+        self.clients: list[NbdClient] = []
+        self._next = 0
+        self.closed = False
+
+    async def __aenter__(self) -> Upstream:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        first = await self._client()
+        self.clients.append(first)
+        if first.can_multi_conn:
+            for _ in range(self.want - 1):
+                self.clients.append(await self._client())
+
+    async def _client(self) -> NbdClient:
+        client = NbdClient(
+            self.uri, tls=self.tls, meta_contexts=(BASE_ALLOCATION, HEAT_CONTEXT), reconnect=self.reconnect
+        )
+        await client.__aenter__()
+        return client
+
+    async def close(self) -> None:
+        """Disconnect every connection (the relocation no longer needs the source)."""
+        self.closed = True
+        clients, self.clients = self.clients, []
+        for client in clients:
+            with contextlib.suppress(OSError, CommandError):
+                await client.__aexit__(None, None, None)
+
+    @property
+    def size(self) -> int:
+        return self.clients[0].size
+
+    @property
+    def identity(self) -> str:
+        """What the cache's bitmap must match: where the source is and how big."""
+        return f"{self.uri} size={self.size}"
+
+    @property
+    def connected(self) -> bool:
+        return any(c.connected for c in self.clients)
+
+    @property
+    def max_request(self) -> int:
+        return min(c.max_request for c in self.clients)
+
+    def _pick(self) -> NbdClient:
+        if not self.clients:
+            raise ConnectionError("upstream is closed")
+        self._next = (self._next + 1) % len(self.clients)
+        return self.clients[self._next]
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self._pick().read(offset, length)
+
+    def has_context(self, name: str) -> bool:
+        return bool(self.clients) and name in self.clients[0].contexts
+
+    async def extents(self, offset: int, length: int, context: str = BASE_ALLOCATION) -> list[tuple[int, int]]:
+        return await self._pick().block_status(offset, length, context)
+
+    async def map(self, context: str = BASE_ALLOCATION, step: int = 1 << 30) -> list[tuple[int, int, int]]:
+        """The whole disk as (offset, length, flags) from block status, in order."""
+        out: list[tuple[int, int, int]] = []
+        pos = 0
+        size = self.size
+        while pos < size:
+            extents = await self.extents(pos, min(step, size - pos), context)
+            for length, flags in extents:
+                length = min(length, size - pos)
+                if length <= 0:
+                    break
+                if out and out[-1][2] == flags and out[-1][0] + out[-1][1] == pos:
+                    out[-1] = (out[-1][0], out[-1][1] + length, flags)
+                else:
+                    out.append((pos, length, flags))
+                pos += length
+        return out
+
+
+def upstream_names(contexts: Sequence[str]) -> str:
+    return ",".join(contexts)

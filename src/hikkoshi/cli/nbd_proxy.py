@@ -1,0 +1,217 @@
+"""`hikkoshi nbd proxy`: serve a disk at once from a local cache while relocating it from an upstream."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..block.background import BackgroundCopy
+from ..block.bitmap_file import BitmapFile, BitmapHeader, BitmapMismatch
+from ..block.file import RawFile
+from ..block.proxy import ProxyDevice
+from ..block.throttle import parse_rate
+from ..block.upstream import Upstream
+from ..nbd.client import Reconnect
+from ..nbd.control import ControlServer
+from ..nbd.server import Export, ExportTable, ListenAddress, NbdServer
+from ..nbd.uri import NbdUri
+from .nbd_serve import leaves
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("proxy", help="serve a disk from a local cache, relocating it from an upstream export")
+    p.add_argument("--upstream", required=True, metavar="URI", help="the source export (nbd://, nbd+unix://)")
+    p.add_argument("--cache", required=True, type=Path, metavar="PATH", help="local cache file (bitmap: PATH.bitmap)")
+    p.add_argument("--listen", action="append", metavar="ADDR", help="HOST:PORT or unix:PATH (default 127.0.0.1:10809)")
+    p.add_argument("--export", metavar="NAME", help="export name (default: the upstream's)")
+    p.add_argument("--control", metavar="unix:PATH", help="JSON control socket (status, pause, resume, bandwidth)")
+    p.add_argument("--block-size", default="64K", metavar="SIZE", help="cache block size, 4K..1M (default 64K)")
+    p.add_argument("--no-background", action="store_true", help="fetch only what the guest reads")
+    p.add_argument("--bandwidth", metavar="RATE", help="limit the background copy, e.g. 50M, 100Mbit")
+    p.add_argument("--connections", type=int, default=4, help="upstream connections if it allows multi-conn")
+    p.add_argument("--upstream-timeout", type=float, default=30.0, metavar="S",
+                   help="how long a request waits for an unreachable upstream before EIO (default 30)")
+    p.add_argument("--skip-fs-free", action="store_true",
+                   help="do not copy blocks an ext2/3/4 file system on the disk reports free (they become zeroes)")
+    p.set_defaults(func=proxy_command)
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1] if t and t[-1] in units else ""
+    try:
+        return int(float(t[: len(t) - len(unit)]) * units[unit])
+    except ValueError:
+        raise ValueError(f"bad size {text!r}") from None
+
+
+async def open_proxy(
+    uri: NbdUri, cache: Path, block_size: int, connections: int, timeout: float
+) -> ProxyDevice:
+    """Open (or create) the cache and its bitmap against the upstream; refuse anything inconsistent."""
+    bitmap_path = cache.with_name(cache.name + ".bitmap")
+    identity = str(uri)
+    upstream = Upstream(uri, connections=connections, reconnect=Reconnect(deadline=timeout))
+    if cache.exists() and bitmap_path.exists():
+        header = BitmapHeader.decode(bitmap_path.read_bytes()[:4096])
+        if header.identity != identity:
+            raise BitmapMismatch(f"{cache} caches {header.identity!r}, not {identity!r}")
+        if header.block_size != block_size:
+            raise BitmapMismatch(f"{cache} uses block size {header.block_size}, not {block_size}")
+    if not cache.exists() and bitmap_path.exists():
+        raise BitmapMismatch(f"{bitmap_path} exists without its cache {cache}; remove it to start over")
+    bitmap = None
+    if cache.exists() and bitmap_path.exists():
+        size = cache.stat().st_size
+        bitmap = BitmapFile.open(bitmap_path, block_size, size, identity)
+        if bitmap.presence.complete:
+            upstream.closed = True  # nothing left to fetch: no need for the source any more
+    try:
+        if not upstream.closed:
+            await upstream.open()
+        if bitmap is None:
+            if cache.exists() and cache.stat().st_size:
+                raise BitmapMismatch(f"{cache} exists but has no bitmap: its contents cannot be trusted")
+            with open(cache, "wb") as f:
+                f.truncate(upstream.size)
+                os.fsync(f.fileno())
+            bitmap = BitmapFile.open(bitmap_path, block_size, upstream.size, identity)
+        elif not upstream.closed and upstream.size != bitmap.presence.disk_size:
+            raise BitmapMismatch(f"upstream is {upstream.size} bytes, the cache {bitmap.presence.disk_size}")
+        device = ProxyDevice(RawFile(cache), bitmap, upstream)
+    except BaseException:
+        if bitmap is not None:
+            bitmap.close(clean=False)
+        await upstream.close()
+        raise
+    return device
+
+
+def register_proxy_commands(control: ControlServer, proxy: ProxyDevice, copy: BackgroundCopy) -> None:
+    def status(_args: dict[str, Any]) -> dict[str, Any]:
+        return proxy_status(proxy, copy)
+
+    def pause(_args: dict[str, Any]) -> dict[str, Any]:
+        copy.pause()
+        return proxy_status(proxy, copy)
+
+    def resume(_args: dict[str, Any]) -> dict[str, Any]:
+        copy.resume()
+        return proxy_status(proxy, copy)
+
+    def bandwidth(args: dict[str, Any]) -> dict[str, Any]:
+        rate = args.get("rate")
+        copy.set_bandwidth(None if rate in (None, "", "unlimited") else parse_rate(str(rate)))
+        return proxy_status(proxy, copy)
+
+    control.register("status", status, "relocation progress")
+    control.register("pause", pause, "pause the background copy")
+    control.register("resume", resume, "resume the background copy")
+    control.register("bandwidth", bandwidth, "set the background bandwidth; args: rate (e.g. 50M) or none")
+
+
+def proxy_status(proxy: ProxyDevice, copy: BackgroundCopy) -> dict[str, Any]:
+    """The relocation's figures, JSON-ready."""
+    c = proxy.counters
+    c.sample()
+    presence = proxy.presence
+    reads = c.reads_local + c.reads_fetched
+    rate = c.rate()
+    remaining = proxy.size - presence.present_bytes
+    return {
+        "size": proxy.size,
+        "block_size": proxy.block_size,
+        "present_bytes": presence.present_bytes,
+        "percent": round(100.0 * presence.present_bytes / proxy.size, 2) if proxy.size else 100.0,
+        "upstream": proxy.upstream_state,
+        "upstream_uri": str(proxy.upstream.uri),
+        "phase": copy.phase,
+        "paused": copy.paused,
+        "bandwidth": copy.throttle.rate,
+        "fetched_demand_bytes": c.fetched_demand,
+        "fetched_background_bytes": c.fetched_background,
+        "zero_bytes": c.zero_marked,
+        "reads_local": c.reads_local,
+        "reads_fetched": c.reads_fetched,
+        "hit_rate": round(c.reads_local / reads, 4) if reads else None,
+        "rate_bytes_s": round(rate),
+        "eta_s": round(remaining / rate, 1) if rate > 0 and remaining else (0.0 if not remaining else None),
+        "fetch_errors": c.fetch_errors,
+        "background_errors": copy.errors,
+    }
+
+
+async def run_proxy(args: argparse.Namespace) -> int:
+    block_size = parse_size(args.block_size)
+    if block_size < 4096 or block_size > 1 << 20 or block_size & (block_size - 1):
+        raise ValueError("--block-size must be a power of two from 4K to 1M")
+    uri = NbdUri.parse(args.upstream)
+    proxy = await open_proxy(uri, args.cache, block_size, args.connections, args.upstream_timeout)
+    fs_reader = None
+    if args.skip_fs_free or not args.no_background:
+        from ..block.fs_used import fs_used_ranges
+
+        fs_reader = fs_used_ranges
+    copy = BackgroundCopy(
+        proxy,
+        enabled=not args.no_background,
+        bandwidth=parse_rate(args.bandwidth) if args.bandwidth else None,
+        fs_reader=fs_reader,
+        skip_fs_free=args.skip_fs_free,
+    )
+    exports = ExportTable()
+    exports.add(Export(args.export if args.export is not None else uri.export, proxy, description=f"cache of {uri}"))
+    listen = [ListenAddress.parse(a) for a in (args.listen or ["127.0.0.1:10809"])]
+    server = NbdServer(exports, listen)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.stop)
+    control = ControlServer(Path(args.control.removeprefix("unix:"))) if args.control else None
+    clean = False
+    try:
+        async with asyncio.TaskGroup() as tg:
+            proxy.attach(tg)
+            serving = tg.create_task(server.serve())
+            await server.ready.wait()
+            if control is not None:
+                register_proxy_commands(control, proxy, copy)
+                await control.start()
+            for addr in server.bound:
+                where = f"nbd+unix:///?socket={addr[5:]}" if addr.startswith("unix:") else f"nbd://{addr}/"
+                print(f"hikkoshi: serving {where}", flush=True)
+            copying = tg.create_task(copy.run())
+            await serving
+            copying.cancel()
+        await proxy.flush()
+        clean = True
+    finally:
+        if control is not None:
+            await control.close()
+        with contextlib.suppress(OSError):
+            await proxy.upstream.close()
+        proxy.bitmap.close(clean=clean)
+        proxy.local.close()
+    return 0
+
+
+def proxy_command(args: argparse.Namespace) -> int:
+    from .runtime import run
+
+    try:
+        return run(run_proxy(args))
+    except (OSError, ValueError, BitmapMismatch) as exc:
+        print(f"hikkoshi nbd proxy: {exc}", file=sys.stderr)
+    except BaseExceptionGroup as group:
+        errors = group.subgroup((OSError, ValueError, BitmapMismatch))
+        if errors is None:
+            raise
+        for err in leaves(errors):
+            print(f"hikkoshi nbd proxy: {err}", file=sys.stderr)
+    return 2
