@@ -28,7 +28,8 @@ class Served:
     def export_uri(self, name: str = "") -> str:
         if "?socket=" in self.uri:
             base, sock = self.uri.split("?", 1)
-            return f"{base.rstrip('/')}/{name}?{sock}"
+            scheme = base.split(":", 1)[0]
+            return f"{scheme}:///{name}?{sock}"
         return self.uri.rstrip("/") + "/" + name
 
     @property
@@ -57,8 +58,8 @@ def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float 
 
 
 @contextlib.contextmanager
-def hikkoshi_server(*args: str, timeout: float = 20) -> Iterator[Served]:
-    """Run ``hikkoshi nbd serve ARGS`` (default --listen 127.0.0.1:0) and yield once it serves."""
+def hikkoshi_server(*args: str, timeout: float = 20, command: str = "serve") -> Iterator[Served]:
+    """Run ``hikkoshi nbd COMMAND ARGS`` (default --listen 127.0.0.1:0) and yield once it serves."""
     argv = list(args)
     if "--listen" not in argv:
         argv += ["--listen", "127.0.0.1:0"]
@@ -66,7 +67,7 @@ def hikkoshi_server(*args: str, timeout: float = 20) -> Iterator[Served]:
     if "--control" in argv:
         control = Path(argv[argv.index("--control") + 1].removeprefix("unix:"))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hikkoshi", "nbd", "serve", *argv],
+        [sys.executable, "-m", "hikkoshi", "nbd", command, *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -14,6 +14,7 @@ from typing import Any
 from ..block.background import BackgroundCopy
 from ..block.bitmap_file import BitmapFile, BitmapHeader, BitmapMismatch
 from ..block.file import RawFile
+from ..block.fs_used import fs_used_hint, fs_used_ranges
 from ..block.proxy import ProxyDevice
 from ..block.throttle import parse_rate
 from ..block.upstream import Upstream
@@ -154,11 +155,9 @@ async def run_proxy(args: argparse.Namespace) -> int:
         raise ValueError("--block-size must be a power of two from 4K to 1M")
     uri = NbdUri.parse(args.upstream)
     proxy = await open_proxy(uri, args.cache, block_size, args.connections, args.upstream_timeout)
-    fs_reader = None
-    if args.skip_fs_free or not args.no_background:
-        from ..block.fs_used import fs_used_ranges
-
-        fs_reader = fs_used_ranges
+    # Skipping free blocks needs a file system whose bitmaps can be trusted (cleanly unmounted); for a live
+    # guest the bitmaps only order the copy.
+    fs_reader = fs_used_ranges if args.skip_fs_free else fs_used_hint
     copy = BackgroundCopy(
         proxy,
         enabled=not args.no_background,
