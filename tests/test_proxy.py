@@ -259,3 +259,31 @@ def test_status_and_controls(tmp_path: Path) -> None:
 
         asyncio.run(control_request(tmp_path / "px.sock", "bandwidth", rate=None))
         assert wait_detached(tmp_path)["present_bytes"] == 16 << 20
+
+
+def test_ext4_free_blocks_are_skipped_when_told(tmp_path: Path) -> None:
+    """An ext4 disk 10% full, free space full of old garbage: only what the file system uses is copied."""
+    size = 128 << 20
+    files = tmp_path / "files"
+    files.mkdir()
+    for i in range(12):
+        (files / f"f{i}").write_bytes(random.Random(i).randbytes(1 << 20))
+    src = tmp_path / "src.raw"
+    src.write_bytes(random.Random(99).randbytes(size))  # garbage in what will be free space
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-E", "nodiscard", "-d", str(files), str(src), str(size // 1024) + "k"],
+        check=True,
+        timeout=60,
+    )
+    with hikkoshi_server(str(src), "--export", "src") as up, proxy(up.export_uri("src"), tmp_path, "--skip-fs-free"):
+        s = wait_detached(tmp_path)
+        copied = int(str(s["fetched_background_bytes"])) + int(str(s["fetched_demand_bytes"]))
+        assert copied < size * 0.25, s  # ~12 MiB of files plus metadata, not the 128 MiB disk
+    cache = tmp_path / "cache.raw"
+    fsck = subprocess.run(["e2fsck", "-fn", str(cache)], capture_output=True, text=True, timeout=60)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    for i in range(12):
+        dumped = subprocess.run(
+            ["debugfs", "-R", f"cat /f{i}", str(cache)], capture_output=True, timeout=60, check=True
+        ).stdout
+        assert dumped == random.Random(i).randbytes(1 << 20)
