@@ -34,12 +34,13 @@ from pathlib import Path
 from typing import Literal
 
 from hikkoshi.vm import cpio
-from hikkoshi.vm.workloads import INIT_SCRIPT, WORKLOADS
+from hikkoshi.vm.workloads import GUEST_FILES, INIT_SCRIPT, WORKLOADS
 
 KERNEL_METAPACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
-DEFAULT_MODULES: tuple[str, ...] = ("virtio_pci", "virtio_blk", "virtio_net")
-"""Modules loaded at boot (their dependencies are added): PCI transport, disks and network."""
+DEFAULT_MODULES: tuple[str, ...] = ("virtio_pci", "virtio_blk", "virtio_net", "button", "evdev")
+"""Modules loaded at boot (their dependencies are added): PCI transport, disks and network, and
+the ACPI power button with its event device, so that ``system_powerdown`` stops the guest cleanly."""
 
 DEFAULT_QEMU = "qemu-system-x86_64"
 Accel = Literal["kvm", "tcg"]
@@ -219,6 +220,7 @@ def _cache_key(packages: Mapping[str, str], modules: Sequence[str]) -> str:
         "packages": dict(sorted(packages.items())),
         "modules": list(modules),
         "init": INIT_SCRIPT,
+        "files": dict(sorted(GUEST_FILES.items())),
         "workloads": {
             name: {"script": w.script, "files": dict(sorted(w.files.items()))}
             for name, w in sorted(WORKLOADS.items())
@@ -320,6 +322,8 @@ def _initramfs_entries(busybox: bytes, modules: Sequence[tuple[str, bytes]]) -> 
     order = "".join(f"{name}\n" for name, _ in modules)
     entries.append(cpio.regular_file("lib/modules/load-order", order.encode()))
     entries += [cpio.directory("hikkoshi"), cpio.directory("hikkoshi/workloads")]
+    for rel, text in sorted(GUEST_FILES.items()):
+        entries.append(cpio.regular_file(f"hikkoshi/{rel}", text.encode()))
     for name, workload in sorted(WORKLOADS.items()):
         entries.append(cpio.regular_file(f"hikkoshi/workloads/{name}", workload.script.encode(), 0o755))
         for rel, text in sorted(workload.files.items()):

@@ -1,13 +1,22 @@
 """What runs inside the test guest: its ``/init``, the workloads, and the host side of their formats.
 
 The guest is busybox only, so workloads are shell scripts (plus helper files such as awk programs)
-placed under ``/hikkoshi`` in the initramfs. ``/init`` loads the kernel modules, turns every
+placed under ``/hikkoshi`` in the initramfs, with shared helpers in ``/hikkoshi/lib.sh``
+(:mod:`hikkoshi.vm.guest_lib`). ``/init`` loads the kernel modules, turns every
 ``hikkoshi.<key>=<value>`` on the kernel command line into ``HIKKOSHI_<KEY>=<value>`` in the
 environment, runs ``/hikkoshi/workloads/$HIKKOSHI_WORKLOAD`` and powers the guest off when the
 workload ends. Results are single lines on the serial console starting with ``HIKKOSHI-``.
 
-To add a workload, add a :class:`Workload` to :data:`WORKLOADS`; the guest image cache key covers
-every script, so the next :func:`hikkoshi.vm.guest_image.build_guest` rebuilds the initramfs.
+Stopping: the ACPI power button (QMP ``system_powerdown``) reaches busybox ``acpid``, which signals
+``/init``; ``/init`` sends SIGTERM to the workload, waits for it (``hikkoshi.stop_grace`` seconds
+at most, default 30, then SIGKILL) and powers off. Long-running workloads trap SIGTERM to finish
+cleanly and print a final line (diskwriter verifies everything it wrote first).
+
+Workloads: ``idle``, ``diskcheck`` (here), ``diskwriter`` (:mod:`hikkoshi.vm.diskwriter`),
+``memdirty`` (:mod:`hikkoshi.vm.memdirty`), ``tcpservice`` (:mod:`hikkoshi.vm.tcpservice`),
+``ddbench`` (:mod:`hikkoshi.vm.ddbench`). To add one, add a :class:`Workload` to
+:data:`WORKLOADS`; the guest image cache key covers every script, so the next
+:func:`hikkoshi.vm.guest_image.build_guest` rebuilds the initramfs.
 """
 
 from __future__ import annotations
@@ -17,6 +26,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+
+from hikkoshi.vm import ddbench, diskwriter, memdirty, tcpservice
+from hikkoshi.vm.guest_lib import LIB_PATH, LIB_SCRIPT
 
 BLOCK_SIZE = 4096
 """Size of one diskcheck record: 64 lines of 63 characters and a newline."""
@@ -31,7 +43,7 @@ _MULTIPLIER = 48271
 
 INIT_SCRIPT = r"""#!/bin/sh
 # PID 1 of the hikkoshi test guest (built by hikkoshi.vm.guest_image).
-/bin/busybox mkdir -p /proc /sys /dev /tmp /sbin /usr/bin /usr/sbin
+/bin/busybox mkdir -p /proc /sys /dev /tmp /sbin /usr/bin /usr/sbin /run /etc/acpi/PWRF
 /bin/busybox --install -s
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -44,6 +56,7 @@ while read -r module; do
 done < /lib/modules/load-order
 # From here on kernel messages stay in dmesg: on the console they could split a result line.
 dmesg -n 1
+ip link set lo up
 
 # hikkoshi.<key>=<value> on the kernel command line becomes HIKKOSHI_<KEY>=<value>.
 for arg in $(cat /proc/cmdline); do
@@ -57,17 +70,47 @@ for arg in $(cat /proc/cmdline); do
     esac
 done
 
+# The ACPI power button (QMP system_powerdown) asks for a clean stop: busybox acpid runs this
+# handler, which signals init the way busybox poweroff does.
+printf '#!/bin/sh\nkill -USR2 1\n' > /etc/acpi/PWRF/00000080
+chmod 755 /etc/acpi/PWRF/00000080
+acpid -c /etc/acpi -l /tmp/acpid.log -p /tmp/acpid.pid || echo "HIKKOSHI-INIT WARN no acpid"
+
+stopping=0
+stop_workload() {
+    [ "$stopping" = 0 ] || return 0
+    stopping=1
+    echo "HIKKOSHI-INIT stop requested"
+    kill -TERM "$wpid" 2>/dev/null
+    # A workload that does not end in time is killed, so a power-off request stays bounded.
+    (sleep "${HIKKOSHI_STOP_GRACE:-30}"; kill -KILL "$wpid" 2>/dev/null) &
+}
+
 workload=${HIKKOSHI_WORKLOAD:-idle}
 case "$workload" in *[!a-z0-9_-]*) workload=invalid ;; esac
 if [ -f "/hikkoshi/workloads/$workload" ]; then
     echo "HIKKOSHI-INIT workload=$workload"
-    sh "/hikkoshi/workloads/$workload"
-    status=$?
+    # In the background so that the trapped stop signals interrupt `wait` (a foreground command
+    # would hold them back until it ended).
+    trap stop_workload USR2 TERM INT
+    sh "/hikkoshi/workloads/$workload" &
+    wpid=$!
+    status=0
+    # wait also returns (with 128+signal) when a trap ran: go on while the workload is there.
+    while kill -0 "$wpid" 2>/dev/null; do
+        wait "$wpid"
+        status=$?
+    done
+    # The shell may have reaped the workload while a trap ran; then this wait returns its status
+    # (and 127 if the loop's wait already collected it).
+    wait "$wpid"
+    last=$?
+    [ "$last" -eq 127 ] || status=$last
 else
     echo "HIKKOSHI-INIT FAIL unknown workload $workload"
     status=127
 fi
-if [ "$status" -ne 0 ]; then
+if [ "$status" -ne 0 ] && [ "$stopping" = 0 ]; then
     echo "HIKKOSHI-INIT dmesg tail:"
     dmesg | tail -n 40
 fi
@@ -77,13 +120,15 @@ poweroff -f
 """
 
 _IDLE_SCRIPT = r"""# idle: announce readiness and do nothing (a VM to migrate that only has to stay alive).
-# hikkoshi.seconds=N ends the workload (and so powers off) after N seconds.
+# hikkoshi.seconds=N ends the workload (and so powers off) after N seconds; so does a stop request.
+. /hikkoshi/lib.sh
+trap 'echo "HIKKOSHI-IDLE STOPPED"; exit 0' TERM
 echo "HIKKOSHI-IDLE READY"
 if [ -n "$HIKKOSHI_SECONDS" ]; then
-    sleep "$HIKKOSHI_SECONDS"
+    nap "$HIKKOSHI_SECONDS"
     exit 0
 fi
-while :; do sleep 3600; done
+while :; do nap 3600; done
 """
 
 _DISKCHECK_AWK = r"""# Writes `total` diskcheck records to stdout (Python twin: diskcheck_block).
@@ -185,9 +230,42 @@ WORKLOADS: Mapping[str, Workload] = MappingProxyType(
             _DISKCHECK_SCRIPT,
             {"diskcheck.awk": _DISKCHECK_AWK},
         ),
+        "diskwriter": Workload(
+            "diskwriter",
+            "writes self-checking records to a ring on /dev/vda until stopped, re-verifying them",
+            diskwriter.SCRIPT,
+        ),
+        "memdirty": Workload(
+            "memdirty", "rewrites a tmpfs working set at hikkoshi.rate MiB/s until stopped", memdirty.SCRIPT
+        ),
+        "ddbench": Workload(
+            "ddbench",
+            "times sequential O_DIRECT writes and reads of /dev/vda with dd, then powers off",
+            ddbench.SCRIPT,
+        ),
+        "tcpservice": Workload(
+            "tcpservice",
+            "TCP echo and line counter on hikkoshi.port (7777), for connection-survival checks",
+            tcpservice.SCRIPT,
+            {tcpservice.HANDLER_PATH: tcpservice.HANDLER},
+        ),
     }
 )
 """Every workload the guest image carries, by the name given as ``hikkoshi.workload``."""
+
+GUEST_FILES: Mapping[str, str] = MappingProxyType({LIB_PATH: LIB_SCRIPT})
+"""Files every workload may use, placed at ``/hikkoshi/<relative path>``."""
+
+READY_TAGS: Mapping[str, str] = MappingProxyType(
+    {
+        "idle": "HIKKOSHI-IDLE READY",
+        "diskwriter": f"{diskwriter.TAG} READY",
+        "memdirty": f"{memdirty.TAG} READY",
+        "tcpservice": f"{tcpservice.TAG} READY",
+        "ddbench": f"{ddbench.TAG} READY",
+    }
+)
+"""The console line (prefix) a long-running workload prints once it is doing its work."""
 
 
 def console_result(console: str, tag: str) -> str | None:

@@ -1,0 +1,195 @@
+"""Starting VMs and talking to their supervisors, from the command line or a test (no agent yet).
+
+:func:`start_vm` launches the supervisor (:mod:`hikkoshi.vm.supervisor`) and waits on its ready
+pipe; the others find the supervisor through the VM's run lock, pid file and control socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hikkoshi.nbd.control import ControlError, control_request
+from hikkoshi.vm.errors import RuntimeStateError, VmError, VmStartError
+from hikkoshi.vm.home import VmHome
+from hikkoshi.vm.rundir import RunDir
+from hikkoshi.vm.spec import VmSpec
+
+DEFAULT_START_TIMEOUT = 180.0
+"""Starting includes probing KVM (booting the test guest once per host boot) and QEMU's start."""
+
+
+def _tail(path: Path, chars: int = 1500) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:].strip()
+    except OSError:
+        return ""
+
+
+def start_vm(
+    home: VmHome,
+    *,
+    accel: str | None = None,
+    qemu: str | None = None,
+    timeout: float = DEFAULT_START_TIMEOUT,
+    python: str = sys.executable,
+) -> dict[str, Any]:
+    """Start the VM's supervisor in the background and wait until the VM runs (or failed to).
+
+    Returns what the supervisor reported (pids, accelerator, sockets). Raises
+    :class:`RuntimeStateError` if the VM runs already and :class:`VmStartError` if it did not come
+    up; the supervisor has then exited, or is killed here if it did not answer in time.
+    """
+    if home.is_running():
+        raise RuntimeStateError(
+            f"VM {home.name!r} is running already (supervisor pid {home.supervisor_pid()})"
+        )
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    cmd = [python, "-m", "hikkoshi.vm.supervisor", str(home.path.absolute()), "--ready-fd", str(write_fd)]
+    cmd += ["--daemonize"]
+    if accel:
+        cmd += ["--accel", accel]
+    if qemu:
+        cmd += ["--qemu", qemu]
+    try:
+        with home.supervisor_log.open("ab") as log:
+            starter = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_fd,), close_fds=True
+            )
+        os.close(write_fd)
+        write_fd = -1
+        # The starter forks the supervisor and exits at once.
+        try:
+            starter.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            starter.kill()
+            starter.wait()
+            raise VmStartError(f"the supervisor of {home.name!r} did not detach") from None
+        line = _read_line(read_fd, timeout)
+    finally:
+        if write_fd >= 0:
+            os.close(write_fd)
+        os.close(read_fd)
+    if line is None:
+        pid = home.supervisor_pid()
+        if pid is not None and _is_supervisor(pid, home):
+            os.kill(pid, signal.SIGKILL)  # its children follow (parent-death signal)
+        raise VmStartError(
+            f"VM {home.name!r} did not report within {timeout:.0f} s; supervisor log:\n"
+            f"{_tail(home.supervisor_log)}"
+        )
+    if not line:
+        raise VmStartError(f"the supervisor of {home.name!r} died at start:\n{_tail(home.supervisor_log)}")
+    report = json.loads(line)
+    if not report.get("ok"):
+        error = str(report.get("error", "unknown error"))
+        if "running already" in error:
+            raise RuntimeStateError(error)  # the lock is another supervisor's
+        # This supervisor releases the run lock as it exits: return once the VM counts as stopped.
+        wait_stopped(home, 30)
+        raise VmStartError(error)
+    return {k: v for k, v in report.items() if k != "ok"}
+
+
+def _read_line(fd: int, timeout: float) -> str | None:
+    """One line from ``fd``: ``""`` at EOF without one, ``None`` on timeout."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return data.decode(errors="replace").strip() if data else ""
+        data += chunk
+    return data.split(b"\n", 1)[0].decode(errors="replace")
+
+
+def _is_supervisor(pid: int, home: VmHome) -> bool:
+    """Whether ``pid`` is this VM's supervisor (and not a recycled pid)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"hikkoshi.vm.supervisor" in argv and str(home.path.absolute()).encode() in argv
+
+
+async def request(home: VmHome, spec: VmSpec, command: str, **args: Any) -> Any:
+    """Send a control command to the VM's supervisor."""
+    if not home.is_running():
+        raise RuntimeStateError(f"VM {home.name!r} is not running")
+    socket = RunDir.for_vm(spec.uuid).control_socket
+    try:
+        return await asyncio.wait_for(control_request(socket, command, **args), 60)
+    except (OSError, TimeoutError) as exc:
+        raise VmError(f"the supervisor of {home.name!r} does not answer ({exc or 'timeout'})") from None
+    except ControlError as exc:
+        raise VmError(f"{command}: {exc}") from None
+
+
+def wait_stopped(home: VmHome, timeout: float) -> bool:
+    """Wait until the VM's supervisor is gone; whether it is."""
+    deadline = time.monotonic() + timeout
+    while home.is_running():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+async def stop_vm(home: VmHome, spec: VmSpec, *, grace: float = 60.0, hard: bool = False) -> dict[str, Any]:
+    """Ask the supervisor to power the VM off and wait until it has; the final ``state.json``.
+
+    ``grace`` is how long the guest may take to power off after the ACPI power button."""
+    try:
+        await request(home, spec, "stop", timeout=grace, hard=hard)
+    except VmError:
+        # The supervisor may have been on its way out anyway (the guest powered off).
+        if home.is_running():
+            raise
+    # ACPI phase + quit (10 s) + kill + NBD service shutdown (15 s) + slack.
+    if not await asyncio.to_thread(wait_stopped, home, (0 if hard else grace) + 60):
+        raise VmError(f"VM {home.name!r} did not stop; see {home.supervisor_log}")
+    return home.read_state()
+
+
+def kill_vm(home: VmHome, timeout: float = 30.0) -> bool:
+    """SIGKILL the supervisor (QEMU and the NBD service follow it); whether there was one."""
+    pid = home.supervisor_pid()
+    if not home.is_running() or pid is None or not _is_supervisor(pid, home):
+        return False
+    os.kill(pid, signal.SIGKILL)
+    if not wait_stopped(home, timeout):
+        raise VmError(f"VM {home.name!r}: supervisor pid {pid} survived SIGKILL")
+    return True
+
+
+async def vm_status(home: VmHome, spec: VmSpec) -> dict[str, Any]:
+    """The running VM's status from its supervisor, or the last state recorded for a stopped one."""
+    if home.is_running():
+        status: dict[str, Any] = await request(home, spec, "status")
+        return {"running": True, **status}
+    state = home.read_state()
+    error = state.get("error")
+    if state.get("state") not in (None, "stopped"):
+        # The lock is free but the supervisor never wrote its last word: it was killed.
+        error = f"the supervisor (pid {state.get('supervisor_pid')}) ended without recording how; killed?"
+    return {
+        "running": False,
+        "state": "stopped",
+        "last_exit": state.get("exit") if state.get("state") == "stopped" else None,
+        "last_error": error,
+        "since": state.get("since") if state.get("state") == "stopped" else None,
+    }

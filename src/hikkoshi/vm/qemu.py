@@ -1,0 +1,170 @@
+"""QEMU and NBD service command lines for a VM spec. Pure: no processes are started here.
+
+Every disk is an export of the VM's NBD service (``hikkoshi nbd serve`` on a Unix socket, export
+name = disk name); QEMU opens it as a ``nbd`` protocol node under a ``raw`` format node, and a
+virtio-blk device with ``werror=stop,rerror=stop``: if the NBD service fails, the guest is paused
+rather than shown I/O errors, so the service can come back (or the disk move elsewhere) and the
+guest resume without having noticed. QEMU starts paused (``-S``) and connects to the supervisor's
+QMP socket; the supervisor lets the guest run once it holds the QMP session. The command is a
+function of the spec alone (plus the host's paths), so the same spec gives the same virtual
+hardware, in the same order, on any host: what a migration needs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from hikkoshi.vm.guest_image import DEFAULT_QEMU, Accel
+from hikkoshi.vm.home import VmHome
+from hikkoshi.vm.precheck import OVMF_CODE
+from hikkoshi.vm.rundir import RunDir
+from hikkoshi.vm.spec import DiskSpec, NicSpec, VmSpec
+
+UEFI_VARS_FILE = "uefi-vars.fd"
+"""The VM's own copy of the UEFI variable store, in its home."""
+
+
+def _opt(value: str) -> str:
+    """A QEMU option value: commas are doubled."""
+    return value.replace(",", ",,")
+
+
+def cpu_model(spec: VmSpec, accel: Accel) -> str:
+    """The spec's CPU model, or ``host`` under KVM and ``qemu64`` under TCG."""
+    return spec.cpu_model or ("host" if accel == "kvm" else "qemu64")
+
+
+def nbd_disk_args(disk: DiskSpec, socket: Path, boot: bool = False) -> list[str]:
+    """QEMU arguments for one disk served as export ``disk.name`` on the NBD socket ``socket``."""
+    protocol = {
+        "driver": "nbd",
+        "node-name": f"nbd-{disk.name}",
+        "server": {"type": "unix", "path": str(socket)},
+        "export": disk.name,
+        "discard": "unmap",
+    }
+    fmt = {"driver": "raw", "node-name": f"disk-{disk.name}", "file": f"nbd-{disk.name}", "discard": "unmap"}
+    device = (
+        f"virtio-blk-pci,id=vd-{disk.name},drive=disk-{disk.name},serial={disk.name},werror=stop,rerror=stop"
+    )
+    if boot:
+        device += ",bootindex=1"
+    return ["-blockdev", json.dumps(protocol), "-blockdev", json.dumps(fmt), "-device", device]
+
+
+def _nic_args(index: int, nic: NicSpec, tap: str | None) -> list[str]:
+    if nic.bridge is not None:
+        if tap is None:
+            raise ValueError(f"NIC {index} is on bridge {nic.bridge} but has no tap device")
+        netdev = f"tap,id=net{index},ifname={tap},script=no,downscript=no"
+    else:
+        netdev = f"user,id=net{index}"
+        for fwd in nic.forwards:
+            netdev += f",hostfwd={fwd.protocol}:{fwd.host_address}:{fwd.host_port}-:{fwd.guest_port}"
+    return ["-netdev", netdev, "-device", f"virtio-net-pci,id=nic{index},netdev=net{index},mac={nic.mac}"]
+
+
+def qemu_command(
+    spec: VmSpec,
+    home: VmHome,
+    rundir: RunDir,
+    *,
+    accel: Accel,
+    taps: Mapping[int, str] | None = None,
+    qemu: str = DEFAULT_QEMU,
+    ovmf_code: Path = OVMF_CODE,
+) -> list[str]:
+    """The QEMU command line running ``spec``; ``taps`` maps bridged NICs' indexes to tap names."""
+    taps = taps or {}
+    cmd = [
+        qemu,
+        "-name",
+        f"guest={spec.name},process=hk-{spec.name},debug-threads=on",
+        "-uuid",
+        str(spec.uuid),
+        "-machine",
+        spec.machine,
+        "-accel",
+        accel,
+        "-cpu",
+        cpu_model(spec, accel),
+        "-m",
+        str(spec.memory_mib),
+        "-smp",
+        str(spec.cpus),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-S",
+        *(["-no-reboot"] if spec.on_reboot == "poweroff" else []),
+        "-msg",
+        "timestamp=on",
+        "-chardev",
+        f"socket,id=qmp,path={_opt(str(rundir.qmp_socket))}",
+        "-mon",
+        "chardev=qmp,mode=control",
+        "-chardev",
+        f"file,id=console,path={_opt(str(home.console_log))}",
+        "-serial",
+        "chardev:console",
+    ]
+    if spec.firmware == "uefi":
+        cmd += [
+            "-drive",
+            f"if=pflash,format=raw,unit=0,readonly=on,file={_opt(str(ovmf_code))}",
+            "-drive",
+            f"if=pflash,format=raw,unit=1,file={_opt(str(home.path / UEFI_VARS_FILE))}",
+        ]
+    if spec.boot.kernel is not None:
+        cmd += ["-kernel", str(home.boot_path(spec.boot.kernel))]
+        if spec.boot.initrd is not None:
+            cmd += ["-initrd", str(home.boot_path(spec.boot.initrd))]
+        if spec.boot.append:
+            cmd += ["-append", spec.boot.append]
+    boot_disk = spec.boot_disk
+    for disk in spec.disks:
+        cmd += nbd_disk_args(disk, rundir.nbd_socket, disk.name == boot_disk)
+    for index, nic in enumerate(spec.nics):
+        cmd += _nic_args(index, nic, taps.get(index))
+    return cmd
+
+
+def nbd_service_command(
+    spec: VmSpec, home: VmHome, rundir: RunDir, python: str = sys.executable
+) -> list[str]:
+    """The ``hikkoshi nbd serve`` command serving the VM's disks, one export per disk."""
+    cmd = [python, "-m", "hikkoshi", "nbd", "serve"]
+    cmd += [str(home.disk_path(d)) for d in spec.disks]
+    cmd += ["--listen", f"unix:{rundir.nbd_socket}", "--control", f"unix:{rundir.nbd_control}"]
+    for disk in spec.disks:
+        cmd += ["--export", disk.name]
+    return cmd
+
+
+_ALIAS_RE = re.compile(r"^(\S+)\s.*\(alias of (\S+)\)")
+
+
+def resolve_machine(machine: str, qemu: str = DEFAULT_QEMU) -> str:
+    """The versioned machine type an alias stands for (``q35`` -> ``pc-q35-7.2``) on this QEMU.
+
+    A VM keeps the versioned type from its creation on, so its virtual hardware stays the same
+    when a newer QEMU (or a migration to a host with one) changes what the alias means.
+    Unknown names and errors leave ``machine`` as it is; QEMU will say what is wrong at start.
+    """
+    try:
+        out = subprocess.run(
+            [qemu, "-machine", "help"], capture_output=True, text=True, check=False, timeout=30
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return machine
+    for line in out.splitlines():
+        m = _ALIAS_RE.match(line)
+        if m and m[1] == machine:
+            return m[2]
+    return machine

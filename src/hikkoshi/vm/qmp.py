@@ -1,0 +1,64 @@
+"""A QMP session with one QEMU, through the ``qemu.qmp`` library, with timeouts on everything.
+
+The supervisor listens on the VM's QMP socket and QEMU connects to it at start-up
+(``-chardev socket,path=...`` as a client): no polling for a socket to appear, and no window in
+which someone else could take the monitor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient, QMPError
+
+DEFAULT_TIMEOUT = 30.0
+
+# qemu.qmp logs a lost connection as an error with a traceback; a QEMU that exits is normal for us.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+
+class QmpCommandError(RuntimeError):
+    """A QMP command failed or timed out."""
+
+
+class QmpSession:
+    """The supervisor's end of QEMU's monitor."""
+
+    def __init__(self, name: str) -> None:
+        self._client = QMPClient(name)
+        self._listening = False
+
+    async def listen(self, path: Path) -> None:
+        """Listen on ``path`` for QEMU to connect."""
+        await self._client.start_server(str(path))
+        self._listening = True
+
+    async def accept(self) -> None:
+        """Take QEMU's connection and negotiate capabilities."""
+        await self._client.accept()
+
+    async def execute(
+        self, command: str, arguments: Mapping[str, object] | None = None, limit: float = DEFAULT_TIMEOUT
+    ) -> Any:
+        """Run a QMP command; its return value, or :class:`QmpCommandError` (also after ``limit`` s)."""
+        try:
+            return await asyncio.wait_for(self._client.execute(command, arguments), limit)
+        except TimeoutError:
+            raise QmpCommandError(f"QMP {command}: no answer within {limit:.0f} s") from None
+        except (QMPError, OSError, EOFError) as exc:
+            raise QmpCommandError(f"QMP {command}: {exc}") from None
+
+    async def status(self) -> str:
+        """``query-status``: ``running``, ``paused``, ``shutdown``, ``io-error``, ..."""
+        result = await self.execute("query-status")
+        return str(result["status"])
+
+    async def close(self) -> None:
+        """Disconnect (or stop listening); errors of a connection QEMU already closed are expected."""
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await self._client.disconnect()
