@@ -287,3 +287,31 @@ def test_ext4_free_blocks_are_skipped_when_told(tmp_path: Path) -> None:
             ["debugfs", "-R", f"cat /f{i}", str(cache)], capture_output=True, timeout=60, check=True
         ).stdout
         assert dumped == random.Random(i).randbytes(1 << 20)
+
+
+def test_hot_regions_are_copied_first(tmp_path: Path) -> None:
+    """The source's access counts (meta context hikkoshi:heat) put its busiest region first in line."""
+    src = tmp_path / "src.raw"
+    data = random_image(src, 32 << 20)
+    hot = 28 << 20  # near the end: a copy in disk order at 2 MB/s would reach it after ~14 s
+
+    async def heat(uri: str) -> None:
+        async with NbdClient(uri) as c:
+            for _ in range(20):
+                await c.read(hot, 1 << 20)
+
+    with hikkoshi_server(str(src), "--export", "src") as up:
+        asyncio.run(heat(up.export_uri("src")))
+        with proxy(up.export_uri("src"), tmp_path, "--bandwidth", "2M") as p:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and int(str(status(tmp_path)["fetched_background_bytes"])) < 2 << 20:
+                time.sleep(0.1)
+            before = status(tmp_path)
+            assert int(str(before["present_bytes"])) < 24 << 20  # far from done in disk order
+
+            async def read_hot() -> bytes:
+                async with NbdClient(p.uri) as c:
+                    return await c.read(hot, 1 << 20)
+
+            assert asyncio.run(read_hot()) == data[hot : hot + (1 << 20)]
+            assert status(tmp_path)["reads_fetched"] == before["reads_fetched"]  # served locally: already copied

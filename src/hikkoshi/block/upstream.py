@@ -5,17 +5,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
-from collections.abc import Sequence
 from types import TracebackType
 
 from ..nbd.client import NbdClient, Reconnect
-from ..nbd.constants import BASE_ALLOCATION
+from ..nbd.constants import BASE_ALLOCATION, HIKKOSHI_HEAT
 from ..nbd.errors import CommandError
 from ..nbd.uri import NbdUri
 
 log = logging.getLogger("hikkoshi.block.upstream")
 
-HEAT_CONTEXT = "hikkoshi:heat"
+HEAT_CONTEXT = HIKKOSHI_HEAT
 
 
 class Upstream:
@@ -121,6 +120,3 @@ class Upstream:
                 pos += length
         return out
 
-
-def upstream_names(contexts: Sequence[str]) -> str:
-    return ",".join(contexts)

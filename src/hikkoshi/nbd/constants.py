@@ -182,6 +182,9 @@ class AllocationFlag(enum.IntFlag):
 
 
 BASE_ALLOCATION = "base:allocation"
+#: Our own meta context: per-region access counts of an export (reads + writes, saturated at 2^32-1), so a
+#: relocation proxy can copy what the guest uses most first.
+HIKKOSHI_HEAT = "hikkoshi:heat"
 
 #: Which command flags each command accepts; anything else is EINVAL. Plain ints on purpose: ``~`` of an
 #: IntFlag member keeps only the defined bits, which would let unknown flag bits through.

@@ -20,6 +20,7 @@ from .constants import (
     Info,
     Option,
     OptionReply,
+    TransmissionFlag,
 )
 from .errors import ProtocolError
 from .export_info import Catalogue, ExportInfo, match_contexts
@@ -251,9 +252,13 @@ class ServerHandshake:
             # This option has no error reply: the only answer is to close.
             raise ProtocolError(f"unknown export {name!r}")
         self._out += wire.encode_export_name_reply(
-            wire.ExportNameReply(export.size, export.flags, zeroes=not self.no_zeroes)
+            wire.ExportNameReply(export.size, self._flags(export), zeroes=not self.no_zeroes)
         )
         self._finish(export, name)
+
+    def _flags(self, export: ExportInfo) -> int:
+        # proto.md: SEND_DF must be clear unless structured replies were negotiated.
+        return export.flags if self.structured else export.flags & ~int(TransmissionFlag.SEND_DF)
 
     def _finish(self, export: ExportInfo, name: str) -> None:
         contexts = dict(self._meta) if self._meta_export == name else {}
@@ -270,7 +275,7 @@ class ServerHandshake:
         if export is None:
             self._reply(OptionReply.ERR_UNKNOWN, f"no export named {request.name!r}".encode())
             return
-        infos: list[wire.InfoPayload] = [wire.InfoExport(export.size, export.flags)]
+        infos: list[wire.InfoPayload] = [wire.InfoExport(export.size, self._flags(export))]
         if Info.NAME in request.infos:
             infos.append(wire.InfoName(export.name))
         if Info.DESCRIPTION in request.infos and export.description:

@@ -10,6 +10,11 @@ from .constants import Command
 #: Latency buckets: bucket i counts requests that took < 2**i microseconds (the last bucket is open).
 _LATENCY_BUCKETS = 24
 _MAX_REGIONS = 4096
+# Plain ints for the hot path.
+_READ = int(Command.READ)
+_WRITE = int(Command.WRITE)
+_RESIZE = int(Command.RESIZE)
+_MODIFY = frozenset({_WRITE, int(Command.WRITE_ZEROES), int(Command.TRIM)})
 
 
 def region_shift(size: int) -> int:
@@ -41,19 +46,26 @@ class ExportStats:
 
     def record(self, command: int, offset: int, length: int, elapsed_ns: int, error: int) -> None:
         """Count one finished request."""
-        self.counts[command if command <= Command.RESIZE else -1] += 1
+        self.counts[command if command <= _RESIZE else -1] += 1
         if error:
             self.errors += 1
-        elif command == Command.READ:
-            self.bytes_read += length
-            self._touch(self.region_reads, offset, length)
-        elif command in (Command.WRITE, Command.WRITE_ZEROES, Command.TRIM):
-            if command == Command.WRITE:
-                self.bytes_written += length
-            self._touch(self.region_writes, offset, length)
+        elif command == _READ or command in _MODIFY:
+            if command == _READ:
+                self.bytes_read += length
+                regions = self.region_reads
+            else:
+                if command == _WRITE:
+                    self.bytes_written += length
+                regions = self.region_writes
+            first = offset >> self.shift
+            if (offset + (length or 1) - 1) >> self.shift == first:
+                regions[first] += 1
+            else:
+                self._touch(regions, offset, length)
         self.latency_total_ns += elapsed_ns
         # Bucket by ~microseconds (ns >> 10) as a power of two.
-        self.latency[min((elapsed_ns >> 10).bit_length(), _LATENCY_BUCKETS - 1)] += 1
+        bucket = (elapsed_ns >> 10).bit_length()
+        self.latency[bucket if bucket < _LATENCY_BUCKETS else _LATENCY_BUCKETS - 1] += 1
 
     def _touch(self, regions: list[int], offset: int, length: int) -> None:
         first = offset >> self.shift
@@ -103,4 +115,23 @@ class ExportStats:
             out["region_size"] = 1 << self.shift
             out["region_reads"] = self.region_reads
             out["region_writes"] = self.region_writes
+        return out
+
+    def heat_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Access counts of the regions covering a byte range, as block status extents (length, count)."""
+        out: list[tuple[int, int]] = []
+        end = offset + length
+        pos = offset
+        size = 1 << self.shift
+        while pos < end:
+            region = pos >> self.shift
+            stop = min((region + 1) * size, end)
+            count = 0
+            if region < len(self.region_reads):
+                count = min(self.region_reads[region] + self.region_writes[region], 0xFFFFFFFF)
+            if out and out[-1][1] == count:
+                out[-1] = (out[-1][0] + stop - pos, count)
+            else:
+                out.append((stop - pos, count))
+            pos = stop
         return out
