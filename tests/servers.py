@@ -90,6 +90,9 @@ def hikkoshi_server(*args: str, timeout: float = 20, command: str = "serve") -> 
         yield Served(proc, uri, port, control)
     finally:
         stop(proc)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def wait_port(port: int, timeout: float = 20) -> None:

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import demo
 
     demo.add_parser(top)
+    from . import wan
+
+    wan.add_parser(top)
     return parser
 
 
