@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from .constants import (
+    HIKKOSHI_HEAT,
     MAX_PAYLOAD,
     ChunkType,
     Command,
@@ -32,8 +33,10 @@ from .constants import (
 from .device import BlockDevice, Capabilities
 from .errors import ProtocolError
 from .export_info import ExportInfo
+from .fastpath import BIG_READ, FastPath
 from .server_handshake import NEED_DATA, Aborted, Negotiated, ServerHandshake, StartTLS, TLSMode
 from .server_transmission import (
+    FLAG_FUA,
     RequestReader,
     SessionRules,
     check_request,
@@ -47,6 +50,8 @@ from .wire import ERROR_HEAD, EXTENT, U32
 log = logging.getLogger("hikkoshi.nbd.server")
 
 _HANDSHAKE_BUFFER = 64 * 1024
+#: Batched small replies go out once they add up to this much.
+_FLUSH_BYTES = 1 << 20
 _ERRNO_MAP = {
     errno.EPERM: Errno.EPERM,
     errno.EACCES: Errno.EPERM,
@@ -106,7 +111,7 @@ class Export:
             flags=export_flags(self.device.capabilities),
             description=self.description,
             max_block=MAX_PAYLOAD,
-            meta_contexts=self.device.meta_contexts,
+            meta_contexts=(*self.device.meta_contexts, HIKKOSHI_HEAT),
         )
 
 
@@ -165,6 +170,9 @@ class ListenAddress:
 
 class _Connection(asyncio.BufferedProtocol):
     """One client connection: negotiation, then requests."""
+
+    #: Reused buffers for large reads of a plain file, made by ``_process`` for each transport.
+    _fast: FastPath | None = None
 
     def __init__(self, server: NbdServer) -> None:
         self.server = server
@@ -226,6 +234,16 @@ class _Connection(asyncio.BufferedProtocol):
         self._write_paused = False
         if self.transport is not None and not self._closing:
             self.transport.resume_reading()
+            if self.reader is not None and self.reader.buffered:
+                # Requests left in the buffer when writing paused: no new data may come to wake us.
+                self._process_safely()
+
+    def _process_safely(self) -> None:
+        try:
+            self._process()
+        except ProtocolError as exc:
+            log.warning("client %s: %s; disconnecting it", self.peer, exc)
+            self._abort()
 
     # --- lifetime (owned by the server's task group) -----------------------------------------------------
 
@@ -243,6 +261,10 @@ class _Connection(asyncio.BufferedProtocol):
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
+                if self.reader is not None:
+                    # uvloop reads as soon as the connection is made: a whole session (options and
+                    # requests) may have arrived before this task started. It waited in the buffer.
+                    self._process_safely()
                 await self._negotiation_phase()
                 if self.reader is not None:
                     while await self._wait_signal() != "closed":
@@ -251,6 +273,9 @@ class _Connection(asyncio.BufferedProtocol):
             log.warning("client %s: TLS failed: %s", self.peer, group.exceptions[0])
         except* (TimeoutError, ConnectionError, OSError) as group:
             log.info("client %s: %s", self.peer, group.exceptions[0])
+        except* Exception as group:
+            # A bug must cost one connection, not the server and every other client.
+            log.error("client %s: internal error, connection dropped: %r", self.peer, group.exceptions[0])
         finally:
             self._abort()
             if self.export is not None:
@@ -280,7 +305,8 @@ class _Connection(asyncio.BufferedProtocol):
         if self.transport is None or self.transport.is_closing():
             return
         self.transport.pause_reading()
-        if not self._slow:
+        # A finished task stays in _slow until its done-callback runs (call_soon): count only live ones.
+        if all(task.done() for task in self._slow):
             self.transport.close()
 
     def _abort(self) -> None:
@@ -340,7 +366,13 @@ class _Connection(asyncio.BufferedProtocol):
     # --- transmission ------------------------------------------------------------------------------------
 
     def _process(self) -> None:
-        """Handle every complete request in the buffer; batch the replies into one write."""
+        """Handle every complete request in the buffer; batch the replies into one write.
+
+        Stops while the transport is paused for writing (the client is not reading its replies), so
+        replies cannot pile up in memory; ``resume_writing`` picks up where this stopped.
+        """
+        if self._tg is None:
+            return  # run() has not started yet: it calls us once it owns the connection
         reader = self.reader
         rules = self.rules
         export = self.export
@@ -351,7 +383,12 @@ class _Connection(asyncio.BufferedProtocol):
         structured = rules.structured
         out: list[bytes | bytearray | memoryview] = []
         clock = time.perf_counter_ns
-        while not self._closing:
+        fast = self._fast
+        if fast is None or fast.transport is not transport:
+            fast = self._fast = FastPath(transport, device)
+        fast.reclaim()
+        pending = 0
+        while not self._closing and not self._write_paused:
             req = reader.next_request()
             if req is None:
                 break
@@ -371,7 +408,10 @@ class _Connection(asyncio.BufferedProtocol):
                 continue
             try:
                 if command == Command.READ:
-                    data = device.read(offset, length)
+                    if length < BIG_READ or fast.file_fd < 0:
+                        data = device.read(offset, length)
+                    else:
+                        data = fast.pread(offset, length)
                     if isinstance(data, (bytes, bytearray, memoryview)):
                         if structured:
                             out.append(
@@ -383,13 +423,22 @@ class _Connection(asyncio.BufferedProtocol):
                             out.append(simple_reply(handle))
                         if length:
                             out.append(data)
+                            if length >= BIG_READ:
+                                fast.flush(out)  # the client takes this one while we read the next
+                            else:
+                                pending += length
+                                if pending >= _FLUSH_BYTES:
+                                    # Hand replies over now: writelines may pause us (pause_writing).
+                                    transport.writelines(out)
+                                    out.clear()
+                                    pending = 0
                         stats.record(command, offset, length, clock() - t0, 0)
                         continue
                     self._later(handle, command, offset, length, t0, data)
                     continue
                 if command == Command.WRITE:
                     assert payload is not None
-                    result: Any = device.write(offset, payload, bool(flags & CommandFlag.FUA))
+                    result: Any = device.write(offset, payload, bool(flags & FLAG_FUA))
                 elif command == Command.FLUSH:
                     result = device.flush()
                 elif command == Command.TRIM:
@@ -423,6 +472,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self._later(handle, command, offset, length, t0, result)
         if out:
             transport.writelines(out)
+        fast.settle()
 
     def _device_error(self, exc: Exception, command: int) -> int:
         error = nbd_errno(exc)
@@ -445,8 +495,11 @@ class _Connection(asyncio.BufferedProtocol):
     def _block_status(
         self, device: BlockDevice, handle: int, offset: int, length: int, flags: int
     ) -> list[bytes | bytearray | memoryview] | Awaitable[list[bytes | bytearray | memoryview]]:
+        assert self.export is not None
+        stats = self.export.stats
         results: list[tuple[int, list[tuple[int, int]] | Awaitable[list[tuple[int, int]]]]] = [
-            (cid, device.extents(name, offset, length)) for cid, name in self.contexts
+            (cid, stats.heat_extents(offset, length) if name == HIKKOSHI_HEAT else device.extents(name, offset, length))
+            for cid, name in self.contexts
         ]
         if all(isinstance(r, list) for _, r in results):
             return self._encode_status(handle, length, flags, results)  # type: ignore[arg-type]
@@ -503,7 +556,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.export.stats.record(command, offset, length, time.perf_counter_ns() - t0, error)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(out)
-            if self._closing and len(self._slow) <= 1:
+            current = asyncio.current_task()
+            if self._closing and all(t.done() or t is current for t in self._slow):
                 self.transport.close()
 
 

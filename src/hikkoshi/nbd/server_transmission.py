@@ -6,6 +6,7 @@ directly (``recv_into``), so request headers and write payloads are never copied
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from .constants import (
@@ -147,44 +148,71 @@ class SessionRules:
 
 
 _NEEDS_FLAG: dict[int, int] = {
-    Command.FLUSH: TransmissionFlag.SEND_FLUSH,
-    Command.TRIM: TransmissionFlag.SEND_TRIM,
-    Command.WRITE_ZEROES: TransmissionFlag.SEND_WRITE_ZEROES,
-    Command.CACHE: TransmissionFlag.SEND_CACHE,
+    Command.FLUSH: int(TransmissionFlag.SEND_FLUSH),
+    Command.TRIM: int(TransmissionFlag.SEND_TRIM),
+    Command.WRITE_ZEROES: int(TransmissionFlag.SEND_WRITE_ZEROES),
+    Command.CACHE: int(TransmissionFlag.SEND_CACHE),
 }
-_WRITES = (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
+# Plain ints: on the hot path, ``x & SomeIntFlag`` would build an enum member per request.
+_READ = int(Command.READ)
+_WRITE = int(Command.WRITE)
+_DISC = int(Command.DISC)
+_BLOCK_STATUS = int(Command.BLOCK_STATUS)
+_DATA = frozenset({_READ, _WRITE})
+_WRITES = frozenset({_WRITE, int(Command.TRIM), int(Command.WRITE_ZEROES)})
+_ENOSPC_ON_OVERRUN = frozenset({_WRITE, int(Command.WRITE_ZEROES)})
+_READ_ONLY = int(TransmissionFlag.READ_ONLY)
+_SEND_DF = int(TransmissionFlag.SEND_DF)
+_SEND_FUA = int(TransmissionFlag.SEND_FUA)
+_SEND_FAST_ZERO = int(TransmissionFlag.SEND_FAST_ZERO)
+_DF = int(CommandFlag.DF)
+#: NBD_CMD_FLAG_FUA as a plain int, also for the server's hot path.
+FLAG_FUA = int(CommandFlag.FUA)
+_FAST_ZERO = int(CommandFlag.FAST_ZERO)
+_EINVAL = Errno.EINVAL
 
 
 def check_request(rules: SessionRules, flags: int, command: int, offset: int, length: int) -> int:
     """The error a request must get before it reaches the device, or 0 if it may proceed."""
+    if not flags and command in _DATA:
+        # The common case, checked in the same order as below.
+        if command == _WRITE and rules.export_flags & _READ_ONLY:
+            return Errno.EPERM
+        if length > rules.max_payload:
+            return _EINVAL
+        if offset + length > rules.size:
+            return Errno.ENOSPC if command == _WRITE else _EINVAL
+        if rules.min_block > 1 and (offset % rules.min_block or length % rules.min_block):
+            return _EINVAL
+        return 0
     allowed = ALLOWED_FLAGS.get(command)
-    if allowed is None or command == Command.DISC:
-        return Errno.EINVAL
+    if allowed is None or command == _DISC:
+        return _EINVAL
     if flags & ~allowed:
-        return Errno.EINVAL
+        return _EINVAL
     export_flags = rules.export_flags
-    if command in _WRITES and rules.read_only:
+    if command in _WRITES and export_flags & _READ_ONLY:
         return Errno.EPERM
-    if flags & CommandFlag.DF and not (rules.structured and export_flags & TransmissionFlag.SEND_DF):
-        return Errno.EINVAL
-    if flags & CommandFlag.FUA and not export_flags & TransmissionFlag.SEND_FUA:
-        return Errno.EINVAL
-    if flags & CommandFlag.FAST_ZERO and not export_flags & TransmissionFlag.SEND_FAST_ZERO:
-        return Errno.EINVAL
+    if flags & _DF and not (rules.structured and export_flags & _SEND_DF):
+        return _EINVAL
+    if flags & FLAG_FUA and not export_flags & _SEND_FUA:
+        return _EINVAL
+    if flags & _FAST_ZERO and not export_flags & _SEND_FAST_ZERO:
+        return _EINVAL
     needed = _NEEDS_FLAG.get(command)
     if needed is not None and not export_flags & needed:
-        return Errno.EINVAL
-    if command == Command.BLOCK_STATUS:
+        return _EINVAL
+    if command == _BLOCK_STATUS:
         if not rules.structured or not rules.meta_contexts:
-            return Errno.EINVAL
+            return _EINVAL
         if length == 0:
-            return Errno.EINVAL
-    if command in (Command.READ, Command.WRITE) and length > rules.max_payload:
-        return Errno.EOVERFLOW if flags & CommandFlag.DF else Errno.EINVAL
+            return _EINVAL
+    if command in _DATA and length > rules.max_payload:
+        return Errno.EOVERFLOW if flags & _DF else _EINVAL
     if offset + length > rules.size:
-        return Errno.ENOSPC if command in (Command.WRITE, Command.WRITE_ZEROES) else Errno.EINVAL
+        return Errno.ENOSPC if command in _ENOSPC_ON_OVERRUN else _EINVAL
     if rules.min_block > 1 and (offset % rules.min_block or length % rules.min_block):
-        return Errno.EINVAL
+        return _EINVAL
     return 0
 
 
@@ -201,8 +229,10 @@ def chunk_header(flags: int, chunk_type: int, handle: int, length: int) -> bytes
     return CHUNK_HEADER.pack(0x668E33EF, flags, chunk_type, handle, length)
 
 
+_OFFSET_DATA_HEADER = struct.Struct(CHUNK_HEADER.format + U64.format.lstrip(">"))
+_DONE = int(ReplyFlag.DONE)
+
+
 def offset_data_header(handle: int, offset: int, length: int, done: bool = True) -> bytes:
     """Header and offset of an OFFSET_DATA chunk; ``length`` data bytes must follow."""
-    return CHUNK_HEADER.pack(0x668E33EF, ReplyFlag.DONE if done else 0, 1, handle, length + 8) + U64.pack(
-        offset
-    )
+    return _OFFSET_DATA_HEADER.pack(0x668E33EF, _DONE if done else 0, 1, handle, length + 8, offset)
