@@ -315,3 +315,28 @@ def test_hot_regions_are_copied_first(tmp_path: Path) -> None:
 
             assert asyncio.run(read_hot()) == data[hot : hot + (1 << 20)]
             assert status(tmp_path)["reads_fetched"] == before["reads_fetched"]  # served locally: already copied
+
+
+def test_guest_write_during_fetch_wins(tmp_path: Path) -> None:
+    """Writes racing fetches of the same blocks (slow, out-of-order upstream): the guest's data stays."""
+    src = tmp_path / "src.raw"
+    data = random_image(src, 4 << 20)
+    with shuffling_server(src, max_delay_ms=30) as up, proxy(up.uri, tmp_path, "--no-background", "--block-size", "4K") as p:
+
+        async def race() -> None:
+            async with NbdClient(p.uri) as c:
+                blocks = list(range(0, 1020, 3))
+                written = {b: bytes([b % 250 + 1]) * 4096 for b in blocks}
+                # Reads start fetches; writes of whole and partial blocks land while they are in flight.
+                jobs = [c.read(b * 4096, 4096) for b in blocks]
+                jobs += [c.write(b * 4096, written[b]) for b in blocks]
+                jobs += [c.write(b * 4096 + 4096 + 100, b"p" * 50) for b in blocks]  # partial, next block
+                await asyncio.gather(*jobs)
+                for b in blocks:
+                    assert await c.read(b * 4096, 4096) == written[b]
+                    nxt = await c.read(b * 4096 + 4096, 4096)
+                    expect = bytearray(data[b * 4096 + 4096 : b * 4096 + 8192])
+                    expect[100:150] = b"p" * 50
+                    assert nxt == bytes(expect)
+
+        asyncio.run(race())

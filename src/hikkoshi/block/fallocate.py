@@ -33,10 +33,14 @@ def zero_range(fd: int, offset: int, length: int) -> None:
     fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
 
 
-def probe(fd: int, mode: int, size: int) -> bool:
-    """Whether the file system supports a mode, tested past the end of the file where nothing changes."""
+def can_punch(fd: int, size: int) -> bool:
+    """Whether the file system can punch holes, tested past the end of the file where nothing changes.
+
+    Only hole punching is probed this way: other modes (zero range) would allocate blocks past the end,
+    changing the user's image; they are detected on first use instead.
+    """
     try:
-        fallocate(fd, mode | FALLOC_FL_KEEP_SIZE, size + (1 << 20), 4096)
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, size + (1 << 20), 4096)
     except OSError:
         return False
     return True

@@ -36,23 +36,16 @@ class RawFile(BlockDevice):
             raise OSError(errno.EINVAL, f"{self.path} is neither a regular file nor a block device")
         self.is_regular = stat.S_ISREG(st.st_mode)
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
-        can_punch = (
-            self.is_regular
-            and not read_only
-            and fallocate.probe(self.fd, fallocate.FALLOC_FL_PUNCH_HOLE, self.size)
-        )
-        self._can_zero_range = (
-            self.is_regular
-            and not read_only
-            and fallocate.probe(self.fd, fallocate.FALLOC_FL_ZERO_RANGE, self.size)
-        )
+        can_punch = self.is_regular and not read_only and fallocate.can_punch(self.fd, self.size)
+        # Learned on first use (probing it would allocate past the end of the user's image).
+        self._can_zero_range = self.is_regular and not read_only
         self.can_punch = can_punch
         self._seek_works = self.is_regular
         self.capabilities = Capabilities(
             read_only=read_only,
             trim=not read_only,
             write_zeroes=not read_only,
-            fast_zero=can_punch or self._can_zero_range,
+            fast_zero=can_punch,
         )
 
     def read(self, offset: int, length: int) -> Buffer:
@@ -91,9 +84,16 @@ class RawFile(BlockDevice):
             return None
         if may_trim and self.can_punch:
             fallocate.punch_hole(self.fd, offset, length)
-        elif self._can_zero_range:
-            fallocate.zero_range(self.fd, offset, length)
-        elif fast_only:
+            return self._sync_range(fua)
+        if self._can_zero_range:
+            try:
+                fallocate.zero_range(self.fd, offset, length)
+                return self._sync_range(fua)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                self._can_zero_range = False
+        if fast_only:
             raise OSError(errno.ENOTSUP, "zeroing would be slow here")
         else:
             zeros = bytes(min(length, _ZERO_CHUNK))

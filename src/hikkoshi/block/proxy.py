@@ -4,9 +4,10 @@ missing blocks from the source on demand; writes stay local.
 Rules that make it correct:
 - A block is marked present only after its data is in the cache file; the on-disk bitmap only claims
   blocks whose data was fsynced before the bitmap was written (flush snapshots the bits first).
-- Concurrent reads of a missing block share one fetch; fetched bytes never overwrite a block the guest
-  wrote meanwhile (a written block is present, and installing skips present blocks).
+- Concurrent reads of a missing block share one fetch. Fetched bytes never overwrite what the guest wrote:
+  a guest write to a block whose fetch is in flight waits for it, and installing skips present blocks.
 - A partial write to a missing block fetches that block first (only the partial blocks), then writes.
+- Fetched data is written to the cache from a worker thread, so the event loop keeps serving.
 - Replies may complete in any order; nothing here depends on the upstream answering in order.
 """
 
@@ -17,6 +18,7 @@ import errno
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +48,7 @@ class ProxyCounters:
     reads_fetched: int = 0
     fetch_errors: int = 0
     #: (monotonic time, bytes fetched so far) samples for rates.
-    samples: list[tuple[float, int]] = field(default_factory=list)
+    samples: deque[tuple[float, int]] = field(default_factory=deque)
 
     def fetched(self) -> int:
         return self.fetched_demand + self.fetched_background
@@ -55,7 +57,7 @@ class ProxyCounters:
         now = time.monotonic()
         self.samples.append((now, self.fetched()))
         while len(self.samples) > 2 and self.samples[0][0] < now - 10:
-            self.samples.pop(0)
+            self.samples.popleft()
 
     def rate(self) -> float:
         """Bytes per second fetched over the last ~10 s."""
@@ -114,8 +116,21 @@ class ProxyDevice(BlockDevice):
         return self._read_missing(offset, length)
 
     async def _read_missing(self, offset: int, length: int) -> Buffer:
-        await self.ensure(self.presence.missing(offset, length), demand=True)
+        await self.ensure(self._with_readahead(self.presence.missing(offset, length)), demand=True)
         return self.local.read(offset, length)
+
+    def _with_readahead(self, missing: list[int]) -> list[int]:
+        """Extend a demand fetch with the missing blocks right after it: guests read sequentially."""
+        if not missing:
+            return missing
+        out = list(missing)
+        b = missing[-1] + 1
+        while len(out) < self.fetch_blocks and b < self.presence.blocks:
+            if self.presence.test(b) or b in self._inflight:
+                break
+            out.append(b)
+            b += 1
+        return out
 
     def cache(self, offset: int, length: int) -> MaybeAwaitable[None]:
         missing = self.presence.missing(offset, length)
@@ -165,8 +180,8 @@ class ProxyDevice(BlockDevice):
         try:
             if self.detached:
                 raise ConnectionError("upstream already detached")
-            data = await self.upstream.read(offset, length)
-            self._install(start, count, data)
+            data = await self.upstream.read(offset, length, demand=demand)
+            await self._install(start, count, data)
         except Exception as exc:  # every failure goes to the waiters, never up into the task group
             self.counters.fetch_errors += 1
             error = OSError(errno.EIO, f"fetching {length} bytes at {offset} from {self.upstream.uri}: {exc}")
@@ -186,16 +201,19 @@ class ProxyDevice(BlockDevice):
                 fut.set_result(None)
         self._check_complete()
 
-    def _install(self, start: int, count: int, data: bytes) -> None:
-        """Write fetched data for blocks still missing, then mark them present (synchronously)."""
+    async def _install(self, start: int, count: int, data: bytes) -> None:
+        """Write fetched data for blocks still missing, then mark them present.
+
+        The blocks are in ``_inflight`` until this returns, so no guest write touches them meanwhile
+        (writes wait for in-flight fetches): the worker thread's pwrite cannot overwrite a guest's data.
+        """
         presence = self.presence
         bs = self.block_size
-        fd = self.local.fd
-        view = memoryview(data)
+        runs: list[tuple[int, int, bool]] = []  # (first block, end block, all zero)
         b = start
         end = start + count
         while b < end:
-            if presence.test(b):  # the guest wrote it meanwhile: its data wins
+            if presence.test(b):  # written by the guest before the fetch began: its data wins
                 b += 1
                 continue
             run = b
@@ -203,19 +221,28 @@ class ProxyDevice(BlockDevice):
                 b += 1
             lo = (run - start) * bs
             hi = min((b - start) * bs, len(data))
-            chunk = view[lo:hi]
-            if _is_zero(chunk):
-                # Keep the cache sparse: a zero block becomes a hole (also clearing any stale bytes).
-                if self.local.can_punch:
-                    fallocate.punch_hole(fd, run * bs, hi - lo)
-                else:
-                    os.pwrite(fd, chunk, run * bs)
-            else:
-                written = os.pwrite(fd, chunk, run * bs)
-                while written < len(chunk):
-                    written += os.pwrite(fd, chunk[written:], run * bs + written)
-            for blk in range(run, b):
+            runs.append((run, b, data.count(0, lo, hi) == hi - lo))
+        if runs:
+            await asyncio.to_thread(self._write_runs, start, data, runs)
+        for run, stop, _ in runs:
+            for blk in range(run, stop):
                 presence.set(blk)
+
+    def _write_runs(self, start: int, data: bytes, runs: list[tuple[int, int, bool]]) -> None:
+        """Worker thread: put fetched runs into the cache (zero runs become holes, keeping it sparse)."""
+        bs = self.block_size
+        fd = self.local.fd
+        view = memoryview(data)
+        for run, stop, zero in runs:
+            lo = (run - start) * bs
+            hi = min((stop - start) * bs, len(data))
+            if zero and self.local.can_punch:
+                fallocate.punch_hole(fd, run * bs, hi - lo)  # also clears stale bytes of an earlier crash
+                continue
+            chunk = view[lo:hi]
+            written = 0
+            while written < len(chunk):
+                written += os.pwrite(fd, chunk[written:], run * bs + written)
 
     def mark_zero(self, start: int, count: int) -> int:
         """Mark missing blocks that the source reports as zero present, as holes; return bytes marked."""
@@ -253,6 +280,9 @@ class ProxyDevice(BlockDevice):
             end = offset + length
             if end % bs and end < self.size and not presence.test(last) and last not in partial:
                 partial.append(last)
+            if self._inflight:
+                # Blocks being fetched: let the fetch land first, then write over it.
+                partial += [b for b in range(first, last + 1) if b in self._inflight and b not in partial]
         if not partial:
             self._apply(offset, length, apply)
             return self.flush() if fua else None
@@ -274,10 +304,13 @@ class ProxyDevice(BlockDevice):
         self._check_complete()
 
     def write(self, offset: int, data: memoryview, fua: bool) -> MaybeAwaitable[None]:
-        if self._needs_fetch(offset, len(data)):
+        if self._needs_fetch(offset, len(data)) or self._touches_inflight(offset, len(data)):
             payload = bytes(data)  # the view dies when we return; the slow path needs the bytes later
             return self._modify(offset, len(payload), lambda: self.local.write(offset, memoryview(payload), False), fua)
         return self._modify(offset, len(data), lambda: self.local.write(offset, data, False), fua)
+
+    def _touches_inflight(self, offset: int, length: int) -> bool:
+        return bool(self._inflight) and any(b in self._inflight for b in self.presence.block_range(offset, length))
 
     def _needs_fetch(self, offset: int, length: int) -> bool:
         bs = self.block_size
@@ -288,6 +321,18 @@ class ProxyDevice(BlockDevice):
         )
 
     def trim(self, offset: int, length: int, fua: bool) -> MaybeAwaitable[None]:
+        if self._touches_inflight(offset, length):
+
+            async def after_fetches() -> None:
+                await self.ensure([b for b in self.presence.block_range(offset, length) if b in self._inflight], True)
+                result = self._trim(offset, length, fua)
+                if result is not None:
+                    await result
+
+            return after_fetches()
+        return self._trim(offset, length, fua)
+
+    def _trim(self, offset: int, length: int, fua: bool) -> MaybeAwaitable[None]:
         # TRIM is advisory: only whole blocks are affected, so nothing is ever fetched for it.
         bs = self.block_size
         start = -(-offset // bs) * bs
@@ -303,7 +348,7 @@ class ProxyDevice(BlockDevice):
     def write_zeroes(
         self, offset: int, length: int, may_trim: bool, fast_only: bool, fua: bool
     ) -> MaybeAwaitable[None]:
-        if fast_only and self._needs_fetch(offset, length):
+        if fast_only and (self._needs_fetch(offset, length) or self._touches_inflight(offset, length)):
             # Zeroing a partial missing block needs a fetch: not fast.
             raise OSError(errno.ENOTSUP, "zeroing would need a fetch from the upstream")
         return self._modify(
@@ -381,13 +426,6 @@ class ProxyDevice(BlockDevice):
     def close(self) -> None:
         self.bitmap.close(clean=True)
         self.local.close()
-
-
-def _is_zero(view: memoryview | bytes) -> bool:
-    n = len(view)
-    if n <= len(_ZEROS):
-        return view == _ZEROS[:n]
-    return all(view[i : i + len(_ZEROS)] == _ZEROS[: min(len(_ZEROS), n - i)] for i in range(0, n, len(_ZEROS)))
 
 
 def _merge(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import ssl
@@ -51,9 +52,9 @@ class Upstream:
     async def open(self) -> None:
         first = await self._client()
         self.clients.append(first)
-        if first.can_multi_conn:
-            for _ in range(self.want - 1):
-                self.clients.append(await self._client())
+        if first.can_multi_conn and self.want > 1:
+            # Concurrently: over a WAN each connection costs round trips.
+            self.clients += await asyncio.gather(*(self._client() for _ in range(self.want - 1)))
 
     async def _client(self) -> NbdClient:
         client = NbdClient(
@@ -87,14 +88,18 @@ class Upstream:
     def max_request(self) -> int:
         return min(c.max_request for c in self.clients)
 
-    def _pick(self) -> NbdClient:
+    def _pick(self, demand: bool = False) -> NbdClient:
+        """Connection 0 carries what a guest waits for; the background copy uses the others, so a demand
+        fetch never queues behind megabytes of background replies on the same stream."""
         if not self.clients:
             raise ConnectionError("upstream is closed")
-        self._next = (self._next + 1) % len(self.clients)
+        if demand or len(self.clients) == 1:
+            return self.clients[0]
+        self._next = self._next % (len(self.clients) - 1) + 1
         return self.clients[self._next]
 
-    async def read(self, offset: int, length: int) -> bytes:
-        return await self._pick().read(offset, length)
+    async def read(self, offset: int, length: int, demand: bool = False) -> bytes:
+        return await self._pick(demand).read(offset, length)
 
     def has_context(self, name: str) -> bool:
         return bool(self.clients) and name in self.clients[0].contexts
