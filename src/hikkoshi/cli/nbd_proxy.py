@@ -150,6 +150,9 @@ def proxy_status(proxy: ProxyDevice, copy: BackgroundCopy) -> dict[str, Any]:
 
 
 async def run_proxy(args: argparse.Namespace) -> int:
+    # Fetched data is written to the cache by worker threads; each must get the GIL back quickly after
+    # its pwrite, or every fetch waits up to the default 5 ms switch interval behind the event loop.
+    sys.setswitchinterval(0.0002)
     block_size = parse_size(args.block_size)
     if block_size < 4096 or block_size > 1 << 20 or block_size & (block_size - 1):
         raise ValueError("--block-size must be a power of two from 4K to 1M")
