@@ -82,6 +82,8 @@ class ProxyDevice(BlockDevice):
         self.size = local.size
         self.block_size = self.presence.block_size
         self.fetch_blocks = max(1, min(fetch_size, upstream.max_request) // self.block_size)
+        #: How far a demand miss reads ahead (in fetches of at most fetch_blocks, issued in parallel).
+        self.readahead_blocks = max(self.fetch_blocks, (4 << 20) // self.block_size)
         self.capabilities = Capabilities(fast_zero=local.capabilities.fast_zero)
         self.counters = ProxyCounters()
         #: Upstream allocation as (offset, length, flags), learned at start; used for block status.
@@ -125,7 +127,7 @@ class ProxyDevice(BlockDevice):
             return missing
         out = list(missing)
         b = missing[-1] + 1
-        while len(out) < self.fetch_blocks and b < self.presence.blocks:
+        while len(out) < self.readahead_blocks and b < self.presence.blocks:
             if self.presence.test(b) or b in self._inflight:
                 break
             out.append(b)
@@ -180,7 +182,7 @@ class ProxyDevice(BlockDevice):
         try:
             if self.detached:
                 raise ConnectionError("upstream already detached")
-            data = await self.upstream.read(offset, length, demand=demand)
+            data = await self.upstream.read_buffer(offset, length, demand=demand)
             await self._install(start, count, data)
         except Exception as exc:  # every failure goes to the waiters, never up into the task group
             self.counters.fetch_errors += 1
@@ -201,7 +203,7 @@ class ProxyDevice(BlockDevice):
                 fut.set_result(None)
         self._check_complete()
 
-    async def _install(self, start: int, count: int, data: bytes) -> None:
+    async def _install(self, start: int, count: int, data: bytearray) -> None:
         """Write fetched data for blocks still missing, then mark them present.
 
         The blocks are in ``_inflight`` until this returns, so no guest write touches them meanwhile
@@ -221,14 +223,14 @@ class ProxyDevice(BlockDevice):
                 b += 1
             lo = (run - start) * bs
             hi = min((b - start) * bs, len(data))
-            runs.append((run, b, data.count(0, lo, hi) == hi - lo))
+            runs.append((run, b, _all_zero(data, lo, hi)))
         if runs:
             await asyncio.to_thread(self._write_runs, start, data, runs)
         for run, stop, _ in runs:
             for blk in range(run, stop):
                 presence.set(blk)
 
-    def _write_runs(self, start: int, data: bytes, runs: list[tuple[int, int, bool]]) -> None:
+    def _write_runs(self, start: int, data: bytearray, runs: list[tuple[int, int, bool]]) -> None:
         """Worker thread: put fetched runs into the cache (zero runs become holes, keeping it sparse)."""
         bs = self.block_size
         fd = self.local.fd
@@ -426,6 +428,14 @@ class ProxyDevice(BlockDevice):
     def close(self) -> None:
         self.bitmap.close(clean=True)
         self.local.close()
+
+
+def _all_zero(data: bytearray, lo: int, hi: int) -> bool:
+    # Data blocks almost always differ from zero in their first bytes: decide those without a scan.
+    head = min(hi, lo + 16)
+    if data[lo:head] != _ZEROS[: head - lo]:
+        return False
+    return data.count(0, lo, hi) == hi - lo
 
 
 def _merge(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
