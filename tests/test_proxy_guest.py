@@ -29,7 +29,10 @@ def test_guest_writes_through_proxy_during_relocation(guest: GuestImage, tmp_pat
     src.write_bytes(original)
     run = random.randrange(1, 2**31)
     # 1 MB/s: the 64 MiB background copy cannot finish while the guest runs.
-    with hikkoshi_server(str(src), "--export", "disk") as up, proxy(up.export_uri("disk"), tmp_path, "--bandwidth", "1M") as p:
+    with (
+        hikkoshi_server(str(src), "--export", "disk") as up,
+        proxy(up.export_uri("disk"), tmp_path, "--bandwidth", "1M") as p,
+    ):
         result = run_guest(guest, p.uri, "diskcheck", tmp_path, params={"blocks": BLOCKS, "run": run})
         line = console_result(result.console, "HIKKOSHI-DISKCHECK")
         assert line == f"HIKKOSHI-DISKCHECK OK blocks={BLOCKS} run={run}", result.console[-3000:]

@@ -50,6 +50,8 @@ class ProxyModel(RuleBasedStateMachine):
         self.src.write_bytes(SOURCE)
         self.sock = self.dir / "up.sock"
         self.cache = self.dir / "cache.raw"
+        with open(self.cache, "wb") as f:
+            f.truncate(SIZE)
         self.loop = asyncio.new_event_loop()
         self.server: NbdServer | None = None
         self.server_task: asyncio.Task[None] | None = None
@@ -86,11 +88,10 @@ class ProxyModel(RuleBasedStateMachine):
         self.server = self.server_task = None
 
     async def _open_proxy(self) -> None:
-        upstream = Upstream(f"nbd+unix:///src?socket={self.sock}", connections=2, reconnect=Reconnect(deadline=0.5))
+        upstream = Upstream(
+            f"nbd+unix:///src?socket={self.sock}", connections=2, reconnect=Reconnect(deadline=0.5)
+        )
         await upstream.open()
-        if not self.cache.exists():
-            with open(self.cache, "wb") as f:
-                f.truncate(SIZE)
         bitmap = BitmapFile.open(self.cache.with_name("cache.bitmap"), BLOCK, SIZE, "model")
         self.proxy = ProxyDevice(RawFile(self.cache), bitmap, upstream, fetch_size=4 * BLOCK)
         self.stop_owner = asyncio.Event()
@@ -233,7 +234,7 @@ class ProxyModel(RuleBasedStateMachine):
         for b in range(BLOCKS):
             off = b * BLOCK
             n = min(BLOCK, SIZE - off)
-            got = bytes(self.call(lambda: self.proxy.read(off, n)))
+            got = bytes(self.call(lambda off=off, n=n: proxy.read(off, n)))
             assert got in self.since_flush[b], f"block {b} holds data that was never acceptable"
             self.disk[off : off + n] = got
         self.since_flush = [{self._block(b)} for b in range(BLOCKS)]
@@ -271,8 +272,12 @@ def assert_same(got: bytes, want: bytes) -> None:
         g, w = got[b : b + BLOCK], want[b : b + BLOCK]
         if g != w:
             at = next(i for i in range(len(w)) if g[i] != w[i])
-            raise AssertionError(f"block {b // BLOCK} differs from byte {at}: got {g[at : at + 8]!r} want {w[at : at + 8]!r}")
+            raise AssertionError(
+                f"block {b // BLOCK} differs from byte {at}: got {g[at : at + 8]!r} want {w[at : at + 8]!r}"
+            )
 
 
 TestProxyModel = ProxyModel.TestCase
-TestProxyModel.settings = settings(max_examples=int(os.environ.get("PROXY_MODEL_EXAMPLES", "40")), stateful_step_count=30, deadline=None)
+TestProxyModel.settings = settings(
+    max_examples=int(os.environ.get("PROXY_MODEL_EXAMPLES", "40")), stateful_step_count=30, deadline=None
+)

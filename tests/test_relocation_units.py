@@ -17,7 +17,9 @@ from hikkoshi.block.throttle import Throttle, parse_rate
 
 
 @settings(max_examples=200)
-@given(st.integers(1, 5000), st.sampled_from([512, 4096, 65536]), st.sets(st.integers(0, 10_000), max_size=200))
+@given(
+    st.integers(1, 5000), st.sampled_from([512, 4096, 65536]), st.sets(st.integers(0, 10_000), max_size=200)
+)
 def test_presence_map_agrees_with_a_set(blocks: int, bs: int, marks: set[int]) -> None:
     size = blocks * bs - (bs // 3)
     p = PresenceMap(size, bs)
@@ -71,8 +73,12 @@ def test_bitmap_file_checks_what_it_describes(tmp_path: Path) -> None:
     third = BitmapFile.open(path, 4096, 1 << 20, "nbd://a/x")
     assert not third.was_clean
     third.close()
-    for args, what in (((8192, 1 << 20, "nbd://a/x"), "block size"), ((4096, 2 << 20, "nbd://a/x"), "disk size"),
-                       ((4096, 1 << 20, "nbd://b/y"), "identity")):  # fmt: skip
+    mismatches = [
+        ((8192, 1 << 20, "nbd://a/x"), "block size"),
+        ((4096, 2 << 20, "nbd://a/x"), "disk size"),
+        ((4096, 1 << 20, "nbd://b/y"), "identity"),
+    ]
+    for args, what in mismatches:
         with pytest.raises(BitmapMismatch, match=what):
             BitmapFile.open(path, *args)
     data = bytearray(path.read_bytes())
@@ -98,8 +104,10 @@ def test_copy_plan_orders_hot_then_used_then_rest() -> None:
     assert [b for s, n in skipping.copy for b in range(s, s + n)] == [40, 41, 42, 43, 44]
 
 
-@given(st.integers(1, 64), st.lists(st.tuples(st.integers(0, 70), st.integers(1, 20), st.sampled_from([0, 1, 3])),
-                                   max_size=8))  # fmt: skip
+_EXTENTS = st.tuples(st.integers(0, 70), st.integers(1, 20), st.sampled_from([0, 1, 3]))
+
+
+@given(st.integers(1, 64), st.lists(_EXTENTS, max_size=8))
 def test_copy_plan_covers_every_block_once(blocks: int, extents: list[tuple[int, int, int]]) -> None:
     bs = 512
     source = [(o * bs, n * bs, f) for o, n, f in extents]
@@ -112,7 +120,14 @@ def test_copy_plan_covers_every_block_once(blocks: int, extents: list[tuple[int,
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("100M", 100e6), ("100Mbit", 12.5e6), ("1.5G", 1.5e9), ("64MiB", 64 * 1024**2), ("500k", 500e3), ("10", 10)],
+    [
+        ("100M", 100e6),
+        ("100Mbit", 12.5e6),
+        ("1.5G", 1.5e9),
+        ("64MiB", 64 * 1024**2),
+        ("500k", 500e3),
+        ("10", 10),
+    ],
 )
 def test_parse_rate(text: str, value: float) -> None:
     assert parse_rate(text) == pytest.approx(value)

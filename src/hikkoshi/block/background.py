@@ -119,7 +119,8 @@ class BackgroundCopy:
                 for start, count in rounds.pop(0) if rounds else list(proxy.presence.missing_runs()):
                     for chunk in range(start, start + count, proxy.fetch_blocks):
                         blocks = proxy.presence.missing(
-                            chunk * proxy.block_size, min(proxy.fetch_blocks, start + count - chunk) * proxy.block_size
+                            chunk * proxy.block_size,
+                            min(proxy.fetch_blocks, start + count - chunk) * proxy.block_size,
                         )
                         if not blocks:
                             continue

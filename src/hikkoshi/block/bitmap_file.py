@@ -44,7 +44,10 @@ class BitmapHeader:
         ident = self.identity.encode()
         if len(ident) > _MAX_IDENTITY:
             raise ValueError("upstream identity too long")
-        body = _FIXED.pack(MAGIC, self.version, self.block_size, self.disk_size, int(self.clean), len(ident)) + ident
+        body = (
+            _FIXED.pack(MAGIC, self.version, self.block_size, self.disk_size, int(self.clean), len(ident))
+            + ident
+        )
         body += struct.pack(">I", zlib.crc32(body))
         return body + bytes(HEADER_SIZE - len(body))
 
@@ -73,7 +76,9 @@ class BitmapHeader:
 class BitmapFile:
     """A presence map persisted in a file next to the cache."""
 
-    def __init__(self, path: Path, fd: int, header: BitmapHeader, presence: PresenceMap, was_clean: bool) -> None:
+    def __init__(
+        self, path: Path, fd: int, header: BitmapHeader, presence: PresenceMap, was_clean: bool
+    ) -> None:
         self.path = path
         self.fd = fd
         self.header = header
@@ -142,7 +147,9 @@ class BitmapFile:
         try:
             self.persist()
             if clean:
-                header = BitmapHeader(self.header.block_size, self.header.disk_size, self.header.identity, clean=True)
+                header = BitmapHeader(
+                    self.header.block_size, self.header.disk_size, self.header.identity, clean=True
+                )
                 os.pwrite(self.fd, header.encode(), 0)
                 os.fsync(self.fd)
         finally:

@@ -37,7 +37,7 @@ class PresenceMap:
         self.present = sum(_POPCOUNT[b] for b in self.bits)
         self.dirty_pages: set[int] = set()
 
-    # --- queries ---------------------------------------------------------------------------------------------
+    # --- queries ------------------------------------------------------------------------------------------
 
     def block_range(self, offset: int, length: int) -> range:
         """Blocks touched by a byte range."""
@@ -105,7 +105,7 @@ class PresenceMap:
             full -= self.block_size - self.block_span(last)[1]
         return full
 
-    # --- changes ---------------------------------------------------------------------------------------------
+    # --- changes ------------------------------------------------------------------------------------------
 
     def set(self, block: int) -> bool:
         """Mark a block present; return whether it changed."""

@@ -72,7 +72,9 @@ class ProxyDevice(BlockDevice):
 
     meta_contexts = (BASE_ALLOCATION,)
 
-    def __init__(self, local: RawFile, bitmap: BitmapFile, upstream: Upstream, fetch_size: int = 1 << 20) -> None:
+    def __init__(
+        self, local: RawFile, bitmap: BitmapFile, upstream: Upstream, fetch_size: int = 1 << 20
+    ) -> None:
         if local.size != upstream.size:
             raise OSError(errno.EINVAL, f"cache is {local.size} bytes but the upstream is {upstream.size}")
         self.local = local
@@ -97,7 +99,7 @@ class ProxyDevice(BlockDevice):
             self.complete_event.set()
 
     def attach(self, tg: asyncio.TaskGroup) -> None:
-        """Give the proxy the task group that owns its fetches (they outlive the request that started them)."""
+        """Give the proxy the task group that owns its fetches (they outlive the requests that start them)."""
         self._tg = tg
 
     # --- state ---------------------------------------------------------------------------------------------
@@ -308,11 +310,15 @@ class ProxyDevice(BlockDevice):
     def write(self, offset: int, data: memoryview, fua: bool) -> MaybeAwaitable[None]:
         if self._needs_fetch(offset, len(data)) or self._touches_inflight(offset, len(data)):
             payload = bytes(data)  # the view dies when we return; the slow path needs the bytes later
-            return self._modify(offset, len(payload), lambda: self.local.write(offset, memoryview(payload), False), fua)
+            return self._modify(
+                offset, len(payload), lambda: self.local.write(offset, memoryview(payload), False), fua
+            )
         return self._modify(offset, len(data), lambda: self.local.write(offset, data, False), fua)
 
     def _touches_inflight(self, offset: int, length: int) -> bool:
-        return bool(self._inflight) and any(b in self._inflight for b in self.presence.block_range(offset, length))
+        return bool(self._inflight) and any(
+            b in self._inflight for b in self.presence.block_range(offset, length)
+        )
 
     def _needs_fetch(self, offset: int, length: int) -> bool:
         bs = self.block_size
@@ -326,7 +332,9 @@ class ProxyDevice(BlockDevice):
         if self._touches_inflight(offset, length):
 
             async def after_fetches() -> None:
-                await self.ensure([b for b in self.presence.block_range(offset, length) if b in self._inflight], True)
+                await self.ensure(
+                    [b for b in self.presence.block_range(offset, length) if b in self._inflight], True
+                )
                 result = self._trim(offset, length, fua)
                 if result is not None:
                     await result
@@ -423,7 +431,9 @@ class ProxyDevice(BlockDevice):
         if not self.detached:
             self.detached = True
             await self.upstream.close()
-            log.info("relocation complete: %d bytes local; upstream %s released", self.size, self.upstream.uri)
+            log.info(
+                "relocation complete: %d bytes local; upstream %s released", self.size, self.upstream.uri
+            )
 
     def close(self) -> None:
         self.bitmap.close(clean=True)

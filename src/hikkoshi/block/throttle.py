@@ -7,7 +7,7 @@ import time
 
 
 class Throttle:
-    """``await take(n)`` returns when ``n`` more bytes fit under ``rate`` bytes per second (None: unlimited)."""
+    """``await take(n)`` returns once ``n`` more bytes fit under ``rate`` bytes/s (None: unlimited)."""
 
     def __init__(self, rate: float | None = None, burst_seconds: float = 0.1) -> None:
         self.burst_seconds = burst_seconds

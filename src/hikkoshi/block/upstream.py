@@ -101,10 +101,15 @@ class Upstream:
     async def read(self, offset: int, length: int, demand: bool = False) -> bytes:
         return await self._pick(demand).read(offset, length)
 
+    async def read_buffer(self, offset: int, length: int, demand: bool = False) -> bytearray:
+        return await self._pick(demand).read_buffer(offset, length)
+
     def has_context(self, name: str) -> bool:
         return bool(self.clients) and name in self.clients[0].contexts
 
-    async def extents(self, offset: int, length: int, context: str = BASE_ALLOCATION) -> list[tuple[int, int]]:
+    async def extents(
+        self, offset: int, length: int, context: str = BASE_ALLOCATION
+    ) -> list[tuple[int, int]]:
         return await self._pick().block_status(offset, length, context)
 
     async def map(self, context: str = BASE_ALLOCATION, step: int = 1 << 30) -> list[tuple[int, int, int]]:
@@ -124,4 +129,3 @@ class Upstream:
                     out.append((pos, length, flags))
                 pos += length
         return out
-

@@ -28,18 +28,34 @@ from .nbd_serve import leaves
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("proxy", help="serve a disk from a local cache, relocating it from an upstream export")
     p.add_argument("--upstream", required=True, metavar="URI", help="the source export (nbd://, nbd+unix://)")
-    p.add_argument("--cache", required=True, type=Path, metavar="PATH", help="local cache file (bitmap: PATH.bitmap)")
-    p.add_argument("--listen", action="append", metavar="ADDR", help="HOST:PORT or unix:PATH (default 127.0.0.1:10809)")
+    p.add_argument(
+        "--cache", required=True, type=Path, metavar="PATH", help="local cache file (bitmap: PATH.bitmap)"
+    )
+    p.add_argument(
+        "--listen", action="append", metavar="ADDR", help="HOST:PORT or unix:PATH (default 127.0.0.1:10809)"
+    )
     p.add_argument("--export", metavar="NAME", help="export name (default: the upstream's)")
-    p.add_argument("--control", metavar="unix:PATH", help="JSON control socket (status, pause, resume, bandwidth)")
-    p.add_argument("--block-size", default="64K", metavar="SIZE", help="cache block size, 4K..1M (default 64K)")
+    p.add_argument(
+        "--control", metavar="unix:PATH", help="JSON control socket (status, pause, resume, bandwidth)"
+    )
+    p.add_argument(
+        "--block-size", default="64K", metavar="SIZE", help="cache block size, 4K..1M (default 64K)"
+    )
     p.add_argument("--no-background", action="store_true", help="fetch only what the guest reads")
     p.add_argument("--bandwidth", metavar="RATE", help="limit the background copy, e.g. 50M, 100Mbit")
     p.add_argument("--connections", type=int, default=4, help="upstream connections if it allows multi-conn")
-    p.add_argument("--upstream-timeout", type=float, default=30.0, metavar="S",
-                   help="how long a request waits for an unreachable upstream before EIO (default 30)")
-    p.add_argument("--skip-fs-free", action="store_true",
-                   help="do not copy blocks an ext2/3/4 file system on the disk reports free (they become zeroes)")
+    p.add_argument(
+        "--upstream-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="how long a request waits for an unreachable upstream before EIO (default 30)",
+    )
+    p.add_argument(
+        "--skip-fs-free",
+        action="store_true",
+        help="do not copy blocks an ext2/3/4 file system on the disk reports free (they become zeroes)",
+    )
     p.set_defaults(func=proxy_command)
 
 
@@ -53,37 +69,48 @@ def parse_size(text: str) -> int:
         raise ValueError(f"bad size {text!r}") from None
 
 
+def open_existing_cache(cache: Path, block_size: int, identity: str) -> BitmapFile | None:
+    """The bitmap of a cache left by an earlier run, checked against this one; None for a fresh start."""
+    bitmap_path = cache.with_name(cache.name + ".bitmap")
+    if not cache.exists():
+        if bitmap_path.exists():
+            raise BitmapMismatch(f"{bitmap_path} exists without its cache {cache}; remove it to start over")
+        return None
+    if not bitmap_path.exists():
+        if cache.stat().st_size:
+            raise BitmapMismatch(f"{cache} exists but has no bitmap: its contents cannot be trusted")
+        return None
+    header = BitmapHeader.decode(bitmap_path.read_bytes()[:4096])
+    if header.identity != identity:
+        raise BitmapMismatch(f"{cache} caches {header.identity!r}, not {identity!r}")
+    if header.block_size != block_size:
+        raise BitmapMismatch(f"{cache} uses block size {header.block_size}, not {block_size}")
+    return BitmapFile.open(bitmap_path, block_size, cache.stat().st_size, identity)
+
+
+def create_cache(cache: Path, size: int, block_size: int, identity: str) -> BitmapFile:
+    """A new sparse cache of the upstream's size, with an empty bitmap."""
+    with open(cache, "wb") as f:
+        f.truncate(size)
+        os.fsync(f.fileno())
+    return BitmapFile.open(cache.with_name(cache.name + ".bitmap"), block_size, size, identity)
+
+
 async def open_proxy(
-    uri: NbdUri, cache: Path, block_size: int, connections: int, timeout: float
+    uri: NbdUri, cache: Path, block_size: int, connections: int, upstream_timeout: float
 ) -> ProxyDevice:
     """Open (or create) the cache and its bitmap against the upstream; refuse anything inconsistent."""
-    bitmap_path = cache.with_name(cache.name + ".bitmap")
     identity = str(uri)
-    upstream = Upstream(uri, connections=connections, reconnect=Reconnect(deadline=timeout))
-    if cache.exists() and bitmap_path.exists():
-        header = BitmapHeader.decode(bitmap_path.read_bytes()[:4096])
-        if header.identity != identity:
-            raise BitmapMismatch(f"{cache} caches {header.identity!r}, not {identity!r}")
-        if header.block_size != block_size:
-            raise BitmapMismatch(f"{cache} uses block size {header.block_size}, not {block_size}")
-    if not cache.exists() and bitmap_path.exists():
-        raise BitmapMismatch(f"{bitmap_path} exists without its cache {cache}; remove it to start over")
-    bitmap = None
-    if cache.exists() and bitmap_path.exists():
-        size = cache.stat().st_size
-        bitmap = BitmapFile.open(bitmap_path, block_size, size, identity)
-        if bitmap.presence.complete:
-            upstream.closed = True  # nothing left to fetch: no need for the source any more
+    upstream = Upstream(uri, connections=connections, reconnect=Reconnect(deadline=upstream_timeout))
+    # Start-up file work is quick and happens before serving anyone: done inline.
+    bitmap = open_existing_cache(cache, block_size, identity)
+    if bitmap is not None and bitmap.presence.complete:
+        upstream.closed = True  # nothing left to fetch: no need for the source any more
     try:
         if not upstream.closed:
             await upstream.open()
         if bitmap is None:
-            if cache.exists() and cache.stat().st_size:
-                raise BitmapMismatch(f"{cache} exists but has no bitmap: its contents cannot be trusted")
-            with open(cache, "wb") as f:
-                f.truncate(upstream.size)
-                os.fsync(f.fileno())
-            bitmap = BitmapFile.open(bitmap_path, block_size, upstream.size, identity)
+            bitmap = create_cache(cache, upstream.size, block_size, identity)
         elif not upstream.closed and upstream.size != bitmap.presence.disk_size:
             raise BitmapMismatch(f"upstream is {upstream.size} bytes, the cache {bitmap.presence.disk_size}")
         device = ProxyDevice(RawFile(cache), bitmap, upstream)
@@ -169,7 +196,9 @@ async def run_proxy(args: argparse.Namespace) -> int:
         skip_fs_free=args.skip_fs_free,
     )
     exports = ExportTable()
-    exports.add(Export(args.export if args.export is not None else uri.export, proxy, description=f"cache of {uri}"))
+    exports.add(
+        Export(args.export if args.export is not None else uri.export, proxy, description=f"cache of {uri}")
+    )
     listen = [ListenAddress.parse(a) for a in (args.listen or ["127.0.0.1:10809"])]
     server = NbdServer(exports, listen)
     loop = asyncio.get_running_loop()

@@ -26,7 +26,8 @@ def _line(s: dict[str, Any]) -> str:
     return (
         f"{s['percent']:.1f}% of {s['size']:,} bytes local · upstream {s['upstream']} · {s['phase']}"
         f"{' (paused)' if s['paused'] else ''} · on demand {s['fetched_demand_bytes']:,} B, background "
-        f"{s['fetched_background_bytes']:,} B · hit rate {hit} · {s['rate_bytes_s'] / 1e6:.1f} MB/s · ETA {eta}"
+        f"{s['fetched_background_bytes']:,} B · hit rate {hit} · {s['rate_bytes_s'] / 1e6:.1f} MB/s"
+        f" · ETA {eta}"
     )
 
 

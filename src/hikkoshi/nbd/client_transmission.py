@@ -14,6 +14,7 @@ from .constants import (
     SIMPLE_REPLY_MAGIC,
     SIMPLE_REPLY_SIZE,
     STRUCTURED_REPLY_MAGIC,
+    ChunkType,
     Command,
     Errno,
     ReplyFlag,
@@ -134,7 +135,10 @@ class ClientTransmission:
         pending = self._take(handle)
         body = memoryview(self._buf)[CHUNK_HEADER_SIZE : CHUNK_HEADER_SIZE + length]
         try:
-            self._apply(pending, wire.decode_chunk_payload(chunk_type, body))
+            if chunk_type == ChunkType.OFFSET_DATA and length > 8:
+                self._read_data(pending, body)  # the hot path: straight into the destination buffer
+            else:
+                self._apply(pending, wire.decode_chunk_payload(chunk_type, body))
         finally:
             body.release()
         del self._buf[: CHUNK_HEADER_SIZE + length]
@@ -149,6 +153,18 @@ class ClientTransmission:
         if pending.command == Command.BLOCK_STATUS:
             return Reply(handle, 0, "", None, pending.extents)
         return Reply(handle, 0)
+
+    @staticmethod
+    def _read_data(pending: Pending, body: memoryview) -> None:
+        """An OFFSET_DATA chunk, copied once from the receive buffer into the read's buffer."""
+        if pending.command != Command.READ or pending.data is None:
+            raise ProtocolError("read data in the reply to a command that is not a read")
+        start = wire.U64.unpack_from(body, 0)[0] - pending.offset
+        n = len(body) - 8
+        if start < 0 or start + n > pending.length:
+            raise ProtocolError("read chunk outside the requested range")
+        pending.data[start : start + n] = body[8:]
+        pending.covered.append((start, start + n))
 
     @staticmethod
     def _apply(pending: Pending, payload: wire.ChunkPayload) -> None:

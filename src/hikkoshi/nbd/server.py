@@ -498,7 +498,12 @@ class _Connection(asyncio.BufferedProtocol):
         assert self.export is not None
         stats = self.export.stats
         results: list[tuple[int, list[tuple[int, int]] | Awaitable[list[tuple[int, int]]]]] = [
-            (cid, stats.heat_extents(offset, length) if name == HIKKOSHI_HEAT else device.extents(name, offset, length))
+            (
+                cid,
+                stats.heat_extents(offset, length)
+                if name == HIKKOSHI_HEAT
+                else device.extents(name, offset, length),
+            )
             for cid, name in self.contexts
         ]
         if all(isinstance(r, list) for _, r in results):
