@@ -105,6 +105,17 @@ def wait_port(port: int, timeout: float = 20) -> None:
 
 
 @contextlib.contextmanager
+def _peer(cmd: list[str], port: int) -> Iterator[Served]:
+    """Run a peer server command listening on ``port``; stop it by pid."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    try:
+        wait_port(port)
+        yield Served(proc, f"nbd://127.0.0.1:{port}/", port)
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
 def peer_server(kind: str, image: Path, *, read_only: bool = False) -> Iterator[Served]:
     """Run qemu-nbd or nbdkit's file plugin on 127.0.0.1."""
     port = free_port()
@@ -117,12 +128,8 @@ def peer_server(kind: str, image: Path, *, read_only: bool = False) -> Iterator[
         cmd += ["file", str(image)]
     else:
         raise ValueError(kind)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_port(port)
-        yield Served(proc, f"nbd://127.0.0.1:{port}/", port)
-    finally:
-        stop(proc)
+    with _peer(cmd, port) as served:
+        yield served
 
 
 @contextlib.contextmanager
@@ -141,9 +148,5 @@ def shuffling_server(image: Path, max_delay_ms: int = 20) -> Iterator[Served]:
         "nbdkit", "-f", "-r", "-i", "127.0.0.1", "-p", str(port), "--threads", "32", "eval",
         f"get_size=echo {size}", f"pread={pread}", "thread_model=echo parallel", "can_multi_conn=exit 0",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_port(port)
-        yield Served(proc, f"nbd://127.0.0.1:{port}/", port)
-    finally:
-        stop(proc)
+    with _peer(cmd, port) as served:
+        yield served

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any
 
+from ..nbd.address import parse_address
 from .link_model import Flow, LinkDirection, WanParams
 
 log = logging.getLogger("hikkoshi.lab.wan")
@@ -63,24 +64,8 @@ class Endpoint:
     @classmethod
     def parse(cls, text: str) -> Endpoint:
         """Parse ``HOST:PORT``, ``[V6]:PORT``, ``PORT`` or ``unix:PATH``."""
-        if text.startswith("unix:"):
-            if not text[5:]:
-                raise ValueError("unix: needs a path")
-            return cls(unix=text[5:])
-        host, sep, port = text.rpartition(":")
-        if not sep:
-            host, port = "127.0.0.1", text
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        elif ":" in host:
-            raise ValueError(f"bad address {text!r}: write an IPv6 host in brackets, [::1]:PORT")
-        try:
-            number = int(port)
-        except ValueError:
-            raise ValueError(f"bad address {text!r}: expected HOST:PORT or unix:PATH") from None
-        if not 0 <= number <= 65535:
-            raise ValueError(f"bad port in {text!r}")
-        return cls(host=host or "127.0.0.1", port=number)
+        host, port, unix = parse_address(text)
+        return cls(unix=unix) if unix is not None else cls(host=host, port=port)
 
     def __str__(self) -> str:
         if self.unix is not None:

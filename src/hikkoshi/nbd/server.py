@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from .address import parse_address
 from .constants import (
     HIKKOSHI_HEAT,
     MAX_PAYLOAD,
@@ -153,19 +154,8 @@ class ListenAddress:
     @classmethod
     def parse(cls, text: str) -> ListenAddress:
         """Parse ``HOST:PORT``, ``[V6]:PORT``, ``PORT`` or ``unix:PATH``."""
-        if text.startswith("unix:"):
-            return cls(unix=Path(text[5:]))
-        host, sep, port = text.rpartition(":")
-        if not sep:
-            host, port = "127.0.0.1", text
-        host = host.strip("[]") or "127.0.0.1"
-        try:
-            number = int(port)
-        except ValueError:
-            raise ValueError(f"bad listen address {text!r}: expected HOST:PORT or unix:PATH") from None
-        if not 0 <= number <= 65535:
-            raise ValueError(f"bad port in {text!r}")
-        return cls(host=host, port=number)
+        host, port, unix = parse_address(text)
+        return cls(unix=Path(unix)) if unix is not None else cls(host=host, port=port)
 
 
 class _Connection(asyncio.BufferedProtocol):
