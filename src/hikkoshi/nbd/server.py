@@ -154,7 +154,10 @@ class ListenAddress:
     @classmethod
     def parse(cls, text: str) -> ListenAddress:
         """Parse ``HOST:PORT``, ``[V6]:PORT``, ``PORT`` or ``unix:PATH``."""
-        host, port, unix = parse_address(text)
+        try:
+            host, port, unix = parse_address(text)
+        except ValueError as exc:
+            raise ValueError(f"bad listen address: {exc}") from None
         return cls(unix=Path(unix)) if unix is not None else cls(host=host, port=port)
 
 
