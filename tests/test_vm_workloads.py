@@ -45,6 +45,15 @@ def patch(path: Path, offset: int, data: bytes) -> None:
         f.write(data)
 
 
+def flip(path: Path, offset: int) -> None:
+    """Damage one byte for sure (writing a fixed value is a no-op when the byte already holds it)."""
+    with path.open("r+b") as f:
+        f.seek(offset)
+        old = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([old ^ 0xFF]))
+
+
 # --- diskwriter -----------------------------------------------------------------------------------------
 
 
@@ -69,7 +78,7 @@ def test_other_runs_are_not_ours(tmp_path: Path) -> None:
 def test_damaged_payload(tmp_path: Path) -> None:
     image = tmp_path / "disk.raw"
     write_ring(image, 6)
-    patch(image, 2 * RECORD_SIZE + 9000, b"\xff")
+    flip(image, 2 * RECORD_SIZE + 9000)
     with pytest.raises(DiskwriterError, match="seq=2 fails its checksum") as err:
         verify_diskwriter_image(image, run=RUN, slots=SLOTS)
     assert err.value.slot == 2
@@ -86,7 +95,7 @@ def test_torn_last_record_only_when_allowed(tmp_path: Path) -> None:
     report = verify_diskwriter_image(image, run=RUN, slots=SLOTS, allow_torn=True, durable=SLOTS + 1)
     assert report.torn and report.last == SLOTS + 1 and report.records == SLOTS - 1
     # Torn anywhere but right after the last record is damage, allowed or not.
-    patch(image, 5 * RECORD_SIZE + 300, b"\x00")
+    flip(image, 5 * RECORD_SIZE + 300)
     with pytest.raises(DiskwriterError):
         verify_diskwriter_image(image, run=RUN, slots=SLOTS, allow_torn=True)
 
