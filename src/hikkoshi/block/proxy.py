@@ -271,28 +271,39 @@ class ProxyDevice(BlockDevice):
 
     # --- writes --------------------------------------------------------------------------------------------
 
-    def _modify(self, offset: int, length: int, apply: Callable[[], Any], fua: bool) -> MaybeAwaitable[None]:
-        """Apply a local change to a byte range; partial blocks that are missing are fetched first."""
+    def _inflight_in(self, offset: int, length: int) -> list[int]:
+        """Blocks of a byte range whose fetch is in flight (a change must let it land first)."""
+        if not self._inflight:
+            return []
+        return [b for b in self.presence.block_range(offset, length) if b in self._inflight]
+
+    def _must_wait(self, offset: int, length: int) -> list[int]:
+        """Blocks to make present before changing a range: missing partial edges, and blocks in flight."""
+        if not length:
+            return []
         presence = self.presence
         bs = self.block_size
-        partial: list[int] = []
-        if length:
-            first = offset // bs
-            last = (offset + length - 1) // bs
-            if offset % bs and not presence.test(first):
-                partial.append(first)
-            end = offset + length
-            if end % bs and end < self.size and not presence.test(last) and last not in partial:
-                partial.append(last)
-            if self._inflight:
-                # Blocks being fetched: let the fetch land first, then write over it.
-                partial += [b for b in range(first, last + 1) if b in self._inflight and b not in partial]
-        if not partial:
+        first = offset // bs
+        last = (offset + length - 1) // bs
+        end = offset + length
+        wait: list[int] = []
+        if offset % bs and not presence.test(first):
+            wait.append(first)
+        if end % bs and end < self.size and not presence.test(last) and last not in wait:
+            wait.append(last)
+        wait += [b for b in self._inflight_in(offset, length) if b not in wait]
+        return wait
+
+    def _modify(
+        self, offset: int, length: int, apply: Callable[[], Any], fua: bool, wait: list[int]
+    ) -> MaybeAwaitable[None]:
+        """Apply a local change to a byte range once the blocks in ``wait`` (from _must_wait) are present."""
+        if not wait:
             self._apply(offset, length, apply)
             return self.flush() if fua else None
 
         async def slow() -> None:
-            await self.ensure(partial, demand=True)
+            await self.ensure(wait, demand=True)
             self._apply(offset, length, apply)
             if fua:
                 await self.flush()
@@ -308,39 +319,25 @@ class ProxyDevice(BlockDevice):
         self._check_complete()
 
     def write(self, offset: int, data: memoryview, fua: bool) -> MaybeAwaitable[None]:
-        if self._needs_fetch(offset, len(data)) or self._touches_inflight(offset, len(data)):
-            payload = bytes(data)  # the view dies when we return; the slow path needs the bytes later
-            return self._modify(
-                offset, len(payload), lambda: self.local.write(offset, memoryview(payload), False), fua
-            )
-        return self._modify(offset, len(data), lambda: self.local.write(offset, data, False), fua)
-
-    def _touches_inflight(self, offset: int, length: int) -> bool:
-        return bool(self._inflight) and any(
-            b in self._inflight for b in self.presence.block_range(offset, length)
-        )
-
-    def _needs_fetch(self, offset: int, length: int) -> bool:
-        bs = self.block_size
-        end = offset + length
-        return bool(
-            (offset % bs and not self.presence.test(offset // bs))
-            or (end % bs and end < self.size and not self.presence.test((end - 1) // bs))
-        )
+        wait = self._must_wait(offset, len(data))
+        if wait:
+            data = memoryview(
+                bytes(data)
+            )  # the view dies when we return; the slow path needs the bytes later
+        return self._modify(offset, len(data), lambda: self.local.write(offset, data, False), fua, wait)
 
     def trim(self, offset: int, length: int, fua: bool) -> MaybeAwaitable[None]:
-        if self._touches_inflight(offset, length):
+        inflight = self._inflight_in(offset, length)
+        if not inflight:
+            return self._trim(offset, length, fua)
 
-            async def after_fetches() -> None:
-                await self.ensure(
-                    [b for b in self.presence.block_range(offset, length) if b in self._inflight], True
-                )
-                result = self._trim(offset, length, fua)
-                if result is not None:
-                    await result
+        async def after_fetches() -> None:
+            await self.ensure(inflight, True)
+            result = self._trim(offset, length, fua)
+            if result is not None:
+                await result
 
-            return after_fetches()
-        return self._trim(offset, length, fua)
+        return after_fetches()
 
     def _trim(self, offset: int, length: int, fua: bool) -> MaybeAwaitable[None]:
         # TRIM is advisory: only whole blocks are affected, so nothing is ever fetched for it.
@@ -358,11 +355,16 @@ class ProxyDevice(BlockDevice):
     def write_zeroes(
         self, offset: int, length: int, may_trim: bool, fast_only: bool, fua: bool
     ) -> MaybeAwaitable[None]:
-        if fast_only and (self._needs_fetch(offset, length) or self._touches_inflight(offset, length)):
+        wait = self._must_wait(offset, length)
+        if fast_only and wait:
             # Zeroing a partial missing block needs a fetch: not fast.
             raise OSError(errno.ENOTSUP, "zeroing would need a fetch from the upstream")
         return self._modify(
-            offset, length, lambda: self.local.write_zeroes(offset, length, may_trim, fast_only, False), fua
+            offset,
+            length,
+            lambda: self.local.write_zeroes(offset, length, may_trim, fast_only, False),
+            fua,
+            wait,
         )
 
     # --- durability ----------------------------------------------------------------------------------------
