@@ -22,7 +22,7 @@ from ..nbd.client import Reconnect
 from ..nbd.control import ControlServer
 from ..nbd.server import Export, ExportTable, ListenAddress, NbdServer
 from ..nbd.uri import NbdUri
-from .nbd_serve import leaves
+from .nbd_serve import announce
 
 
 def add_parser(sub: Any) -> None:
@@ -214,9 +214,7 @@ async def run_proxy(args: argparse.Namespace) -> int:
             if control is not None:
                 register_proxy_commands(control, proxy, copy)
                 await control.start()
-            for addr in server.bound:
-                where = f"nbd+unix:///?socket={addr[5:]}" if addr.startswith("unix:") else f"nbd://{addr}/"
-                print(f"hikkoshi: serving {where}", flush=True)
+            announce(server)
             copying = tg.create_task(copy.run())
             await serving
             copying.cancel()
@@ -233,16 +231,6 @@ async def run_proxy(args: argparse.Namespace) -> int:
 
 
 def proxy_command(args: argparse.Namespace) -> int:
-    from .runtime import run
+    from .runtime import run_reporting
 
-    try:
-        return run(run_proxy(args))
-    except (OSError, ValueError, BitmapMismatch) as exc:
-        print(f"hikkoshi nbd proxy: {exc}", file=sys.stderr)
-    except BaseExceptionGroup as group:
-        errors = group.subgroup((OSError, ValueError, BitmapMismatch))
-        if errors is None:
-            raise
-        for err in leaves(errors):
-            print(f"hikkoshi nbd proxy: {err}", file=sys.stderr)
-    return 2
+    return run_reporting(run_proxy(args), "hikkoshi nbd proxy", (OSError, ValueError, BitmapMismatch))

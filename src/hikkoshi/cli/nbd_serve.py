@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +84,16 @@ def register_commands(control: ControlServer, exports: ExportTable, server: NbdS
     control.register("listening", lambda _args: list(server.bound), "addresses the server is bound to")
 
 
+def announce(server: NbdServer) -> None:
+    """Print where the server listens, as URIs (tests and scripts wait for these lines)."""
+    scheme = "nbds" if server.tls else "nbd"
+    for addr in server.bound:
+        if addr.startswith("unix:"):
+            print(f"hikkoshi: serving {scheme}+unix:///?socket={addr[5:]}", flush=True)
+        else:
+            print(f"hikkoshi: serving {scheme}://{addr}/", flush=True)
+
+
 async def serve(args: argparse.Namespace) -> int:
     tls = None
     if args.tls_cert or args.tls_key:
@@ -116,12 +125,7 @@ async def serve(args: argparse.Namespace) -> int:
             if control is not None:
                 register_commands(control, exports, server)
                 await control.start()
-            scheme = "nbds" if tls else "nbd"
-            for addr in server.bound:
-                if addr.startswith("unix:"):
-                    print(f"hikkoshi: serving {scheme}+unix:///?socket={addr[5:]}", flush=True)
-                else:
-                    print(f"hikkoshi: serving {scheme}://{addr}/", flush=True)
+            announce(server)
     finally:
         if control is not None:
             await control.close()
@@ -131,24 +135,6 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from .runtime import run
+    from .runtime import run_reporting
 
-    try:
-        return run(serve(args))
-    except (OSError, ValueError) as exc:
-        print(f"hikkoshi nbd serve: {exc}", file=sys.stderr)
-    except BaseExceptionGroup as group:
-        errors = group.subgroup((OSError, ValueError))
-        if errors is None:
-            raise
-        for err in leaves(errors):
-            print(f"hikkoshi nbd serve: {err}", file=sys.stderr)
-    return 2
-
-
-def leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    """The exceptions inside nested groups."""
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out += leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
-    return out
+    return run_reporting(serve(args), "hikkoshi nbd serve", (OSError, ValueError))

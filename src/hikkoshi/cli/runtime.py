@@ -29,3 +29,28 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)
+
+
+def run_reporting(
+    main: Coroutine[Any, Any, int], prog: str, expected: tuple[type[BaseException], ...]
+) -> int:
+    """Run a command's main; expected errors (also inside task groups) become one line each and exit 2."""
+    try:
+        return run(main)
+    except expected as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+    except BaseExceptionGroup as group:
+        errors = group.subgroup(expected)
+        if errors is None:
+            raise
+        for err in leaves(errors):
+            print(f"{prog}: {err}", file=sys.stderr)
+    return 2
+
+
+def leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions inside nested groups."""
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
