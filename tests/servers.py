@@ -150,3 +150,16 @@ def shuffling_server(image: Path, max_delay_ms: int = 20) -> Iterator[Served]:
     ]  # fmt: skip
     with _peer(cmd, port) as served:
         yield served
+
+
+def run_tool(*argv: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a tool with a bounded time; with ``check``, fail the test on a non-zero exit, showing stderr."""
+    import pytest
+
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:  # run() has killed it
+        pytest.fail(f"{argv} did not finish within {timeout}s")
+    if check:
+        assert proc.returncode == 0, f"{argv} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc

@@ -21,7 +21,7 @@ from hikkoshi.nbd.control import control_request
 from hikkoshi.nbd.errors import CommandError
 
 from .conftest import make_image
-from .servers import Served, hikkoshi_server
+from .servers import Served, hikkoshi_server, run_tool
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -34,14 +34,7 @@ pytestmark = needs
 
 
 def run(*argv: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run a tool with a bounded time; with ``check``, fail the test on a non-zero exit, showing stderr."""
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:  # run() has killed it
-        pytest.fail(f"{argv} did not finish within {timeout}s")
-    if check:
-        assert proc.returncode == 0, f"{argv} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc
+    return run_tool(*argv, timeout=timeout, check=check)
 
 
 def qemu_io(uri: str, *commands: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -27,6 +27,7 @@ from hikkoshi.nbd.errors import CommandError
 
 from .conftest import make_image
 from .servers import Served, hikkoshi_server, stop
+from .servers import run_tool as run
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -35,16 +36,6 @@ pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("qemu-img", "qemu-io", "nbdinfo", "fio")),
     reason="needs qemu-utils, libnbd-bin and fio",
 )
-
-
-def run(*argv: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:  # run() has killed it
-        pytest.fail(f"{argv} did not finish within {timeout}s")
-    if check:
-        assert proc.returncode == 0, f"{argv} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc
 
 
 def hikkoshi(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

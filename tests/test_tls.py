@@ -11,7 +11,6 @@ import datetime
 import json
 import shutil
 import ssl
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -30,6 +29,7 @@ from hikkoshi.nbd.tls import client_context
 
 from .conftest import make_image
 from .servers import Served, hikkoshi_server
+from .servers import run_tool as run
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -218,16 +218,6 @@ def mtls_served(image: Path, pki: Pki) -> Iterator[Served]:
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
-
-
-def run(*argv: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:  # run() has killed it
-        pytest.fail(f"{argv} did not finish within {timeout}s")
-    if check:
-        assert proc.returncode == 0, f"{argv} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc
 
 
 def qemu_opts(served: Served, creds_dir: Path) -> list[str]:

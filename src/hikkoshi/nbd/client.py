@@ -337,8 +337,6 @@ class NbdClient:
             return
         await self._submit(Command.WRITE, offset, len(data), CommandFlag.FUA if fua else 0, bytes(data))
         self._write_gen += 1
-        if fua:
-            return
 
     async def flush(self) -> None:
         """Make every acknowledged write durable.
