@@ -267,7 +267,7 @@ def _command_output(argv: list[str]) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def machine_facts(settings: Settings) -> dict[str, Any]:
+def machine_facts(workdir: Path) -> dict[str, Any]:
     return {
         "nproc": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)),
@@ -276,7 +276,7 @@ def machine_facts(settings: Settings) -> dict[str, Any]:
         "kernel": platform.release(),
         "os": _os_name(),
         "python": platform.python_version(),
-        "workdir_fs": _command_output(["stat", "-f", "-c", "%T", str(settings.workdir)]),
+        "workdir_fs": _command_output(["stat", "-f", "-c", "%T", str(workdir)]),
         "loadavg_at_start": list(os.getloadavg()),
     }
 
@@ -547,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "order": "per repeat and workload, servers interleaved; order rotated each time",
             "between_runs": "server restarted for every run; image fsync'd before every run",
         },
-        "machine": machine_facts(settings),
+        "machine": machine_facts(settings.workdir),
         "tools": tool_versions(specs),
         "servers": {
             name: {

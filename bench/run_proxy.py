@@ -30,7 +30,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -80,11 +79,10 @@ from bench.run_nbd import (
     DEFAULT_WORKDIR,
     REPO_ROOT,
     _command_output,
-    _os_name,
     _raise_interrupt,
-    _read_first,
     ensure_filled_file,
     log,
+    machine_facts,
     parse_size,
     warm_page_cache,
 )
@@ -255,20 +253,6 @@ def settings_from_args(argv: Sequence[str] | None) -> Settings:
 
 
 # --- machine facts --------------------------------------------------------------------------------------
-
-
-def machine_facts(workdir: Path) -> dict[str, Any]:
-    return {
-        "nproc": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu_model": _read_first("/proc/cpuinfo", "model name"),
-        "mem_total": _read_first("/proc/meminfo", "MemTotal"),
-        "kernel": platform.release(),
-        "os": _os_name(),
-        "python": platform.python_version(),
-        "workdir_fs": _command_output(["stat", "-f", "-c", "%T", str(workdir)]),
-        "loadavg_at_start": list(os.getloadavg()),
-    }
 
 
 def tool_versions() -> dict[str, Any]:
