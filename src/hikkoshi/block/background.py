@@ -9,11 +9,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from ..nbd.constants import BASE_ALLOCATION
+from ..nbd.constants import BASE_ALLOCATION, HIKKOSHI_HEAT
 from .copy_plan import CopyPlan, Range, plan_copy
 from .proxy import ProxyDevice
 from .throttle import Throttle
-from .upstream import HEAT_CONTEXT
 
 log = logging.getLogger("hikkoshi.block.background")
 
@@ -89,8 +88,8 @@ class BackgroundCopy:
             if upstream.has_context(BASE_ALLOCATION):
                 proxy.source_map = await upstream.map(BASE_ALLOCATION)
             heat: list[tuple[int, int, int]] = []
-            if upstream.has_context(HEAT_CONTEXT):
-                heat = await upstream.map(HEAT_CONTEXT)
+            if upstream.has_context(HIKKOSHI_HEAT):
+                heat = await upstream.map(HIKKOSHI_HEAT)
             fs_used = await self.fs_reader(upstream.read, proxy.size) if self.fs_reader else None
         except (OSError, ConnectionError) as exc:
             log.warning("could not map the source (%s); copying everything in disk order", exc)

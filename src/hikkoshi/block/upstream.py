@@ -15,8 +15,6 @@ from ..nbd.uri import NbdUri
 
 log = logging.getLogger("hikkoshi.block.upstream")
 
-HEAT_CONTEXT = HIKKOSHI_HEAT
-
 
 class Upstream:
     """Connections to the source export.
@@ -58,7 +56,7 @@ class Upstream:
 
     async def _client(self) -> NbdClient:
         client = NbdClient(
-            self.uri, tls=self.tls, meta_contexts=(BASE_ALLOCATION, HEAT_CONTEXT), reconnect=self.reconnect
+            self.uri, tls=self.tls, meta_contexts=(BASE_ALLOCATION, HIKKOSHI_HEAT), reconnect=self.reconnect
         )
         await client.__aenter__()
         return client

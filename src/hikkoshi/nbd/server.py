@@ -15,7 +15,7 @@ import os
 import ssl
 import stat
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -139,7 +139,7 @@ class ExportTable:
     def exports(self) -> Iterable[ExportInfo]:
         return [e.info() for e in self._exports.values()]
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[Export]:
         return iter(self._exports.values())
 
 
