@@ -142,6 +142,10 @@ class RawFile(BlockDevice):
             pos = data_end
         return out
 
+    def read_fd(self) -> int:
+        # Exactly RawFile: a subclass may change what ``read`` returns.
+        return self.fd if type(self) is RawFile else -1
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

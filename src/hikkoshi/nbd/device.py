@@ -74,6 +74,14 @@ class BlockDevice(abc.ABC):
         """Block status of a range in one meta context: consecutive (length, flags) from ``offset``."""
         return [(length, 0)]
 
+    def read_fd(self) -> int:
+        """A file descriptor whose bytes :meth:`read` returns verbatim (the server may pread it), or -1.
+
+        Asked before every batch of requests: a layer may change its answer between batches (a storage
+        move switches the file under an export).
+        """
+        return -1
+
     def close(self) -> None:
         """Release resources; the device is not used afterwards."""
         return None

@@ -2,9 +2,8 @@
 
 Answering a 1 MiB read with ``os.pread`` costs a fresh 1 MiB ``bytes`` every time: the allocator maps (or
 grows the heap by) a megabyte, the kernel faults in and zeroes 256 pages, and freeing it trims the heap
-again, several times the cost of the copy itself. When the device is a plain file (exactly
-:class:`~hikkoshi.block.file.RawFile`: a subclass may change what ``read`` returns) the server reads into
-buffers it reuses instead.
+again, several times the cost of the copy itself. When the device reads straight from a file
+(its ``read_fd``) the server reads into buffers it reuses instead.
 
 A buffer handed to the transport may still be referred to by it until its bytes are sent (uvloop keeps
 views of unsent data), so it is reused only once the transport reports an empty write buffer.
@@ -31,15 +30,6 @@ _MIN_BUFFER = 64 * 1024
 _MAX_KEPT = 16 * 1024 * 1024
 #: Send buffer asked for (the kernel doubles it): a queue depth of 1 MiB replies.
 _SNDBUF = 4 * 1024 * 1024
-
-
-def _file_fd(device: BlockDevice) -> int:
-    """The fd whose bytes ``device.read`` returns verbatim, or -1."""
-    from ..block.file import RawFile  # a device layer: imported late to keep the protocol package below it
-
-    if type(device) is RawFile:
-        return device.fd
-    return -1
 
 
 def _sysctl(name: str) -> int:
@@ -79,8 +69,8 @@ class FastPath:
 
     def __init__(self, transport: asyncio.Transport, device: BlockDevice) -> None:
         self.transport = transport
-        #: The file to read from, or -1 when reads must go through ``device.read``.
-        self.file_fd = _file_fd(device)
+        #: The file to read from, or -1 when reads must go through ``device.read``; see :meth:`use`.
+        self.file_fd = device.read_fd()
         self._widened = False
         self._free: dict[int, list[bytearray]] = {}
         self._kept = 0
@@ -97,6 +87,11 @@ class FastPath:
 
     def _drained(self) -> bool:
         return not self.transport.get_write_buffer_size() and not self.transport.is_closing()
+
+    def use(self, device: BlockDevice) -> None:
+        """Start a batch on ``device`` (the export's device, or the file under it, may have changed)."""
+        self.file_fd = device.read_fd()
+        self.reclaim()
 
     def reclaim(self) -> None:
         """Reuse the buffers of earlier replies once the transport has sent everything."""

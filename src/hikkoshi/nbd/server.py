@@ -379,7 +379,7 @@ class _Connection(asyncio.BufferedProtocol):
         fast = self._fast
         if fast is None or fast.transport is not transport:
             fast = self._fast = FastPath(transport, device)
-        fast.reclaim()
+        fast.use(device)
         pending = 0
         while not self._closing and not self._write_paused:
             req = reader.next_request()
