@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import nbd_proxy, nbd_serve, nbd_stats, nbd_status
+from . import nbd_move, nbd_proxy, nbd_serve, nbd_stats, nbd_status
 from .runtime import setup_logging
 
 
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     nbd_proxy.add_parser(nbd)
     nbd_status.add_parser(nbd)
     nbd_stats.add_parser(nbd)
+    nbd_move.add_parser(nbd)
     from . import datastore, guest, vm
 
     guest.add_parser(top)

@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from ..block.file import RawFile
-from ..nbd.control import ControlError, ControlServer
+from ..block.move_journal import MoveJournalError, recover
+from ..block.tracking import TrackedDevice
+from ..nbd.control import ControlServer
 from ..nbd.server import Export, ExportTable, ListenAddress, NbdServer
 from ..nbd.tls import server_context
+from .serve_control import MoveService, register_commands
 
 
 def add_parser(sub: Any) -> None:
@@ -41,47 +44,16 @@ def add_parser(sub: Any) -> None:
 
 
 def build_exports(images: list[str], names: list[str], read_only: bool) -> ExportTable:
-    """Open every image as an export."""
+    """Open every image as an export, on a dirty-tracking layer; first finish or undo interrupted moves."""
     if len(names) > len(images):
         raise ValueError(f"{len(names)} export names for {len(images)} images")
     table = ExportTable()
     for i, image in enumerate(images):
         name = names[i] if i < len(names) else Path(image).name
-        table.add(Export(name, RawFile(image, read_only=read_only), description=str(Path(image).resolve())))
+        path = recover(Path(image))
+        device = TrackedDevice(RawFile(path, read_only=read_only))
+        table.add(Export(name, device, description=str(path.resolve())))
     return table
-
-
-def register_commands(control: ControlServer, exports: ExportTable, server: NbdServer) -> None:
-    """Control commands of a plain NBD server."""
-
-    def find(args: dict[str, Any]) -> list[Export]:
-        name = args.get("export")
-        if name is None:
-            return list(exports)
-        export = exports.get(str(name))
-        if export is None:
-            raise ControlError(f"no export named {name!r}")
-        return [export]
-
-    def list_exports(args: dict[str, Any]) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": e.name,
-                "size": e.device.size,
-                "description": e.description,
-                "read_only": e.device.capabilities.read_only,
-                "connections": e.stats.connections,
-            }
-            for e in exports
-        ]
-
-    def stats(args: dict[str, Any]) -> dict[str, Any]:
-        regions = bool(args.get("regions", False))
-        return {e.name: {"size": e.device.size, **e.stats.snapshot(regions)} for e in find(args)}
-
-    control.register("exports", list_exports, "list exports")
-    control.register("stats", stats, "statistics per export; args: export, regions (bool)")
-    control.register("listening", lambda _args: list(server.bound), "addresses the server is bound to")
 
 
 def announce(server: NbdServer) -> None:
@@ -114,16 +86,20 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop)
     control = ControlServer(control_path) if control_path else None
+    moves = MoveService()
     try:
         async with asyncio.TaskGroup() as tg:
             serving = tg.create_task(server.serve())
+            tg.create_task(moves.run())
+            # Moves end (each undoing itself unless already switched) when the server stops.
+            serving.add_done_callback(lambda _t: moves.close())
             ready = tg.create_task(server.ready.wait())
             await asyncio.wait([serving, ready], return_when=asyncio.FIRST_COMPLETED)
             if serving.done():
                 ready.cancel()
                 return 1
             if control is not None:
-                register_commands(control, exports, server)
+                register_commands(control, exports, server, moves)
                 await control.start()
             announce(server)
     finally:
@@ -137,4 +113,4 @@ async def serve(args: argparse.Namespace) -> int:
 def serve_command(args: argparse.Namespace) -> int:
     from .runtime import run_reporting
 
-    return run_reporting(serve(args), "hikkoshi nbd serve", (OSError, ValueError))
+    return run_reporting(serve(args), "hikkoshi nbd serve", (OSError, ValueError, MoveJournalError))
