@@ -17,9 +17,14 @@ import pytest
 
 from hikkoshi.block.move_journal import Journal
 from hikkoshi.nbd.control import ControlError, control_request
+from hikkoshi.vm.guest_image import GuestImage
+from hikkoshi.vm.workloads import BLOCK_SIZE, console_result, verify_diskcheck_image
 
 from .conftest import make_image
 from .servers import Served, hikkoshi_server, run_tool, stop
+from .test_guest_boot import guest, run_guest
+
+__all__ = ["guest"]  # the fixture, shared with the boot tests
 
 MiB = 1 << 20
 
@@ -245,3 +250,36 @@ def test_dirty_bitmaps_over_the_control_socket_and_nbd(tmp_path: Path) -> None:
         with pytest.raises(ControlError, match="no bitmap"):
             ctl("bitmap-get", name="since-t0")
     assert os.path.exists(src)
+
+
+@pytest.mark.slow
+def test_guest_writes_through_the_export_during_a_move(guest: GuestImage, tmp_path: Path) -> None:
+    blocks, run = 1024, 4242
+    src = make_image(tmp_path / "src.raw", 48 * MiB, data_every=MiB)
+    original = src.read_bytes()
+    dst = tmp_path / "moved.raw"
+    with serving(src, tmp_path) as s:
+        # 6 MB/s: the copy is still running while the guest boots and writes.
+        mover = subprocess.Popen(
+            [sys.executable, "-m", "hikkoshi", "nbd", "move", "--control", f"unix:{tmp_path / 'ctl.sock'}",
+             "--to", str(dst), "--json", "--bandwidth", "6M"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            result = run_guest(
+                guest, s.export_uri("disk"), "diskcheck", tmp_path, {"blocks": blocks, "run": run}
+            )
+            out, err = mover.communicate(timeout=120)
+        finally:
+            stop(mover)
+        assert mover.returncode == 0, out + err
+        status = json.loads(out)
+        line = console_result(result.console, "HIKKOSHI-DISKCHECK")
+        assert line == f"HIKKOSHI-DISKCHECK OK blocks={blocks} run={run}", result.console[-3000:]
+        assert status["elapsed"] > result.seconds / 2, "the move should overlap the guest's run"
+        assert_moved(src, dst)
+        equal_to_export(s, dst)
+    assert verify_diskcheck_image(dst, run=run, blocks=blocks) == blocks
+    with dst.open("rb") as f:
+        f.seek(blocks * BLOCK_SIZE)
+        assert f.read() == original[blocks * BLOCK_SIZE :]
