@@ -254,6 +254,8 @@ class MirrorDevice(BlockDevice):
         put = 0
         while put < length:
             put += os.pwritev(self.dest.fd, [view[put:]], offset + put)
+        # Disk writes start now, in the background, rather than all at once in the switch's fsync.
+        fallocate.start_writeback(self.dest.fd, offset, length)
         return length
 
     def _zero_dest(self, offset: int, length: int) -> None:
