@@ -196,6 +196,8 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.write(self.handshake.data_to_send())
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._fast is not None:
+            self._fast.close()  # its copy of the socket's descriptor would keep the connection open
         self._notify("closed")
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -378,6 +380,8 @@ class _Connection(asyncio.BufferedProtocol):
         clock = time.perf_counter_ns
         fast = self._fast
         if fast is None or fast.transport is not transport:
+            if fast is not None:
+                fast.close()
             fast = self._fast = FastPath(transport, device)
         fast.use(device)
         pending = 0
@@ -401,10 +405,16 @@ class _Connection(asyncio.BufferedProtocol):
                 continue
             try:
                 if command == Command.READ:
-                    if length < BIG_READ or fast.file_fd < 0:
-                        data = device.read(offset, length)
-                    else:
-                        data = fast.pread(offset, length)
+                    if length >= BIG_READ and fast.file_fd >= 0:
+                        header = (
+                            offset_data_header(handle, offset, length) if structured else simple_reply(handle)
+                        )
+                        if fast.send_read(out, header, offset, length) is not None:
+                            self._abort()  # part of a reply may be out: nothing can follow it (logged)
+                            return
+                        stats.record(command, offset, length, clock() - t0, 0)
+                        continue
+                    data = device.read(offset, length)
                     if isinstance(data, (bytes, bytearray, memoryview)):
                         if structured:
                             out.append(
