@@ -6,8 +6,12 @@ Rules that make it correct:
   blocks whose data was fsynced before the bitmap was written (flush snapshots the bits first).
 - Concurrent reads of a missing block share one fetch. Fetched bytes never overwrite what the guest wrote:
   a guest write to a block whose fetch is in flight waits for it, and installing skips present blocks.
+- A read waiting for a fetch is answered from the fetched buffer as soon as it arrives (the cache write
+  goes on meanwhile), unless a guest write landed on one of its blocks since: then it reads the cache once
+  the fetch is installed. Either way the reply holds what a read concurrent with those writes may see.
 - A partial write to a missing block fetches that block first (only the partial blocks), then writes.
-- Fetched data is written to the cache from a worker thread, so the event loop keeps serving.
+- Fetched data is written to the cache from a worker thread (cache_writer.py), so the event loop keeps
+  serving; at most ``_MAX_UNWRITTEN`` fetched bytes wait for it, so a fast source cannot fill memory.
 - Replies may complete in any order; nothing here depends on the upstream answering in order.
 """
 
@@ -19,7 +23,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,13 +31,59 @@ from ..nbd.constants import BASE_ALLOCATION, AllocationFlag
 from ..nbd.device import BlockDevice, Buffer, Capabilities, MaybeAwaitable
 from . import fallocate
 from .bitmap_file import BitmapFile
+from .buffers import BufferPool
+from .cache_writer import CacheWriter, Op, Punch, Write
 from .file import RawFile
+from .presence import PresenceMap
 from .upstream import Upstream
 
 log = logging.getLogger("hikkoshi.block.proxy")
 
 _ZEROS = bytes(1 << 20)
 _HOLE = int(AllocationFlag.HOLE | AllocationFlag.ZERO)
+#: Fetched bytes that may wait for the cache writer before new fetches wait for it in turn.
+_MAX_UNWRITTEN = 32 << 20
+#: Fetch buffers kept for reuse (bytes): all that may wait for the writer, and replies still being sent.
+_POOL_BYTES = _MAX_UNWRITTEN + (16 << 20)
+
+
+class _Fetch:
+    """One upstream read of consecutive missing blocks, shared by every request that needs them."""
+
+    __slots__ = ("arrived", "count", "data", "done", "installed", "skipped", "start")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, start: int, count: int) -> None:
+        self.start = start
+        self.count = count
+        #: The fetched bytes, once they arrived.
+        self.data: bytearray | None = None
+        #: Resolved when the data is here (or the fetch failed).
+        self.arrived: asyncio.Future[None] = loop.create_future()
+        #: Resolved when the blocks are in the cache and marked present (or the fetch failed).
+        self.done: asyncio.Future[None] = loop.create_future()
+        # A waiter may have gone (client left): never warn about an unretrieved failure.
+        self.arrived.add_done_callback(_retrieve)
+        self.done.add_done_callback(_retrieve)
+        self.installed = False
+        #: Blocks the guest wrote while the fetch was in flight (not installed: the guest's data wins).
+        self.skipped: list[int] = []
+
+    def fail(self, error: BaseException) -> None:
+        for fut in (self.arrived, self.done):
+            if not fut.done():
+                fut.set_exception(error)
+
+    def serves(self, presence: PresenceMap, first: int, last: int) -> bool:
+        """Whether the fetched bytes are what blocks first..last (all this fetch's) should read as.
+
+        Guest changes wait for in-flight fetches (``_settle``), so no block of a fetch should become present
+        before it installs them; this only guards the read against one that did.
+        """
+        if self.data is None:
+            return False
+        if self.installed:
+            return not any(first <= b <= last for b in self.skipped)
+        return not any(presence.test(b) for b in range(first, last + 1))
 
 
 @dataclass
@@ -90,7 +140,14 @@ class ProxyDevice(BlockDevice):
         self.counters = ProxyCounters()
         #: Upstream allocation as (offset, length, flags), learned at start; used for block status.
         self.source_map: list[tuple[int, int, int]] = []
-        self._inflight: dict[int, asyncio.Future[None]] = {}
+        self._inflight: dict[int, _Fetch] = {}
+        #: Fetched bytes not yet written to the cache, and whether there is room for more.
+        self._unwritten = 0
+        self._write_room = asyncio.Event()
+        self._write_room.set()
+        fetch_bytes = self.fetch_blocks * self.block_size
+        self._buffers = BufferPool(fetch_bytes, max(1, _POOL_BYTES // fetch_bytes))
+        self._writer = CacheWriter(local.fd)
         self._flush_lock = asyncio.Lock()
         self._tg: asyncio.TaskGroup | None = None
         self.detached = upstream.closed
@@ -120,7 +177,25 @@ class ProxyDevice(BlockDevice):
         return self._read_missing(offset, length)
 
     async def _read_missing(self, offset: int, length: int) -> Buffer:
-        await self.ensure(self._with_readahead(self.presence.missing(offset, length)), demand=True)
+        missing = self.presence.missing(offset, length)
+        self._join(self._with_readahead(missing), demand=True)
+        # Wait for the blocks this read needs, not for its readahead.
+        fetches = _unique(self._inflight[b] for b in missing if b in self._inflight)
+        if len(fetches) == 1 and missing:
+            fetch = fetches[0]
+            first, last = missing[0], missing[-1]
+            if (
+                len(missing)
+                == last - first + 1
+                == (offset + length - 1) // self.block_size - offset // self.block_size + 1
+            ):
+                # Every block of the read was missing and is in this one fetch: answer from its buffer.
+                await fetch.arrived
+                if fetch.serves(self.presence, first, last):
+                    assert fetch.data is not None
+                    lo = offset - fetch.start * self.block_size
+                    return memoryview(fetch.data)[lo : lo + length]
+        await _wait_all([f.done for f in fetches])
         return self.local.read(offset, length)
 
     def _with_readahead(self, missing: list[int]) -> list[int]:
@@ -144,23 +219,25 @@ class ProxyDevice(BlockDevice):
 
     def ensure(self, blocks: list[int], demand: bool) -> Awaitable[None]:
         """Make blocks present, joining fetches already in flight; fails with EIO if the upstream does."""
+        return _wait_all([f.done for f in self._join(blocks, demand)])
+
+    def _join(self, blocks: list[int], demand: bool) -> list[_Fetch]:
+        """The fetches that make ``blocks`` present: those in flight, and new ones for the rest."""
         loop = asyncio.get_running_loop()
-        waits: list[asyncio.Future[None]] = []
+        joined: list[_Fetch] = []
         run_start = -1
         run_len = 0
         runs: list[tuple[int, int]] = []
         presence = self.presence
+        inflight = self._inflight
         for b in blocks:
             if presence.test(b):
                 continue
-            fut = self._inflight.get(b)
-            if fut is not None:
-                waits.append(fut)
+            fetch = inflight.get(b)
+            if fetch is not None:
+                if not joined or joined[-1] is not fetch:
+                    joined.append(fetch)
                 continue
-            fut = loop.create_future()
-            fut.add_done_callback(_retrieve)  # a waiter may have gone (client left): don't warn
-            self._inflight[b] = fut
-            waits.append(fut)
             if run_len and b == run_start + run_len and run_len < self.fetch_blocks:
                 run_len += 1
             else:
@@ -170,54 +247,86 @@ class ProxyDevice(BlockDevice):
         if run_len:
             runs.append((run_start, run_len))
         for start, count in runs:
-            self._spawn(self._fetch(start, count, demand))
-        return _wait_all(waits)
+            fetch = _Fetch(loop, start, count)
+            for b in range(start, start + count):
+                inflight[b] = fetch
+            joined.append(fetch)
+            self._spawn(self._fetch(fetch, demand))
+        return _unique(joined)
 
     def _spawn(self, coro: Any) -> None:
         if self._tg is None:
             raise RuntimeError("proxy is not attached to a task group")
         self._tg.create_task(coro)
 
-    async def _fetch(self, start: int, count: int, demand: bool) -> None:
+    async def _fetch(self, fetch: _Fetch, demand: bool) -> None:
+        start, count = fetch.start, fetch.count
         offset = start * self.block_size
         length = min(count * self.block_size, self.size - offset)
+        accounted = 0
         try:
             if self.detached:
                 raise ConnectionError("upstream already detached")
-            data = await self.upstream.read_buffer(offset, length, demand=demand)
-            await self._install(start, count, data)
+            while not self._write_room.is_set():
+                await self._write_room.wait()
+            self._owe(length)
+            accounted = length
+            self._writer.prefault(offset, length)
+            if length == self._buffers.size:
+                data = await self.upstream.read_into(offset, self._buffers.take(), demand=demand)
+            else:
+                data = await self.upstream.read_buffer(offset, length, demand=demand)
+            fetch.data = data
+            fetch.arrived.set_result(None)
+            await self._install(fetch, data)
         except Exception as exc:  # every failure goes to the waiters, never up into the task group
             self.counters.fetch_errors += 1
-            error = OSError(errno.EIO, f"fetching {length} bytes at {offset} from {self.upstream.uri}: {exc}")
-            for b in range(start, start + count):
-                fut = self._inflight.pop(b, None)
-                if fut is not None and not fut.done():
-                    fut.set_exception(error)
+            fetch.fail(
+                OSError(errno.EIO, f"fetching {length} bytes at {offset} from {self.upstream.uri}: {exc}")
+            )
+            self._forget(fetch)
             return
+        finally:
+            self._owe(-accounted)
         if demand:
             self.counters.fetched_demand += length
         else:
             self.counters.fetched_background += length
         self.counters.sample()
-        for b in range(start, start + count):
-            fut = self._inflight.pop(b, None)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+        self._forget(fetch)
+        fetch.done.set_result(None)
         self._check_complete()
 
-    async def _install(self, start: int, count: int, data: bytearray) -> None:
+    def _owe(self, nbytes: int) -> None:
+        """Account fetched bytes on their way to the cache (negative: written, or never coming)."""
+        self._unwritten += nbytes
+        if self._unwritten > _MAX_UNWRITTEN:
+            self._write_room.clear()
+        else:
+            self._write_room.set()
+
+    def _forget(self, fetch: _Fetch) -> None:
+        inflight = self._inflight
+        for b in range(fetch.start, fetch.start + fetch.count):
+            if inflight.get(b) is fetch:
+                del inflight[b]
+
+    async def _install(self, fetch: _Fetch, data: bytearray) -> None:
         """Write fetched data for blocks still missing, then mark them present.
 
-        The blocks are in ``_inflight`` until this returns, so no guest write touches them meanwhile
-        (writes wait for in-flight fetches): the worker thread's pwrite cannot overwrite a guest's data.
+        The blocks are in ``_inflight`` until the fetch is done, so no guest write waiting for them lands
+        meanwhile; one that did not wait (its partial edges were fetched first) made its blocks present,
+        and those are skipped: the worker thread's pwrite cannot overwrite a guest's data.
         """
         presence = self.presence
         bs = self.block_size
+        start = fetch.start
         runs: list[tuple[int, int, bool]] = []  # (first block, end block, all zero)
         b = start
-        end = start + count
+        end = start + fetch.count
         while b < end:
-            if presence.test(b):  # written by the guest before the fetch began: its data wins
+            if presence.test(b):  # written by the guest while the fetch was in flight: its data wins
+                fetch.skipped.append(b)
                 b += 1
                 continue
             run = b
@@ -227,26 +336,27 @@ class ProxyDevice(BlockDevice):
             hi = min((b - start) * bs, len(data))
             runs.append((run, b, _all_zero(data, lo, hi)))
         if runs:
-            await asyncio.to_thread(self._write_runs, start, data, runs)
+            await self._writer.write(self._cache_ops(start, data, runs))
         for run, stop, _ in runs:
             for blk in range(run, stop):
+                if presence.test(blk):  # the guest wrote it while the pwrite ran (see above)
+                    fetch.skipped.append(blk)
                 presence.set(blk)
+        fetch.installed = True
 
-    def _write_runs(self, start: int, data: bytearray, runs: list[tuple[int, int, bool]]) -> None:
-        """Worker thread: put fetched runs into the cache (zero runs become holes, keeping it sparse)."""
+    def _cache_ops(self, start: int, data: bytearray, runs: list[tuple[int, int, bool]]) -> list[Op]:
+        """What puts fetched runs into the cache (zero runs become holes, keeping it sparse)."""
         bs = self.block_size
-        fd = self.local.fd
         view = memoryview(data)
+        ops: list[Op] = []
         for run, stop, zero in runs:
             lo = (run - start) * bs
             hi = min((stop - start) * bs, len(data))
             if zero and self.local.can_punch:
-                fallocate.punch_hole(fd, run * bs, hi - lo)  # also clears stale bytes of an earlier crash
-                continue
-            chunk = view[lo:hi]
-            written = 0
-            while written < len(chunk):
-                written += os.pwrite(fd, chunk[written:], run * bs + written)
+                ops.append(Punch(run * bs, hi - lo))  # also clears stale bytes of an earlier crash
+            else:
+                ops.append(Write(run * bs, view[lo:hi]))
+        return ops
 
     def mark_zero(self, start: int, count: int) -> int:
         """Mark missing blocks that the source reports as zero present, as holes; return bytes marked."""
@@ -304,11 +414,18 @@ class ProxyDevice(BlockDevice):
 
         async def slow() -> None:
             await self.ensure(wait, demand=True)
+            await self._settle(offset, length)
             self._apply(offset, length, apply)
             if fua:
                 await self.flush()
 
         return slow()
+
+    async def _settle(self, offset: int, length: int) -> None:
+        """Wait until no fetch is in flight over a range: while a change waited for others, a read may
+        have started one, and its cache write must not land after the change."""
+        while inflight := self._inflight_in(offset, length):
+            await self.ensure(inflight, True)
 
     def _apply(self, offset: int, length: int, apply: Callable[[], Any]) -> None:
         result = apply()
@@ -333,6 +450,7 @@ class ProxyDevice(BlockDevice):
 
         async def after_fetches() -> None:
             await self.ensure(inflight, True)
+            await self._settle(offset, length)
             result = self._trim(offset, length, fua)
             if result is not None:
                 await result
@@ -432,12 +550,15 @@ class ProxyDevice(BlockDevice):
         await self.flush()
         if not self.detached:
             self.detached = True
+            self._buffers.clear()  # nothing is fetched any more
             await self.upstream.close()
             log.info(
                 "relocation complete: %d bytes local; upstream %s released", self.size, self.upstream.uri
             )
 
     def close(self) -> None:
+        self._writer.close()  # nothing may use the cache's fd once it is closed
+        self._buffers.clear()
         self.bitmap.close(clean=True)
         self.local.close()
 
@@ -465,6 +586,17 @@ def _merge(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
 def _retrieve(fut: asyncio.Future[None]) -> None:
     if not fut.cancelled():
         fut.exception()
+
+
+def _unique(fetches: Iterable[_Fetch]) -> list[_Fetch]:
+    """Each fetch once, in order of first appearance."""
+    seen: set[int] = set()
+    out: list[_Fetch] = []
+    for f in fetches:
+        if id(f) not in seen:
+            seen.add(id(f))
+            out.append(f)
+    return out
 
 
 async def _wait_all(waits: list[asyncio.Future[None]]) -> None:

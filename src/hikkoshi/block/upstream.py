@@ -102,6 +102,9 @@ class Upstream:
     async def read_buffer(self, offset: int, length: int, demand: bool = False) -> bytearray:
         return await self._pick(demand).read_buffer(offset, length)
 
+    async def read_into(self, offset: int, buffer: bytearray, demand: bool = False) -> bytearray:
+        return await self._pick(demand).read_into(offset, buffer)
+
     def has_context(self, name: str) -> bool:
         return bool(self.clients) and name in self.clients[0].contexts
 

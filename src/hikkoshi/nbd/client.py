@@ -41,8 +41,12 @@ class _Lost(Exception):
     """The connection carrying a request went away before its reply."""
 
 
-class _Connection(asyncio.Protocol):
-    """One negotiated connection in the transmission phase."""
+class _Connection(asyncio.BufferedProtocol):
+    """One negotiated connection in the transmission phase.
+
+    A buffered protocol: the transport receives straight into the buffer the reply parser names, which
+    for a large read is the read's own result buffer (no copies in Python).
+    """
 
     def __init__(self, client: NbdClient, machine: ClientTransmission, transport: asyncio.Transport) -> None:
         self.client = client
@@ -54,9 +58,12 @@ class _Connection(asyncio.Protocol):
         self.lost = False
         self.writer: asyncio.StreamWriter | None = None
 
-    def data_received(self, data: bytes) -> None:
-        self.machine.receive_data(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.machine.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
         try:
+            self.machine.buffer_updated(nbytes)
             while (reply := self.machine.next_reply()) is not None:
                 fut = self.futures.pop(reply.handle, None)
                 if fut is not None and not fut.done():
@@ -269,7 +276,13 @@ class NbdClient:
     # --- requests ----------------------------------------------------------------------------------------
 
     async def _submit(
-        self, command: int, offset: int, length: int, flags: int = 0, data: bytes | None = None
+        self,
+        command: int,
+        offset: int,
+        length: int,
+        flags: int = 0,
+        data: bytes | None = None,
+        into: bytearray | None = None,
     ) -> Reply:
         while True:
             conn = await self._connection()
@@ -277,7 +290,7 @@ class NbdClient:
                 await conn.writable.wait()
                 if conn.lost:
                     continue
-            handle, wire_bytes = conn.machine.request(command, offset, length, flags, data)
+            handle, wire_bytes = conn.machine.request(command, offset, length, flags, data, into)
             fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
             conn.futures[handle] = fut
             conn.transport.write(wire_bytes)
@@ -326,6 +339,17 @@ class NbdClient:
             *(self.read_buffer(offset + pos, min(step, length - pos)) for pos in range(0, length, step))
         )
         return bytearray().join(parts)
+
+    async def read_into(self, offset: int, buffer: bytearray) -> bytearray:
+        """Read ``len(buffer)`` bytes at ``offset`` into ``buffer`` (at most :attr:`max_request`); return it.
+
+        The buffer's contents are undefined if the read fails; on success every byte was received.
+        """
+        if len(buffer) > self.max_request:
+            raise ValueError(f"a read into a buffer of {len(buffer)} bytes exceeds the server's maximum")
+        reply = await self._submit(Command.READ, offset, len(buffer), into=buffer)
+        assert reply.data is buffer
+        return buffer
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         """Write a range (split when larger than the server's maximum)."""
