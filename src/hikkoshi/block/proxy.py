@@ -176,6 +176,11 @@ class ProxyDevice(BlockDevice):
         self.counters.reads_fetched += 1
         return self._read_missing(offset, length)
 
+    def read_fd(self) -> int:
+        # Once everything is local, the server may read the cache file itself (its sendfile path).
+        # Large reads then bypass read() and are not counted in reads_local: the hit rate is final anyway.
+        return self.local.read_fd() if self.presence.complete else -1
+
     async def _read_missing(self, offset: int, length: int) -> Buffer:
         missing = self.presence.missing(offset, length)
         self._join(self._with_readahead(missing), demand=True)
