@@ -28,7 +28,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
 
-from bench.nbd_servers import _child_setup, free_port, signals_deferred
+from bench.nbd_servers import free_port, spawn_logged
 from bench.proxy_jobs import HOST, Daemon, JobError, control_request
 
 EXPORT = "disk"
@@ -285,19 +285,8 @@ class QsdDaemon(Daemon):
             self.port = free_port()
             self.argv = qsd_argv(self.qsd, self.image, self.port, self.qmp)
             self.qmp.unlink(missing_ok=True)
-            with signals_deferred(), open(self.log_path, "ab") as log:
-                log.write(f"# {' '.join(self.argv)}\n".encode())
-                log.flush()
-                self._log_offset = log.tell()
-                self.t_start = time.perf_counter()
-                self.proc = subprocess.Popen(
-                    self.argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    preexec_fn=_child_setup,  # safe: the runner is single-threaded
-                )
+            self.t_start = time.perf_counter()
+            self.proc, self._log_offset = spawn_logged(self.argv, self.log_path)
             try:
                 self._wait_ready(ready_timeout_s)
                 self.t_ready = time.perf_counter()

@@ -147,6 +147,27 @@ def _child_setup() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+def spawn_logged(argv: list[str], log_path: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a daemon whose output is appended to ``log_path`` after a ``# argv`` line.
+
+    Returns the process and the log offset where its own output begins (for error tails). Signals are
+    held while it starts, and the child dies with the runner.
+    """
+    with signals_deferred(), open(log_path, "ab") as log:
+        log.write(f"# {' '.join(argv)}\n".encode())
+        log.flush()
+        offset = log.tell()
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_child_setup,  # safe: the runner is single-threaded
+        )
+    return proc, offset
+
+
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -224,18 +245,7 @@ class RunningServer:
         for _ in range(attempts):
             self.port = free_port()
             self.argv = self.spec.argv(self.image, self.port)
-            with signals_deferred(), open(self.log_path, "ab") as log:
-                self._log_offset = log.tell()
-                log.write(f"# {' '.join(self.argv)}\n".encode())
-                log.flush()
-                self.proc = subprocess.Popen(
-                    self.argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    preexec_fn=_child_setup,  # safe: the runner is single-threaded
-                )
+            self.proc, self._log_offset = spawn_logged(self.argv, self.log_path)
             try:
                 self._wait_ready(ready_timeout_s)
                 return

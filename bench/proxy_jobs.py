@@ -28,7 +28,7 @@ from types import TracebackType
 from typing import Any
 
 from bench.fio_jobs import ClientError, Workload, parse_fio_json
-from bench.nbd_servers import _child_setup, process_tree_cpu_seconds, signals_deferred
+from bench.nbd_servers import _child_setup, process_tree_cpu_seconds, signals_deferred, spawn_logged
 
 HOST = "127.0.0.1"
 SOURCE_EXPORT = "src"
@@ -87,20 +87,8 @@ class Daemon:
         return f"nbd://{HOST}:{self.port}/{export}"
 
     def start(self, ready_timeout_s: float = 60.0) -> None:
-        with signals_deferred(), open(self.log_path, "ab") as log:
-            self._log_offset = log.tell()
-            log.write(f"# {' '.join(self.argv)}\n".encode())
-            log.flush()
-            self._log_offset = log.tell()
-            self.t_start = time.perf_counter()
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_child_setup,  # safe: the runner is single-threaded
-            )
+        self.t_start = time.perf_counter()
+        self.proc, self._log_offset = spawn_logged(self.argv, self.log_path)
         deadline = time.monotonic() + ready_timeout_s
         while True:
             match = _READY_RE.search(self._log_text())

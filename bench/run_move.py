@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
 import os
 import shlex
 import shutil
@@ -69,6 +68,7 @@ from bench.run_nbd import (
     log,
     machine_facts,
     parse_size,
+    write_results,
 )
 
 OURS_MIRROR = "hikkoshi-mirror"
@@ -597,15 +597,6 @@ def markdown_report(b: Bench, summary: dict[str, Any], rats: list[dict[str, Any]
     return "\n".join(lines)
 
 
-def write_results(results: dict[str, Any], output_dir: Path, stamp: str) -> Path:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / f"move-{stamp}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(path)
-    return path
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from_args(argv)
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -677,7 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         markdown=report,
     )
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
-    path = write_results(results, settings.output_dir, stamp)
+    path = write_results(results, settings.output_dir, stamp, "move")
     print(report)
     print(f"results: {path}")
     for name, cmd in bench.commands.items():

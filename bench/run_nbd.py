@@ -502,11 +502,12 @@ def markdown_report(
     return "\n".join(lines) + "\n"
 
 
-def write_results(results: dict[str, Any], output_dir: Path, stamp: str) -> Path:
+def write_results(results: dict[str, Any], output_dir: Path, stamp: str, kind: str = "nbd") -> Path:
+    """Write ``bench/results/KIND-STAMP.json`` atomically (every runner's result file)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / f"nbd-{stamp}.json"
+    path = output_dir / f"{kind}-{stamp}.json"
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
     tmp.replace(path)
     return path
 

@@ -85,6 +85,7 @@ from bench.run_nbd import (
     machine_facts,
     parse_size,
     warm_page_cache,
+    write_results,
 )
 
 SECTIONS: tuple[str, ...] = ("read", "relocate", "wan", "fs")
@@ -1283,15 +1284,6 @@ def markdown_report(b: Bench, stamp: str) -> str:
     return "\n".join(lines)
 
 
-def write_results(results: dict[str, Any], output_dir: Path, stamp: str) -> Path:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / f"proxy-{stamp}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(path)
-    return path
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from_args(argv)
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -1346,7 +1338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         markdown=report,
     )
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
-    path = write_results(results, settings.output_dir, stamp)
+    path = write_results(results, settings.output_dir, stamp, "proxy")
     print(report)
     print(f"results: {path}")
     for name, cmd in bench.commands.items():

@@ -34,6 +34,7 @@ from . import fallocate
 from .dirty_bitmap import DirtyBitmap
 from .file import RawFile
 from .move_policy import Mode
+from .tracking import then
 
 Target = Literal["both", "source", "dest"]
 
@@ -138,14 +139,7 @@ class MirrorDevice(BlockDevice):
     def _marked_after(self, result: MaybeAwaitable[None], offset: int, length: int) -> MaybeAwaitable[None]:
         if result is None:
             return None
-
-        async def finish() -> None:
-            try:
-                await result
-            finally:
-                self.pending.mark(offset, length)
-
-        return finish()
+        return then(result, lambda: self.pending.mark(offset, length))
 
     def _only(self, target: Target) -> BlockDevice:
         return self.dest if target == "dest" else self.source

@@ -15,13 +15,32 @@ move inserts its mirror there and finally puts the destination file in place, be
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from ..nbd.device import BlockDevice, Buffer, Capabilities, MaybeAwaitable
 from .dirty_bitmap import DEFAULT_GRANULARITY, DirtyBitmap
 
 DIRTY_CONTEXT_PREFIX = "hikkoshi:dirty:"
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+def then(result: MaybeAwaitable[None], done: Callable[[], None]) -> MaybeAwaitable[None]:
+    """``result``, with ``done`` called when it finishes (at once if it already has, even on error).
+
+    A request that completes asynchronously may land after a copier read the range: marking its blocks
+    again when it finishes keeps the copier from missing it.
+    """
+    if result is None:
+        done()
+        return None
+
+    async def finish() -> None:
+        try:
+            await result
+        finally:
+            done()
+
+    return finish()
 
 
 class TrackedDevice(BlockDevice):
@@ -85,17 +104,10 @@ class TrackedDevice(BlockDevice):
         return self.inner.read_fd()
 
     def _marked_after(self, result: MaybeAwaitable[None], offset: int, length: int) -> MaybeAwaitable[None]:
-        """Mark again when an asynchronous request finishes: it may land after a copier's read."""
-        if result is None or not self._maps:
-            return result
-
-        async def finish() -> None:
-            try:
-                await result
-            finally:
-                self._mark(offset, length)
-
-        return finish()
+        """Mark again when an asynchronous request finishes (see :func:`then`)."""
+        if result is None:
+            return None
+        return then(result, lambda: self._mark(offset, length))
 
     def write(self, offset: int, data: memoryview, fua: bool) -> MaybeAwaitable[None]:
         if not self._maps:
