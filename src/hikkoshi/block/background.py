@@ -43,6 +43,10 @@ class BackgroundCopy:
         self.skip_fs_free = skip_fs_free
         self._running = asyncio.Event()
         self._running.set()
+        #: Whether the upstream may be let go once everything is local. A migration holds it until the
+        #: switchover has invalidated what the guest changed on the source meanwhile.
+        self.detach_allowed = asyncio.Event()
+        self.detach_allowed.set()
         self.plan: CopyPlan | None = None
         self.phase = "starting"
         self.errors = 0
@@ -68,13 +72,28 @@ class BackgroundCopy:
         """Plan, copy, and detach the upstream when complete (also when the guest made it complete)."""
         proxy = self.proxy
         if not proxy.detached:
+            # Started paused (a postcopy migration's destination): the source is still changing, so
+            # even its map is not taken until the copy may begin.
+            if self.paused:
+                self.phase = "paused"
+                await self._running.wait()
             await self._learn()
             if self.enabled:
                 self.phase = "copying"
                 await self._copy_all()
             else:
                 self.phase = "on-demand only"
-            await proxy.complete_event.wait()
+            while True:
+                await proxy.complete_event.wait()
+                if not self.detach_allowed.is_set():
+                    self.phase = "holding upstream"
+                    await self.detach_allowed.wait()
+                if proxy.presence.complete:
+                    break
+                # An invalidation made blocks missing again: fetch them too.
+                if self.enabled:
+                    self.phase = "copying"
+                    await self._copy_all(first_round=False)
             self.phase = "detaching"
             await proxy.detach()
         self.phase = "complete"
@@ -105,14 +124,14 @@ class BackgroundCopy:
         for start, count in self.plan.zero:
             proxy.mark_zero(start, count)
 
-    async def _copy_all(self) -> None:
+    async def _copy_all(self, first_round: bool = True) -> None:
         proxy = self.proxy
         assert self.plan is not None
         last_checkpoint = time.monotonic()
         slots = asyncio.Semaphore(self.concurrency)
         async with asyncio.TaskGroup() as tg:
             backoff = 0.1
-            rounds = [self.plan.copy]
+            rounds = [self.plan.copy] if first_round else []
             while not proxy.presence.complete:
                 progress_before = proxy.presence.present
                 for start, count in rounds.pop(0) if rounds else list(proxy.presence.missing_runs()):

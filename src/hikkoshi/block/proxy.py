@@ -548,6 +548,33 @@ class ProxyDevice(BlockDevice):
             out.append((end - pos, 0))
         return out
 
+    # --- invalidation -------------------------------------------------------------------------------------
+
+    async def invalidate(self, ranges: list[tuple[int, int]]) -> int:
+        """Forget cached blocks the source changed after they were fetched; the bytes now missing again.
+
+        Only valid while no client has written here (a migration calls it before the destination guest
+        runs): a whole block is dropped even if the range covers a part of it. Fetches in flight over
+        the ranges land first, so none can install old data after the drop. The new bitmap is made
+        durable before this returns.
+        """
+        if self.detached:
+            raise OSError(errno.ESHUTDOWN, "the upstream is released; nothing can be fetched again")
+        ranges = [(o, min(n, self.size - o)) for o, n in ranges if 0 <= o < self.size and n > 0]
+        while waits := [b for o, n in ranges for b in self._inflight_in(o, n)]:
+            await self.ensure(waits, True)
+        dropped = 0
+        for offset, length in ranges:
+            for b in self.presence.block_range(offset, length):
+                if self.presence.clear(b):
+                    dropped += self.presence.block_span(b)[1]
+        if dropped:
+            # What the source said about these ranges at start no longer holds: they are data now.
+            self.source_map = _overlay_data(self.source_map, ranges)
+            self.complete_event.clear()
+        await self.flush()
+        return dropped
+
     # --- lifecycle -----------------------------------------------------------------------------------------
 
     async def detach(self) -> None:
@@ -574,6 +601,35 @@ def _all_zero(data: bytearray, lo: int, hi: int) -> bool:
     if data[lo:head] != _ZEROS[: head - lo]:
         return False
     return data.count(0, lo, hi) == hi - lo
+
+
+def _overlay_data(
+    source_map: list[tuple[int, int, int]], ranges: list[tuple[int, int]]
+) -> list[tuple[int, int, int]]:
+    """``source_map`` with ``ranges`` turned into plain data (flags 0)."""
+    out: list[tuple[int, int, int]] = []
+    for offset, length, flags in source_map:
+        pieces = [(offset, offset + length)]
+        for r_off, r_len in ranges:
+            next_pieces = []
+            for lo, hi in pieces:
+                if r_off + r_len <= lo or r_off >= hi:
+                    next_pieces.append((lo, hi))
+                    continue
+                if lo < r_off:
+                    next_pieces.append((lo, r_off))
+                if r_off + r_len < hi:
+                    next_pieces.append((r_off + r_len, hi))
+            pieces = next_pieces
+        covered = offset
+        for lo, hi in pieces:
+            if lo > covered:
+                out.append((covered, lo - covered, 0))
+            out.append((lo, hi - lo, flags))
+            covered = hi
+        if covered < offset + length:
+            out.append((covered, offset + length - covered, 0))
+    return out
 
 
 def _merge(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:

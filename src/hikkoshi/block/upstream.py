@@ -29,8 +29,11 @@ class Upstream:
         connections: int = 4,
         reconnect: Reconnect | None = None,
         tls: ssl.SSLContext | None = None,
+        extra_contexts: tuple[str, ...] = (),
     ) -> None:
         self.uri = NbdUri.parse(uri) if isinstance(uri, str) else uri
+        #: More meta contexts to negotiate (a migration's dirty bitmap on the source).
+        self.extra_contexts = extra_contexts
         self.want = max(1, connections)
         self.reconnect = reconnect or Reconnect()
         self.tls = tls
@@ -56,7 +59,10 @@ class Upstream:
 
     async def _client(self) -> NbdClient:
         client = NbdClient(
-            self.uri, tls=self.tls, meta_contexts=(BASE_ALLOCATION, HIKKOSHI_HEAT), reconnect=self.reconnect
+            self.uri,
+            tls=self.tls,
+            meta_contexts=(BASE_ALLOCATION, HIKKOSHI_HEAT, *self.extra_contexts),
+            reconnect=self.reconnect,
         )
         await client.__aenter__()
         return client

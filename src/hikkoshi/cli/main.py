@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import wan
 
     wan.add_parser(top)
+    from . import migrate
+
+    migrate.add_parser(top)
     return parser
 
 

@@ -8,18 +8,21 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from ..block.background import BackgroundCopy
 from ..block.bitmap_file import BitmapFile, BitmapHeader, BitmapMismatch
+from ..block.dirty_bitmap import DIRTY_FLAG
 from ..block.file import RawFile
 from ..block.fs_used import fs_used_hint, fs_used_ranges
 from ..block.proxy import ProxyDevice
 from ..block.throttle import parse_rate
+from ..block.tracking import DIRTY_CONTEXT_PREFIX
 from ..block.upstream import Upstream
 from ..nbd.client import Reconnect
-from ..nbd.control import ControlServer
+from ..nbd.control import ControlError, ControlServer
 from ..nbd.server import Export, ExportTable, ListenAddress, NbdServer
 from ..nbd.uri import NbdUri
 from .nbd_serve import announce
@@ -42,6 +45,16 @@ def add_parser(sub: Any) -> None:
         "--block-size", default="64K", metavar="SIZE", help="cache block size, 4K..1M (default 64K)"
     )
     p.add_argument("--no-background", action="store_true", help="fetch only what the guest reads")
+    p.add_argument(
+        "--start-paused", action="store_true", help="background copy starts paused (control: resume)"
+    )
+    p.add_argument(
+        "--dirty-bitmap",
+        metavar="NAME",
+        help="the upstream's dirty bitmap NAME (meta context hikkoshi:dirty:NAME) tracks writes made "
+        "there after this proxy started; the upstream is kept until the control command 'invalidate' "
+        "has dropped the cached blocks it names",
+    )
     p.add_argument("--bandwidth", metavar="RATE", help="limit the background copy, e.g. 50M, 100Mbit")
     p.add_argument("--connections", type=int, default=4, help="upstream connections if it allows multi-conn")
     p.add_argument(
@@ -97,11 +110,21 @@ def create_cache(cache: Path, size: int, block_size: int, identity: str) -> Bitm
 
 
 async def open_proxy(
-    uri: NbdUri, cache: Path, block_size: int, connections: int, upstream_timeout: float
+    uri: NbdUri,
+    cache: Path,
+    block_size: int,
+    connections: int,
+    upstream_timeout: float,
+    extra_contexts: tuple[str, ...] = (),
 ) -> ProxyDevice:
     """Open (or create) the cache and its bitmap against the upstream; refuse anything inconsistent."""
     identity = str(uri)
-    upstream = Upstream(uri, connections=connections, reconnect=Reconnect(deadline=upstream_timeout))
+    upstream = Upstream(
+        uri,
+        connections=connections,
+        reconnect=Reconnect(deadline=upstream_timeout),
+        extra_contexts=extra_contexts,
+    )
     # Start-up file work is quick and happens before serving anyone: done inline.
     bitmap = open_existing_cache(cache, block_size, identity)
     if bitmap is not None and bitmap.presence.complete:
@@ -122,7 +145,9 @@ async def open_proxy(
     return device
 
 
-def register_proxy_commands(control: ControlServer, proxy: ProxyDevice, copy: BackgroundCopy) -> None:
+def register_proxy_commands(
+    control: ControlServer, proxy: ProxyDevice, copy: BackgroundCopy, dirty_bitmap: str | None = None
+) -> None:
     def status(_args: dict[str, Any]) -> dict[str, Any]:
         return proxy_status(proxy, copy)
 
@@ -139,7 +164,30 @@ def register_proxy_commands(control: ControlServer, proxy: ProxyDevice, copy: Ba
         copy.set_bandwidth(None if rate in (None, "", "unlimited") else parse_rate(str(rate)))
         return proxy_status(proxy, copy)
 
+    async def invalidate(_args: dict[str, Any]) -> dict[str, Any]:
+        """Drop cached blocks the upstream's dirty bitmap marks; then the upstream may be released."""
+        if dirty_bitmap is None:
+            raise ControlError("this proxy was started without --dirty-bitmap")
+        context = DIRTY_CONTEXT_PREFIX + dirty_bitmap
+        t0 = time.monotonic()
+        try:
+            if not proxy.upstream.has_context(context):
+                raise ControlError(f"the upstream does not offer {context}")
+            extents = await proxy.upstream.map(context)
+            ranges = [(o, n) for o, n, flags in extents if flags & DIRTY_FLAG]
+            dropped = await proxy.invalidate(ranges)
+        except OSError as exc:
+            raise ControlError(f"invalidation failed: {exc}") from None
+        copy.detach_allowed.set()
+        return {
+            "dirty_bytes": sum(n for _o, n in ranges),
+            "dropped_bytes": dropped,
+            "seconds": round(time.monotonic() - t0, 4),
+            **proxy_status(proxy, copy),
+        }
+
     control.register("status", status, "relocation progress")
+    control.register("invalidate", invalidate, "drop blocks the upstream's dirty bitmap marks (migration)")
     control.register("pause", pause, "pause the background copy")
     control.register("resume", resume, "resume the background copy")
     control.register("bandwidth", bandwidth, "set the background bandwidth; args: rate (e.g. 50M) or none")
@@ -184,7 +232,8 @@ async def run_proxy(args: argparse.Namespace) -> int:
     if block_size < 4096 or block_size > 1 << 20 or block_size & (block_size - 1):
         raise ValueError("--block-size must be a power of two from 4K to 1M")
     uri = NbdUri.parse(args.upstream)
-    proxy = await open_proxy(uri, args.cache, block_size, args.connections, args.upstream_timeout)
+    extra = (DIRTY_CONTEXT_PREFIX + args.dirty_bitmap,) if args.dirty_bitmap else ()
+    proxy = await open_proxy(uri, args.cache, block_size, args.connections, args.upstream_timeout, extra)
     # Skipping free blocks needs a file system whose bitmaps can be trusted (cleanly unmounted); for a live
     # guest the bitmaps only order the copy.
     fs_reader = fs_used_ranges if args.skip_fs_free else fs_used_hint
@@ -195,6 +244,10 @@ async def run_proxy(args: argparse.Namespace) -> int:
         fs_reader=fs_reader,
         skip_fs_free=args.skip_fs_free,
     )
+    if args.start_paused:
+        copy.pause()
+    if args.dirty_bitmap:
+        copy.detach_allowed.clear()
     exports = ExportTable()
     exports.add(
         Export(args.export if args.export is not None else uri.export, proxy, description=f"cache of {uri}")
@@ -212,7 +265,7 @@ async def run_proxy(args: argparse.Namespace) -> int:
             serving = tg.create_task(server.serve())
             await server.ready.wait()
             if control is not None:
-                register_proxy_commands(control, proxy, copy)
+                register_proxy_commands(control, proxy, copy, args.dirty_bitmap)
                 await control.start()
             announce(server)
             copying = tg.create_task(copy.run())

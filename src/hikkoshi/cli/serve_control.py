@@ -13,7 +13,7 @@ from ..block.move_policy import Mode
 from ..block.throttle import parse_rate
 from ..block.tracking import TrackedDevice
 from ..nbd.control import ControlError, ControlServer
-from ..nbd.server import Export, ExportTable, NbdServer
+from ..nbd.server import Export, ExportTable, ListenAddress, NbdServer
 
 
 class MoveService:
@@ -161,7 +161,24 @@ def register_commands(
 
     control.register("exports", list_exports, "list exports")
     control.register("stats", stats, "statistics per export; args: export, regions (bool)")
+
+    async def listen(args: dict[str, Any]) -> list[str]:
+        """Bind one more address (e.g. ``127.0.0.1:0`` for a migration peer); the names it got."""
+        try:
+            addr = ListenAddress.parse(str(args["address"]))
+        except (KeyError, ValueError) as exc:
+            raise ControlError(f"listen needs address HOST:PORT or unix:PATH ({exc})") from None
+        try:
+            return await server.add_listener(addr)
+        except OSError as exc:
+            raise ControlError(f"cannot listen on {args['address']}: {exc}") from None
+
+    def unlisten(args: dict[str, Any]) -> dict[str, bool]:
+        return {"removed": server.remove_listener(str(args.get("address")))}
+
     control.register("listening", lambda _args: list(server.bound), "addresses the server is bound to")
+    control.register("listen", listen, "listen on one more address; args: address (HOST:PORT, port 0 picks)")
+    control.register("unlisten", unlisten, "stop listening on a bound address; args: address (as listed)")
     control.register("bitmap-add", bitmap_add, "start a dirty bitmap; args: name, granularity, export")
     control.register("bitmap-list", bitmap_list, "dirty bitmaps of an export; args: export")
     control.register("bitmap-get", bitmap_get, "dirty runs of a bitmap; args: name, export")

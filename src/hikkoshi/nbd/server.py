@@ -587,6 +587,7 @@ class NbdServer:
         self.max_connections = max_connections
         self.connections: set[_Connection] = set()
         self.bound: list[str] = []
+        self._listeners: list[tuple[ListenAddress, asyncio.Server, list[str]]] = []
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
         self._drained = asyncio.Event()
@@ -615,15 +616,14 @@ class NbdServer:
     async def serve(self, drain_timeout: float = 10.0) -> None:
         """Listen, serve until stop(), then shut down gracefully."""
         loop = asyncio.get_running_loop()
-        listeners: list[asyncio.Server] = []
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 for addr in self.listen:
-                    listeners.append(await self._bind(loop, addr))
+                    await self._bind(loop, addr)
                 self.ready.set()
                 await self._stop.wait()
-                for listener in listeners:
+                for _addr, listener, _names in self._listeners:
                     listener.close()
                 for conn in list(self.connections):
                     conn.begin_close()
@@ -637,12 +637,31 @@ class NbdServer:
                     for conn in list(self.connections):
                         conn._abort()
         finally:
-            for listener in listeners:
+            for addr, listener, _names in self._listeners:
                 listener.close()
-            for addr in self.listen:
                 if addr.unix is not None:
                     addr.unix.unlink(missing_ok=True)
+            self._listeners.clear()
             await self._flush_all()
+
+    async def add_listener(self, addr: ListenAddress) -> list[str]:
+        """Listen on one more address while serving (a migration opens the disks to a peer); bound names."""
+        if self._tg is None or self._stop.is_set():
+            raise OSError(errno.ESHUTDOWN, "the server is not serving")
+        return await self._bind(asyncio.get_running_loop(), addr)
+
+    def remove_listener(self, name: str) -> bool:
+        """Stop listening on a bound address (as listed in ``bound``); connections made through it stay."""
+        for entry in self._listeners:
+            addr, listener, names = entry
+            if name in names:
+                listener.close()
+                if addr.unix is not None:
+                    addr.unix.unlink(missing_ok=True)
+                self._listeners.remove(entry)
+                self.bound = [b for b in self.bound if b not in names]
+                return True
+        return False
 
     async def _flush_all(self) -> None:
         for export in self.exports:
@@ -653,19 +672,22 @@ class NbdServer:
             except OSError as exc:
                 log.error("export %s: final flush failed: %s", export.name, exc)
 
-    async def _bind(self, loop: asyncio.AbstractEventLoop, addr: ListenAddress) -> asyncio.Server:
+    async def _bind(self, loop: asyncio.AbstractEventLoop, addr: ListenAddress) -> list[str]:
         if addr.unix is not None:
             _remove_stale_socket(addr.unix)
             server = await loop.create_unix_server(lambda: _Connection(self), path=str(addr.unix))
-            self.bound.append(f"unix:{addr.unix}")
-            return server
-        server = await loop.create_server(
-            lambda: _Connection(self), host=addr.host, port=addr.port, reuse_address=True
-        )
-        for sock in server.sockets:
-            host, port = sock.getsockname()[:2]
-            self.bound.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-        return server
+            names = [f"unix:{addr.unix}"]
+        else:
+            server = await loop.create_server(
+                lambda: _Connection(self), host=addr.host, port=addr.port, reuse_address=True
+            )
+            names = []
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                names.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        self._listeners.append((addr, server, names))
+        self.bound += names
+        return names
 
 
 def _remove_stale_socket(path: Path) -> None:

@@ -41,6 +41,8 @@ def start_vm(
     qemu: str | None = None,
     timeout: float = DEFAULT_START_TIMEOUT,
     python: str = sys.executable,
+    incoming: bool = False,
+    runtime_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Start the VM's supervisor in the background and wait until the VM runs (or failed to).
 
@@ -59,10 +61,21 @@ def start_vm(
         cmd += ["--accel", accel]
     if qemu:
         cmd += ["--qemu", qemu]
+    if incoming:
+        cmd += ["--incoming"]
+    env = dict(os.environ)
+    if runtime_dir is not None:
+        env["HIKKOSHI_RUNTIME_DIR"] = str(runtime_dir)
     try:
         with home.supervisor_log.open("ab") as log:
             starter = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_fd,), close_fds=True
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                pass_fds=(write_fd,),
+                close_fds=True,
+                env=env,
             )
         os.close(write_fd)
         write_fd = -1
@@ -130,13 +143,20 @@ async def request(home: VmHome, spec: VmSpec, command: str, **args: Any) -> Any:
     """Send a control command to the VM's supervisor."""
     if not home.is_running():
         raise RuntimeStateError(f"VM {home.name!r} is not running")
-    socket = RunDir.for_vm(spec.uuid).control_socket
+    socket = run_dir(home, spec).control_socket
     try:
         return await asyncio.wait_for(control_request(socket, command, **args), 60)
     except (OSError, TimeoutError) as exc:
         raise VmError(f"the supervisor of {home.name!r} does not answer ({exc or 'timeout'})") from None
     except ControlError as exc:
         raise VmError(f"{command}: {exc}") from None
+
+
+def run_dir(home: VmHome, spec: VmSpec) -> RunDir:
+    """The runtime directory of a running VM: the one its supervisor recorded (it may run with
+    another ``HIKKOSHI_RUNTIME_DIR`` than ours), else the default."""
+    recorded = home.read_state().get("rundir")
+    return RunDir(Path(recorded)) if isinstance(recorded, str) else RunDir.for_vm(spec.uuid)
 
 
 def wait_stopped(home: VmHome, timeout: float) -> bool:

@@ -19,6 +19,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from hikkoshi.nbd.uri import NbdUri
+from hikkoshi.vm.disk_plan import DiskBackend, IncomingPlan
 from hikkoshi.vm.guest_image import DEFAULT_QEMU, Accel
 from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.precheck import OVMF_CODE
@@ -39,13 +41,32 @@ def cpu_model(spec: VmSpec, accel: Accel) -> str:
     return spec.cpu_model or ("host" if accel == "kvm" else "qemu64")
 
 
-def nbd_disk_args(disk: DiskSpec, socket: Path, boot: bool = False) -> list[str]:
-    """QEMU arguments for one disk served as export ``disk.name`` on the NBD socket ``socket``."""
+def nbd_server(uri: NbdUri) -> dict[str, str]:
+    """QEMU's ``SocketAddress`` of an NBD URI."""
+    if uri.socket is not None:
+        return {"type": "unix", "path": str(uri.socket)}
+    return {"type": "inet", "host": uri.host, "port": str(uri.port)}
+
+
+def disk_uri(disk: DiskSpec, rundir: RunDir, plan: IncomingPlan | None = None) -> NbdUri:
+    """Where QEMU finds ``disk``: the VM's NBD service, a relocation proxy, or a remote export."""
+    backend = plan.backend(disk.name) if plan is not None else None
+    if backend is None or backend.kind == "local":
+        return NbdUri(export=disk.name, socket=rundir.nbd_socket)
+    if backend.kind == "proxy":
+        return NbdUri(export=disk.name, socket=rundir.proxy_socket(disk.name))
+    assert backend.uri is not None
+    return NbdUri.parse(backend.uri)
+
+
+def nbd_disk_args(disk: DiskSpec, where: Path | NbdUri, boot: bool = False) -> list[str]:
+    """QEMU arguments for one disk: an export on the NBD socket ``where``, or at the URI ``where``."""
+    uri = NbdUri(export=disk.name, socket=where) if isinstance(where, Path) else where
     protocol = {
         "driver": "nbd",
         "node-name": f"nbd-{disk.name}",
-        "server": {"type": "unix", "path": str(socket)},
-        "export": disk.name,
+        "server": nbd_server(uri),
+        "export": uri.export,
         "discard": "unmap",
     }
     fmt = {"driver": "raw", "node-name": f"disk-{disk.name}", "file": f"nbd-{disk.name}", "discard": "unmap"}
@@ -78,8 +99,12 @@ def qemu_command(
     taps: Mapping[int, str] | None = None,
     qemu: str = DEFAULT_QEMU,
     ovmf_code: Path = OVMF_CODE,
+    incoming: IncomingPlan | None = None,
 ) -> list[str]:
-    """The QEMU command line running ``spec``; ``taps`` maps bridged NICs' indexes to tap names."""
+    """The QEMU command line running ``spec``; ``taps`` maps bridged NICs' indexes to tap names.
+
+    With ``incoming``, QEMU waits for a migration stream (``migrate-incoming`` over QMP) and opens
+    its disks where the plan says."""
     taps = taps or {}
     cmd = [
         qemu,
@@ -129,21 +154,51 @@ def qemu_command(
             cmd += ["-append", spec.boot.append]
     boot_disk = spec.boot_disk
     for disk in spec.disks:
-        cmd += nbd_disk_args(disk, rundir.nbd_socket, disk.name == boot_disk)
+        cmd += nbd_disk_args(disk, disk_uri(disk, rundir, incoming), disk.name == boot_disk)
     for index, nic in enumerate(spec.nics):
         cmd += _nic_args(index, nic, taps.get(index))
+    if incoming is not None:
+        cmd += ["-incoming", "defer"]
     return cmd
 
 
+def local_disks(spec: VmSpec, plan: IncomingPlan | None = None) -> list[DiskSpec]:
+    """The disks the VM's own NBD service serves from its home."""
+    return [d for d in spec.disks if plan is None or plan.backend(d.name).kind == "local"]
+
+
 def nbd_service_command(
-    spec: VmSpec, home: VmHome, rundir: RunDir, python: str = sys.executable
+    spec: VmSpec,
+    home: VmHome,
+    rundir: RunDir,
+    python: str = sys.executable,
+    plan: IncomingPlan | None = None,
 ) -> list[str]:
-    """The ``hikkoshi nbd serve`` command serving the VM's disks, one export per disk."""
+    """The ``hikkoshi nbd serve`` command serving the VM's local disks, one export per disk."""
+    disks = local_disks(spec, plan)
     cmd = [python, "-m", "hikkoshi", "nbd", "serve"]
-    cmd += [str(home.disk_path(d)) for d in spec.disks]
+    cmd += [str(home.disk_path(d)) for d in disks]
     cmd += ["--listen", f"unix:{rundir.nbd_socket}", "--control", f"unix:{rundir.nbd_control}"]
-    for disk in spec.disks:
+    for disk in disks:
         cmd += ["--export", disk.name]
+    return cmd
+
+
+def proxy_command(
+    disk: DiskSpec, backend: DiskBackend, home: VmHome, rundir: RunDir, python: str = sys.executable
+) -> list[str]:
+    """The ``hikkoshi nbd proxy`` serving one disk of an incoming VM from its upstream."""
+    assert backend.kind == "proxy" and backend.uri is not None
+    cmd = [python, "-m", "hikkoshi", "nbd", "proxy", "--upstream", backend.uri]
+    cmd += ["--cache", str(home.disk_path(disk)), "--export", disk.name]
+    cmd += ["--listen", f"unix:{rundir.proxy_socket(disk.name)}"]
+    cmd += ["--control", f"unix:{rundir.proxy_control(disk.name)}"]
+    if backend.background == "paused":
+        cmd.append("--start-paused")
+    if backend.dirty_bitmap:
+        cmd += ["--dirty-bitmap", backend.dirty_bitmap]
+    if backend.bandwidth:
+        cmd += ["--bandwidth", backend.bandwidth]
     return cmd
 
 

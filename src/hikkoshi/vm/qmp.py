@@ -26,6 +26,10 @@ class QmpCommandError(RuntimeError):
     """A QMP command failed or timed out."""
 
 
+class MigrationWaitTimeout(QmpCommandError):
+    """The migration did not reach the states waited for in time."""
+
+
 class QmpSession:
     """The supervisor's end of QEMU's monitor."""
 
@@ -57,6 +61,27 @@ class QmpSession:
         """``query-status``: ``running``, ``paused``, ``shutdown``, ``io-error``, ..."""
         result = await self.execute("query-status")
         return str(result["status"])
+
+    async def wait_migration(self, states: frozenset[str], limit: float) -> dict[str, Any]:
+        """Wait until the migration (out or in) reaches one of ``states``; ``query-migrate`` then.
+
+        Listens to ``MIGRATION`` events (the ``events`` capability must be on) and checks the
+        current state once the listener is in place, so no change can slip between the two."""
+        try:
+            async with asyncio.timeout(limit):
+                with self._client.listener("MIGRATION") as listener:
+                    info: dict[str, Any] = await self.execute("query-migrate")
+                    while info.get("status") not in states:
+                        event = await listener.get()
+                        data = event["data"] if "data" in event else {}  # noqa: SIM401 (Message is no dict)
+                        status = data.get("status") if isinstance(data, dict) else None
+                        if status in states:
+                            info = await self.execute("query-migrate")
+                            if info.get("status") not in states:  # moved on already: report the event's
+                                info = {**info, "status": status}
+                    return info
+        except TimeoutError:
+            raise MigrationWaitTimeout(f"migration did not reach {sorted(states)} within {limit} s") from None
 
     async def close(self) -> None:
         """Disconnect (or stop listening); errors of a connection QEMU already closed are expected."""

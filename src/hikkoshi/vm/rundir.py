@@ -58,6 +58,14 @@ class RunDir:
         """The NBD service's control socket."""
         return self.path / "nbd-control.sock"
 
+    def proxy_socket(self, disk: str) -> Path:
+        """The relocation proxy of ``disk`` (an incoming VM's) serves it here."""
+        return self.path / f"proxy-{disk}.sock"
+
+    def proxy_control(self, disk: str) -> Path:
+        """The control socket of ``disk``'s relocation proxy."""
+        return self.path / f"proxy-{disk}-control.sock"
+
     @property
     def control_socket(self) -> Path:
         """The supervisor's control socket (``vm stop``, ``status`` and the like talk to it)."""

@@ -26,15 +26,16 @@ from types import TracebackType
 from typing import Any, Literal
 
 from hikkoshi.vm import tap
+from hikkoshi.vm.disk_plan import DiskBackend, IncomingPlan
 from hikkoshi.vm.errors import VmStartError
 from hikkoshi.vm.guest_image import DEFAULT_QEMU, Accel
 from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.precheck import OVMF_VARS
 from hikkoshi.vm.procs import Child
-from hikkoshi.vm.qemu import UEFI_VARS_FILE, nbd_service_command, qemu_command
+from hikkoshi.vm.qemu import UEFI_VARS_FILE, local_disks, nbd_service_command, proxy_command, qemu_command
 from hikkoshi.vm.qmp import QmpCommandError, QmpSession
 from hikkoshi.vm.rundir import RunDir
-from hikkoshi.vm.spec import VmSpec
+from hikkoshi.vm.spec import DiskSpec, VmSpec
 
 log = logging.getLogger("hikkoshi.vm.runtime")
 
@@ -78,8 +79,11 @@ class VmRuntime:
         qemu: str = DEFAULT_QEMU,
         python: str = sys.executable,
         start_timeout: float = 60.0,
+        incoming: IncomingPlan | None = None,
     ) -> None:
         self.home = home
+        #: Set for the destination of a migration: QEMU waits for the stream, disks per the plan.
+        self.incoming = incoming
         self.spec = spec
         self.accel: Accel = accel
         self.rundir = rundir
@@ -87,6 +91,7 @@ class VmRuntime:
         self._python = python
         self._start_timeout = start_timeout
         self.nbd: Child | None = None
+        self.proxies: dict[str, Child] = {}
         self.qemu: Child | None = None
         self.qmp: QmpSession | None = None
         self.taps: dict[int, str] = {}
@@ -117,8 +122,12 @@ class VmRuntime:
             vars_file = self.home.path / UEFI_VARS_FILE
             if not vars_file.exists():
                 shutil.copyfile(OVMF_VARS, vars_file)
-        if self.spec.disks:
+        if local_disks(self.spec, self.incoming):
             await self._start_nbd()
+        for disk in self.spec.disks:
+            backend = self.incoming.backend(disk.name) if self.incoming is not None else None
+            if backend is not None and backend.kind == "proxy":
+                await self._start_proxy(disk, backend)
         for index, nic in enumerate(self.spec.nics):
             if nic.bridge is not None:
                 name = tap.tap_name(self.spec.uuid, index)
@@ -134,28 +143,48 @@ class VmRuntime:
             os.replace(self.home.console_log, self.home.path / "console.log.1")
 
     async def _start_nbd(self) -> None:
-        cmd = nbd_service_command(self.spec, self.home, self.rundir, self._python)
+        cmd = nbd_service_command(self.spec, self.home, self.rundir, self._python, self.incoming)
+        self.nbd = await self._start_service("nbd", "the NBD service", cmd)
+
+    async def _start_proxy(self, disk: DiskSpec, backend: DiskBackend) -> None:
+        cmd = proxy_command(disk, backend, self.home, self.rundir, self._python)
+        self.proxies[disk.name] = await self._start_service(
+            f"proxy-{disk.name}", f"the relocation proxy of {disk.name}", cmd
+        )
+
+    async def _start_service(self, name: str, what: str, cmd: list[str]) -> Child:
+        """Start a disk service logging to ``nbd.log``; return once it says it serves."""
         with self.home.nbd_log.open("ab") as out:
             out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(cmd)}\n".encode())
             out.flush()
             start = out.tell()
-            self.nbd = await Child.start("nbd", cmd, stdout=out, stderr=out)
+            child = await Child.start(name, cmd, stdout=out, stderr=out)
         # The service prints one "serving" line per address once it listens.
         deadline = time.monotonic() + self._start_timeout
-        while True:
-            with self.home.nbd_log.open("rb") as f:
-                f.seek(start)
-                if _NBD_READY.encode() in f.read():
-                    return
-            if not self.nbd.running:
-                raise VmStartError(f"the NBD service exited at start:\n{_tail(self.home.nbd_log)}")
-            if time.monotonic() > deadline:
-                raise VmStartError(f"the NBD service did not listen within {self._start_timeout:.0f} s")
-            await self.nbd.wait_for(0.02)
+        try:
+            while True:
+                with self.home.nbd_log.open("rb") as f:
+                    f.seek(start)
+                    if _NBD_READY.encode() in f.read():
+                        return child
+                if not child.running:
+                    raise VmStartError(f"{what} exited at start:\n{_tail(self.home.nbd_log)}")
+                if time.monotonic() > deadline:
+                    raise VmStartError(f"{what} did not listen within {self._start_timeout:.0f} s")
+                await child.wait_for(0.02)
+        except BaseException:
+            await child.terminate(grace=5.0)
+            raise
 
     async def _start_qemu(self) -> None:
         cmd = qemu_command(
-            self.spec, self.home, self.rundir, accel=self.accel, taps=self.taps, qemu=self._qemu_binary
+            self.spec,
+            self.home,
+            self.rundir,
+            accel=self.accel,
+            taps=self.taps,
+            qemu=self._qemu_binary,
+            incoming=self.incoming,
         )
         self.qmp = QmpSession(f"vm-{self.spec.name}")
         await self.qmp.listen(self.rundir.qmp_socket)
@@ -182,7 +211,9 @@ class VmRuntime:
             if exited is not None:
                 raise exited.exceptions[0] from None
             raise VmStartError(f"QMP handshake failed: {group.exceptions[0]}") from None
-        await self.qmp.execute("cont")
+        if self.incoming is None:
+            await self.qmp.execute("cont")
+        # An incoming VM stays paused: the migration's coordinator resumes it after the switchover.
         self.started_at = time.time()
 
     # --- while running -------------------------------------------------------------------------------------
@@ -226,9 +257,24 @@ class VmRuntime:
             stop_seconds=None if requested is None else round(time.monotonic() - requested, 3),
         )
 
-    async def wait_nbd(self) -> int | None:
-        """Wait until the NBD service ends (``None`` at once if the VM has no disks)."""
-        return None if self.nbd is None else await self.nbd.wait()
+    async def wait_nbd(self) -> tuple[str, int] | None:
+        """Wait until a disk service (NBD service or proxy) ends: its name and status; ``None`` at once
+        if the VM has none."""
+        services = self.services()
+        if not services:
+            return None
+        waits = {asyncio.ensure_future(c.wait()): c for c in services}
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        first = next(iter(done))
+        return waits[first].name, first.result()
+
+    def services(self) -> list[Child]:
+        """The disk services this runtime owns (the NBD service, relocation proxies)."""
+        return [c for c in (self.nbd, *self.proxies.values()) if c is not None]
 
     async def stop(self, grace: float = 60.0, *, hard: bool = False) -> StopOutcome:
         """Power the VM off: ACPI power button for up to ``grace`` s, then ``quit``, then SIGKILL.
@@ -277,11 +323,11 @@ class VmRuntime:
             await self.qemu.kill()
         if self.qmp is not None:
             await self.qmp.close()
-        if self.nbd is not None:
+        for service in self.services():
             # SIGTERM: the service stops accepting, flushes and closes the images.
-            code = await self.nbd.terminate(grace=15.0)
+            code = await service.terminate(grace=15.0)
             if code not in (0, -signal.SIGTERM):
-                log.warning("the NBD service ended with status %d", code)
+                log.warning("%s ended with status %d", service.name, code)
         for name in self.taps.values():
             with contextlib.suppress(OSError):
                 await tap.delete_tap(name)
@@ -301,6 +347,10 @@ class VmRuntime:
             "nbd_running": self.nbd is not None and self.nbd.running,
             "nbd_socket": str(self.rundir.nbd_socket) if self.spec.disks else None,
             "nbd_control": str(self.rundir.nbd_control) if self.spec.disks else None,
+            "proxy_pids": {name: c.pid for name, c in self.proxies.items()},
+            "proxy_controls": {name: str(self.rundir.proxy_control(name)) for name in self.proxies},
+            "rundir": str(self.rundir.path),
+            "incoming": self.incoming is not None,
             "taps": {str(k): v for k, v in self.taps.items()},
             "started_at": self.started_at,
         }

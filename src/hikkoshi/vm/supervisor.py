@@ -25,11 +25,12 @@ from typing import Any
 
 from hikkoshi.nbd.control import ControlError, ControlServer
 from hikkoshi.vm import precheck
+from hikkoshi.vm.disk_plan import IncomingPlan
 from hikkoshi.vm.errors import PrecheckError, VmError
 from hikkoshi.vm.guest_image import DEFAULT_QEMU
 from hikkoshi.vm.home import VmHome, write_atomically
 from hikkoshi.vm.host import choose_accel, host_facts
-from hikkoshi.vm.qmp import QmpCommandError
+from hikkoshi.vm.qmp import MigrationWaitTimeout, QmpCommandError
 from hikkoshi.vm.rundir import RunDir
 from hikkoshi.vm.runtime import StopOutcome, VmRuntime
 from hikkoshi.vm.spec import VmSpec
@@ -74,17 +75,19 @@ class StopRequest:
     hard: bool = False
 
 
-def _start_prechecks(spec: VmSpec, home: VmHome) -> None:
+def _start_prechecks(spec: VmSpec, home: VmHome, plan: IncomingPlan | None) -> None:
     facts = host_facts()
     disks = []
     for disk in spec.disks:
+        if plan is not None and plan.backend(disk.name).kind != "local":
+            continue  # a proxy creates its cache; a remote disk is the source's
         path = home.disk_path(disk)
         disks.append(
             precheck.DiskState(disk.name, path.is_file(), path.stat().st_size if path.is_file() else 0)
         )
     problems = precheck.check_memory_available(spec, facts)
     problems += precheck.check_boot_files(spec, home.path)
-    problems += precheck.check_disks_present(spec, disks)
+    problems += precheck.check_disks_present(spec, disks) if plan is None else []
     problems += precheck.check_networks(spec, facts)
     problems += precheck.check_firmware(spec)
     if problems:
@@ -94,8 +97,15 @@ def _start_prechecks(spec: VmSpec, home: VmHome) -> None:
 class Supervisor:
     """Runs one VM until QEMU ends."""
 
-    def __init__(self, home: VmHome, ready: ReadyPipe, *, accel: str | None, qemu: str) -> None:
+    def __init__(
+        self, home: VmHome, ready: ReadyPipe, *, accel: str | None, qemu: str, incoming: bool = False
+    ) -> None:
         self.home = home
+        self.incoming = incoming
+        #: Set by ``hand-off``: QEMU's state went to a migration's destination; the disk services
+        #: keep serving it until ``release``.
+        self.handed_off = False
+        self.released = asyncio.Event()
         self.ready = ready
         self.accel_request = accel
         self.qemu = qemu
@@ -133,34 +143,46 @@ class Supervisor:
         self.state = {"state": "starting", "supervisor_pid": os.getpid(), "since": time.time()}
         try:
             spec = self.home.load_spec()
-            _start_prechecks(spec, self.home)
+            plan = IncomingPlan.load(self.home.path) if self.incoming else None
+            _start_prechecks(spec, self.home, plan)
             # After the other checks: finding out whether KVM works may boot a probe guest.
             accel = choose_accel(self.accel_request or spec.accel, qemu=self.qemu)
             problems = precheck.check_cpu(spec, accel)
             if problems:
                 raise PrecheckError(problems, f"start VM {spec.name!r}")
             self._write_state(name=spec.name, uuid=str(spec.uuid), accel=accel)
-            outcome = await self._run_vm(spec, accel)
+            outcome = await self._run_vm(spec, accel, plan)
         except (VmError, ValueError, OSError, RuntimeError) as exc:
             log.error("%s", exc)
             self.ready.fail(str(exc))
             self._write_state(state="stopped", since=time.time(), error=str(exc), exit=None)
             return EXIT_FAILED
-        self._write_state(state="stopped", since=time.time(), exit=outcome.as_dict(), error=None)
+        self._write_state(
+            state="migrated" if self.handed_off else "stopped",
+            since=time.time(),
+            exit=outcome.as_dict(),
+            error=None,
+        )
         log.info("VM %s ended: %s", spec.name, outcome)
         return EXIT_OK
 
-    async def _run_vm(self, spec: VmSpec, accel: str) -> StopOutcome:
+    async def _run_vm(self, spec: VmSpec, accel: str, plan: IncomingPlan | None) -> StopOutcome:
         rundir = RunDir.for_vm(spec.uuid)
         assert accel in ("kvm", "tcg")
         async with VmRuntime(
-            self.home, spec, accel="kvm" if accel == "kvm" else "tcg", rundir=rundir, qemu=self.qemu
+            self.home,
+            spec,
+            accel="kvm" if accel == "kvm" else "tcg",
+            rundir=rundir,
+            qemu=self.qemu,
+            incoming=plan,
         ) as vm:
             control = ControlServer(rundir.control_socket)
             self._register(control, vm)
             await control.start()
             try:
-                self._write_state(state="running", since=time.time(), error=None, exit=None, **vm.describe())
+                state = "incoming" if plan is not None else "running"
+                self._write_state(state=state, since=time.time(), error=None, exit=None, **vm.describe())
                 self.ready.ok({"supervisor_pid": os.getpid(), **vm.describe()})
                 async with asyncio.TaskGroup() as tg:
                     stopper = tg.create_task(self._serve_stop_requests(vm))
@@ -168,6 +190,8 @@ class Supervisor:
                     outcome = await vm.wait()
                     stopper.cancel()
                     watcher.cancel()
+                if self.handed_off:
+                    await self._serve_until_released(vm)
             finally:
                 await control.close()
         return outcome
@@ -179,14 +203,32 @@ class Supervisor:
             self._write_state(state="stopping")
             await vm.stop(request.grace, hard=request.hard)
 
+    async def _serve_until_released(self, vm: VmRuntime) -> None:
+        """After a hand-off: QEMU is gone, the disk services serve the destination until ``release``
+        (or a stop request, or a service ending by itself)."""
+        log.info("VM migrated out; its disks stay served until released")
+        self._write_state(state="migrated", since=time.time())
+        async with asyncio.TaskGroup() as tg:
+            waits = [
+                tg.create_task(self.released.wait()),
+                tg.create_task(self.requests.get()),
+                tg.create_task(vm.wait_nbd()),
+            ]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+        log.info("released: stopping the disk services")
+
     async def _watch_nbd(self, vm: VmRuntime) -> None:
-        code = await vm.wait_nbd()
-        if code is None:
+        ended = await vm.wait_nbd()
+        if ended is None:
             return
+        name, code = ended
         # QEMU is still there (else this task would have been cancelled): the disks are gone from
         # under the guest. werror/rerror=stop pause it at its next I/O; pause it now.
-        log.error("the NBD service ended (status %d) while the VM runs; pausing the guest", code)
-        self._write_state(state="running", error=f"the NBD service ended with status {code}")
+        what = "the NBD service" if name == "nbd" else f"the relocation proxy {name}"
+        log.error("%s ended (status %d) while the VM runs; pausing the guest", what, code)
+        self._write_state(error=f"{what} ended with status {code}")
         with contextlib.suppress(QmpCommandError):
             await vm.pause()
 
@@ -215,7 +257,46 @@ class Supervisor:
                 await vm.resume()
             except QmpCommandError as exc:
                 raise ControlError(str(exc)) from None
+            if self.state.get("state") == "incoming":
+                self._write_state(state="running", since=time.time())
             return await status(args)
+
+        async def hand_off(_args: dict[str, Any]) -> dict[str, Any]:
+            """The migration completed and the destination runs: QEMU quits, the disks keep serving."""
+            try:
+                run_state = await vm.status()
+                if run_state not in ("postmigrate", "finish-migrate"):
+                    raise ControlError(f"QEMU is {run_state}, not migrated out; refusing to hand off")
+                self.handed_off = True
+                await vm.execute("quit")
+            except QmpCommandError as exc:
+                raise ControlError(str(exc)) from None
+            return {"handed_off": True}
+
+        async def migrate_wait(args: dict[str, Any]) -> dict[str, Any]:
+            """Block until QEMU's migration reaches one of ``states`` (e.g. ``pre-switchover``)."""
+            states = args.get("states")
+            if not isinstance(states, list) or not all(isinstance(x, str) for x in states):
+                raise ControlError('migrate-wait needs "states": [NAME, ...]')
+            timeout = float(args.get("timeout", 3600))
+            if vm.qmp is None:
+                raise ControlError("QEMU is not running")
+            try:
+                return await vm.qmp.wait_migration(frozenset(states), timeout)
+            except MigrationWaitTimeout:
+                try:
+                    info: dict[str, Any] = await vm.execute("query-migrate")
+                except QmpCommandError as exc:
+                    raise ControlError(str(exc)) from None
+                return {**info, "timed_out": True}
+            except QmpCommandError as exc:
+                raise ControlError(str(exc)) from None
+
+        def release(_args: dict[str, Any]) -> dict[str, Any]:
+            if not self.handed_off:
+                raise ControlError("nothing to release: the VM was not handed off")
+            self.released.set()
+            return {"released": True}
 
         def stop(args: dict[str, Any]) -> dict[str, Any]:
             timeout = float(args.get("timeout", DEFAULT_STOP_TIMEOUT))
@@ -239,6 +320,9 @@ class Supervisor:
         control.register("resume", resume, "resume the guest (QMP cont)")
         control.register("stop", stop, "power off: args timeout (s, ACPI phase), hard (skip ACPI)")
         control.register("qmp", qmp, "run a QMP command: args execute, arguments")
+        control.register("hand-off", hand_off, "after a completed migration: QEMU quits, disks keep serving")
+        control.register("migrate-wait", migrate_wait, "wait for migration states; args: states, timeout")
+        control.register("release", release, "after hand-off: stop serving the disks and exit")
 
     def request_stop(self) -> None:
         """Signal handler: stop like ``stop`` with the defaults."""
@@ -261,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--daemonize", action="store_true", help="detach from the caller")
     parser.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="override the spec's accelerator")
     parser.add_argument("--qemu", default=DEFAULT_QEMU, help="QEMU binary")
+    parser.add_argument(
+        "--incoming", action="store_true", help="the destination of a migration (plan: HOME/incoming.json)"
+    )
     args = parser.parse_args(argv)
     if args.daemonize:
         _daemonize()  # before anything starts threads
@@ -270,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s supervisor[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
     )
     home = VmHome(args.home.absolute())
-    supervisor = Supervisor(home, ReadyPipe(args.ready_fd), accel=args.accel, qemu=args.qemu)
+    supervisor = Supervisor(
+        home, ReadyPipe(args.ready_fd), accel=args.accel, qemu=args.qemu, incoming=args.incoming
+    )
 
     async def run() -> int:
         loop = asyncio.get_running_loop()

@@ -208,6 +208,28 @@ echo "HIKKOSHI-DISKCHECK OK blocks=$blocks run=$run"
 """.replace("@DEFAULT_BLOCKS@", str(DISKCHECK_DEFAULT_BLOCKS))
 
 
+_BUSY_SCRIPT = r"""# busy: the disk writer and the memory dirtier at once (a guest worth migrating).
+# Parameters are theirs (hikkoshi.rate, hikkoshi.mb for memdirty; hikkoshi.run, ... for diskwriter).
+sh /hikkoshi/workloads/memdirty &
+mpid=$!
+sh /hikkoshi/workloads/diskwriter &
+dpid=$!
+trap 'kill -TERM $mpid $dpid 2>/dev/null' TERM INT
+status=0
+for pid in $dpid $mpid; do
+    while kill -0 "$pid" 2>/dev/null; do
+        wait "$pid"
+        code=$?
+    done
+    wait "$pid"
+    last=$?
+    [ "$last" -eq 127 ] || code=$last
+    [ "$code" -eq 0 ] || status=$code
+done
+exit $status
+"""
+
+
 @dataclass(frozen=True)
 class Workload:
     """A guest workload: ``script`` runs as ``/hikkoshi/workloads/<name>`` under busybox ``sh``.
@@ -238,6 +260,9 @@ WORKLOADS: Mapping[str, Workload] = MappingProxyType(
         "memdirty": Workload(
             "memdirty", "rewrites a tmpfs working set at hikkoshi.rate MiB/s until stopped", memdirty.SCRIPT
         ),
+        "busy": Workload(
+            "busy", "diskwriter and memdirty at once, both stopped by the power button", _BUSY_SCRIPT
+        ),
         "ddbench": Workload(
             "ddbench",
             "times sequential O_DIRECT writes and reads of /dev/vda with dd, then powers off",
@@ -263,6 +288,7 @@ READY_TAGS: Mapping[str, str] = MappingProxyType(
         "memdirty": f"{memdirty.TAG} READY",
         "tcpservice": f"{tcpservice.TAG} READY",
         "ddbench": f"{ddbench.TAG} READY",
+        "busy": f"{diskwriter.TAG} READY",
     }
 )
 """The console line (prefix) a long-running workload prints once it is doing its work."""

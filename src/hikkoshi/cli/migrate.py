@@ -1,0 +1,196 @@
+"""`hikkoshi migrate`: live-migrate a running VM to another datastore and runtime (another "host" on
+this machine), with its memory, disks and MAC; `hikkoshi migrations`: the history, with reports.
+
+Exit status: 0 migrated; 1 failed (rolled back: the VM runs on the source; or, after the commit
+point, failed forward: the record says what to look at); 2 refused by the prechecks; 130 interrupted
+(rolled back when still possible).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..block.throttle import parse_rate
+from ..migrate.coordinator import Coordinator, MigrationError, MigrationRefused, MigrationRequest
+from ..migrate.record import MigrationRecord, MigrationStore
+from ..migrate.storage_modes import StorageMode
+from .runtime import run
+
+
+def default_state_dir(datastore: Path) -> Path:
+    """Where a datastore's host keeps its migration records."""
+    return datastore / ".hikkoshi" / "migrations"
+
+
+def add_parser(top: Any) -> None:
+    p = top.add_parser("migrate", help="live-migrate a running VM (memory, disks, MAC) to another host")
+    p.add_argument("name", metavar="VM")
+    p.add_argument("--datastore", type=Path, required=True, metavar="PATH", help="where the VM is now")
+    p.add_argument("--to-datastore", type=Path, required=True, metavar="PATH", help="where it goes")
+    p.add_argument(
+        "--to-runtime-dir", type=Path, metavar="DIR", help="the destination host's HIKKOSHI_RUNTIME_DIR"
+    )
+    p.add_argument("--address", default="127.0.0.1", help="source address the destination reaches")
+    p.add_argument("--to-address", default="127.0.0.1", help="destination address for the streams")
+    p.add_argument(
+        "--storage",
+        choices=[m.value for m in StorageMode],
+        default=StorageMode.HYBRID.value,
+        help="how the disks move (default hybrid)",
+    )
+    p.add_argument("--max-downtime", type=int, default=300, metavar="MS", help="downtime limit ceiling")
+    p.add_argument("--bandwidth", metavar="RATE", help="memory stream limit, e.g. 100Mbit, 50M")
+    p.add_argument("--disk-bandwidth", metavar="RATE", help="background disk copy limit (proxy modes)")
+    p.add_argument("--no-auto-converge", action="store_true", help="never throttle the guest's vCPUs")
+    p.add_argument("--allow-postcopy", action="store_true", help="switch to post-copy RAM if all else fails")
+    p.add_argument(
+        "--state-dir", type=Path, metavar="DIR", help="migration records (default: DATASTORE/.hikkoshi)"
+    )
+    p.add_argument("--json", action="store_true", help="print the record as JSON, no progress bar")
+    p.set_defaults(func=migrate_command)
+
+    h = top.add_parser("migrations", help="migration history and reports")
+    h.add_argument("show", nargs="?", choices=["show"], help="show one migration")
+    h.add_argument("id", nargs="?", metavar="ID")
+    h.add_argument("--datastore", type=Path, required=True, metavar="PATH")
+    h.add_argument("--state-dir", type=Path, metavar="DIR")
+    h.add_argument("--json", action="store_true")
+    h.set_defaults(func=migrations_command)
+
+
+def human_report(record: MigrationRecord) -> str:
+    """The report for people."""
+    r = record.report
+    lines = [f"migration {record.id}: VM {record.vm}, storage {record.storage.value}: {record.phase.value}"]
+    if record.error:
+        lines.append(f"  error: {record.error}")
+
+    def add(label: str, value: Any, unit: str = "") -> None:
+        if value is not None:
+            lines.append(f"  {label:<28} {value}{unit}")
+
+    add("downtime (QEMU)", r.get("downtime_ms"), " ms")
+    sw = r.get("switchover") or {}
+    add("guest gap (stop -> resumed)", sw.get("gap_ms"), " ms")
+    add("storage at switchover", sw.get("storage_ms"), " ms")
+    add("on the destination after", r.get("time_to_destination_s"), " s")
+    add("source released after", r.get("source_released_s"), " s")
+    mem = r.get("memory_bytes")
+    add("memory sent", f"{mem / 2**20:.1f} MiB" if mem else None)
+    add("memory iterations", r.get("memory_iterations"))
+    add("dirty rate before", r.get("dirty_rate_mib_s"), " MiB/s")
+    for disk, f in (r.get("disk_fetch") or {}).items():
+        add(
+            f"disk {disk}",
+            f"{f['demand_bytes'] / 2**20:.1f} MiB on demand, "
+            f"{f['background_bytes'] / 2**20:.1f} MiB background",
+        )
+    for disk, s in (sw.get("storage") or {}).items():
+        add(f"disk {disk} invalidated", f"{s['dropped_bytes'] / 2**20:.2f} MiB")
+    for a in r.get("actions") or []:
+        add("convergence", f"{a['action']} {a['value'] or ''} ({a['reason']})")
+    for phase, seconds in (r.get("phases_s") or {}).items():
+        add(f"phase {phase}", seconds, " s")
+    return "\n".join(lines)
+
+
+async def _migrate(args: argparse.Namespace) -> int:
+    request = MigrationRequest(
+        vm=args.name,
+        source_datastore=args.datastore.absolute(),
+        dest_datastore=args.to_datastore.absolute(),
+        storage=StorageMode(args.storage),
+        dest_runtime_dir=args.to_runtime_dir,
+        source_address=args.address,
+        dest_address=args.to_address,
+        max_downtime_ms=args.max_downtime,
+        bandwidth=int(parse_rate(args.bandwidth)) if args.bandwidth else None,
+        disk_bandwidth=args.disk_bandwidth,
+        auto_converge=not args.no_auto_converge,
+        allow_postcopy=args.allow_postcopy,
+    )
+    store = MigrationStore(args.state_dir or default_state_dir(args.datastore.absolute()))
+    if args.json:
+        coordinator = Coordinator(request, store)
+        code = await _run(coordinator)
+        print(json.dumps(json.loads(coordinator.record.model_dump_json()), indent=2))
+        return code
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (
+        TextColumn("[bold]{task.fields[phase]:<20}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, TextColumn("{task.fields[detail]}")) as progress:
+        task = progress.add_task("migrate", total=None, phase="precheck", detail="")
+
+        def show(info: dict[str, Any]) -> None:
+            fields: dict[str, Any] = {"phase": info["phase"]}
+            if "memory_done" in info:
+                fields["completed"] = info["memory_done"]
+                fields["total"] = info["memory_done"] + info["memory_remaining"]
+                fields["detail"] = f"iteration {info['iteration']} · {info.get('mbps') or 0:.0f} Mbit/s"
+            elif "disk_done" in info:
+                fields["completed"] = info["disk_done"]
+                fields["total"] = info["disk_total"]
+                fields["detail"] = "disks"
+            progress.update(task, **fields)
+
+        coordinator = Coordinator(request, store, show)
+        code = await _run(coordinator)
+    print(human_report(coordinator.record))
+    return code
+
+
+async def _run(coordinator: Coordinator) -> int:
+    try:
+        await coordinator.run()
+    except MigrationRefused as exc:
+        print(f"hikkoshi migrate: {exc}", file=sys.stderr)
+        return 2
+    except MigrationError as exc:
+        print(f"hikkoshi migrate: {exc}", file=sys.stderr)
+        return 1
+    except asyncio.CancelledError:
+        return 130
+    return 0
+
+
+def migrate_command(args: argparse.Namespace) -> int:
+    try:
+        return run(_migrate(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+def migrations_command(args: argparse.Namespace) -> int:
+    store = MigrationStore(args.state_dir or default_state_dir(args.datastore.absolute()))
+    if args.show:
+        if not args.id:
+            print("hikkoshi migrations show: which ID?", file=sys.stderr)
+            return 2
+        try:
+            record = store.load(args.id)
+        except (KeyError, ValueError) as exc:
+            print(f"hikkoshi migrations: no readable migration {exc}", file=sys.stderr)
+            return 2
+        print(record.model_dump_json(indent=2) if args.json else human_report(record))
+        return 0
+    records = store.all()
+    if args.json:
+        print(json.dumps([json.loads(r.model_dump_json()) for r in records], indent=2))
+        return 0
+    for r in records:
+        down = r.report.get("downtime_ms")
+        print(
+            f"{r.id}  {r.vm:<16} {r.storage.value:<9} {r.phase.value:<12} "
+            f"downtime {down if down is not None else '-'} ms  {r.error or ''}"
+        )
+    return 0

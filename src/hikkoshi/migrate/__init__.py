@@ -1,0 +1,1 @@
+"""Migrations of running VMs between hosts: prechecks, phases, convergence, storage modes, reports."""

@@ -1,0 +1,666 @@
+"""The migration coordinator: carries out the phases of :mod:`phases` between two VM supervisors.
+
+The decisions live in pure modules (phases, convergence, storage modes, prechecks); this module is
+the I/O around them. It talks to the source VM's supervisor, NBD service and QEMU (through the
+supervisor), starts the destination VM's supervisor in incoming mode with a disk plan, and to its
+relocation proxies. The record is saved at every phase change.
+
+Switchover: the source QEMU runs with ``pause-before-switchover``. When RAM is nearly copied, QEMU
+stops the guest, drains and flushes its I/O (every write has reached our NBD service), and waits.
+Storage then does its part (hybrid: the destination's proxies drop what the source's dirty bitmap
+marks; precopy: the ready mirror jobs are completed), and only then does QEMU send the rest.
+
+Failure before the destination resumes rolls back: the migration is cancelled (QEMU resumes the
+guest on the source by itself; we make sure), the destination is killed and its home removed, the
+source's extra listener and bitmap go. After the destination resumed, the source never runs again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from hikkoshi import __version__
+from hikkoshi.migrate.convergence import Observation, Progress, Schedule, build_schedule, decide
+from hikkoshi.migrate.phases import Phase
+from hikkoshi.migrate.precheck import Side, migration_problems
+from hikkoshi.migrate.record import Endpoint, MigrationRecord, MigrationStore, PhaseTime
+from hikkoshi.migrate.sides import SideError, VmSide
+from hikkoshi.migrate.storage_modes import (
+    StorageMode,
+    bitmap_name,
+    destination_backend,
+    moves_disks,
+)
+from hikkoshi.vm import control
+from hikkoshi.vm.disk_plan import PLAN_FILE, IncomingPlan
+from hikkoshi.vm.guest_image import DEFAULT_QEMU
+from hikkoshi.vm.home import VmHome
+from hikkoshi.vm.host import host_facts, space
+from hikkoshi.vm.spec import VmSpec
+
+log = logging.getLogger("hikkoshi.migrate")
+
+#: Files of a home that belong to one run of the VM or are its disks: not copied ahead.
+_RUN_FILES = {".lock", "supervisor.pid", "state.json", PLAN_FILE}
+_TERMINAL = ["completed", "failed", "cancelled"]
+
+
+class MigrationError(RuntimeError):
+    """The migration did not complete; the record says how it ended."""
+
+    def __init__(self, message: str, record: MigrationRecord) -> None:
+        super().__init__(message)
+        self.record = record
+
+
+class MigrationRefused(MigrationError):
+    """Prechecks failed: nothing was touched."""
+
+
+@dataclass(frozen=True)
+class MigrationRequest:
+    """What the user asked for."""
+
+    vm: str
+    source_datastore: Path
+    dest_datastore: Path
+    storage: StorageMode = StorageMode.HYBRID
+    dest_runtime_dir: Path | None = None
+    source_address: str = "127.0.0.1"
+    dest_address: str = "127.0.0.1"
+    max_downtime_ms: int = 300
+    bandwidth: int | None = None
+    """Memory stream limit, bytes/s (``None``: unlimited)."""
+    disk_bandwidth: str | None = None
+    """Background disk copy limit (proxy modes), e.g. ``50M``."""
+    auto_converge: bool = True
+    allow_postcopy: bool = False
+    max_seconds: float = 600.0
+    qemu: str = DEFAULT_QEMU
+
+
+def qemu_version(qemu: str = DEFAULT_QEMU) -> tuple[int, int, int]:
+    """The version of a QEMU binary (0.0.0 if it cannot say)."""
+    try:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=30).stdout
+        words = out.split("version", 1)[1].split()[0].split(".")
+        major, minor, micro = (
+            int("".join(c for c in w if c.isdigit()) or 0) for w in (words + ["0"] * 3)[:3]
+        )
+        return major, minor, micro
+    except (OSError, IndexError, ValueError, subprocess.TimeoutExpired):
+        return 0, 0, 0
+
+
+def _allocated(path: Path) -> int:
+    try:
+        return path.stat().st_blocks * 512
+    except OSError:
+        return 0
+
+
+class Coordinator:
+    """Runs one migration from start to end (or rollback)."""
+
+    def __init__(
+        self,
+        request: MigrationRequest,
+        store: MigrationStore,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.request = request
+        self.store = store
+        self.on_progress = on_progress or (lambda _info: None)
+        src_home = VmHome(request.source_datastore / request.vm)
+        self.record = MigrationRecord(
+            vm=request.vm,
+            storage=request.storage,
+            source=Endpoint(
+                datastore=request.source_datastore, home=src_home.path, address=request.source_address
+            ),
+            destination=Endpoint(
+                datastore=request.dest_datastore,
+                home=request.dest_datastore / request.vm,
+                runtime_dir=request.dest_runtime_dir,
+                address=request.dest_address,
+            ),
+            settings={
+                "max_downtime_ms": request.max_downtime_ms,
+                "bandwidth": request.bandwidth,
+                "disk_bandwidth": request.disk_bandwidth,
+                "auto_converge": request.auto_converge,
+                "allow_postcopy": request.allow_postcopy,
+            },
+        )
+        self.schedule: Schedule = build_schedule(
+            request.max_downtime_ms,
+            auto_converge=request.auto_converge,
+            allow_postcopy=request.allow_postcopy,
+            max_seconds=request.max_seconds,
+        )
+        self.src_home = src_home
+        self.dst_home = VmHome(self.record.destination.home)
+        self.spec: VmSpec | None = None
+        self.source: VmSide | None = None
+        self.dest: VmSide | None = None
+        self.t0 = time.monotonic()
+        self.report: dict[str, Any] = {"actions": [], "iterations": []}
+        self._t_stop = 0.0
+
+    # --- plumbing ------------------------------------------------------------------------------------------
+
+    def _enter(self, phase: Phase) -> None:
+        self.record.enter(phase)
+        self.store.save(self.record)
+        log.info("migration %s: %s", self.record.id, phase)
+        self.on_progress({"phase": phase.value, "elapsed": round(time.monotonic() - self.t0, 3)})
+
+    def _since_start(self) -> float:
+        return round(time.monotonic() - self.t0, 4)
+
+    # --- the whole run -------------------------------------------------------------------------------------
+
+    async def run(self) -> MigrationRecord:
+        """Migrate; the final record (``MigrationError`` if it did not end ``done``)."""
+        self.record.phases = [PhaseTime(phase=Phase.PRECHECK, started=time.time())]
+        self.store.save(self.record)
+        try:
+            await self._precheck()
+        except MigrationRefused:
+            self.record.error = self.record.error or "refused"
+            self._enter(Phase.FAILED)
+            raise
+        try:
+            self._enter(Phase.PREPARE)
+            await self._prepare()
+            self._enter(Phase.HOME_FILES)
+            await self._home_files()
+            self._enter(Phase.STORAGE_PRE)
+            await self._storage_pre()
+            self._enter(Phase.MEMORY)
+            await self._memory()
+            self._enter(Phase.SWITCHOVER)
+            await self._switchover()
+        except (Exception, asyncio.CancelledError) as exc:
+            reason = str(exc) or type(exc).__name__
+            log.error(
+                "migration %s failed in %s: %s; rolling back", self.record.id, self.record.phase, reason
+            )
+            self.record.error = reason
+            await asyncio.shield(self._rollback())
+            raise MigrationError(f"migration failed and was rolled back: {reason}", self.record) from None
+        try:
+            self._enter(Phase.RESUME)  # the commit point, recorded before the destination runs
+            await self._resume()
+            self._enter(Phase.ANNOUNCE)
+            await self._announce()
+            self._enter(Phase.STORAGE_POST)
+            await self._storage_post()
+            self._enter(Phase.CLEANUP)
+            await self._cleanup()
+        except Exception as exc:
+            self.record.error = f"after the destination resumed: {exc}"
+            self._finish_report()
+            self._enter(Phase.FAILED)
+            raise MigrationError(self.record.error, self.record) from None
+        self._finish_report()
+        self._enter(Phase.DONE)
+        return self.record
+
+    # --- precheck ------------------------------------------------------------------------------------------
+
+    async def _precheck(self) -> None:
+        req = self.request
+        problems: list[str] = []
+        try:
+            spec = self.src_home.load_spec()
+        except (OSError, ValueError) as exc:
+            self._refuse([f"no VM {req.vm!r} in {req.source_datastore}: {exc}"])
+        self.spec = spec
+        self.source = VmSide(self.src_home, spec, "source")
+        if not self.src_home.is_running():
+            self._refuse([f"VM {req.vm!r} is not running (cold migration: copy its home)"])
+        status = await self.source.status()
+        if status.get("state") != "running":
+            problems.append(f"the VM's QEMU is {status.get('state')}, not running")
+        if not req.dest_datastore.is_dir():
+            problems.append(f"destination datastore {req.dest_datastore} does not exist")
+        if self.dst_home.path.exists():
+            problems.append(f"{self.dst_home.path} exists already: the destination has a VM of that name")
+        if req.dest_datastore.resolve() == req.source_datastore.resolve():
+            problems.append("source and destination datastore are the same (use storage-migrate)")
+        facts = await asyncio.to_thread(host_facts)
+        qv = await asyncio.to_thread(qemu_version, req.qemu)
+        accel = str(status.get("accel", "tcg"))
+        needed = (
+            sum(_allocated(self.src_home.disk_path(d)) for d in spec.disks) if moves_disks(req.storage) else 0
+        )
+        free = space(req.dest_datastore).free if req.dest_datastore.is_dir() else 0
+        src_side = Side(facts, accel, qv, __version__, space(req.source_datastore).free)
+        dst_side = Side(facts, accel, qv, __version__, free)
+        problems += migration_problems(spec, src_side, dst_side, needed)
+        self.record.facts["accel"] = accel
+        if problems:
+            self._refuse(problems)
+
+    def _refuse(self, problems: list[str]) -> NoReturn:
+        self.record.error = "refused: " + "; ".join(problems)
+        self.record.report = {"problems": problems}
+        raise MigrationRefused(self.record.error, self.record)
+
+    # --- preparation ---------------------------------------------------------------------------------------
+
+    async def _prepare(self) -> None:
+        assert self.source is not None and self.spec is not None
+        req = self.request
+        # The guest's dirty rate, measured while everything else is prepared (QEMU samples pages).
+        with contextlib.suppress(SideError):
+            await self.source.qmp("calc-dirty-rate", {"calc-time": 1})
+            self.record.facts["dirty_rate_started"] = time.monotonic()
+        if self.spec.disks and req.storage != StorageMode.PRECOPY:
+            names = await self.source.nbd("listen", address=f"{req.source_address}:0")
+            self.record.facts["source_listen"] = names[0]
+            port = names[0].rsplit(":", 1)[1]
+            self.record.facts["exports"] = {
+                d.name: f"nbd://{req.source_address}:{port}/{d.name}" for d in self.spec.disks
+            }
+        if req.storage == StorageMode.HYBRID:
+            # Before the destination's proxy reads anything: every later write is marked.
+            for disk in self.spec.disks:
+                await self.source.nbd("bitmap-add", export=disk.name, name=bitmap_name(self.record.id))
+            self.record.facts["bitmap"] = bitmap_name(self.record.id)
+        self.store.save(self.record)
+
+    async def _home_files(self) -> None:
+        assert self.spec is not None
+        req = self.request
+        dst = self.dst_home.path
+        dst.mkdir(mode=0o755)
+        self.record.facts["destination_home_created"] = True
+        self.store.save(self.record)
+        disk_files = {d.file_name for d in self.spec.disks}
+        copied = 0
+        for entry in sorted(self.src_home.path.iterdir()):
+            if entry.name in _RUN_FILES or entry.name in disk_files or not entry.is_file():
+                continue
+            if entry.name.endswith((".bitmap", ".hikkoshi-move")):
+                continue
+            target = dst / entry.name
+            changing = entry.suffix in (".log", ".1", ".toml", ".json", ".fd")
+            try:
+                if changing:
+                    raise OSError("the VM changes this file: copy it")
+                os.link(entry, target)  # boot files are large and never rewritten in place
+            except OSError:
+                await asyncio.to_thread(shutil.copy2, entry, target)
+            copied += entry.stat().st_size
+        self.report["home_bytes"] = copied
+        exports = self.record.facts.get("exports", {})
+        plan = IncomingPlan(
+            migration=self.record.id,
+            disks={
+                d.name: destination_backend(
+                    req.storage, exports.get(d.name, ""), self.record.id, req.disk_bandwidth
+                )
+                for d in self.spec.disks
+            }
+            if req.storage != StorageMode.PRECOPY
+            else {},
+        )
+        if req.storage == StorageMode.PRECOPY:
+            for d in self.spec.disks:  # the mirror fills them; sparse until it does
+                with self.dst_home.disk_path(d).open("wb") as f:
+                    f.truncate(d.size)
+        plan.save(dst)
+        info = await asyncio.to_thread(
+            control.start_vm,
+            self.dst_home,
+            accel=str(self.record.facts.get("accel", "tcg")),
+            qemu=req.qemu if req.qemu != DEFAULT_QEMU else None,
+            incoming=True,
+            runtime_dir=req.dest_runtime_dir,
+        )
+        self.record.facts["destination_supervisor_pid"] = info.get("supervisor_pid")
+        self.dest = VmSide(self.dst_home, self.spec, "destination")
+        self.store.save(self.record)
+
+    # --- storage before memory -----------------------------------------------------------------------------
+
+    async def _storage_pre(self) -> None:
+        assert self.source is not None and self.dest is not None and self.spec is not None
+        if self.request.storage != StorageMode.PRECOPY or not self.spec.disks:
+            return
+        names = await self.dest.nbd("listen", address=f"{self.request.dest_address}:0")
+        host, port = names[0].rsplit(":", 1)
+        jobs = []
+        for disk in self.spec.disks:
+            node, job = f"mig-target-{disk.name}", f"mig-{disk.name}"
+            await self.source.qmp(
+                "blockdev-add",
+                {
+                    "driver": "nbd",
+                    "node-name": node,
+                    "server": {"type": "inet", "host": host.strip("[]"), "port": port},
+                    "export": disk.name,
+                },
+            )
+            self.record.facts.setdefault("mirror_nodes", []).append(node)
+            await self.source.qmp(
+                "blockdev-mirror",
+                {
+                    "job-id": job,
+                    "device": f"disk-{disk.name}",
+                    "target": node,
+                    "sync": "full",
+                    "copy-mode": "write-blocking",
+                },
+            )
+            jobs.append(job)
+            self.record.facts.setdefault("mirror_jobs", []).append(job)
+        self.store.save(self.record)
+        while True:
+            info = await self.source.qmp("query-block-jobs")
+            mine = [j for j in info if j.get("device") in jobs]
+            if len(mine) < len(jobs):
+                raise SideError("a disk mirror job ended before it was in sync")
+            self.on_progress(
+                {
+                    "phase": Phase.STORAGE_PRE.value,
+                    "disk_done": sum(j.get("offset", 0) for j in mine),
+                    "disk_total": sum(j.get("len", 0) for j in mine),
+                }
+            )
+            if all(j.get("ready") for j in mine):
+                self.report["disk_mirror_bytes"] = sum(j.get("len", 0) for j in mine)
+                return
+            await asyncio.sleep(0.2)
+
+    # --- memory --------------------------------------------------------------------------------------------
+
+    async def _memory(self) -> None:
+        assert self.source is not None and self.dest is not None
+        req, src, dst = self.request, self.source, self.dest
+        await self._read_dirty_rate()
+        caps_src = {
+            "events": True,
+            "pause-before-switchover": True,
+            "auto-converge": bool(self.schedule.throttle_percent),
+        }
+        caps_dst = {"events": True}
+        if self.schedule.allow_postcopy:
+            caps_src["postcopy-ram"] = caps_dst["postcopy-ram"] = True
+        await dst.qmp("migrate-set-capabilities", _caps(caps_dst))
+        await src.qmp("migrate-set-capabilities", _caps(caps_src))
+        params: dict[str, Any] = {"downtime-limit": self.schedule.downtime_ms[0]}
+        params["max-bandwidth"] = req.bandwidth if req.bandwidth else 1 << 40
+        if self.schedule.throttle_percent:
+            # QEMU throttles only when the guest dirties faster than the link; start gently.
+            params["cpu-throttle-initial"] = self.schedule.throttle_percent[0]
+            params["cpu-throttle-increment"] = 10
+        await src.qmp("migrate-set-parameters", params)
+        await dst.qmp("migrate-incoming", {"uri": f"tcp:{req.dest_address}:0"})
+        info = await dst.qmp("query-migrate")
+        addrs = info.get("socket-address") or []
+        if not addrs:
+            raise SideError("the destination QEMU did not say where it listens for the stream")
+        port = addrs[0]["port"]
+        host = req.dest_address
+        uri = f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
+        self.record.facts["stream"] = uri
+        self.store.save(self.record)
+        self.report["memory_started"] = self._since_start()
+        await src.qmp("migrate", {"uri": uri})
+        progress = Progress()
+        started = time.monotonic()
+        while True:
+            info = await src.wait_migration(["pre-switchover", *_TERMINAL], 0.1)
+            status = info.get("status")
+            if status == "pre-switchover":
+                self.report["pre_switchover_info"] = info
+                return
+            if status in _TERMINAL:
+                raise SideError(f"memory migration {status}: {info.get('error-desc', 'no reason given')}")
+            ram = info.get("ram") or {}
+            obs = Observation(
+                iteration=int(ram.get("dirty-sync-count", 0)),
+                remaining=int(ram.get("remaining", 0)),
+                elapsed=time.monotonic() - started,
+            )
+            self.on_progress(
+                {
+                    "phase": Phase.MEMORY.value,
+                    "memory_done": int(ram.get("transferred", 0)),
+                    "memory_remaining": obs.remaining,
+                    "memory_total": int(ram.get("total", 0)),
+                    "iteration": obs.iteration,
+                    "dirty_pages_rate": ram.get("dirty-pages-rate"),
+                    "mbps": ram.get("mbps"),
+                }
+            )
+            before = progress.last_iteration
+            progress, action = decide(self.schedule, progress, obs)
+            if progress.last_iteration != before:
+                self.report["iterations"].append(
+                    {"iteration": obs.iteration, "remaining": obs.remaining, "at": round(obs.elapsed, 3)}
+                )
+            if action.kind != "continue":
+                await self._apply(action.kind, action.value, action.reason)
+
+    async def _apply(self, kind: str, value: int, reason: str) -> None:
+        assert self.source is not None
+        self.report["actions"].append(
+            {"action": kind, "value": value, "reason": reason, "at": self._since_start()}
+        )
+        log.info("convergence: %s %s (%s)", kind, value or "", reason)
+        if kind == "set-downtime":
+            await self.source.qmp("migrate-set-parameters", {"downtime-limit": value})
+        elif kind == "throttle":
+            await self.source.qmp("migrate-set-parameters", {"cpu-throttle-initial": value})
+        elif kind == "postcopy":
+            await self.source.qmp("migrate-start-postcopy")
+        else:
+            raise SideError(f"memory did not converge: {reason}")
+
+    async def _read_dirty_rate(self) -> None:
+        assert self.source is not None
+        if "dirty_rate_started" not in self.record.facts:
+            return
+        with contextlib.suppress(SideError):
+            for _ in range(30):
+                info = await self.source.qmp("query-dirty-rate")
+                if info.get("status") == "measured":
+                    self.report["dirty_rate_mib_s"] = info.get("dirty-rate")
+                    return
+                await asyncio.sleep(0.1)
+
+    # --- switchover ----------------------------------------------------------------------------------------
+
+    async def _switchover(self) -> None:
+        assert self.source is not None and self.dest is not None and self.spec is not None
+        src, dst = self.source, self.dest
+        t_stop = time.monotonic()
+        storage: dict[str, Any] = {}
+        if self.request.storage == StorageMode.HYBRID:
+            for disk in self.spec.disks:
+                result = await dst.proxy(disk.name, "invalidate")
+                storage[disk.name] = {k: result[k] for k in ("dirty_bytes", "dropped_bytes", "seconds")}
+        elif self.request.storage == StorageMode.PRECOPY:
+            for job in self.record.facts.get("mirror_jobs", []):
+                # Ready, and the guest is stopped and drained: cancelling leaves the target in sync.
+                await src.qmp("block-job-cancel", {"device": job})
+            await self._wait_jobs_gone()
+        storage_done = time.monotonic()
+        await src.qmp("migrate-continue", {"state": "pre-switchover"})
+        info = await src.wait_migration(_TERMINAL, 120)
+        if info.get("status") != "completed":
+            raise SideError(f"memory migration {info.get('status')}: {info.get('error-desc', '')}")
+        dinfo = await dst.wait_migration(_TERMINAL, 120)
+        if dinfo.get("status") != "completed":
+            raise SideError(f"the destination's incoming migration {dinfo.get('status')}")
+        self.report["switchover"] = {
+            "storage_ms": round((storage_done - t_stop) * 1000, 2),
+            "storage": storage,
+            "stopped_at": round(t_stop - self.t0, 4),
+        }
+        self.report["migrate_info"] = info
+        self._t_stop = t_stop
+
+    async def _wait_jobs_gone(self) -> None:
+        assert self.source is not None
+        jobs = set(self.record.facts.get("mirror_jobs", []))
+        for _ in range(600):
+            info = await self.source.qmp("query-block-jobs")
+            if not any(j.get("device") in jobs for j in info):
+                return
+            await asyncio.sleep(0.01)
+        raise SideError("the disk mirror jobs did not finish")
+
+    # --- after the commit point ----------------------------------------------------------------------------
+
+    async def _resume(self) -> None:
+        assert self.dest is not None
+        await self.dest.ctl("resume")
+        now = time.monotonic()
+        self.report["switchover"]["gap_ms"] = round((now - self._t_stop) * 1000, 2)
+        self.report["time_to_destination_s"] = round(now - self.t0, 3)
+
+    async def _announce(self) -> None:
+        assert self.dest is not None and self.spec is not None
+        if self.spec.nics:
+            # Gratuitous RARPs from the same MAC: switches learn the VM's new port.
+            await self.dest.qmp("announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100})
+
+    async def _storage_post(self) -> None:
+        assert self.source is not None and self.dest is not None and self.spec is not None
+        # QEMU on the source quits; its disks keep serving the destination until released.
+        await self.source.ctl("hand-off")
+        mode = self.request.storage
+        if mode not in (StorageMode.POSTCOPY, StorageMode.HYBRID):
+            return
+        if mode == StorageMode.POSTCOPY:
+            for disk in self.spec.disks:
+                await self.dest.proxy(disk.name, "resume")
+        fetched: dict[str, dict[str, Any]] = {}
+        while True:
+            done = True
+            total = present = 0
+            for disk in self.spec.disks:
+                st = await self.dest.proxy(disk.name, "status")
+                total += int(st["size"])
+                present += int(st["present_bytes"])
+                fetched[disk.name] = {
+                    "demand_bytes": st["fetched_demand_bytes"],
+                    "background_bytes": st["fetched_background_bytes"],
+                    "zero_bytes": st["zero_bytes"],
+                }
+                done = done and st["upstream"] == "detached"
+            self.on_progress({"phase": Phase.STORAGE_POST.value, "disk_done": present, "disk_total": total})
+            if done:
+                break
+            await asyncio.sleep(0.2)
+        self.report["disk_fetch"] = fetched
+        self.report["disk_complete_s"] = self._since_start()
+
+    async def _cleanup(self) -> None:
+        assert self.source is not None and self.spec is not None
+        if moves_disks(self.request.storage):
+            await self.source.ctl("release")
+            if not await asyncio.to_thread(control.wait_stopped, self.src_home, 60):
+                raise SideError("the source supervisor did not exit after release")
+            # The destination holds a complete, flushed copy of every disk and serves it.
+            await asyncio.to_thread(shutil.rmtree, self.src_home.path)
+            self.report["source_released_s"] = self._since_start()
+        (self.dst_home.path / PLAN_FILE).unlink(missing_ok=True)
+
+    # --- rollback ------------------------------------------------------------------------------------------
+
+    async def _rollback(self) -> None:
+        self._enter(Phase.ROLLBACK)
+        problems: list[str] = []
+        src = self.source
+        if src is not None and self.src_home.is_running():
+            try:
+                await self._rollback_source(src)
+            except SideError as exc:
+                problems.append(str(exc))
+        try:
+            await self._remove_destination()
+        except (SideError, OSError) as exc:
+            problems.append(f"destination: {exc}")
+        self._finish_report()
+        if problems:
+            self.record.error = f"{self.record.error}; rollback problems: {'; '.join(problems)}"
+            self._enter(Phase.FAILED)
+        else:
+            self._enter(Phase.ROLLED_BACK)
+
+    async def _rollback_source(self, src: VmSide) -> None:
+        info = await src.qmp("query-migrate")
+        if info.get("status") not in (None, "none", *_TERMINAL):
+            await src.qmp("migrate_cancel")
+            await src.wait_migration(["cancelled", "failed", "completed"], 30)
+        for job in self.record.facts.get("mirror_jobs", []):
+            with contextlib.suppress(SideError):
+                await src.qmp("block-job-cancel", {"device": job, "force": True})
+        with contextlib.suppress(SideError):
+            await self._wait_jobs_gone()
+        for node in self.record.facts.get("mirror_nodes", []):
+            with contextlib.suppress(SideError):
+                await src.qmp("blockdev-del", {"node-name": node})
+        status = (await src.qmp("query-status"))["status"]
+        if status != "running":
+            # QEMU restarts a cancelled migration's guest itself; a completed one stays stopped
+            # (postmigrate) -- the destination never ran, so the source takes over again.
+            await src.qmp("cont")
+        if "source_listen" in self.record.facts:
+            with contextlib.suppress(SideError):
+                await src.nbd("unlisten", address=self.record.facts["source_listen"])
+        if "bitmap" in self.record.facts and self.spec is not None:
+            for disk in self.spec.disks:
+                with contextlib.suppress(SideError):
+                    await src.nbd("bitmap-remove", export=disk.name, name=self.record.facts["bitmap"])
+
+    async def _remove_destination(self) -> None:
+        if self.dst_home.path.exists() and self.dst_home.is_running():
+            await asyncio.to_thread(control.kill_vm, self.dst_home)
+        if self.record.facts.get("destination_home_created") and self.dst_home.path.exists():
+            await asyncio.to_thread(shutil.rmtree, self.dst_home.path)
+
+    # --- report --------------------------------------------------------------------------------------------
+
+    def _finish_report(self) -> None:
+        info = self.report.get("migrate_info") or {}
+        ram = info.get("ram") or {}
+        report: dict[str, Any] = {
+            "id": self.record.id,
+            "vm": self.record.vm,
+            "storage": self.record.storage.value,
+            "outcome": "done" if self.record.phase not in (Phase.ROLLBACK, Phase.FAILED) else "failed",
+            "phases_s": self.record.phase_seconds(),
+            "downtime_ms": info.get("downtime"),
+            "total_time_ms": info.get("total-time"),
+            "setup_time_ms": info.get("setup-time"),
+            "memory_bytes": ram.get("transferred"),
+            "memory_total_bytes": ram.get("total"),
+            "memory_iterations": ram.get("dirty-sync-count"),
+            "postcopy_requests": ram.get("postcopy-requests"),
+            **{k: v for k, v in self.report.items() if k not in ("migrate_info", "pre_switchover_info")},
+            "elapsed_s": self._since_start(),
+        }
+        if self.record.error:
+            report["error"] = self.record.error
+        self.record.report = report
+
+
+def _caps(caps: dict[str, bool]) -> dict[str, Any]:
+    return {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]}

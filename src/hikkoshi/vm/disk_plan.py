@@ -1,0 +1,81 @@
+"""Where each disk of an incoming VM comes from: ``incoming.json`` in the destination's home.
+
+A VM started normally serves every disk from its home with ``hikkoshi nbd serve``. A VM started as
+the destination of a migration (``supervisor --incoming``) may instead get a disk
+
+- ``local``: served from the home as usual (the file is already there, or a mirror fills it);
+- ``proxy``: served by a relocation proxy (``hikkoshi nbd proxy``) whose cache is the disk's file in
+  the home, pulling from the source's export: postcopy and hybrid storage;
+- ``remote``: opened by QEMU directly at the source's export (shared storage); nothing local.
+
+The plan is written by the migration coordinator before it starts the destination supervisor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from hikkoshi.nbd.uri import NbdUri
+from hikkoshi.vm.errors import VmStartError
+from hikkoshi.vm.home import write_atomically
+
+PLAN_FILE = "incoming.json"
+
+
+class DiskBackend(BaseModel):
+    """How one disk is provided on the destination."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["local", "proxy", "remote"] = "local"
+    uri: str | None = None
+    """``proxy``: the upstream export; ``remote``: the export QEMU opens."""
+    background: Literal["run", "paused"] = "run"
+    """``proxy``: whether the background copy starts at once or waits for ``resume``."""
+    dirty_bitmap: str | None = None
+    """``proxy``: the source's dirty bitmap to invalidate from at switchover (hybrid)."""
+    bandwidth: str | None = None
+    """``proxy``: background copy rate limit (e.g. ``50M``)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> DiskBackend:
+        if self.kind == "local":
+            if self.uri is not None:
+                raise ValueError("a local disk has no uri")
+        else:
+            if self.uri is None:
+                raise ValueError(f"a {self.kind} disk needs the export's uri")
+            NbdUri.parse(self.uri)
+        return self
+
+
+class IncomingPlan(BaseModel):
+    """A destination VM: the disks' backends (disks not named are ``local``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    migration: str
+    """The migration's id (for logs)."""
+    disks: dict[str, DiskBackend] = {}
+
+    def backend(self, disk: str) -> DiskBackend:
+        """The backend of one disk."""
+        return self.disks.get(disk, DiskBackend())
+
+    def save(self, home: Path) -> None:
+        """Write ``incoming.json`` into the home."""
+        write_atomically(home / PLAN_FILE, self.model_dump_json(indent=2).encode())
+
+    @classmethod
+    def load(cls, home: Path) -> IncomingPlan:
+        """Read ``incoming.json``; a clear error if it is missing or wrong."""
+        path = home / PLAN_FILE
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except OSError as exc:
+            raise VmStartError(f"incoming plan {path}: {exc.strerror}") from None
+        except ValidationError as exc:
+            raise VmStartError(f"incoming plan {path} is not valid: {exc}") from None

@@ -1,0 +1,182 @@
+"""Live migration of real TCG guests between two "hosts" on this machine (two datastores, two runtime
+directories), driven through the `hikkoshi migrate` command."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hikkoshi.vm import control
+from hikkoshi.vm.datastore import Datastore
+from hikkoshi.vm.diskwriter import verify_diskwriter_image
+from hikkoshi.vm.guest_image import GuestImage
+from hikkoshi.vm.home import VmHome
+
+from .vmtools import alive, console, guest, guest_vm, running, stop, wait_console, wait_dead
+
+__all__ = ["guest"]
+
+_DONE = re.compile(r"HIKKOSHI-DISKWRITER DONE run=(\d+) last=(\d+) written=\d+ records=\d+ OK")
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Iterator[tuple[Datastore, Datastore, Path]]:
+    """Host A's datastore, host B's datastore and B's runtime directory (A's is the test default)."""
+    runtime_b = Path(tempfile.mkdtemp(prefix="hkb-", dir="/tmp"))
+    yield Datastore.init(tmp_path / "a"), Datastore.init(tmp_path / "b"), runtime_b
+    shutil.rmtree(runtime_b, ignore_errors=True)
+
+
+def migrate(
+    a: Datastore, b: Datastore, runtime_b: Path, name: str, *extra: str
+) -> tuple[int, dict[str, Any]]:
+    """Run `hikkoshi migrate --json`; its exit status and the record it printed."""
+    cmd = [sys.executable, "-m", "hikkoshi", "migrate", name, "--datastore", str(a.path)]
+    cmd += ["--to-datastore", str(b.path), "--to-runtime-dir", str(runtime_b), "--json", *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    try:
+        record = json.loads(done.stdout)
+    except ValueError:
+        pytest.fail(f"no JSON record (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done.returncode, record
+
+
+@contextlib.contextmanager
+def cleanup(home: VmHome) -> Iterator[None]:
+    """Whatever happens, the VM at ``home`` (if it ever ran) is stopped and its processes are gone."""
+    try:
+        yield
+    finally:
+        state = home.read_state()
+        pids = [int(state[k]) for k in ("supervisor_pid", "qemu_pid", "nbd_pid") if state.get(k)]
+        pids += [int(p) for p in (state.get("proxy_pids") or {}).values()]
+        if home.path.exists() and home.is_running():
+            control.kill_vm(home)
+        for pid in wait_dead(pids, 20.0):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert wait_dead(pids, 10.0) == []
+
+
+def finish_and_verify(home: VmHome, run: int, after: int = 0) -> int:
+    """Stop the guest with the power button; its own final check must pass; the image verifies too."""
+    state = stop(home)
+    assert state["exit"]["how"] == "acpi", state
+    text = console(home)
+    done = _DONE.search(text, after)
+    assert done is not None, text[-3000:]
+    last = int(done[2])
+    assert verify_diskwriter_image(home.path / "disk0.raw", run=run, durable=last).last == last
+    return last
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", ["hybrid", "postcopy", "precopy", "shared"])
+def test_busy_guest_migrates(
+    guest: GuestImage, hosts: tuple[Datastore, Datastore, Path], storage: str
+) -> None:
+    a, b, runtime_b = hosts
+    run = random.randrange(1, 2**31)
+    params = {"run": run, "progress": 4, "scrub": 16, "rate": 4, "mb": 24}
+    home = guest_vm(
+        a, guest, "mover", "busy", params, memory_mib=192, disks=[{"name": "disk0", "size": "32M"}]
+    )
+    dest = b.home("mover")
+    with running(home) as info, cleanup(dest):
+        wait_console(home, rf"PROGRESS run={run} durable=([89]|\d\d+) ")
+        wait_console(home, r"HIKKOSHI-MEMDIRTY READY")
+        code, record = migrate(a, b, runtime_b, "mover", "--storage", storage)
+        assert code == 0, record
+        assert record["phase"] == "done", record
+        report = record["report"]
+        print(json.dumps(report, indent=1))
+        assert report["downtime_ms"] is not None and report["memory_bytes"] > 0
+        # The source's QEMU and services are gone; its files too unless the storage is shared.
+        assert wait_dead([info["qemu_pid"]]) == []
+        if storage == "shared":
+            assert home.path.exists()
+        else:
+            assert wait_dead([info["supervisor_pid"], info["nbd_pid"]]) == []
+            assert not home.path.exists()
+            assert not (dest.path / "incoming.json").exists()
+        assert dest.is_running()
+        status = asyncio_request(dest, "status")
+        assert status["state"] == "running"
+        # The guest goes on writing on the destination, then verifies everything it wrote.
+        mark = len(console(dest))
+        wait_console(dest, rf"PROGRESS run={run} ", after=mark)
+        if storage == "shared":
+            stop(dest)
+            text = console(dest)
+            done = _DONE.search(text)
+            assert done is not None, text[-3000:]
+            # the disk is still the source's file, served by the source host
+            assert verify_diskwriter_image(home.path / "disk0.raw", run=run, durable=int(done[2]))
+        else:
+            finish_and_verify(dest, run)
+
+
+def asyncio_request(home: VmHome, command: str, **args: Any) -> Any:
+    import asyncio
+
+    return asyncio.run(control.request(home, home.load_spec(), command, **args))
+
+
+@pytest.mark.slow
+def test_destination_dies_during_memory_copy_rolls_back(
+    guest: GuestImage, hosts: tuple[Datastore, Datastore, Path]
+) -> None:
+    a, b, runtime_b = hosts
+    run = random.randrange(1, 2**31)
+    params = {"run": run, "progress": 4, "scrub": 16, "rate": 4, "mb": 24}
+    home = guest_vm(
+        a, guest, "stay", "busy", params, memory_mib=192, disks=[{"name": "disk0", "size": "32M"}]
+    )
+    dest = b.home("stay")
+
+    records = a.path / ".hikkoshi" / "migrations"
+
+    def kill_destination_qemu() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            phases = [json.loads(p.read_text())["phase"] for p in records.glob("*.json")]
+            pid = dest.read_state().get("qemu_pid") if dest.path.exists() else None
+            if pid and "memory-precopy" in phases:
+                time.sleep(1.0)  # well into the copy (bandwidth-limited: it takes a while)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+                return
+            time.sleep(0.02)
+
+    with running(home) as info, cleanup(dest):
+        wait_console(home, rf"PROGRESS run={run} durable=([89]|\d\d+) ")
+        killer = threading.Thread(target=kill_destination_qemu)
+        killer.start()
+        code, record = migrate(a, b, runtime_b, "stay", "--bandwidth", "20M")
+        killer.join()
+        assert code == 1, record
+        assert record["phase"] == "rolled-back", record
+        assert "memory" in record["error"] or "destination" in record["error"], record["error"]
+        assert [p["phase"] for p in record["phases"]][-3:] == ["memory-precopy", "rollback", "rolled-back"]
+        assert not dest.path.exists()
+        assert asyncio_request(home, "status")["state"] == "running"
+        assert alive(info["qemu_pid"])
+        # The bitmap and extra listener of the attempt are gone from the source's NBD service.
+        mark = len(console(home))
+        wait_console(home, rf"PROGRESS run={run} ", after=mark)
+        finish_and_verify(home, run)
