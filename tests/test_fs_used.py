@@ -1,5 +1,6 @@
-"""fs_used: the blocks ext2/3/4 file systems use, checked against dumpe2fs on real images made by mke2fs,
-inside MBR and GPT partition tables, and against random and mutated bytes."""
+"""fs_used: the blocks ext2/3/4 file systems use, checked against dumpe2fs and debugfs on real images made
+by mke2fs, inside MBR and GPT partition tables, and against random and mutated bytes; images whose free
+ranges are zeroed still check clean and hold the same files."""
 
 from __future__ import annotations
 
@@ -130,19 +131,54 @@ class Truth:
     blocks: int
     first_block: int
     groups: list[Group]
+    journal: list[int]  # the journal's blocks in logical order ([] without an internal journal)
+    journal_clean: bool  # its superblock says it is empty
+    itable_spare: list[tuple[int, int]]  # [start, end): inode table blocks past every used inode (csum only)
 
-    def used_map(self) -> bytearray:
-        """One byte per block of the file system: 1 if used."""
+    @property
+    def spare(self) -> list[tuple[int, int]]:
+        """[start, end) blocks that the strict scan calls free on top of the bitmaps' free blocks: the
+        body of a clean journal, the never-used ends of inode tables."""
+        body = [(b, b + 1) for b in self.journal[1:]] if self.journal_clean else []
+        return fsu._merge(body + self.itable_spare)
+
+    def used_map(self, strict: bool = True) -> bytearray:
+        """One byte per block of the file system: 1 if used (for the strict scan, or for the hint)."""
         used = bytearray(b"\x01") * self.blocks
         for g in self.groups:
             for a, b in g.free:
                 used[a : b + 1] = bytes(b + 1 - a)
+        for a, b in self.spare if strict else ():
+            used[a:b] = bytes(b - a)
         return used
 
 
+def fs_name(image: Path, offset: int = 0) -> str:
+    """How e2fsprogs names a file system at ``offset`` in an image."""
+    return f"{image}?offset={offset}" if offset else str(image)
+
+
+def inode_blocks(image: Path, inode: int, offset: int = 0) -> list[int]:
+    """An inode's data blocks in logical order (holes left out), from debugfs (not its tree blocks)."""
+    out = subprocess.run(
+        [_tool("debugfs"), "-R", f"stat <{inode}>", fs_name(image, offset)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    runs = []
+    for m in re.finditer(
+        r"\((\d+)(?:-(\d+))?\):(\d+)(?:-(\d+))?", out.partition("BLOCKS:")[2] or out.partition("EXTENTS:")[2]
+    ):
+        first, last, phys = int(m.group(1)), int(m.group(2) or m.group(1)), int(m.group(3))
+        runs.append((first, [phys + i for i in range(last - first + 1)]))
+    return [b for _, blocks in sorted(runs) for b in blocks]
+
+
 def dumpe2fs(image: Path, offset: int = 0) -> Truth:
-    name = f"{image}?offset={offset}" if offset else str(image)
-    out = subprocess.run([_tool("dumpe2fs"), name], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [_tool("dumpe2fs"), fs_name(image, offset)], check=True, capture_output=True, text=True
+    ).stdout
 
     def field(label: str) -> int:
         m = re.search(rf"^{label}:\s+(\d+)", out, re.M)
@@ -151,7 +187,12 @@ def dumpe2fs(image: Path, offset: int = 0) -> Truth:
 
     bs = field("Block size")
     cluster = field("Cluster size") // bs if "Cluster size:" in out else 1
+    ipg, inode_size = field("Inodes per group"), field("Inode size")
+    features = re.search(r"^Filesystem features:(.*)$", out, re.M)
+    assert features
+    csum = {"metadata_csum", "uninit_bg"} & set(features.group(1).split())
     groups: list[Group] = []
+    itable_spare = []
     for m in re.finditer(
         r"^Group \d+: \(Blocks (\d+)-(\d+)\)[^\n]*?(\[[^\]]*\])?\n(.*?)(?=^Group |\Z)", out, re.M | re.S
     ):
@@ -163,7 +204,21 @@ def dumpe2fs(image: Path, offset: int = 0) -> Truth:
             # With bigalloc, a range ends at the first block of its last free cluster.
             free.append((int(a), int(b or a) + cluster - 1))
         groups.append(Group(int(m.group(1)), int(m.group(2)), "BLOCK_UNINIT" in (m.group(3) or ""), free))
-    return Truth(bs, cluster, field("Block count"), field("First block"), groups)
+        table = re.search(r"Inode table at (\d+)-(\d+)", m.group(4))
+        unused = re.search(r"(\d+) unused inodes", m.group(4))  # with group checksums, unless 0
+        assert table
+        if csum:
+            in_use = ipg - (int(unused.group(1)) if unused else 0)
+            first_spare = int(table.group(1)) + -(-in_use * inode_size // bs)
+            if first_spare <= int(table.group(2)):
+                itable_spare.append((first_spare, int(table.group(2)) + 1))
+    journal: list[int] = []
+    if "Journal inode:" in out:
+        journal = inode_blocks(image, field("Journal inode"), offset)[: field("Total journal blocks")]
+    clean = "Journal inode:" in out and field("Journal start") == 0
+    return Truth(
+        bs, cluster, field("Block count"), field("First block"), groups, journal, clean, itable_spare
+    )
 
 
 def used_map(ranges: list[Range], offset: int, block_size: int, blocks: int) -> bytearray:
@@ -178,13 +233,14 @@ def used_map(ranges: list[Range], offset: int, block_size: int, blocks: int) -> 
     return used
 
 
-def assert_matches(ranges: list[Range] | None, truth: Truth, offset: int = 0) -> None:
-    """Per group: exactly dumpe2fs's used blocks. (For an uninitialised group both tools compute the
-    bitmap; we promise only a superset there, but match mke2fs's layouts exactly.) Blocks before the first
-    group count as used."""
+def assert_matches(ranges: list[Range] | None, truth: Truth, offset: int = 0, strict: bool = True) -> None:
+    """Per group: exactly dumpe2fs's used blocks, less (``strict``) the body of a clean journal and the
+    never-used ends of inode tables. (For an uninitialised group both tools compute the bitmap; we promise
+    only a superset there, but match mke2fs's layouts exactly.) Blocks before the first group count as
+    used."""
     assert ranges is not None
     mine = used_map(ranges, offset, truth.block_size, truth.blocks)
-    real = truth.used_map()
+    real = truth.used_map(strict)
     assert mine[: truth.first_block] == b"\x01" * truth.first_block
     for i, g in enumerate(truth.groups):
         a, b = mine[g.first : g.last + 1], real[g.first : g.last + 1]
@@ -234,15 +290,18 @@ def test_whole_disk_matches_dumpe2fs(tmp_path: Path, case: str) -> None:
         hint = scan(mm, strict=False)
     check_ranges(ranges, size)
     assert_matches(ranges, truth)
-    assert hint == ranges
-    assert ranges is not None
+    assert_matches(hint, truth, strict=False)
+    assert ranges is not None and hint is not None
+    assert fsu._subtract([(o, o + n) for o, n in ranges], [(o, o + n) for o, n in hint]) == []
+    assert (ranges == hint) == (not truth.spare)
     assert not free_outside(ranges, size, 0, truth.blocks * truth.block_size)
     # Files of known sizes are inside the used part.
     assert sum(n for _, n in ranges) >= sum(FILES.values())
 
 
 def test_ten_percent_full_is_mostly_free(tmp_path: Path) -> None:
-    """1 GiB, ~100 MiB of files: the used part is the data plus metadata (journal, inode tables)."""
+    """1 GiB, ~100 MiB of files: the used part is the data plus under 1 % of metadata (the 32 MiB journal
+    and the inode tables' unused ends are free, unlike for the hint)."""
     size = 1024 * MiB
     files = {f"f{i}.bin": 10 * MiB for i in range(10)}
     image = mkfs(tmp_path / "fs.img", size, files=files)
@@ -252,7 +311,11 @@ def test_ten_percent_full_is_mostly_free(tmp_path: Path) -> None:
         elapsed = time.perf_counter() - t0
     assert ranges is not None
     used = sum(n for _, n in ranges)
-    assert sum(files.values()) <= used < 0.2 * size, used / size
+    data = sum(files.values())
+    assert data <= used < data + 0.01 * size, used / size
+    with mapped(image) as mm:
+        hint = scan(mm, strict=False)
+    assert hint is not None and sum(n for _, n in hint) > data + 0.04 * size
     assert_matches(ranges, dumpe2fs(image))
     assert elapsed < 2.0
 
@@ -505,7 +568,7 @@ def test_unclean_fs_is_fully_used_unless_hint(
     update: Callable[[int], int],
     why: str,
 ) -> None:
-    clean = scan(small_ext4)
+    clean = scan(small_ext4, strict=False)
     data = bytearray(small_ext4)
     _sb_field(data, field, fmt, update)
     with caplog.at_level(logging.WARNING, logger="hikkoshi.block.fs_used"):
@@ -519,7 +582,7 @@ def test_bitmap_free_count_mismatch(small_ext4: bytes, caplog: pytest.LogCapture
     scan distrusts the file system; the hint believes the bitmap."""
     data = bytearray(small_ext4)
     bb = struct.unpack_from("<I", data, _descriptor(data, 0))[0]
-    clean = scan(data)
+    clean = scan(data, strict=False)
     assert clean is not None
     last_used = (clean[0][0] + clean[0][1]) // 1024 - 1  # a file's block at the end of group 0's first run
     data[bb * 1024 + (last_used - 1) // 8] &= ~(1 << ((last_used - 1) % 8)) & 0xFF
@@ -576,7 +639,7 @@ def test_no_file_system() -> None:
 
 
 def test_read_errors_propagate(small_ext4: bytes) -> None:
-    for fail_at in range(12):
+    for fail_at in range(16):
         calls = 0
 
         async def read(off: int, n: int, fail_at: int = fail_at) -> bytes:
@@ -600,6 +663,347 @@ def test_short_reads_are_not_trusted(small_ext4: bytes) -> None:
         return small_ext4[off : off + n // 2] if n > 1024 else small_ext4[off : off + n]
 
     assert asyncio.run(fs_used_ranges(read, len(small_ext4))) == [(0, len(small_ext4))]
+
+
+# --- beyond the bitmaps: the body of a clean journal, the unused ends of inode tables -----------------------
+
+
+def garbage_file(path: Path, size: int, seed: int) -> Path:
+    """Random bytes: what the free space of a used disk holds (mkfs then runs with -E nodiscard)."""
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        for _ in range(size // MiB):
+            f.write(rng.randbytes(MiB))
+    return path
+
+
+def keep_only(image: Path, ranges: list[Range], out: Path) -> Path:
+    """A sparse copy of ``image`` holding only ``ranges``, zeroes elsewhere: what the relocation proxy
+    leaves with --skip-fs-free."""
+    with open(image, "rb") as src, open(out, "wb") as dst:
+        dst.truncate(image.stat().st_size)
+        for off, n in ranges:
+            src.seek(off)
+            dst.seek(off)
+            dst.write(src.read(n))
+    return out
+
+
+def e2fsck(image: Path, *opts: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([_tool("e2fsck"), *opts, str(image)], capture_output=True, text=True, check=False)
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """The files under ``root`` (no lost+found) by relative path, with their contents."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "lost+found" not in p.parts
+    }
+
+
+def files_of(image: Path, into: Path) -> dict[str, bytes]:
+    into.mkdir()
+    subprocess.run([_tool("debugfs"), "-R", f"rdump / {into}", str(image)], check=True, capture_output=True)
+    return tree(into)
+
+
+def fragmented_journal(path: Path) -> Path:
+    """A 12 MiB ext4 (1 KiB blocks) whose free space is 2200 one-block holes when tune2fs adds its 1 MiB
+    journal: an extent tree of depth 2 (a root of index entries, an index block, leaves)."""
+    src = path.with_name(path.name + ".src")
+    files = {f"f{i}": 1024 for i in range(4400)}
+
+    def make(extra: dict[str, int]) -> int:
+        populate(src, files | extra, seed=7)
+        with open(path, "wb") as f:
+            f.truncate(12 * MiB)
+        argv = [_tool("mkfs.ext4"), "-q", "-F", "-b", "1024", "-I", "128", "-N", "4600", "-O", "^has_journal"]
+        subprocess.run([*argv, "-d", str(src), str(path)], check=True, capture_output=True)
+        return int(re.findall(r"^Free blocks:\s+(\d+)", dumpe2fs_header(path), re.M)[0])
+
+    free = make({})
+    assert make({"zz": (free - 40) * 1024}) <= 64  # full but for the holes to come
+    rm = "".join(f"rm /f{i}\n" for i in range(0, 4400, 2))
+    subprocess.run(
+        [_tool("debugfs"), "-w", "-f", "-", str(path)], input=rm.encode(), check=True, capture_output=True
+    )
+    for i in range(0, 4400, 2):
+        (src / f"f{i}").unlink()
+    subprocess.run([_tool("tune2fs"), "-J", "size=1", str(path)], check=True, capture_output=True)
+    return path
+
+
+def dumpe2fs_header(image: Path) -> str:
+    return subprocess.run(
+        [_tool("dumpe2fs"), "-h", str(image)], check=True, capture_output=True, text=True
+    ).stdout
+
+
+SPARE_CASES = {
+    # name: (kind, block size, size, mkfs options, has group checksums)
+    "ext4-4k": ("ext4", 4096, 256 * MiB, (), True),
+    "ext4-1k": ("ext4", 1024, 64 * MiB, (), True),
+    "ext4-gdt-csum": ("ext4", 4096, 256 * MiB, ("-O", "^metadata_csum,uninit_bg"), True),
+    "ext4-no-csum": ("ext4", 4096, 256 * MiB, ("-O", "^metadata_csum,^uninit_bg"), False),
+    "ext3-4k": ("ext3", 4096, 256 * MiB, (), False),  # block-mapped journal (double indirect)
+    "ext3-1k": ("ext3", 1024, 64 * MiB, (), False),
+}
+
+
+@pytest.mark.parametrize("case", list(SPARE_CASES))
+def test_clean_journal_body_and_unused_inode_tables_are_free(tmp_path: Path, case: str) -> None:
+    """The journal's superblock stays used, its body is free; the inode table blocks holding used inodes
+    stay used, the rest are free with group checksums (bg_itable_unused) and used without."""
+    kind, bs, size, opts, csum = SPARE_CASES[case]
+    image = mkfs(tmp_path / "fs.img", size, kind, bs, opts)
+    truth = dumpe2fs(image)
+    with mapped(image) as mm:
+        ranges = scan(mm)
+        hint = scan(mm, strict=False)
+    assert ranges is not None and hint is not None
+    mine = used_map(ranges, 0, bs, truth.blocks)
+    assert truth.journal_clean and len(truth.journal) >= 1024
+    assert mine[truth.journal[0]] == 1
+    assert not any(mine[b] for b in truth.journal[1:])
+    assert all(used_map(hint, 0, bs, truth.blocks)[b] for b in truth.journal)
+    out = subprocess.run([_tool("dumpe2fs"), str(image)], check=True, capture_output=True, text=True).stdout
+    tables = [(int(a), int(b) + 1) for a, b in re.findall(r"Inode table at (\d+)-(\d+)", out)]
+    # Group 0 holds the used inodes (the reserved ones, the root, lost+found and our few files).
+    a = tables[0][0]
+    inodes = len(FILES) + 12
+    inode_size = int(re.findall(r"^Inode size:\s+(\d+)", out, re.M)[0])
+    holding = -(-inodes * inode_size // bs)
+    assert mine[a : a + holding] == b"\x01" * holding
+    table_blocks = sum(b - a for a, b in tables)
+    free_table_blocks = sum(1 for a, b in tables for x in range(a, b) if not mine[x])
+    if csum:
+        assert free_table_blocks > 0.9 * table_blocks
+    else:
+        assert free_table_blocks == 0
+    assert_matches(ranges, truth)
+
+
+@pytest.mark.parametrize(
+    ("case", "garbage"),
+    [("ext4-4k", True), ("ext4-1k", True), ("ext4-gdt-csum", False), ("ext3-4k", True), ("ext3-1k", False)],
+)
+def test_zeroing_the_free_ranges_keeps_the_fs_intact(tmp_path: Path, case: str, garbage: bool) -> None:
+    """A copy with only the used ranges (zeroes elsewhere, also where the source holds random garbage):
+    e2fsck -fn finds nothing, every file reads back the same."""
+    kind, bs, size, opts, _ = SPARE_CASES[case]
+    image = tmp_path / "fs.img"
+    if garbage:
+        garbage_file(image, size, seed=11)
+        opts = (*opts, "-E", "nodiscard")
+    mkfs(image, size, kind, bs, opts)
+    src = image.with_name(image.name + ".src")
+    with mapped(image) as mm:
+        ranges = scan(mm)
+    assert ranges is not None
+    copy = keep_only(image, ranges, tmp_path / "copy.img")
+    check = e2fsck(copy, "-fn")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert files_of(copy, tmp_path / "files") == tree(src)
+    assert_matches(ranges, dumpe2fs(image))
+
+
+def test_fragmented_journal(tmp_path: Path) -> None:
+    """A journal in 1000 one-block extents (extent tree of depth 2): its body is free, its tree blocks
+    stay used, and zeroing the free ranges leaves the file system intact."""
+    image = fragmented_journal(tmp_path / "fs.img")
+    stat = subprocess.run(
+        [_tool("debugfs"), "-R", "stat <8>", str(image)], check=True, capture_output=True, text=True
+    ).stdout
+    assert "(ETB1)" in stat  # depth 2
+    tree_blocks = [int(b) for b in re.findall(r"\(ETB\d\):(\d+)", stat)]
+    truth = dumpe2fs(image)
+    assert len(truth.journal) == 1024 and truth.journal_clean
+    with mapped(image) as mm:
+        ranges = scan(mm)
+    assert_matches(ranges, truth)
+    assert ranges is not None
+    mine = used_map(ranges, 0, 1024, truth.blocks)
+    assert tree_blocks and all(mine[b] for b in tree_blocks)
+    assert sum(1 for b in truth.journal if not mine[b]) == 1023
+    copy = keep_only(image, ranges, tmp_path / "copy.img")
+    check = e2fsck(copy, "-fn")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert files_of(copy, tmp_path / "files") == tree(image.with_name("fs.img.src"))
+
+
+@pytest.fixture
+def small_image(small_ext4: bytes, tmp_path: Path) -> tuple[bytearray, Truth]:
+    path = tmp_path / "small.img"
+    path.write_bytes(small_ext4)
+    return bytearray(small_ext4), dumpe2fs(path)
+
+
+def _jsb_field(at: int, value: int) -> Callable[[bytearray, int], None]:
+    return lambda d, jsb: struct.pack_into(">I", d, jsb + at, value)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (_jsb_field(0x1C, 1), "journal is not empty"),  # s_start: transactions to replay
+        (_jsb_field(0x20, 5), "journal is not empty"),  # s_errno: the journal was aborted
+        (_jsb_field(0x0, 0x12345678), "journal superblock: magic"),
+        (_jsb_field(0xC, 4096), "block size"),
+        (_jsb_field(0x10, 1 << 20), "length"),  # s_maxlen beyond the journal inode's size
+        (_jsb_field(0x14, 0), "first 0"),
+    ],
+)
+def test_doubtful_journal_stays_used(
+    small_image: tuple[bytearray, Truth],
+    caplog: pytest.LogCaptureFixture,
+    mutate: Callable[[bytearray, int], None],
+    message: str,
+) -> None:
+    """A journal whose superblock does not say "clean and empty" keeps all its blocks; the rest of the
+    answer (inode tables included) is unchanged."""
+    data, truth = small_image
+    assert truth.journal_clean
+    mutate(data, truth.journal[0] * truth.block_size)  # the journal superblock
+    with caplog.at_level(logging.WARNING):
+        ranges = scan(data)
+    assert message in caplog.text and "keeping its journal" in caplog.text
+    mine = used_map(ranges or [], 0, truth.block_size, truth.blocks)
+    expected = truth.used_map()
+    for b in truth.journal:
+        expected[b] = 1
+    assert mine == expected
+
+
+def _journal_inode(data: bytes | bytearray) -> int:
+    """Byte offset of inode 8 in the 1 KiB-block image."""
+    table: int = struct.unpack_from("<I", data, _descriptor(data, 0) + 8)[0]
+    inode_size: int = struct.unpack_from("<H", data, 1024 + 0x58)[0]
+    return table * 1024 + 7 * inode_size
+
+
+def _journal_onto_inode_table(d: bytearray) -> None:
+    extent = _journal_inode(d) + 0x28 + 12
+    jsb = struct.unpack_from("<I", d, extent + 8)[0] * 1024
+    target = struct.unpack_from("<I", d, _descriptor(d, 0) + 8)[0] + 4  # inodes 17-20 (256 bytes each)
+    d[target * 1024 : target * 1024 + 1024] = d[jsb : jsb + 1024]
+    struct.pack_into("<I", d, extent + 8, target)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        # Not a regular file.
+        (lambda d: struct.pack_into("<H", d, _journal_inode(d), 0o40600), "mode"),
+        # No longer linked.
+        (lambda d: struct.pack_into("<H", d, _journal_inode(d) + 0x1A, 0), "links"),
+        # Its extent header broken.
+        (lambda d: struct.pack_into("<H", d, _journal_inode(d) + 0x28, 0x1234), "extent node"),
+        # Its extent's start beyond the file system.
+        (lambda d: struct.pack_into("<I", d, _journal_inode(d) + 0x28 + 12 + 8, 1 << 30), "outside"),
+        # Its extent shortened: journal blocks unmapped.
+        (lambda d: struct.pack_into("<H", d, _journal_inode(d) + 0x28 + 12 + 4, 100), "unmapped"),
+        # Its extent moved onto group 0's inode table (past inode 8), the journal superblock with it.
+        (_journal_onto_inode_table, "on file system metadata"),
+        # Block-mapped instead of extent-mapped: the extent header read as block numbers.
+        (lambda d: struct.pack_into("<I", d, _journal_inode(d) + 0x20, 0), "journal superblock"),
+    ],
+)
+def test_doubtful_journal_inode_stays_used(
+    small_image: tuple[bytearray, Truth],
+    caplog: pytest.LogCaptureFixture,
+    mutate: Callable[[bytearray], None],
+    message: str,
+) -> None:
+    data, truth = small_image
+    mutate(data)
+    with caplog.at_level(logging.WARNING):
+        ranges = scan(data)
+    assert message in caplog.text and "keeping its journal" in caplog.text
+    mine = used_map(ranges or [], 0, truth.block_size, truth.blocks)
+    expected = truth.used_map()
+    for b in truth.journal:
+        expected[b] = 1
+    assert mine == expected
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        # An inode past the mark (bg_itable_unused) in use in group 0's inode bitmap.
+        (
+            lambda d: d.__setitem__(
+                struct.unpack_from("<I", d, _descriptor(d, 0) + 4)[0] * 1024 + 1000 // 8, 1 << (1000 % 8)
+            ),
+            "beyond the first",
+        ),
+        # More unused inodes than inodes.
+        (lambda d: struct.pack_into("<H", d, _descriptor(d, 0) + 0x1C, 60000), "unused inodes of"),
+        # The free-inode count disagrees with the bitmap.
+        (lambda d: struct.pack_into("<H", d, _descriptor(d, 0) + 0xE, 7), "free inodes, descriptor says"),
+        # Group 0 flagged INODE_UNINIT: its inodes are in use.
+        (lambda d: d.__setitem__(_descriptor(d, 0) + 0x12, d[_descriptor(d, 0) + 0x12] | 1), "INODE_UNINIT"),
+        # Group 1 INODE_UNINIT but with inodes in use.
+        (lambda d: struct.pack_into("<H", d, _descriptor(d, 1) + 0xE, 7), "INODE_UNINIT"),
+        # A first inode below the reserved ones.
+        (lambda d: _sb_field(d, 0x54, "<I", lambda v: 5), "first inode"),
+    ],
+)
+def test_doubtful_inode_tables_stay_used(
+    small_image: tuple[bytearray, Truth],
+    caplog: pytest.LogCaptureFixture,
+    mutate: Callable[[bytearray], None],
+    message: str,
+) -> None:
+    """Inode table ends whose descriptors do not check out stay used; the journal body is still free."""
+    data, truth = small_image
+    mutate(data)
+    with caplog.at_level(logging.WARNING):
+        ranges = scan(data)
+    assert message in caplog.text and "keeping its inode tables" in caplog.text
+    mine = used_map(ranges or [], 0, truth.block_size, truth.blocks)
+    expected = truth.used_map()
+    for a, b in truth.itable_spare:
+        expected[a:b] = b"\x01" * (b - a)
+    assert mine == expected
+
+
+def test_relocated_image_mounts_and_recovers(tmp_path: Path) -> None:
+    """The kernel on a copy with zeroed free ranges (root and loop devices only): the files read back;
+    new files take never-used inodes and the zeroed journal takes their transactions; a snapshot taken
+    while mounted (a crash) is recovered by e2fsck from that journal; unmounted, the copy checks clean."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    image = garbage_file(tmp_path / "fs.img", 128 * MiB, seed=13)
+    mkfs(image, 128 * MiB, opts=("-E", "nodiscard"))
+    with mapped(image) as mm:
+        ranges = scan(mm)
+    assert ranges is not None
+    copy = keep_only(image, ranges, tmp_path / "copy.img")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(
+        ["mount", "-o", "loop", str(copy), str(mnt)], capture_output=True, check=False
+    ).returncode:
+        pytest.skip("cannot mount a loop device here")
+    try:
+        assert tree(mnt) == tree(image.with_name("fs.img.src"))
+        new = populate(mnt / "new", {f"d{i % 7}/n{i}": 3000 + i for i in range(600)}, seed=17)
+        written = tree(new)
+        subprocess.run(["sync", "-f", str(mnt)], check=True)
+        crashed = tmp_path / "crashed.img"
+        shutil.copyfile(copy, crashed)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+    assert e2fsck(copy, "-fn").returncode == 0
+    recovered = e2fsck(crashed, "-fy")
+    assert recovered.returncode in (0, 1), recovered.stdout + recovered.stderr
+    assert "recovering journal" in recovered.stdout + recovered.stderr
+    check = e2fsck(crashed, "-fn")
+    assert check.returncode == 0, check.stdout + check.stderr
+    for img, where in ((copy, "a"), (crashed, "b")):
+        files = files_of(img, tmp_path / where)
+        assert {k.removeprefix("new/"): v for k, v in files.items() if k.startswith("new/")} == written
 
 
 # --- properties ---------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Which byte ranges of a disk its ext2/3/4 file systems use, read from their block bitmaps.
+"""Which byte ranges of a disk its ext2/3/4 file systems use, read from their block bitmaps (and, for
+skipping, less what e2image also leaves out: the body of a clean journal, the never-used ends of inode
+tables).
 
 The relocation proxy copies these ranges before the rest of the disk (and, with ``--skip-fs-free``, copies
 nothing else). The answer is conservative: a byte is *free* only when an ext file system that checks out
@@ -30,6 +32,31 @@ group descriptor equals the free bits we found, and that the file system was cle
 failure: that file system counts as fully used and a warning is logged. Only ``OSError`` from ``read``
 propagates.
 
+Beyond the bitmaps (:func:`fs_used_ranges` only). Two kinds of allocated blocks hold nothing the guest's
+kernel (or e2fsck) will read as meaningful, and count as free too; on a 10 % full image they are most of
+the metadata (a 1 GiB ext4 has a 32 MiB journal and 16 MiB of inode tables):
+
+- The *journal body*: every block of an internal journal (``s_journal_inum``, no journal device) but its
+  first, the journal superblock, when that says the journal is empty (``s_start`` 0, ``s_errno`` 0) on a
+  cleanly unmounted file system. jbd2 then replays nothing and only ever writes the body; recovery after a
+  later crash stops at the first block that is not the next transaction's, zeroes included. The journal
+  inode must be a regular file in use, mapped by an extent tree (index blocks read level by level; depth
+  at most 5; no unwritten extents) or an ext2/3 block map (indirect blocks read level by level), every
+  journal block ``[0, s_maxlen)`` mapped exactly once, inside the file system, on no group metadata,
+  marked used in the block bitmap; the journal superblock must have jbd2's magic, the file system's block
+  size, and ``0 < s_first < s_maxlen <=`` the inode's size. Its tree or indirect blocks stay used.
+- The *unused ends of inode tables*: with ``gdt_csum``/``metadata_csum`` (as the kernel: otherwise the
+  field means nothing) a group's ``bg_itable_unused`` counts the inodes at the end of its table that were
+  never used (all of them with ``INODE_UNINIT``); the kernel reads no inode there, zeroes new ones before
+  use, and its lazy init zeroes those blocks anyway, as does mke2fs when it does not defer it. The blocks
+  that hold no inode below that mark are free. Checked, for every group: the mark within the table, no
+  inode at or past it in use in the inode bitmap (read with the block bitmaps), the bitmap's free inodes
+  equal to the descriptor's count, ``INODE_UNINIT`` only with every inode free, the reserved inodes (below
+  ``s_first_ino``, at least 11) below the marks.
+
+A failure in either keeps that part used (the journal, or all the inode tables), the rest of the answer
+stands, and a warning is logged.
+
 Cleanliness. A mounted (or crashed) ext3/4 file system has ``needs_recovery`` set: its journal may hold
 committed bitmap updates that are not yet in place, and the guest's memory may hold allocations whose data
 already reached the disk. Its on-disk bitmaps prove nothing, so :func:`fs_used_ranges` treats it as fully
@@ -37,9 +64,10 @@ used (likewise ext2 without the clean flag, and any file system with the error f
 :func:`fs_used_hint` skips those checks: its ranges are a good *order* for copying (the bitmaps lag the
 guest by seconds), never a licence to skip the rest.
 
-Cost. Reads are few and large: the descriptor table in one go, block bitmaps coalesced when they lie
-within :data:`MAX_GAP` of each other (``flex_bg`` packs them back to back) up to :data:`MAX_READ`, at most
-:data:`CONCURRENCY` at once. Bits become runs with big-integer operations, a Python step per run; a
+Cost. Reads are few and large: the descriptor table in one go, block (and, strict, inode) bitmaps
+coalesced when they lie within :data:`MAX_GAP` of each other (``flex_bg`` packs them back to back) up to
+:data:`MAX_READ`, at most :data:`CONCURRENCY` at once; then the journal inode, any levels of its tree, and
+its superblock. Bits become runs with big-integer operations, a Python step per run; a
 group with more than its share of :data:`MAX_RUNS` runs is described in coarser granules (more "used").
 """
 
@@ -72,6 +100,7 @@ _STATE_VALID = 0x1
 _STATE_ERROR = 0x2
 _STATE_ORPHANS = 0x4
 
+_COMPAT_HAS_JOURNAL = 0x4
 _COMPAT_LAZY_BG = 0x40
 _COMPAT_EXCLUDE_INODE = 0x80
 _COMPAT_EXCLUDE_BITMAP = 0x100
@@ -98,7 +127,16 @@ _RO_COMPAT_METADATA_CSUM = 0x400
 _RO_COMPAT_KNOWN = 0x1 | 0x2 | 0x4 | 0x8 | 0x10 | 0x20 | 0x40 | 0x100 | 0x200 | 0x400 | 0x1000 | 0x2000
 _RO_COMPAT_KNOWN |= 0x8000 | 0x10000
 
+_BG_INODE_UNINIT = 0x1
 _BG_BLOCK_UNINIT = 0x2
+
+_S_IFMT, _S_IFREG = 0xF000, 0x8000
+_EXTENTS_FL = 0x80000
+_INLINE_DATA_FL = 0x10000000
+_EXTENT_MAGIC = 0xF30A
+_EXTENT_MAX_DEPTH = 5
+_JBD2_MAGIC = 0xC03B3998
+_JBD2_SUPERBLOCK_V1, _JBD2_SUPERBLOCK_V2 = 3, 4
 
 
 class _Malformed(Exception):
@@ -267,6 +305,11 @@ class _Ext:
     blocks_per_group: int
     clusters_per_group: int
     inode_table_blocks: int
+    inodes_per_group: int
+    inode_size: int
+    first_ino: int
+    journal_inum: int  # 0 without an internal journal
+    journal_dev: int
     desc_size: int
     groups: int
     reserved_gdt: int
@@ -433,6 +476,11 @@ def _parse_super(raw: bytes, offset: int, span: int) -> _Ext | None:
         blocks_per_group=blocks_per_group,
         clusters_per_group=clusters_per_group,
         inode_table_blocks=-(-(inodes_per_group * inode_size) // bs),
+        inodes_per_group=inodes_per_group,
+        inode_size=inode_size,
+        first_ino=_u32(raw, 0x54) if rev else 11,
+        journal_inum=_u32(raw, 0xE0) if compat & _COMPAT_HAS_JOURNAL else 0,
+        journal_dev=_u32(raw, 0xE4),
         desc_size=desc_size,
         groups=groups,
         reserved_gdt=reserved_gdt,
@@ -518,7 +566,10 @@ class _Group:
     inode_bitmap: int
     inode_table: int
     free: int  # free clusters per the descriptor
-    uninit: bool
+    uninit: bool  # BLOCK_UNINIT, honoured
+    free_inodes: int
+    itable_unused: int  # inodes at the end of the table never used (meaningful with group checksums)
+    inode_uninit: bool  # INODE_UNINIT, honoured
 
 
 async def _descriptors(reader: _Reader, ext: _Ext) -> list[_Group]:
@@ -532,11 +583,25 @@ async def _descriptors(reader: _Reader, ext: _Ext) -> list[_Group]:
     groups: list[_Group] = []
     for g in range(ext.groups):
         at = g * ext.desc_size
-        bb, ib, it, free, _inodes, _dirs, flags = struct.unpack_from("<IIIHHHH", table, at)
+        bb, ib, it, free, inodes, _dirs, flags = struct.unpack_from("<IIIHHHH", table, at)
+        unused = _u16(table, at + 0x1C)
         if wide:
-            bb_hi, ib_hi, it_hi, free_hi = struct.unpack_from("<IIIH", table, at + 0x20)
+            bb_hi, ib_hi, it_hi, free_hi, inodes_hi = struct.unpack_from("<IIIHH", table, at + 0x20)
             bb, ib, it, free = bb | bb_hi << 32, ib | ib_hi << 32, it | it_hi << 32, free | free_hi << 16
-        groups.append(_Group(bb, ib, it, free, ext.uninit_honoured and bool(flags & _BG_BLOCK_UNINIT)))
+            inodes, unused = inodes | inodes_hi << 16, unused | _u16(table, at + 0x32) << 16
+        csum = ext.uninit_honoured
+        groups.append(
+            _Group(
+                block_bitmap=bb,
+                inode_bitmap=ib,
+                inode_table=it,
+                free=free,
+                uninit=csum and bool(flags & _BG_BLOCK_UNINIT),
+                free_inodes=inodes,
+                itable_unused=unused,
+                inode_uninit=csum and bool(flags & _BG_INODE_UNINIT),
+            )
+        )
     return groups
 
 
@@ -573,11 +638,16 @@ def _group_metadata(ext: _Ext, groups: Sequence[_Group]) -> list[list[_Span]]:
 
 
 async def _ext_used_blocks(reader: _Reader, ext: _Ext, strict: bool) -> list[_Span]:
-    """The used blocks [start, end) of ``ext`` (merged), from its bitmaps; :class:`_Malformed` on doubt."""
+    """The used blocks [start, end) of ``ext`` (merged), from its bitmaps; :class:`_Malformed` on doubt.
+    Strict: less the body of a clean journal and the never-used ends of inode tables, where they check
+    out (else they stay used and a warning is logged)."""
     bs, ratio = ext.block_size, ext.ratio
     groups = await _descriptors(reader, ext)
     meta = _group_metadata(ext, groups)
     wanted = [ext.offset + grp.block_bitmap * bs for grp in groups if not grp.uninit]
+    itables = strict and ext.uninit_honoured
+    if itables:  # the inode bitmaps too, in the same batches (flex_bg packs them next to the block bitmaps)
+        wanted += [ext.offset + grp.inode_bitmap * bs for grp in groups if not grp.inode_uninit]
     bitmaps = await reader.blocks(wanted, bs)
     budget = max(16, MAX_RUNS // len(groups))
     used: list[_Span] = []
@@ -601,7 +671,239 @@ async def _ext_used_blocks(reader: _Reader, ext: _Ext, strict: bool) -> list[_Sp
             raise _Malformed(f"group {g}: {nbits - x.bit_count()} free clusters, descriptor says {grp.free}")
         for c0, c1 in _runs(x, nbits, budget):
             used.append((first + c0 * ratio, min(first + c1 * ratio, end)))
-    return _merge(used)
+    used = _merge(used)
+    if not strict:
+        return used
+    spare: list[_Span] = []
+    marks: list[int] | None = None
+    if itables:
+        try:
+            marks = _itable_marks(ext, groups, bitmaps)
+        except _Malformed as exc:
+            log.warning("ext file system at byte %d: %s; keeping its inode tables", ext.offset, exc)
+        else:
+            spare += _unused_itable_blocks(ext, groups, marks)
+    try:
+        spare += await _journal_body(reader, ext, groups, meta, used, marks)
+    except _Malformed as exc:
+        log.warning("ext file system at byte %d: %s; keeping its journal", ext.offset, exc)
+    return _subtract(used, _merge(spare)) if spare else used
+
+
+# --- never-used inode table blocks ------------------------------------------------------------------------
+
+
+def _itable_marks(ext: _Ext, groups: Sequence[_Group], bitmaps: dict[int, bytes]) -> list[int]:
+    """For each group, how many inodes at the start of its inode table may be in use: all but the
+    ``bg_itable_unused`` at its end (none with ``INODE_UNINIT``). Only with group checksums (the caller's
+    check), as the kernel. Checked: no inode at or beyond the mark is in use in the inode bitmap, the
+    bitmap agrees with the descriptor's free-inode count, the reserved inodes lie below the marks."""
+    ipg = ext.inodes_per_group
+    if ext.first_ino < 11:
+        raise _Malformed(f"first inode {ext.first_ino}")
+    marks: list[int] = []
+    for g, grp in enumerate(groups):
+        if grp.inode_uninit:
+            if grp.free_inodes != ipg:
+                raise _Malformed(f"group {g}: INODE_UNINIT, yet {grp.free_inodes} of {ipg} inodes free")
+            mark = 0
+        else:
+            if grp.itable_unused > ipg:
+                raise _Malformed(f"group {g}: {grp.itable_unused} unused inodes of {ipg}")
+            mark = ipg - grp.itable_unused
+            raw = bitmaps[ext.offset + grp.inode_bitmap * ext.block_size]
+            x = int.from_bytes(raw[: (ipg + 7) // 8], "little") & ((1 << ipg) - 1)
+            if x >> mark:
+                raise _Malformed(f"group {g}: an inode beyond the first {mark} (bg_itable_unused) is in use")
+            if ipg - x.bit_count() != grp.free_inodes:
+                raise _Malformed(
+                    f"group {g}: {ipg - x.bit_count()} free inodes, descriptor says {grp.free_inodes}"
+                )
+        if mark < min(max(ext.first_ino - 1 - g * ipg, 0), ipg):
+            raise _Malformed(f"group {g}: reserved inodes beyond the first {mark} (bg_itable_unused)")
+        marks.append(mark)
+    return marks
+
+
+def _unused_itable_blocks(ext: _Ext, groups: Sequence[_Group], marks: Sequence[int]) -> list[_Span]:
+    """The blocks of each inode table that hold no inode below its group's mark."""
+    out: list[_Span] = []
+    for grp, mark in zip(groups, marks, strict=True):
+        first = -(-(mark * ext.inode_size) // ext.block_size)
+        if first < ext.inode_table_blocks:
+            out.append((grp.inode_table + first, grp.inode_table + ext.inode_table_blocks))
+    return out
+
+
+# --- the body of a clean journal --------------------------------------------------------------------------
+
+_Mapping = tuple[int, int, int]  # (logical block, physical block, blocks)
+
+
+def _check_inside(ext: _Ext, block: int, what: str) -> None:
+    if not ext.first_data_block <= block < ext.blocks_count:
+        raise _Malformed(f"{what} at block {block} is outside the file system")
+
+
+async def _journal_body(
+    reader: _Reader,
+    ext: _Ext,
+    groups: Sequence[_Group],
+    meta: Sequence[Sequence[_Span]],
+    used: Sequence[_Span],
+    marks: Sequence[int] | None,
+) -> list[_Span]:
+    """The blocks of the internal journal after its superblock, when the journal is empty (its
+    superblock's ``s_start`` is 0): jbd2 reads none of them on mount, only writes them (nor does e2fsck).
+    [] without an internal journal. Checked: the journal inode (a regular file in use, mapped by an extent
+    tree or block map that checks out), its superblock (magic, block size, length), every journal block
+    mapped once, inside the file system, on no group metadata and marked used in the block bitmap."""
+    inum = ext.journal_inum
+    if inum == 0:
+        return []  # no journal, or an external one: none of its blocks are here
+    if ext.journal_dev:
+        raise _Malformed("both a journal inode and a journal device")
+    bs = ext.block_size
+    g, index = divmod(inum - 1, ext.inodes_per_group)
+    if g >= len(groups):
+        raise _Malformed(f"journal inode {inum} does not exist")
+    if marks is not None and index >= marks[g]:
+        raise _Malformed(f"journal inode {inum} lies in the unused part of its inode table")
+    raw = await reader.exact(ext.offset + groups[g].inode_table * bs + index * ext.inode_size, 128)
+    mode, size_lo, links, flags, size_hi = (
+        _u16(raw, 0),
+        _u32(raw, 4),
+        _u16(raw, 0x1A),
+        _u32(raw, 0x20),
+        _u32(raw, 0x6C),
+    )
+    if mode & _S_IFMT != _S_IFREG or links == 0 or flags & _INLINE_DATA_FL:
+        raise _Malformed(f"journal inode {inum}: mode {mode:#o}, {links} links, flags {flags:#x}")
+    length = (size_lo | size_hi << 32) // bs  # blocks, as jbd2 sees the journal file
+    root = raw[0x28:0x64]
+    if flags & _EXTENTS_FL:
+        data, tree = await _extent_map(reader, ext, root, length)
+    else:
+        data, tree = await _block_map(reader, ext, root, length)
+    if not data or data[0][0] != 0:
+        raise _Malformed("the journal's first block is not mapped")
+    _check_inside(ext, data[0][1], "journal superblock")
+    jsb = await reader.exact(ext.offset + data[0][1] * bs, 1024)
+    magic, blocktype, _seq, jbs, maxlen, jfirst, _sseq, jstart, errno = struct.unpack_from(">9I", jsb, 0)
+    if magic != _JBD2_MAGIC or blocktype not in (_JBD2_SUPERBLOCK_V1, _JBD2_SUPERBLOCK_V2) or jbs != bs:
+        raise _Malformed(f"journal superblock: magic {magic:#x}, type {blocktype}, block size {jbs}")
+    if not 1 <= jfirst < maxlen <= length:
+        raise _Malformed(f"journal superblock: first {jfirst}, length {maxlen} of {length} blocks")
+    if jstart != 0 or errno != 0:
+        raise _Malformed(f"the journal is not empty (start {jstart}, errno {errno})")
+    # Every block of the journal mapped, once; jbd2 uses no block at or beyond maxlen.
+    pos = 0
+    blocks: list[_Span] = []
+    for logical, physical, count in data:
+        if logical >= maxlen:
+            break
+        if logical != pos:
+            raise _Malformed(
+                f"journal block {min(pos, logical)} is {'unmapped' if logical > pos else 'mapped twice'}"
+            )
+        count = min(count, maxlen - logical)
+        _check_inside(ext, physical, "journal block")
+        _check_inside(ext, physical + count - 1, "journal block")
+        blocks.append((physical, physical + count))
+        pos = logical + count
+    if pos != maxlen:
+        raise _Malformed(f"journal block {pos} is unmapped")
+    merged = _merge(blocks)
+    if sum(b - a for a, b in merged) != maxlen:
+        raise _Malformed("a block holds two journal blocks")
+    if _intersect(merged, _merge(span for spans in meta for span in spans)) or _intersect(
+        merged, _merge(tree)
+    ):
+        raise _Malformed("a journal block lies on file system metadata")
+    if _subtract(merged, used):
+        raise _Malformed("a journal block is free in the block bitmap")
+    superblock = data[0][1]
+    return _subtract(merged, [(superblock, superblock + 1)])
+
+
+async def _extent_map(
+    reader: _Reader, ext: _Ext, root: bytes, length: int
+) -> tuple[list[_Mapping], list[_Span]]:
+    """The extents (sorted by logical block) and tree blocks of an inode's extent tree."""
+    bs = ext.block_size
+    data: list[_Mapping] = []
+    tree: list[_Span] = []
+    level: list[tuple[bytes, int]] = [(root, -1)]  # (node, the depth its parent says it has)
+    while level:
+        children: list[tuple[int, int]] = []  # (block, depth)
+        for node, want in level:
+            magic, entries, most, depth = struct.unpack_from("<HHHH", node, 0)
+            if magic != _EXTENT_MAGIC or entries > most or 12 + 12 * most > len(node):
+                raise _Malformed(f"journal extent node: magic {magic:#x}, {entries} of {most} entries")
+            if depth > _EXTENT_MAX_DEPTH or want not in (-1, depth):
+                raise _Malformed(f"journal extent node of depth {depth}")
+            for at in range(12, 12 + 12 * entries, 12):
+                if depth == 0:
+                    logical, count, hi, lo = struct.unpack_from("<IHHI", node, at)
+                    if not 0 < count <= 32768:  # 0, or an unwritten extent (jbd2 cannot map those)
+                        raise _Malformed(f"journal extent of length field {count}")
+                    data.append((logical, lo | hi << 32, count))
+                else:
+                    _logical, lo, hi = struct.unpack_from("<IIH", node, at)
+                    _check_inside(ext, lo | hi << 32, "journal extent tree block")
+                    children.append((lo | hi << 32, depth - 1))
+        if len(tree) + len(children) > length + 1:  # more tree than journal: no sane tree
+            raise _Malformed("journal extent tree larger than the journal")
+        tree.extend((b, b + 1) for b, _ in children)
+        nodes = await reader.blocks((ext.offset + b * bs for b, _ in children), bs)
+        level = [(nodes[ext.offset + b * bs], d) for b, d in children]
+    data.sort()
+    return data, tree
+
+
+async def _block_map(
+    reader: _Reader, ext: _Ext, root: bytes, length: int
+) -> tuple[list[_Mapping], list[_Span]]:
+    """The mapped runs (sorted by logical block) and indirect blocks of an inode's block map (ext2/3),
+    below logical block ``length``."""
+    bs = ext.block_size
+    per = bs // 4
+    ptrs = struct.unpack_from("<15I", root)
+    data: list[_Mapping] = [(i, p, 1) for i, p in enumerate(ptrs[:12]) if p]
+    level: list[tuple[int, int, int]] = []  # (block, height, first logical block)
+    base = 12
+    for height, p in enumerate(ptrs[12:], 1):
+        if p and base < length:
+            level.append((p, height, base))
+        base += per**height
+    tree: list[_Span] = []
+    while level:
+        if len(tree) + len(level) > length + 1:
+            raise _Malformed("journal block map larger than the journal")
+        for b, _, _ in level:
+            _check_inside(ext, b, "journal indirect block")
+            tree.append((b, b + 1))
+        nodes = await reader.blocks((ext.offset + b * bs for b, _, _ in level), bs)
+        below: list[tuple[int, int, int]] = []
+        for b, height, first in level:
+            span = per ** (height - 1)
+            for j, p in enumerate(struct.unpack_from(f"<{per}I", nodes[ext.offset + b * bs])):
+                logical = first + j * span
+                if p == 0 or logical >= length:
+                    continue
+                if height == 1:
+                    data.append((logical, p, 1))
+                else:
+                    below.append((p, height - 1, logical))
+        level = below
+    data.sort()
+    runs: list[_Mapping] = []
+    for logical, physical, count in data:
+        if runs and runs[-1][0] + runs[-1][2] == logical and runs[-1][1] + runs[-1][2] == physical:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + count)
+        else:
+            runs.append((logical, physical, count))
+    return runs, tree
 
 
 async def _analyse(reader: _Reader, part: Partition, strict: bool) -> list[_Span] | None:
