@@ -43,12 +43,19 @@ def hosts(tmp_path: Path) -> Iterator[tuple[Datastore, Datastore, Path]]:
 
 
 def migrate(
-    a: Datastore, b: Datastore, runtime_b: Path, name: str, *extra: str
+    a: Datastore, b: Datastore, runtime_b: Path, name: str, *extra: str, crash_at: str | None = None
 ) -> tuple[int, dict[str, Any]]:
-    """Run `hikkoshi migrate --json`; its exit status and the record it printed."""
+    """Run `hikkoshi migrate --json`; its exit status and the record it printed (none if it was
+    made to crash at ``crash_at``)."""
     cmd = [sys.executable, "-m", "hikkoshi", "migrate", name, "--datastore", str(a.path)]
     cmd += ["--to-datastore", str(b.path), "--to-runtime-dir", str(runtime_b), "--json", *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    env = dict(os.environ)
+    if crash_at is not None:
+        env["HIKKOSHI_CRASH_AT"] = crash_at
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    if crash_at is not None:
+        assert done.returncode == -signal.SIGKILL, (done.returncode, done.stdout, done.stderr)
+        return done.returncode, {}
     try:
         record = json.loads(done.stdout)
     except ValueError:
@@ -180,3 +187,52 @@ def test_destination_dies_during_memory_copy_rolls_back(
         mark = len(console(home))
         wait_console(home, rf"PROGRESS run={run} ", after=mark)
         finish_and_verify(home, run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("crash_at", "outcome"),
+    [
+        ("memory-precopy", "rolled-back"),
+        ("switchover", "rolled-back"),
+        ("resume-destination", "done"),
+        ("storage-post", "done"),
+    ],
+)
+def test_coordinator_dies_and_a_new_one_recovers(
+    guest: GuestImage, hosts: tuple[Datastore, Datastore, Path], crash_at: str, outcome: str
+) -> None:
+    """SIGKILL of the coordinator right after it recorded a phase; `migrations recover` then rolls
+    back (before the commit point) or finishes (after it): the VM runs in exactly one place."""
+    a, b, runtime_b = hosts
+    run = random.randrange(1, 2**31)
+    params = {"run": run, "progress": 4, "scrub": 16, "rate": 2, "mb": 16}
+    home = guest_vm(
+        a, guest, "crashy", "busy", params, memory_mib=160, disks=[{"name": "disk0", "size": "32M"}]
+    )
+    dest = b.home("crashy")
+    with running(home), cleanup(dest):
+        wait_console(home, rf"PROGRESS run={run} durable=([89]|\d\d+) ")
+        migrate(a, b, runtime_b, "crashy", crash_at=f"migrate-{crash_at}")
+        cmd = [
+            sys.executable,
+            "-m",
+            "hikkoshi",
+            "migrations",
+            "recover",
+            "--datastore",
+            str(a.path),
+            "--json",
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        record = json.loads(done.stdout)
+        assert record["phase"] == outcome, record
+        assert record["report"].get("recovered") is True
+        live = dest if outcome == "done" else home
+        gone = home if outcome == "done" else dest
+        assert not gone.path.exists()
+        assert asyncio_request(live, "status")["state"] == "running"
+        mark = len(console(live))
+        wait_console(live, rf"PROGRESS run={run} ", after=mark)
+        finish_and_verify(live, run)

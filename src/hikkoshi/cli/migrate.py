@@ -17,6 +17,7 @@ from typing import Any
 
 from ..block.throttle import parse_rate
 from ..migrate.coordinator import Coordinator, MigrationError, MigrationRefused, MigrationRequest
+from ..migrate.phases import recovery
 from ..migrate.record import MigrationRecord, MigrationStore
 from ..migrate.storage_modes import StorageMode
 from .runtime import run
@@ -55,7 +56,12 @@ def add_parser(top: Any) -> None:
     p.set_defaults(func=migrate_command)
 
     h = top.add_parser("migrations", help="migration history and reports")
-    h.add_argument("show", nargs="?", choices=["show"], help="show one migration")
+    h.add_argument(
+        "action",
+        nargs="?",
+        choices=["show", "recover"],
+        help="show one migration; recover: finish or roll back migrations whose coordinator died",
+    )
     h.add_argument("id", nargs="?", metavar="ID")
     h.add_argument("--datastore", type=Path, required=True, metavar="PATH")
     h.add_argument("--state-dir", type=Path, metavar="DIR")
@@ -170,9 +176,31 @@ def migrate_command(args: argparse.Namespace) -> int:
         return 130
 
 
+async def _recover(store: MigrationStore, ids: list[str], as_json: bool) -> int:
+    code = 0
+    for migration_id in ids:
+        record = store.load(migration_id)
+        coordinator = Coordinator.from_record(record, store)
+        try:
+            record = await coordinator.recover()
+        except MigrationError as exc:
+            print(f"hikkoshi migrations recover: {migration_id}: {exc}", file=sys.stderr)
+            record, code = exc.record, 1
+        print(record.model_dump_json(indent=2) if as_json else human_report(record))
+    return code
+
+
 def migrations_command(args: argparse.Namespace) -> int:
     store = MigrationStore(args.state_dir or default_state_dir(args.datastore.absolute()))
-    if args.show:
+    if args.action == "recover":
+        unfinished = [r.id for r in store.all() if recovery(r.phase) in ("rollback", "finish")]
+        ids = [args.id] if args.id else unfinished
+        try:
+            return run(_recover(store, ids, args.json))
+        except (KeyError, ValueError) as exc:
+            print(f"hikkoshi migrations recover: no readable migration {exc}", file=sys.stderr)
+            return 2
+    if args.action == "show":
         if not args.id:
             print("hikkoshi migrations show: which ID?", file=sys.stderr)
             return 2

@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from hikkoshi import __version__
+from hikkoshi.block import crashpoints
 from hikkoshi.migrate.convergence import Observation, Progress, Schedule, build_schedule, decide
-from hikkoshi.migrate.phases import Phase
+from hikkoshi.migrate.phases import FORWARD, Phase, recovery
 from hikkoshi.migrate.precheck import Side, migration_problems
 from hikkoshi.migrate.record import Endpoint, MigrationRecord, MigrationStore, PhaseTime
 from hikkoshi.migrate.sides import SideError, VmSide
@@ -164,6 +165,75 @@ class Coordinator:
         self.store.save(self.record)
         log.info("migration %s: %s", self.record.id, phase)
         self.on_progress({"phase": phase.value, "elapsed": round(time.monotonic() - self.t0, 3)})
+        crashpoints.reached(f"migrate-{phase.value}")  # tests: the coordinator dies right here
+
+    @classmethod
+    def from_record(
+        cls,
+        record: MigrationRecord,
+        store: MigrationStore,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Coordinator:
+        """A coordinator taking over a recorded migration (after the one running it died)."""
+        s = record.settings
+        request = MigrationRequest(
+            vm=record.vm,
+            source_datastore=record.source.datastore,
+            dest_datastore=record.destination.datastore,
+            storage=record.storage,
+            dest_runtime_dir=record.destination.runtime_dir,
+            source_address=record.source.address,
+            dest_address=record.destination.address,
+            max_downtime_ms=int(s.get("max_downtime_ms", 300)),
+            bandwidth=s.get("bandwidth"),
+            disk_bandwidth=s.get("disk_bandwidth"),
+            auto_converge=bool(s.get("auto_converge", True)),
+            allow_postcopy=bool(s.get("allow_postcopy", False)),
+        )
+        self = cls(request, store, on_progress)
+        self.record = record
+        self.report = {"actions": [], "iterations": [], **record.report, "recovered": True}
+        return self
+
+    async def recover(self) -> MigrationRecord:
+        """Finish what a dead coordinator left: roll back before the commit point, finish after it."""
+        action = recovery(self.record.phase)
+        log.info("migration %s was left at %s: %s", self.record.id, self.record.phase, action)
+        if action in ("nothing", "inspect"):
+            return self.record
+        spec = self.src_home.load_spec() if self.src_home.spec_file.exists() else self.dst_home.load_spec()
+        self.spec = spec
+        self.source = VmSide(self.src_home, spec, "source")
+        if self.dst_home.path.exists():
+            self.dest = VmSide(self.dst_home, spec, "destination")
+        if action == "rollback":
+            await asyncio.shield(self._rollback())
+            return self.record
+        try:
+            await self._finish_forward()
+        except Exception as exc:
+            self.record.error = f"after the destination resumed: {exc}"
+            self._finish_report()
+            self._enter(Phase.FAILED)
+            raise MigrationError(self.record.error, self.record) from None
+        return self.record
+
+    async def _finish_forward(self) -> None:
+        """The phases after the commit point, each safe to repeat, from where the record stands."""
+        steps = [
+            (Phase.RESUME, self._resume),
+            (Phase.ANNOUNCE, self._announce),
+            (Phase.STORAGE_POST, self._storage_post),
+            (Phase.CLEANUP, self._cleanup),
+        ]
+        for phase, step in steps:
+            if self.record.phase != phase:
+                if FORWARD.index(self.record.phase) > FORWARD.index(phase):
+                    continue  # done before
+                self._enter(phase)
+            await step()
+        self._finish_report()
+        self._enter(Phase.DONE)
 
     def _since_start(self) -> float:
         return round(time.monotonic() - self.t0, 4)
@@ -201,20 +271,12 @@ class Coordinator:
             raise MigrationError(f"migration failed and was rolled back: {reason}", self.record) from None
         try:
             self._enter(Phase.RESUME)  # the commit point, recorded before the destination runs
-            await self._resume()
-            self._enter(Phase.ANNOUNCE)
-            await self._announce()
-            self._enter(Phase.STORAGE_POST)
-            await self._storage_post()
-            self._enter(Phase.CLEANUP)
-            await self._cleanup()
+            await self._finish_forward()
         except Exception as exc:
             self.record.error = f"after the destination resumed: {exc}"
             self._finish_report()
             self._enter(Phase.FAILED)
             raise MigrationError(self.record.error, self.record) from None
-        self._finish_report()
-        self._enter(Phase.DONE)
         return self.record
 
     # --- precheck ------------------------------------------------------------------------------------------
@@ -528,10 +590,14 @@ class Coordinator:
     # --- after the commit point ----------------------------------------------------------------------------
 
     async def _resume(self) -> None:
-        assert self.dest is not None
+        if self.dest is None or not self.dst_home.is_running():
+            raise SideError("the destination VM is gone after the commit point; its source stays stopped")
+        if (await self.dest.status()).get("state") == "running":
+            return  # resumed before a coordinator died
         await self.dest.ctl("resume")
         now = time.monotonic()
-        self.report["switchover"]["gap_ms"] = round((now - self._t_stop) * 1000, 2)
+        if self._t_stop:
+            self.report.setdefault("switchover", {})["gap_ms"] = round((now - self._t_stop) * 1000, 2)
         self.report["time_to_destination_s"] = round(now - self.t0, 3)
 
     async def _announce(self) -> None:
@@ -543,7 +609,8 @@ class Coordinator:
     async def _storage_post(self) -> None:
         assert self.source is not None and self.dest is not None and self.spec is not None
         # QEMU on the source quits; its disks keep serving the destination until released.
-        await self.source.ctl("hand-off")
+        if self.src_home.is_running() and self.src_home.read_state().get("state") != "migrated":
+            await self.source.ctl("hand-off")
         mode = self.request.storage
         if mode not in (StorageMode.POSTCOPY, StorageMode.HYBRID):
             return
@@ -574,18 +641,31 @@ class Coordinator:
     async def _cleanup(self) -> None:
         assert self.source is not None and self.spec is not None
         if moves_disks(self.request.storage):
-            await self.source.ctl("release")
-            if not await asyncio.to_thread(control.wait_stopped, self.src_home, 60):
-                raise SideError("the source supervisor did not exit after release")
+            if self.src_home.is_running():
+                await self._release_source()
             # The destination holds a complete, flushed copy of every disk and serves it.
-            await asyncio.to_thread(shutil.rmtree, self.src_home.path)
+            if self.src_home.path.exists():
+                await asyncio.to_thread(shutil.rmtree, self.src_home.path)
             self.report["source_released_s"] = self._since_start()
         (self.dst_home.path / PLAN_FILE).unlink(missing_ok=True)
+
+    async def _release_source(self) -> None:
+        assert self.source is not None
+        if self.src_home.read_state().get("state") != "migrated":
+            # QEMU has not quit yet (it may be on its way): wait for the supervisor to say so.
+            for _ in range(300):
+                if self.src_home.read_state().get("state") == "migrated":
+                    break
+                await asyncio.sleep(0.05)
+        await self.source.ctl("release")
+        if not await asyncio.to_thread(control.wait_stopped, self.src_home, 60):
+            raise SideError("the source supervisor did not exit after release")
 
     # --- rollback ------------------------------------------------------------------------------------------
 
     async def _rollback(self) -> None:
-        self._enter(Phase.ROLLBACK)
+        if self.record.phase != Phase.ROLLBACK:
+            self._enter(Phase.ROLLBACK)
         problems: list[str] = []
         src = self.source
         if src is not None and self.src_home.is_running():
