@@ -236,3 +236,123 @@ def test_coordinator_dies_and_a_new_one_recovers(
         mark = len(console(live))
         wait_console(live, rf"PROGRESS run={run} ", after=mark)
         finish_and_verify(live, run)
+
+
+@pytest.mark.slow
+def test_destination_proxy_killed_after_switchover_is_restarted(
+    guest: GuestImage, hosts: tuple[Datastore, Datastore, Path]
+) -> None:
+    """The relocation proxy dies while the guest runs on the destination and its disk is half copied:
+    the supervisor starts a new one on the same cache, the guest resumes, the relocation completes."""
+    a, b, runtime_b = hosts
+    run = random.randrange(1, 2**31)
+    params = {"run": run, "progress": 4, "scrub": 16, "rate": 2, "mb": 16}
+    disks = [{"name": "disk0", "size": "48M"}]
+    home = guest_vm(a, guest, "px", "busy", params, memory_mib=160, disks=disks)
+    dest = b.home("px")
+    with running(home), cleanup(dest):
+        wait_console(home, rf"PROGRESS run={run} durable=([89]|\d\d+) ")
+        # Fill the disk beyond the guest's ring so the background copy has something to do.
+        cmd = [sys.executable, "-m", "hikkoshi", "migrate", "px", "--datastore", str(a.path)]
+        cmd += ["--to-datastore", str(b.path), "--to-runtime-dir", str(runtime_b), "--json"]
+        cmd += ["--disk-bandwidth", "1M"]
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+            deadline = time.monotonic() + 120
+            pid = None
+            while time.monotonic() < deadline and pid is None:
+                state = dest.read_state() if dest.path.exists() else {}
+                if state.get("state") == "running" and state.get("proxy_pids"):
+                    pid = int(state["proxy_pids"]["disk0"])
+                time.sleep(0.05)
+            assert pid is not None, "the destination never resumed"
+            time.sleep(0.5)
+            os.kill(pid, signal.SIGKILL)
+            out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        record = json.loads(out)
+        assert record["phase"] == "done"
+        new_pid = dest.read_state()["proxy_pids"]["disk0"]
+        assert new_pid != pid
+        assert asyncio_request(dest, "status")["state"] == "running"
+        mark = len(console(dest))
+        wait_console(dest, rf"PROGRESS run={run} ", after=mark)
+        finish_and_verify(dest, run)
+
+
+@pytest.mark.slow
+def test_migration_across_the_wan_emulator(
+    guest: GuestImage, hosts: tuple[Datastore, Datastore, Path]
+) -> None:
+    """Hybrid, with the memory stream and the disk export through one emulated 100 ms, 100 Mbit/s path."""
+    a, b, runtime_b = hosts
+    run = random.randrange(1, 2**31)
+    params = {"run": run, "progress": 4, "scrub": 16, "rate": 2, "mb": 16}
+    home = guest_vm(a, guest, "far", "busy", params, memory_mib=160, disks=[{"name": "disk0", "size": "32M"}])
+    dest = b.home("far")
+    with running(home), cleanup(dest):
+        wait_console(home, rf"PROGRESS run={run} durable=([89]|\d\d+) ")
+        code, record = migrate(a, b, runtime_b, "far", "--wan", "100ms,100Mbit")
+        assert code == 0, record
+        routes = record["facts"]["routes"]
+        assert any(k.startswith("stream ") for k in routes) and any(k.startswith("export ") for k in routes)
+        report = record["report"]
+        # Everything crossed the emulated link: at 100 Mbit/s the memory alone takes its time.
+        assert report["phases_s"]["memory-precopy"] >= report["memory_bytes"] * 8 / 100e6 * 0.8
+        mark = len(console(dest))
+        wait_console(dest, rf"PROGRESS run={run} ", after=mark)
+        finish_and_verify(dest, run)
+
+
+@pytest.mark.slow
+def test_cut_migration_link_rolls_back(guest: GuestImage, hosts: tuple[Datastore, Datastore, Path]) -> None:
+    """The memory stream's link is cut in the middle of the copy: QEMU's migration fails, the
+    coordinator rolls back, the guest keeps running on the source with its data intact."""
+    import asyncio
+
+    from hikkoshi.lab.link_model import WanParams
+    from hikkoshi.lab.wan import WanLink
+    from hikkoshi.migrate.coordinator import Coordinator, MigrationError, MigrationRequest
+    from hikkoshi.migrate.record import MigrationStore
+
+    a, b, runtime_b = hosts
+    run = random.randrange(1, 2**31)
+    params = {"run": run, "progress": 4, "scrub": 16, "rate": 2, "mb": 16}
+    home = guest_vm(a, guest, "cut", "busy", params, memory_mib=160, disks=[{"name": "disk0", "size": "32M"}])
+    dest = b.home("cut")
+
+    async def scenario() -> str:
+        links: list[WanLink] = []
+        async with contextlib.AsyncExitStack() as stack:
+
+            async def route(purpose: str, address: str) -> str:
+                link = await stack.enter_async_context(WanLink(WanParams(1.0, 40e6), address))
+                if purpose == "stream":
+                    links.append(link)
+                return f"127.0.0.1:{link.port}"
+
+            request = MigrationRequest(
+                vm="cut",
+                source_datastore=a.path,
+                dest_datastore=b.path,
+                dest_runtime_dir=runtime_b,
+                route=route,
+            )
+            coordinator = Coordinator(request, MigrationStore(a.path / ".hikkoshi" / "migrations"))
+            task = asyncio.create_task(coordinator.run())
+            while not links or links[0].stats().up.bytes_in < 8 << 20:
+                assert not task.done(), task
+                await asyncio.sleep(0.05)
+            await links[0].aclose()  # the cut: both ends see their connection reset
+            with pytest.raises(MigrationError) as failed:
+                await task
+            return failed.value.record.phase.value
+
+    with running(home) as info, cleanup(dest):
+        wait_console(home, rf"PROGRESS run={run} durable=([89]|\d\d+) ")
+        assert asyncio.run(scenario()) == "rolled-back"
+        assert not dest.path.exists()
+        assert alive(info["qemu_pid"])
+        assert asyncio_request(home, "status")["state"] == "running"
+        mark = len(console(home))
+        wait_console(home, rf"PROGRESS run={run} ", after=mark)
+        finish_and_verify(home, run)

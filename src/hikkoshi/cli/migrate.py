@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from ..block.throttle import parse_rate
-from ..migrate.coordinator import Coordinator, MigrationError, MigrationRefused, MigrationRequest
+from ..lab.link_model import WanParams
+from ..lab.wan import WanPath
+from ..migrate.coordinator import Coordinator, MigrationError, MigrationRefused, MigrationRequest, Route
 from ..migrate.phases import recovery
 from ..migrate.record import MigrationRecord, MigrationStore
 from ..migrate.storage_modes import StorageMode
 from .runtime import run
+from .wan import parse_duration_ms, parse_rate_bps
 
 
 def default_state_dir(datastore: Path) -> Path:
@@ -51,6 +56,12 @@ def add_parser(top: Any) -> None:
     p.add_argument("--allow-postcopy", action="store_true", help="switch to post-copy RAM if all else fails")
     p.add_argument(
         "--state-dir", type=Path, metavar="DIR", help="migration records (default: DATASTORE/.hikkoshi)"
+    )
+    p.add_argument(
+        "--wan",
+        metavar="RTT,RATE",
+        help="carry every stream between the two hosts through one emulated WAN path, e.g. 150ms,100Mbit "
+        "(lab use: the relays live in this process)",
     )
     p.add_argument("--json", action="store_true", help="print the record as JSON, no progress bar")
     p.set_defaults(func=migrate_command)
@@ -105,7 +116,45 @@ def human_report(record: MigrationRecord) -> str:
     return "\n".join(lines)
 
 
+def parse_wan(text: str) -> WanParams:
+    """``RTT[,RATE]``: ``150ms,100Mbit`` is 75 ms each way at 100 Mbit/s."""
+    rtt, _, rate = text.partition(",")
+    try:
+        return WanParams(parse_duration_ms(rtt) / 2, parse_rate_bps(rate) if rate else None)
+    except (argparse.ArgumentTypeError, ValueError) as exc:
+        raise ValueError(f"--wan {text!r}: {exc}") from None
+
+
+@contextlib.asynccontextmanager
+async def wan_routes(params: WanParams | None) -> AsyncIterator[Route | None]:
+    """A route function putting every service behind relays of one WAN path (site A: the source)."""
+    if params is None:
+        yield None
+        return
+    path = WanPath(params)
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def route(purpose: str, address: str) -> str:
+            # The export's clients are at the destination; the stream's and mirror's at the source.
+            relay = path.relay(address, from_a=purpose != "export")
+            await stack.enter_async_context(relay)
+            return f"127.0.0.1:{relay.port}"
+
+        yield route
+
+
 async def _migrate(args: argparse.Namespace) -> int:
+    wan = parse_wan(args.wan) if args.wan else None
+    if wan is not None and args.storage == StorageMode.SHARED.value:
+        raise ValueError(
+            "--wan with shared storage: the destination would read its disk through a relay "
+            "that ends with this command"
+        )
+    async with wan_routes(wan) as route:
+        return await _migrate_via(args, route)
+
+
+async def _migrate_via(args: argparse.Namespace, route: Route | None) -> int:
     request = MigrationRequest(
         vm=args.name,
         source_datastore=args.datastore.absolute(),
@@ -119,6 +168,7 @@ async def _migrate(args: argparse.Namespace) -> int:
         disk_bandwidth=args.disk_bandwidth,
         auto_converge=not args.no_auto_converge,
         allow_postcopy=args.allow_postcopy,
+        route=route,
     )
     store = MigrationStore(args.state_dir or default_state_dir(args.datastore.absolute()))
     if args.json:
@@ -172,6 +222,9 @@ async def _run(coordinator: Coordinator) -> int:
 def migrate_command(args: argparse.Namespace) -> int:
     try:
         return run(_migrate(args))
+    except ValueError as exc:
+        print(f"hikkoshi migrate: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -344,15 +344,21 @@ class WanLink:
         reverse: WanParams | None = None,
         seed: int | None = None,
         granularity: float = DEFAULT_GRANULARITY,
+        directions: tuple[LinkDirection, LinkDirection] | None = None,
     ) -> None:
+        """``directions``: (client-to-target, target-to-client) bottlenecks shared with other relays
+        (one WAN path carrying several services); default: this relay's own."""
         self.params = params
         self.reverse = reverse if reverse is not None else params
         self.target = target if isinstance(target, Endpoint) else Endpoint.parse(target)
         self.listen = listen if isinstance(listen, Endpoint) else Endpoint.parse(listen)
         up_rng = random.Random(f"{seed}/up") if seed is not None else random.Random()
         down_rng = random.Random(f"{seed}/down") if seed is not None else random.Random()
-        self._up = LinkDirection(self.params, up_rng, granularity)
-        self._down = LinkDirection(self.reverse, down_rng, granularity)
+        if directions is not None:
+            self._up, self._down = directions
+        else:
+            self._up = LinkDirection(self.params, up_rng, granularity)
+            self._down = LinkDirection(self.reverse, down_rng, granularity)
         self._up_out = 0
         self._down_out = 0
         self._connections = 0
@@ -482,3 +488,29 @@ class WanLink:
         if self.target.unix is not None:
             return await asyncio.open_unix_connection(self.target.unix, limit=_READ_LIMIT)
         return await asyncio.open_connection(self.target.host, self.target.port, limit=_READ_LIMIT)
+
+
+class WanPath:
+    """One emulated WAN between two sites, carrying any number of relayed services.
+
+    Every relay made here shares the path's two bottlenecks (site A to B, B to A), as services between
+    two real sites share their uplinks: a relay whose clients are at site A (``from_a=True``) sends
+    its client-to-target bytes A to B, and one whose clients are at B the other way round.
+    """
+
+    def __init__(
+        self, a_to_b: WanParams, b_to_a: WanParams | None = None, *, seed: int | None = None
+    ) -> None:
+        self.a_to_b_params = a_to_b
+        self.b_to_a_params = b_to_a if b_to_a is not None else a_to_b
+        rng_ab = random.Random(f"{seed}/ab") if seed is not None else random.Random()
+        rng_ba = random.Random(f"{seed}/ba") if seed is not None else random.Random()
+        self.a_to_b = LinkDirection(self.a_to_b_params, rng_ab, DEFAULT_GRANULARITY)
+        self.b_to_a = LinkDirection(self.b_to_a_params, rng_ba, DEFAULT_GRANULARITY)
+
+    def relay(
+        self, target: str | Endpoint, *, from_a: bool, listen: str | Endpoint = "127.0.0.1:0"
+    ) -> WanLink:
+        """A relay (not started) to ``target`` whose clients sit at site A (``from_a``) or B."""
+        up, down = (self.a_to_b, self.b_to_a) if from_a else (self.b_to_a, self.a_to_b)
+        return WanLink(up.params, target, listen, reverse=down.params, directions=(up, down))

@@ -60,8 +60,8 @@ def build_schedule(
 ) -> Schedule:
     """The default schedule: ``steps`` downtime limits rising geometrically from ``start_ms`` to the
     user's maximum, then throttling at 20, 40, 60 and 80 %, then post-copy if allowed."""
-    if max_downtime_ms <= 0:
-        raise ValueError("the maximum downtime must be positive")
+    if max_downtime_ms <= 0 or start_ms <= 0:
+        raise ValueError("the maximum and first downtime must be positive")
     start = min(start_ms, max_downtime_ms)
     levels = [start]
     if steps > 1 and max_downtime_ms > start:

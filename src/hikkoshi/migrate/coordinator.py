@@ -24,7 +24,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -54,6 +54,15 @@ log = logging.getLogger("hikkoshi.migrate")
 #: Files of a home that belong to one run of the VM or are its disks: not copied ahead.
 _RUN_FILES = {".lock", "supervisor.pid", "state.json", PLAN_FILE}
 _TERMINAL = ["completed", "failed", "cancelled"]
+#: How long a destination proxy may be unreachable (restarting) after the switchover.
+PROXY_GRACE = 60.0
+
+
+Route = Callable[[str, str], Awaitable[str]]
+"""``route(purpose, "host:port") -> "host:port"``: the address to use instead, e.g. a WAN emulator's
+relay. Purposes: ``stream`` (the source QEMU sends memory to the destination), ``mirror`` (it writes
+the disks to the destination's NBD service, precopy), ``export`` (the destination reads the source's
+disks: proxy upstream, or the disk itself with shared storage)."""
 
 
 class MigrationError(RuntimeError):
@@ -88,6 +97,8 @@ class MigrationRequest:
     allow_postcopy: bool = False
     max_seconds: float = 600.0
     qemu: str = DEFAULT_QEMU
+    route: Route | None = None
+    """How one host reaches a service of the other (default: directly); see :data:`Route`."""
 
 
 def qemu_version(qemu: str = DEFAULT_QEMU) -> tuple[int, int, int]:
@@ -235,6 +246,13 @@ class Coordinator:
         self._finish_report()
         self._enter(Phase.DONE)
 
+    async def _route(self, purpose: str, address: str) -> str:
+        if self.request.route is None:
+            return address
+        routed = await self.request.route(purpose, address)
+        self.record.facts.setdefault("routes", {})[f"{purpose} {address}"] = routed
+        return routed
+
     def _since_start(self) -> float:
         return round(time.monotonic() - self.t0, 4)
 
@@ -332,10 +350,8 @@ class Coordinator:
         if self.spec.disks and req.storage != StorageMode.PRECOPY:
             names = await self.source.nbd("listen", address=f"{req.source_address}:0")
             self.record.facts["source_listen"] = names[0]
-            port = names[0].rsplit(":", 1)[1]
-            self.record.facts["exports"] = {
-                d.name: f"nbd://{req.source_address}:{port}/{d.name}" for d in self.spec.disks
-            }
+            reach = await self._route("export", names[0])
+            self.record.facts["exports"] = {d.name: f"nbd://{reach}/{d.name}" for d in self.spec.disks}
         if req.storage == StorageMode.HYBRID:
             # Before the destination's proxy reads anything: every later write is marked.
             for disk in self.spec.disks:
@@ -403,7 +419,7 @@ class Coordinator:
         if self.request.storage != StorageMode.PRECOPY or not self.spec.disks:
             return
         names = await self.dest.nbd("listen", address=f"{self.request.dest_address}:0")
-        host, port = names[0].rsplit(":", 1)
+        host, port = (await self._route("mirror", names[0])).rsplit(":", 1)
         jobs = []
         for disk in self.spec.disks:
             node, job = f"mig-target-{disk.name}", f"mig-{disk.name}"
@@ -477,7 +493,8 @@ class Coordinator:
             raise SideError("the destination QEMU did not say where it listens for the stream")
         port = addrs[0]["port"]
         host = req.dest_address
-        uri = f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        uri = f"tcp:{await self._route('stream', target)}"
         self.record.facts["stream"] = uri
         self.store.save(self.record)
         self.report["memory_started"] = self._since_start()
@@ -618,11 +635,22 @@ class Coordinator:
             for disk in self.spec.disks:
                 await self.dest.proxy(disk.name, "resume")
         fetched: dict[str, dict[str, Any]] = {}
+        unanswered_since: float | None = None
         while True:
             done = True
             total = present = 0
             for disk in self.spec.disks:
-                st = await self.dest.proxy(disk.name, "status")
+                try:
+                    st = await self.dest.proxy(disk.name, "status")
+                    unanswered_since = None
+                except SideError:
+                    # A proxy that died is restarted by its supervisor (its cache survives): wait.
+                    now = time.monotonic()
+                    unanswered_since = unanswered_since or now
+                    if now - unanswered_since > PROXY_GRACE:
+                        raise
+                    done = False
+                    break
                 total += int(st["size"])
                 present += int(st["present_bytes"])
                 fetched[disk.name] = {

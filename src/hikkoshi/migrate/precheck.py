@@ -32,7 +32,8 @@ def check_cpu_compatible(spec: VmSpec, source: Side, dest: Side) -> list[str]:
     problems = []
     if source.accel != dest.accel:
         problems.append(f"the VM runs with {source.accel} here but would get {dest.accel} on the destination")
-    if spec.cpu_model in (None, "host") and source.accel == "kvm":
+    host_cpu = spec.cpu_model is None or spec.cpu_model.split(",")[0] == "host"  # also host,+feature
+    if host_cpu and source.accel == "kvm":
         s, d = source.facts.cpu, dest.facts.cpu
         if (s.vendor, s.model) != (d.vendor, d.model) or not s.flags <= d.flags:
             problems.append(

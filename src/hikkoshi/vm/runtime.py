@@ -152,6 +152,22 @@ class VmRuntime:
             f"proxy-{disk.name}", f"the relocation proxy of {disk.name}", cmd
         )
 
+    async def restart_proxy(self, disk_name: str, resumed: bool) -> None:
+        """Start the relocation proxy of a disk again (after it died); the guest's I/O waits meanwhile.
+
+        ``resumed``: the guest has run here since the switchover. The copy then just goes on: no
+        waiting to be resumed, and no invalidation from the source's bitmap any more -- it would
+        drop blocks the guest has written here since."""
+        disk = next(d for d in self.spec.disks if d.name == disk_name)
+        assert self.incoming is not None
+        backend = self.incoming.backend(disk_name)
+        if resumed:
+            backend = backend.model_copy(update={"background": "run", "dirty_bitmap": None})
+        old = self.proxies.pop(disk_name, None)
+        if old is not None and old.running:
+            await old.kill()
+        await self._start_proxy(disk, backend)
+
     async def _start_service(self, name: str, what: str, cmd: list[str]) -> Child:
         """Start a disk service logging to ``nbd.log``; return once it says it serves."""
         with self.home.nbd_log.open("ab") as out:

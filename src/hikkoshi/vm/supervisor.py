@@ -38,6 +38,7 @@ from hikkoshi.vm.spec import VmSpec
 log = logging.getLogger("hikkoshi.vm.supervisor")
 
 DEFAULT_STOP_TIMEOUT = 60.0
+MAX_PROXY_RESTARTS = 5
 EXIT_OK, EXIT_FAILED, EXIT_RUNNING = 0, 2, 3
 
 
@@ -220,17 +221,45 @@ class Supervisor:
         log.info("released: stopping the disk services")
 
     async def _watch_nbd(self, vm: VmRuntime) -> None:
-        ended = await vm.wait_nbd()
-        if ended is None:
+        restarts = 0
+        while True:
+            ended = await vm.wait_nbd()
+            if ended is None:
+                return
+            name, code = ended
+            if name.startswith("proxy-") and restarts < MAX_PROXY_RESTARTS:
+                # The proxy's cache and bitmap survive any crash: a new one carries on where it stood.
+                restarts += 1
+                disk = name.removeprefix("proxy-")
+                log.error("relocation proxy of %s ended (status %d); restarting it", disk, code)
+                try:
+                    await vm.restart_proxy(disk, resumed=self.state.get("state") != "incoming")
+                    self._write_state(proxy_pids={n: c.pid for n, c in vm.proxies.items()})
+                    await self._resume_after_io_errors(vm)
+                    continue
+                except (VmError, QmpCommandError, OSError) as exc:
+                    log.error("could not restart the proxy of %s: %s", disk, exc)
+            # QEMU is still there (else this task would have been cancelled): the disks are gone from
+            # under the guest. werror/rerror=stop pause it at its next I/O; pause it now.
+            what = "the NBD service" if name == "nbd" else f"the relocation proxy {name}"
+            log.error("%s ended (status %d) while the VM runs; pausing the guest", what, code)
+            self._write_state(error=f"{what} ended with status {code}")
+            with contextlib.suppress(QmpCommandError):
+                await vm.pause()
             return
-        name, code = ended
-        # QEMU is still there (else this task would have been cancelled): the disks are gone from
-        # under the guest. werror/rerror=stop pause it at its next I/O; pause it now.
-        what = "the NBD service" if name == "nbd" else f"the relocation proxy {name}"
-        log.error("%s ended (status %d) while the VM runs; pausing the guest", what, code)
-        self._write_state(error=f"{what} ended with status {code}")
-        with contextlib.suppress(QmpCommandError):
-            await vm.pause()
+
+    @staticmethod
+    async def _resume_after_io_errors(vm: VmRuntime, settle: float = 3.0) -> None:
+        """After a disk service came back: requests that failed while it was gone stopped the guest
+        (``werror=stop``); ``cont`` retries them. Watch until the guest has run ``settle`` s on end."""
+        quiet_since = time.monotonic()
+        deadline = quiet_since + 60.0
+        while time.monotonic() < deadline and time.monotonic() - quiet_since < settle:
+            if await vm.status() == "io-error":
+                log.info("guest stopped on a disk error while its proxy was down; resuming it")
+                await vm.resume()
+                quiet_since = time.monotonic()
+            await asyncio.sleep(0.05)
 
     def _register(self, control: ControlServer, vm: VmRuntime) -> None:
         async def status(_args: dict[str, Any]) -> dict[str, Any]:
