@@ -356,3 +356,65 @@ def test_cut_migration_link_rolls_back(guest: GuestImage, hosts: tuple[Datastore
         mark = len(console(home))
         wait_console(home, rf"PROGRESS run={run} ", after=mark)
         finish_and_verify(home, run)
+
+
+@pytest.mark.slow
+def test_cold_migration(guest: GuestImage, hosts: tuple[Datastore, Datastore, Path]) -> None:
+    """A powered-off VM: home files and disks (holes kept) move; the VM boots on the destination."""
+    a, b, runtime_b = hosts
+    run = random.randrange(1, 2**31)
+    home = guest_vm(a, guest, "cold", "diskwriter", {"run": run, "progress": 4, "scrub": 16})
+    with running(home):
+        wait_console(home, rf"PROGRESS run={run} durable=([89]|\d\d+) ")
+        last = finish_and_verify(home, run)
+    source_disk = (home.path / "disk0.raw").read_bytes()
+    code, record = migrate(a, b, runtime_b, "cold", "--offline")
+    assert code == 0, record
+    assert record["kind"] == "cold" and record["phase"] == "done"
+    assert [p["phase"] for p in record["phases"]] == [
+        "precheck", "prepare-destination", "home-files", "storage-pre", "cleanup", "done"
+    ]  # fmt: skip
+    dest = b.home("cold")
+    assert not home.path.exists()
+    disk = dest.path / "disk0.raw"
+    assert disk.read_bytes() == source_disk
+    assert disk.stat().st_blocks * 512 < disk.stat().st_size  # still sparse
+    # It boots there and finds its earlier records.
+    with running(dest, runtime_dir=runtime_b):
+        wait_console(dest, rf"HIKKOSHI-DISKWRITER RESUME run={run} last={last} records=\d+ torn=0 OK")
+
+
+@pytest.mark.slow
+def test_cold_migration_refuses_a_running_vm(
+    guest: GuestImage, hosts: tuple[Datastore, Datastore, Path]
+) -> None:
+    a, b, runtime_b = hosts
+    home = guest_vm(a, guest, "warm", "idle")
+    with running(home):
+        code, record = migrate(a, b, runtime_b, "warm", "--offline")
+        assert code == 2 and "is running" in record["error"], record
+        assert not b.home("warm").path.exists()
+
+
+@pytest.mark.slow
+def test_quick_migration(guest: GuestImage, hosts: tuple[Datastore, Datastore, Path]) -> None:
+    """Suspend, move memory state and disks, resume: the guest goes on where it stopped."""
+    a, b, runtime_b = hosts
+    run = random.randrange(1, 2**31)
+    params = {"run": run, "progress": 4, "scrub": 16, "rate": 2, "mb": 16}
+    home = guest_vm(
+        a, guest, "quick", "busy", params, memory_mib=160, disks=[{"name": "disk0", "size": "32M"}]
+    )
+    dest = b.home("quick")
+    with running(home) as info, cleanup(dest):
+        wait_console(home, rf"PROGRESS run={run} durable=([89]|\d\d+) ")
+        code, record = migrate(a, b, runtime_b, "quick", "--quick")
+        assert code == 0, record
+        assert record["kind"] == "quick" and record["phase"] == "done"
+        assert record["report"]["memory_bytes"] > 0 and record["report"]["downtime_ms"] > 0
+        assert wait_dead([info["supervisor_pid"], info["qemu_pid"], info["nbd_pid"]]) == []
+        assert not home.path.exists()
+        assert not (dest.path / "memory.state").exists()
+        mark = len(console(dest))
+        wait_console(dest, rf"PROGRESS run={run} ", after=mark)
+        finish_and_verify(dest, run)

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from ..block.throttle import parse_rate
 from ..lab.link_model import WanParams
 from ..lab.wan import WanPath
 from ..migrate.coordinator import Coordinator, MigrationError, MigrationRefused, MigrationRequest, Route
+from ..migrate.offline import OfflineMigration
 from ..migrate.phases import recovery
 from ..migrate.record import MigrationRecord, MigrationStore
 from ..migrate.storage_modes import StorageMode
@@ -63,6 +64,9 @@ def add_parser(top: Any) -> None:
         help="carry every stream between the two hosts through one emulated WAN path, e.g. 150ms,100Mbit "
         "(lab use: the relays live in this process)",
     )
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--offline", action="store_true", help="cold migration of a powered-off VM")
+    how.add_argument("--quick", action="store_true", help="suspend, move memory state and disks, resume")
     p.add_argument("--json", action="store_true", help="print the record as JSON, no progress bar")
     p.set_defaults(func=migrate_command)
 
@@ -83,7 +87,8 @@ def add_parser(top: Any) -> None:
 def human_report(record: MigrationRecord) -> str:
     """The report for people."""
     r = record.report
-    lines = [f"migration {record.id}: VM {record.vm}, storage {record.storage.value}: {record.phase.value}"]
+    how = f"storage {record.storage.value}" if record.kind == "live" else record.kind
+    lines = [f"migration {record.id}: VM {record.vm}, {how}: {record.phase.value}"]
     if record.error:
         lines.append(f"  error: {record.error}")
 
@@ -171,8 +176,9 @@ async def _migrate_via(args: argparse.Namespace, route: Route | None) -> int:
         route=route,
     )
     store = MigrationStore(args.state_dir or default_state_dir(args.datastore.absolute()))
+    kind = "cold" if args.offline else "quick" if args.quick else "live"
     if args.json:
-        coordinator = Coordinator(request, store)
+        coordinator = _job(kind, request, store, None)
         code = await _run(coordinator)
         print(json.dumps(json.loads(coordinator.record.model_dump_json()), indent=2))
         return code
@@ -189,7 +195,10 @@ async def _migrate_via(args: argparse.Namespace, route: Route | None) -> int:
 
         def show(info: dict[str, Any]) -> None:
             fields: dict[str, Any] = {"phase": info["phase"]}
-            if "memory_done" in info:
+            if info.get("disk_total", 0) is None:
+                fields["completed"] = info["disk_done"]
+                fields["detail"] = "disks"
+            elif "memory_done" in info:
                 fields["completed"] = info["memory_done"]
                 fields["total"] = info["memory_done"] + info["memory_remaining"]
                 fields["detail"] = f"iteration {info['iteration']} · {info.get('mbps') or 0:.0f} Mbit/s"
@@ -199,13 +208,21 @@ async def _migrate_via(args: argparse.Namespace, route: Route | None) -> int:
                 fields["detail"] = "disks"
             progress.update(task, **fields)
 
-        coordinator = Coordinator(request, store, show)
+        coordinator = _job(kind, request, store, show)
         code = await _run(coordinator)
     print(human_report(coordinator.record))
     return code
 
 
-async def _run(coordinator: Coordinator) -> int:
+def _job(
+    kind: str, request: MigrationRequest, store: MigrationStore, show: Callable[[dict[str, Any]], None] | None
+) -> Coordinator | OfflineMigration:
+    if kind == "live":
+        return Coordinator(request, store, show)
+    return OfflineMigration(request, store, kind, show)
+
+
+async def _run(coordinator: Coordinator | OfflineMigration) -> int:
     try:
         await coordinator.run()
     except MigrationRefused as exc:
@@ -233,7 +250,11 @@ async def _recover(store: MigrationStore, ids: list[str], as_json: bool) -> int:
     code = 0
     for migration_id in ids:
         record = store.load(migration_id)
-        coordinator = Coordinator.from_record(record, store)
+        coordinator = (
+            Coordinator.from_record(record, store)
+            if record.kind == "live"
+            else OfflineMigration.from_record(record, store)
+        )
         try:
             record = await coordinator.recover()
         except MigrationError as exc:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import shutil
 import subprocess
 import time
@@ -32,6 +31,7 @@ from typing import Any, NoReturn
 from hikkoshi import __version__
 from hikkoshi.block import crashpoints
 from hikkoshi.migrate.convergence import Observation, Progress, Schedule, build_schedule, decide
+from hikkoshi.migrate.home_files import copy_home_files
 from hikkoshi.migrate.phases import FORWARD, Phase, recovery
 from hikkoshi.migrate.precheck import Side, migration_problems
 from hikkoshi.migrate.record import Endpoint, MigrationRecord, MigrationStore, PhaseTime
@@ -51,8 +51,6 @@ from hikkoshi.vm.spec import VmSpec
 
 log = logging.getLogger("hikkoshi.migrate")
 
-#: Files of a home that belong to one run of the VM or are its disks: not copied ahead.
-_RUN_FILES = {".lock", "supervisor.pid", "state.json", PLAN_FILE}
 _TERMINAL = ["completed", "failed", "cancelled"]
 #: How long a destination proxy may be unreachable (restarting) after the switchover.
 PROXY_GRACE = 60.0
@@ -367,21 +365,7 @@ class Coordinator:
         self.record.facts["destination_home_created"] = True
         self.store.save(self.record)
         disk_files = {d.file_name for d in self.spec.disks}
-        copied = 0
-        for entry in sorted(self.src_home.path.iterdir()):
-            if entry.name in _RUN_FILES or entry.name in disk_files or not entry.is_file():
-                continue
-            if entry.name.endswith((".bitmap", ".hikkoshi-move")):
-                continue
-            target = dst / entry.name
-            changing = entry.suffix in (".log", ".1", ".toml", ".json", ".fd")
-            try:
-                if changing:
-                    raise OSError("the VM changes this file: copy it")
-                os.link(entry, target)  # boot files are large and never rewritten in place
-            except OSError:
-                await asyncio.to_thread(shutil.copy2, entry, target)
-            copied += entry.stat().st_size
+        copied = await asyncio.to_thread(copy_home_files, self.src_home.path, dst, disk_files)
         self.report["home_bytes"] = copied
         exports = self.record.facts.get("exports", {})
         plan = IncomingPlan(

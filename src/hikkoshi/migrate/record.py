@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -41,6 +41,8 @@ class MigrationRecord(BaseModel):
 
     id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
     vm: str
+    kind: Literal["live", "cold", "quick"] = "live"
+    """live: the VM runs throughout; cold: it is powered off; quick: suspended, moved, resumed."""
     storage: StorageMode
     source: Endpoint
     destination: Endpoint
