@@ -1,6 +1,6 @@
 """Benchmark the relocation proxy (`hikkoshi nbd proxy`) in one run.
 
-    .venv/bin/python -m bench.run_proxy [--quick] [--repeat N] [--only read,relocate,wan,fs] ...
+    .venv/bin/python -m bench.run_proxy [--quick] [--repeat N] [--only read,relocate,wan,fs,fswan] ...
 
 Sections (all on 127.0.0.1; the source is `hikkoshi nbd serve IMAGE --export src`, a fresh server for
 every measurement, so that no earlier run's heat map orders the copy):
@@ -18,6 +18,9 @@ every measurement, so that no earlier run's heat map orders the copy):
   and 4 KiB read latency (hikkoshi's NbdClient, one at a time) of missing vs present blocks.
 - fs: an ext4 image 10% full whose free space holds random garbage, relocated with --skip-fs-free and
   without (a linear copy of the whole disk); and the same file system on a sparse image.
+- fswan (not run by default: ~100 s per repeat, the linear copy alone ~87 s): the garbage ext4 image
+  of "fs" relocated with --skip-fs-free and without across the WAN emulator of "wan" (--wan-delay each
+  way, --wan-rate), where bytes rather than fixed costs decide the time; against bytes fetched / rate.
 
 Results (machine facts, exact commands, raw numbers) go to bench/results/proxy-<UTC timestamp>.json and
 markdown tables (medians, ranges, ratios) are printed. Exit status 0 whatever the numbers say (130 when
@@ -88,7 +91,9 @@ from bench.run_nbd import (
     write_results,
 )
 
-SECTIONS: tuple[str, ...] = ("read", "relocate", "wan", "fs")
+SECTIONS: tuple[str, ...] = ("read", "relocate", "wan", "fs", "fswan")
+# What runs without --only: everything but fswan, whose linear copy across the WAN takes ~87 s a repeat.
+DEFAULT_SECTIONS: tuple[str, ...] = ("read", "relocate", "wan", "fs")
 MIB = 1 << 20
 XNBD_MIB_S = 153.0
 COLD_FLOOR_MIB_S = 5 * XNBD_MIB_S
@@ -119,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--only",
         type=_sections,
-        default=list(SECTIONS),
-        help=f"comma-separated subset of {','.join(SECTIONS)}",
+        default=list(DEFAULT_SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)} (default {','.join(DEFAULT_SECTIONS)})",
     )
     p.add_argument("--quick", action="store_true", help="smoke run: small images, 3 s fio runs, one repeat")
     p.add_argument(
@@ -294,6 +299,7 @@ class Bench:
         self.skipped: dict[str, str] = {}
         self.errors: list[dict[str, Any]] = []
         self.commands: dict[str, list[str]] = {}
+        self.section_settings: dict[str, dict[str, Any]] = {}
         self.wan_cli = False
 
     # -- processes -----------------------------------------------------------------------------------
@@ -983,10 +989,92 @@ class Bench:
             fields["from_start_s"],
             "s",
             **fields,
+            fetched_bytes=_fetched_bytes(fields["status"]),
             loadavg_1m=load,
             cache_allocated_bytes=cache_alloc,
             commands={"proxy": px.argv},
         )
+
+    # -- section 6: ext4, free space skipped, across the WAN emulator -----------------------------------
+
+    def section_fswan(self) -> None:
+        s = self.s
+        reason = wan_importable()
+        if reason is not None:
+            self.skipped["fswan"] = reason
+            log(f"fswan: not run ({reason})")
+            return
+        self.wan_cli = wan_cli_registered(s.hikkoshi)
+        garbage, _sparse, srcdir, files = self.build_fs_images()
+        sha = sha256_file(garbage) if s.verify else None
+        self.section_settings["fswan"] = {
+            "image": str(garbage),
+            "fs_size": s.fs_size,
+            "fs_data": s.fs_data,
+            "wan_delay_each_way": s.wan_delay,
+            "wan_rate_each_way": s.wan_rate,
+            "wan_rate_bps": s.wan_rate_bps,
+            "ideal": "fetched bytes * 8 / wan_rate_bps",
+            "linear_ideal_s": round(s.fs_size * 8 / s.wan_rate_bps, 3),
+        }
+        for r in range(s.repeat):
+            log(f"fswan: repeat {r + 1}/{s.repeat} ({s.wan_delay} each way, {s.wan_rate})")
+            for mode in ["skip", "linear"] if r % 2 == 0 else ["linear", "skip"]:
+                self.guard(
+                    "fswan", mode, r, partial(self._fswan_relocate, garbage, mode, r, sha, srcdir, files)
+                )
+
+    def _fswan_relocate(
+        self, image: Path, mode: str, r: int, sha: str | None, srcdir: Path, files: list[tuple[str, int]]
+    ) -> None:
+        s = self.s
+        extra = ["--skip-fs-free"] if mode == "skip" else []
+        load = os.getloadavg()[0]
+        timeout = max(600.0, 20 * s.fs_size * 8 / s.wan_rate_bps)
+        with self.wan_path(image) as (_src, relay):
+            with self.proxy(relay.uri(SOURCE_EXPORT), extra, "fswan") as (px, control, cache):
+                progress = wait_detached(px, control, timeout)
+                fields = self._relocation_fields(px, progress, s.fs_size)
+                px.check_alive()
+                px.stop()
+                if s.verify and r == 0:
+                    if mode == "skip":
+                        fsck = e2fsck_clean(cache)
+                        self.check("fswan: garbage --skip-fs-free cache passes e2fsck -fn", fsck)
+                        match = files_match(cache, srcdir, files, self.dir / "dump-wan")
+                        self.check("fswan: garbage --skip-fs-free cache holds every file intact", match)
+                    elif sha is not None:
+                        self.check(
+                            "fswan: garbage linear cache equals the source", {"ok": sha256_file(cache) == sha}
+                        )
+            relay.stop()
+            totals = wan_totals(relay)
+        fetched = _fetched_bytes(fields["status"])
+        ideal = fetched * 8 / s.wan_rate_bps
+        self.record(
+            "fswan",
+            mode,
+            r,
+            fields["from_start_s"],
+            "s",
+            **fields,
+            fetched_bytes=fetched,
+            ideal_s=round(ideal, 3),
+            achieved_over_ideal=round(ideal / fields["from_start_s"], 3),
+            achieved_over_ideal_from_ready=round(ideal / fields["from_ready_s"], 3),
+            wan_delay_each_way=s.wan_delay,
+            wan_rate_each_way=s.wan_rate,
+            wan=totals,
+            loadavg_1m=load,
+            commands={"proxy": px.argv, "wan": self._wan_command(relay)},
+        )
+
+
+def _fetched_bytes(status: Any) -> int:
+    """Bytes the proxy fetched from its upstream (background copy and demand reads)."""
+    if not isinstance(status, dict):
+        return 0
+    return int(status.get("fetched_background_bytes") or 0) + int(status.get("fetched_demand_bytes") or 0)
 
 
 def _dig(record: dict[str, Any], key: str) -> Any:
@@ -1248,12 +1336,63 @@ def _report_fs(b: Bench) -> list[str]:
     r_g_ready = b.ratio(("fs", "garbage-linear", "from_ready_s"), ("fs", "garbage-skip", "from_ready_s"))
     r_s = b.ratio(("fs", "sparse-linear", "value"), ("fs", "sparse-skip", "value"))
     r_gs = b.ratio(("fs", "garbage-linear", "value"), ("fs", "sparse-linear", "value"))
+    r_bytes = b.ratio(("fs", "garbage-linear", "fetched_bytes"), ("fs", "garbage-skip", "fetched_bytes"))
+    r_used = s.fs_size / used if isinstance(used, int) and used else None
     lines += [
         "",
-        f"Garbage image: linear / --skip-fs-free = {_ratio(r_g)} from start, {_ratio(r_g_ready)} from ready "
-        f"(bytes: {_ratio(s.fs_size / used if isinstance(used, int) and used else None)}). "
-        f"Sparse image: linear / --skip-fs-free = "
+        f"Garbage image: linear / --skip-fs-free = {_ratio(r_g)} from start, {_ratio(r_g_ready)} from ready; "
+        f"bytes fetched linear / --skip-fs-free = {_ratio(r_bytes)} (disk size / used per dumpe2fs: "
+        f"{_ratio(r_used)}). Sparse image: linear / --skip-fs-free = "
         f"{_ratio(r_s)}. Garbage linear / sparse linear = {_ratio(r_gs)}.",
+        "",
+    ]
+    return lines
+
+
+def _report_fswan(b: Bench) -> list[str]:
+    s = b.s
+    c = b.cell
+    title = (
+        f"### 6. ext4 image with garbage free space across the WAN emulator "
+        f"({s.wan_delay} and {s.wan_rate} each way)"
+    )
+    if "fswan" in b.skipped:
+        return [title, "", f"Not run: {b.skipped['fswan']}", ""]
+    lines = [
+        title,
+        "",
+        _row(
+            "proxy",
+            "start → detached (s)",
+            "ready → detached (s)",
+            "fetched (MiB)",
+            "ideal (fetched / rate, s)",
+            "achieved / ideal (from start)",
+            "achieved / ideal (from ready)",
+        ),
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for mode, flag in (("skip", "--skip-fs-free"), ("linear", "(none)")):
+        fetched = b.median("fswan", mode, "fetched_bytes")
+        lines.append(
+            _row(
+                flag,
+                c("fswan", mode, digits=2),
+                c("fswan", mode, "from_ready_s", 2),
+                _fmt(None if fetched is None else fetched / MIB),
+                c("fswan", mode, "ideal_s", 2),
+                c("fswan", mode, "achieved_over_ideal", 2),
+                c("fswan", mode, "achieved_over_ideal_from_ready", 2),
+            )
+        )
+    r_t = b.ratio(("fswan", "linear", "value"), ("fswan", "skip", "value"))
+    r_t_ready = b.ratio(("fswan", "linear", "from_ready_s"), ("fswan", "skip", "from_ready_s"))
+    r_bytes = b.ratio(("fswan", "linear", "fetched_bytes"), ("fswan", "skip", "fetched_bytes"))
+    r_skip_ideal = b.ratio(("fswan", "skip", "value"), ("fswan", "skip", "ideal_s"))
+    lines += [
+        "",
+        f"linear / --skip-fs-free: time {_ratio(r_t)} from start, {_ratio(r_t_ready)} from ready; bytes "
+        f"fetched {_ratio(r_bytes)}. --skip-fs-free start → detached / ideal = {_ratio(r_skip_ideal)}.",
         "",
     ]
     return lines
@@ -1274,6 +1413,8 @@ def markdown_report(b: Bench, stamp: str) -> str:
         lines += _report_wan(b)
     if "fs" in s.sections and "fs" in b.images:
         lines += _report_fs(b)
+    if "fswan" in s.sections:
+        lines += _report_fswan(b)
     if b.checks:
         verdicts = "; ".join(f"{c['check']}: {'ok' if c.get('ok') else 'FAILED'}" for c in b.checks)
         lines += [f"Checks: {verdicts}.", ""]
@@ -1334,6 +1475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         checks=bench.checks,
         errors=bench.errors,
         skipped=bench.skipped,
+        section_settings=bench.section_settings,
         wan_cli_registered=bench.wan_cli,
         markdown=report,
     )

@@ -17,6 +17,7 @@ escalation restarts the stall count, so every step gets a fair chance to work.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -39,11 +40,10 @@ class Schedule:
     def __post_init__(self) -> None:
         if not self.downtime_ms or any(d <= 0 for d in self.downtime_ms):
             raise ValueError("the schedule needs positive downtime limits")
-        if list(self.downtime_ms) != sorted(self.downtime_ms):
+        if any(b <= a for a, b in itertools.pairwise(self.downtime_ms)):
             raise ValueError("downtime limits must rise")
-        if any(not 0 < t < 100 for t in self.throttle_percent) or list(self.throttle_percent) != sorted(
-            self.throttle_percent
-        ):
+        throttle = self.throttle_percent
+        if any(not 0 < t < 100 for t in throttle) or any(b <= a for a, b in itertools.pairwise(throttle)):
             raise ValueError("throttle levels must rise, between 1 and 99 percent")
         if self.stall_iterations < 1 or not 0 < self.shrink <= 1 or self.max_seconds <= 0:
             raise ValueError("bad stall_iterations, shrink or max_seconds")
@@ -62,7 +62,7 @@ def build_schedule(
     user's maximum, then throttling at 20, 40, 60 and 80 %, then post-copy if allowed."""
     if max_downtime_ms <= 0 or start_ms <= 0:
         raise ValueError("the maximum and first downtime must be positive")
-    start = min(start_ms, max_downtime_ms)
+    start = min(start_ms, max_downtime_ms) if steps > 1 else max_downtime_ms
     levels = [start]
     if steps > 1 and max_downtime_ms > start:
         ratio = (max_downtime_ms / start) ** (1 / (steps - 1))

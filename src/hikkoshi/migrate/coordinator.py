@@ -466,9 +466,11 @@ class Coordinator:
         params: dict[str, Any] = {"downtime-limit": self.schedule.downtime_ms[0]}
         params["max-bandwidth"] = req.bandwidth if req.bandwidth else 1 << 40
         if self.schedule.throttle_percent:
-            # QEMU throttles only when the guest dirties faster than the link; start gently.
-            params["cpu-throttle-initial"] = self.schedule.throttle_percent[0]
-            params["cpu-throttle-increment"] = 10
+            # QEMU's auto-converge throttles when the guest dirties faster than the link, up to
+            # max-cpu-throttle. Until the schedule gets there that ceiling is 1 % (QEMU's least):
+            # each throttle step raises it (and jumps there at once).
+            params["cpu-throttle-initial"] = 1
+            params["max-cpu-throttle"] = 1
         await src.qmp("migrate-set-parameters", params)
         await dst.qmp("migrate-incoming", {"uri": f"tcp:{req.dest_address}:0"})
         info = await dst.qmp("query-migrate")
@@ -514,7 +516,12 @@ class Coordinator:
             progress, action = decide(self.schedule, progress, obs)
             if progress.last_iteration != before:
                 self.report["iterations"].append(
-                    {"iteration": obs.iteration, "remaining": obs.remaining, "at": round(obs.elapsed, 3)}
+                    {
+                        "iteration": obs.iteration,
+                        "remaining": obs.remaining,
+                        "at": round(obs.elapsed, 3),
+                        "throttle": info.get("cpu-throttle-percentage", 0),
+                    }
                 )
             if action.kind != "continue":
                 await self._apply(action.kind, action.value, action.reason)
@@ -528,7 +535,10 @@ class Coordinator:
         if kind == "set-downtime":
             await self.source.qmp("migrate-set-parameters", {"downtime-limit": value})
         elif kind == "throttle":
-            await self.source.qmp("migrate-set-parameters", {"cpu-throttle-initial": value})
+            await self.source.qmp(
+                "migrate-set-parameters",
+                {"cpu-throttle-initial": value, "cpu-throttle-increment": value, "max-cpu-throttle": value},
+            )
         elif kind == "postcopy":
             await self.source.qmp("migrate-start-postcopy")
         else:

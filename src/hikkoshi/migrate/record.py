@@ -20,7 +20,7 @@ from hikkoshi.vm.home import write_atomically
 
 
 class PhaseTime(BaseModel):
-    """When a phase began (wall clock) and how long it took (monotonic)."""
+    """When a phase began and how long it took (wall clock: a record outlives the process)."""
 
     phase: Phase
     started: float
@@ -56,7 +56,7 @@ class MigrationRecord(BaseModel):
     facts: dict[str, Any] = {}
     report: dict[str, Any] = {}
 
-    def enter(self, phase: Phase, *, now: float | None = None, mono: float | None = None) -> None:
+    def enter(self, phase: Phase, *, now: float | None = None) -> None:
         """Move to ``phase`` (the rules of :mod:`phases` apply) and time the phase that ends."""
         self.phase = move(self.phase, phase)
         now = time.time() if now is None else now
