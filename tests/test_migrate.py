@@ -418,3 +418,43 @@ def test_quick_migration(guest: GuestImage, hosts: tuple[Datastore, Datastore, P
         mark = len(console(dest))
         wait_console(dest, rf"PROGRESS run={run} ", after=mark)
         finish_and_verify(dest, run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("auto_converge", [True, False])
+def test_guest_dirtying_faster_than_the_link(
+    guest: GuestImage, hosts: tuple[Datastore, Datastore, Path], auto_converge: bool
+) -> None:
+    """The schedule raises the downtime limit step by step, then throttles (auto-converge); without
+    throttling it runs out of steps and aborts: the migration rolls back and the guest runs on."""
+    a, b, runtime_b = hosts
+    run = random.randrange(1, 2**31)
+    params = {"run": run, "progress": 4, "scrub": 16, "rate": 64, "mb": 24}
+    home = guest_vm(a, guest, "hot", "busy", params, memory_mib=160, disks=[{"name": "disk0", "size": "32M"}])
+    dest = b.home("hot")
+    extra = ["--bandwidth", "12M", "--max-downtime", "100"]
+    if not auto_converge:
+        extra.append("--no-auto-converge")
+    with running(home), cleanup(dest):
+        wait_console(home, r"HIKKOSHI-MEMDIRTY READY")
+        code, record = migrate(a, b, runtime_b, "hot", *extra)
+        report = record["report"]
+        actions = [x["action"] for x in report["actions"]]
+        assert actions[:2] == ["set-downtime", "set-downtime"], report
+        assert report["dirty_rate_mib_s"] > 0
+        if auto_converge:
+            # QEMU throttled the vCPUs as far as each step allowed; whether that is enough depends on
+            # how much the guest still dirties: either end is fine, a half-done one is not.
+            throttles = [i["throttle"] for i in report["iterations"]]
+            assert "throttle" in actions and max(throttles) >= 20, report
+            assert (code, record["phase"]) in ((0, "done"), (1, "rolled-back")), record
+            live = dest if code == 0 else home
+        else:
+            assert code == 1 and record["phase"] == "rolled-back", record
+            assert actions[-1] == "abort" and "throttle" not in actions
+            assert "did not converge" in record["error"]
+            live = home
+        assert not (home if live is dest else dest).path.exists()
+        mark = len(console(live))
+        wait_console(live, rf"PROGRESS run={run} ", after=mark)
+        finish_and_verify(live, run)
