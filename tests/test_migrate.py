@@ -458,3 +458,83 @@ def test_guest_dirtying_faster_than_the_link(
         mark = len(console(live))
         wait_console(live, rf"PROGRESS run={run} ", after=mark)
         finish_and_verify(live, run)
+
+
+@pytest.mark.slow
+def test_memory_stream_with_tls(
+    guest: GuestImage, hosts: tuple[Datastore, Datastore, Path], tmp_path: Path
+) -> None:
+    """--tls-dir: the stream between the two QEMUs is TLS (its first bytes are a TLS handshake record),
+    both ends verified by one CA; the migration completes."""
+    import asyncio
+
+    from hikkoshi.migrate.coordinator import Coordinator, MigrationRequest
+    from hikkoshi.migrate.record import MigrationStore
+
+    from .test_tls import _ca, _leaf, _pem_cert, _pem_key
+
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    ca = _ca("migration CA")
+    server, client = _leaf(ca, "127.0.0.1", server=True), _leaf(ca, "source", server=False)
+    for name, data in {
+        "ca-cert.pem": _pem_cert(ca[0]),
+        "server-cert.pem": _pem_cert(server[0]),
+        "server-key.pem": _pem_key(server[1]),
+        "client-cert.pem": _pem_cert(client[0]),
+        "client-key.pem": _pem_key(client[1]),
+    }.items():
+        (tls / name).write_bytes(data)
+    a, b, runtime_b = hosts
+    home = guest_vm(a, guest, "sealed", "idle")
+    dest = b.home("sealed")
+    first_bytes: list[bytes] = []
+
+    async def scenario() -> str:
+        async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: str) -> None:
+            host, port = target.rsplit(":", 1)
+            up_reader, up_writer = await asyncio.open_connection(host, int(port))
+
+            async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, record: bool) -> None:
+                with contextlib.suppress(ConnectionError):
+                    while data := await r.read(65536):
+                        if record and not first_bytes:
+                            first_bytes.append(data[:3])
+                        w.write(data)
+                        await w.drain()
+                w.close()
+
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(pipe(reader, up_writer, True))
+                tg.create_task(pipe(up_reader, writer, False))
+
+        servers: list[asyncio.Server] = []
+
+        async def route(purpose: str, address: str) -> str:
+            if purpose != "stream":
+                return address
+            server = await asyncio.start_server(lambda r, w: relay(r, w, address), "127.0.0.1", 0)
+            servers.append(server)
+            return f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+        request = MigrationRequest(
+            vm="sealed",
+            source_datastore=a.path,
+            dest_datastore=b.path,
+            dest_runtime_dir=runtime_b,
+            route=route,
+            tls_dir=tls,
+        )
+        try:
+            record = await Coordinator(request, MigrationStore(a.path / ".hikkoshi" / "migrations")).run()
+        finally:
+            for server in servers:
+                server.close()
+        return record.phase.value
+
+    with running(home), cleanup(dest):
+        wait_console(home, r"HIKKOSHI-IDLE READY")
+        assert asyncio.run(scenario()) == "done"
+        assert first_bytes and first_bytes[0][0] == 0x16 and first_bytes[0][1] == 0x03  # TLS handshake
+        assert asyncio_request(dest, "status")["state"] == "running"
+        stop(dest)

@@ -64,6 +64,13 @@ def add_parser(top: Any) -> None:
         help="carry every stream between the two hosts through one emulated WAN path, e.g. 150ms,100Mbit "
         "(lab use: the relays live in this process)",
     )
+    p.add_argument(
+        "--tls-dir",
+        type=Path,
+        metavar="DIR",
+        help="encrypt the memory stream with these x509 files (QEMU layout: ca-cert.pem, server-cert.pem, "
+        "server-key.pem, client-cert.pem, client-key.pem)",
+    )
     how = p.add_mutually_exclusive_group()
     how.add_argument("--offline", action="store_true", help="cold migration of a powered-off VM")
     how.add_argument("--quick", action="store_true", help="suspend, move memory state and disks, resume")
@@ -174,6 +181,7 @@ async def _migrate_via(args: argparse.Namespace, route: Route | None) -> int:
         auto_converge=not args.no_auto_converge,
         allow_postcopy=args.allow_postcopy,
         route=route,
+        tls_dir=args.tls_dir,
     )
     store = MigrationStore(args.state_dir or default_state_dir(args.datastore.absolute()))
     kind = "cold" if args.offline else "quick" if args.quick else "live"

@@ -52,6 +52,8 @@ from hikkoshi.vm.spec import VmSpec
 log = logging.getLogger("hikkoshi.migrate")
 
 _TERMINAL = ["completed", "failed", "cancelled"]
+#: QEMU object id of the migration stream's TLS credentials.
+TLS_ID = "hikkoshi-migration-tls"
 #: How long a destination proxy may be unreachable (restarting) after the switchover.
 PROXY_GRACE = 60.0
 
@@ -97,6 +99,10 @@ class MigrationRequest:
     qemu: str = DEFAULT_QEMU
     route: Route | None = None
     """How one host reaches a service of the other (default: directly); see :data:`Route`."""
+    tls_dir: Path | None = None
+    """Encrypt the memory stream: a directory in QEMU's x509 layout (``ca-cert.pem``, ``server-cert.pem``,
+    ``server-key.pem`` for the destination; ``client-cert.pem``, ``client-key.pem`` for the source). The
+    destination's certificate must name ``dest_address``; both ends verify each other."""
 
 
 def qemu_version(qemu: str = DEFAULT_QEMU) -> tuple[int, int, int]:
@@ -150,6 +156,7 @@ class Coordinator:
                 "disk_bandwidth": request.disk_bandwidth,
                 "auto_converge": request.auto_converge,
                 "allow_postcopy": request.allow_postcopy,
+                "tls_dir": str(request.tls_dir) if request.tls_dir else None,
             },
         )
         self.schedule: Schedule = build_schedule(
@@ -159,6 +166,7 @@ class Coordinator:
             max_seconds=request.max_seconds,
         )
         self.src_home = src_home
+        self.tls_dir = request.tls_dir.absolute() if request.tls_dir is not None else None
         self.dst_home = VmHome(self.record.destination.home)
         self.spec: VmSpec | None = None
         self.source: VmSide | None = None
@@ -198,6 +206,7 @@ class Coordinator:
             disk_bandwidth=s.get("disk_bandwidth"),
             auto_converge=bool(s.get("auto_converge", True)),
             allow_postcopy=bool(s.get("allow_postcopy", False)),
+            tls_dir=Path(s["tls_dir"]) if s.get("tls_dir") else None,
         )
         self = cls(request, store, on_progress)
         self.record = record
@@ -463,6 +472,8 @@ class Coordinator:
             caps_src["postcopy-ram"] = caps_dst["postcopy-ram"] = True
         await dst.qmp("migrate-set-capabilities", _caps(caps_dst))
         await src.qmp("migrate-set-capabilities", _caps(caps_src))
+        if self.tls_dir is not None:
+            await self._tls(self.tls_dir)
         params: dict[str, Any] = {"downtime-limit": self.schedule.downtime_ms[0]}
         params["max-bandwidth"] = req.bandwidth if req.bandwidth else 1 << 40
         if self.schedule.throttle_percent:
@@ -525,6 +536,25 @@ class Coordinator:
                 )
             if action.kind != "continue":
                 await self._apply(action.kind, action.value, action.reason)
+
+    async def _tls(self, directory: Path) -> None:
+        assert self.source is not None and self.dest is not None
+        for side, endpoint in ((self.dest, "server"), (self.source, "client")):
+            await side.qmp(
+                "object-add",
+                {
+                    "qom-type": "tls-creds-x509",
+                    "id": TLS_ID,
+                    "dir": str(directory),
+                    "endpoint": endpoint,
+                    "verify-peer": True,
+                },
+            )
+        self.record.facts["tls"] = True
+        await self.dest.qmp("migrate-set-parameters", {"tls-creds": TLS_ID})
+        await self.source.qmp(
+            "migrate-set-parameters", {"tls-creds": TLS_ID, "tls-hostname": self.request.dest_address}
+        )
 
     async def _apply(self, kind: str, value: int, reason: str) -> None:
         assert self.source is not None
@@ -719,6 +749,10 @@ class Coordinator:
         for node in self.record.facts.get("mirror_nodes", []):
             with contextlib.suppress(SideError):
                 await src.qmp("blockdev-del", {"node-name": node})
+        if self.record.facts.get("tls"):
+            with contextlib.suppress(SideError):  # a later attempt adds its own
+                await src.qmp("migrate-set-parameters", {"tls-creds": "", "tls-hostname": ""})
+                await src.qmp("object-del", {"id": TLS_ID})
         status = (await src.qmp("query-status"))["status"]
         if status != "running":
             # QEMU restarts a cancelled migration's guest itself; a completed one stays stopped
