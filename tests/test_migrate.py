@@ -27,9 +27,19 @@ from hikkoshi.vm.diskwriter import verify_diskwriter_image
 from hikkoshi.vm.guest_image import GuestImage
 from hikkoshi.vm.home import VmHome
 
-from .vmtools import alive, console, guest, guest_vm, running, stop, wait_console, wait_dead
+from .vmtools import (
+    alive,
+    console,
+    guest,
+    guest_vm,
+    running,
+    short_runtime_dir,
+    stop,
+    wait_console,
+    wait_dead,
+)
 
-__all__ = ["guest"]
+__all__ = ["guest", "short_runtime_dir"]  # fixtures: the test guest; host A's private runtime directory
 
 _DONE = re.compile(r"HIKKOSHI-DISKWRITER DONE run=(\d+) last=(\d+) written=\d+ records=\d+ OK")
 
@@ -538,3 +548,45 @@ def test_memory_stream_with_tls(
         assert first_bytes and first_bytes[0][0] == 0x16 and first_bytes[0][1] == 0x03  # TLS handshake
         assert asyncio_request(dest, "status")["state"] == "running"
         stop(dest)
+
+
+@pytest.mark.slow
+def test_destination_dies_during_post_copy(
+    guest: GuestImage, hosts: tuple[Datastore, Datastore, Path]
+) -> None:
+    """The destination's QEMU dies after the commit point while its disk is still being pulled: the
+    source never runs again and keeps its disk and serves it; started again on the destination, the VM
+    boots with its proxy carrying on, and the guest finds every record it had flushed."""
+    a, b, runtime_b = hosts
+    run = random.randrange(1, 2**31)
+    home = guest_vm(a, guest, "fragile", "diskwriter", {"run": run, "progress": 2, "scrub": 16})
+    dest = b.home("fragile")
+    with running(home) as info, cleanup(dest):
+        wait_console(home, rf"PROGRESS run={run} durable=([89]|\d\d+) ")
+        cmd = [sys.executable, "-m", "hikkoshi", "migrate", "fragile", "--datastore", str(a.path)]
+        cmd += ["--to-datastore", str(b.path), "--to-runtime-dir", str(runtime_b), "--json"]
+        cmd += ["--disk-bandwidth", "256K"]  # the 8 MiB ring takes half a minute to pull
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                state = dest.read_state() if dest.path.exists() else {}
+                if state.get("state") == "running":
+                    break
+                time.sleep(0.05)
+            mark = len(console(dest))
+            wait_console(dest, rf"PROGRESS run={run} ", after=mark)  # it wrote on the destination
+            os.kill(int(state["qemu_pid"]), signal.SIGKILL)
+            out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, err
+        record = json.loads(out)
+        assert record["phase"] == "failed" and "source keeps serving" in record["error"], record
+        # The source: QEMU gone for good, disk kept and served; nothing deleted.
+        assert wait_dead([info["qemu_pid"]]) == []
+        assert home.is_running() and home.read_state()["state"] == "migrated"
+        assert (home.path / "disk0.raw").exists() and (dest.path / "incoming.json").exists()
+        durable = max(int(m) for m in re.findall(rf"PROGRESS run={run} durable=(\d+)", console(dest)))
+        with running(dest, runtime_dir=runtime_b):
+            wait_console(dest, rf"HIKKOSHI-DISKWRITER RESUME run={run} last=(\d+) records=\d+ torn=\d OK")
+            resumed = re.search(rf"RESUME run={run} last=(\d+)", console(dest))
+            assert resumed is not None and int(resumed[1]) >= durable
+        asyncio_request(home, "release")

@@ -32,6 +32,7 @@ from hikkoshi.migrate.storage_modes import (
     destination_backend,
     moves_disks,
     source_serves_after_switchover,
+    uses_dirty_bitmap,
 )
 from hikkoshi.vm.disk_plan import PLAN_FILE, DiskBackend, IncomingPlan
 from hikkoshi.vm.errors import VmStartError
@@ -510,8 +511,9 @@ def test_destination_backends() -> None:
     assert destination_backend(StorageMode.SHARED, URI, "m1") == DiskBackend(kind="remote", uri=URI)
     assert destination_backend(StorageMode.PRECOPY, URI, "m1", "50M") == DiskBackend(kind="local")
     post = destination_backend(StorageMode.POSTCOPY, URI, "m1", "50M")
-    assert post == DiskBackend(kind="proxy", uri=URI, background="paused", bandwidth="50M")
-    assert post.dirty_bitmap is None  # nothing changes on the source after the switchover
+    assert post == DiskBackend(
+        kind="proxy", uri=URI, background="paused", dirty_bitmap="migrate-m1", bandwidth="50M"
+    )  # paused until the switchover; what QEMU read before it is reconciled by the bitmap
     hybrid = destination_backend(StorageMode.HYBRID, URI, "m1")
     assert hybrid == DiskBackend(kind="proxy", uri=URI, background="run", dirty_bitmap="migrate-m1")
     assert hybrid.bandwidth is None
@@ -524,6 +526,7 @@ def test_storage_mode_facts(mode: StorageMode) -> None:
     assert moves_disks(mode) == (backend.kind != "remote")  # a moved disk ends in the destination's home
     # After the switchover, the destination reads from the source exactly when the disk is not local.
     assert source_serves_after_switchover(mode) == (backend.kind != "local")
+    assert uses_dirty_bitmap(mode) == (backend.dirty_bitmap is not None)
     if backend.dirty_bitmap is not None:
         assert backend.dirty_bitmap == bitmap_name("abc")
 

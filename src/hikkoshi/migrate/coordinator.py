@@ -41,6 +41,7 @@ from hikkoshi.migrate.storage_modes import (
     bitmap_name,
     destination_backend,
     moves_disks,
+    uses_dirty_bitmap,
 )
 from hikkoshi.vm import control
 from hikkoshi.vm.disk_plan import PLAN_FILE, IncomingPlan
@@ -359,7 +360,7 @@ class Coordinator:
             self.record.facts["source_listen"] = names[0]
             reach = await self._route("export", names[0])
             self.record.facts["exports"] = {d.name: f"nbd://{reach}/{d.name}" for d in self.spec.disks}
-        if req.storage == StorageMode.HYBRID:
+        if uses_dirty_bitmap(req.storage):
             # Before the destination's proxy reads anything: every later write is marked.
             for disk in self.spec.disks:
                 await self.source.nbd("bitmap-add", export=disk.name, name=bitmap_name(self.record.id))
@@ -593,7 +594,7 @@ class Coordinator:
         src, dst = self.source, self.dest
         t_stop = time.monotonic()
         storage: dict[str, Any] = {}
-        if self.request.storage == StorageMode.HYBRID:
+        if uses_dirty_bitmap(self.request.storage):
             for disk in self.spec.disks:
                 result = await dst.proxy(disk.name, "invalidate")
                 storage[disk.name] = {k: result[k] for k in ("dirty_bytes", "dropped_bytes", "seconds")}
@@ -661,6 +662,11 @@ class Coordinator:
         fetched: dict[str, dict[str, Any]] = {}
         unanswered_since: float | None = None
         while True:
+            if not self.dst_home.is_running():
+                raise SideError(
+                    "the destination VM ended before its disks were complete; the source keeps serving "
+                    f"them: start it again on the destination ({self.dst_home.path}) to carry on"
+                )
             done = True
             total = present = 0
             for disk in self.spec.disks:
@@ -699,7 +705,9 @@ class Coordinator:
             if self.src_home.path.exists():
                 await asyncio.to_thread(shutil.rmtree, self.src_home.path)
             self.report["source_released_s"] = self._since_start()
-        (self.dst_home.path / PLAN_FILE).unlink(missing_ok=True)
+        if moves_disks(self.request.storage):
+            # Every disk is a complete local file now; with shared storage the plan says where it is.
+            (self.dst_home.path / PLAN_FILE).unlink(missing_ok=True)
 
     async def _release_source(self) -> None:
         assert self.source is not None

@@ -4,7 +4,8 @@
 - ``precopy``: the disks are mirrored to the destination (QEMU's write-blocking drive-mirror into
   the destination's NBD export) until in sync, then memory moves; libvirt's way.
 - ``postcopy``: memory moves first; the destination serves the disks through the relocation proxy,
-  which fetches what the guest reads and copies the rest in the background after the switchover.
+  which fetches what the guest reads and copies the rest in the background after the switchover
+  (anything read before it, e.g. by QEMU while waiting for the stream, is reconciled as in hybrid).
 - ``hybrid``: the proxy's background copy runs while memory is pre-copied; at the switchover (the
   source stopped, drained and flushed) the blocks the guest wrote since the copy began are dropped
   from the destination's cache, exactly, through the source's dirty bitmap; the rest is post-copied.
@@ -40,7 +41,15 @@ def destination_backend(
     if mode == StorageMode.PRECOPY:
         return DiskBackend(kind="local")
     if mode == StorageMode.POSTCOPY:
-        return DiskBackend(kind="proxy", uri=export_uri, background="paused", bandwidth=bandwidth)
+        # Paused: nothing is copied before the switchover. QEMU may still read a block or two while
+        # it waits for the stream (and the proxy must answer): the bitmap reconciles those too.
+        return DiskBackend(
+            kind="proxy",
+            uri=export_uri,
+            background="paused",
+            dirty_bitmap=bitmap_name(migration),
+            bandwidth=bandwidth,
+        )
     return DiskBackend(
         kind="proxy",
         uri=export_uri,
@@ -48,6 +57,11 @@ def destination_backend(
         dirty_bitmap=bitmap_name(migration),
         bandwidth=bandwidth,
     )
+
+
+def uses_dirty_bitmap(mode: StorageMode) -> bool:
+    """Whether the destination's proxies drop what the source changed, at the switchover."""
+    return mode in (StorageMode.POSTCOPY, StorageMode.HYBRID)
 
 
 def moves_disks(mode: StorageMode) -> bool:

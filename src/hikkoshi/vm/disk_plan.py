@@ -8,7 +8,10 @@ the destination of a migration (``supervisor --incoming``) may instead get a dis
   the home, pulling from the source's export: postcopy and hybrid storage;
 - ``remote``: opened by QEMU directly at the source's export (shared storage); nothing local.
 
-The plan is written by the migration coordinator before it starts the destination supervisor.
+The plan is written by the migration coordinator before it starts the destination supervisor, and stays
+as long as a disk is not a complete local file: a VM started again later (after a crash in the middle of
+the post-copy) still gets its disks from the proxies, which carry on where they stood, or from the
+remote export. A proxy whose cache is complete does not need its upstream any more.
 """
 
 from __future__ import annotations
@@ -65,6 +68,15 @@ class IncomingPlan(BaseModel):
         """The backend of one disk."""
         return self.disks.get(disk, DiskBackend())
 
+    def resumed(self) -> IncomingPlan:
+        """The plan for starting the VM again after the migration's switchover: proxies just copy
+        on (no waiting to be resumed; never again an invalidation from the source's bitmap)."""
+        disks = {
+            name: b.model_copy(update={"background": "run", "dirty_bitmap": None}) if b.kind == "proxy" else b
+            for name, b in self.disks.items()
+        }
+        return self.model_copy(update={"disks": disks})
+
     def save(self, home: Path) -> None:
         """Write ``incoming.json`` into the home."""
         write_atomically(home / PLAN_FILE, self.model_dump_json(indent=2).encode())
@@ -79,3 +91,8 @@ class IncomingPlan(BaseModel):
             raise VmStartError(f"incoming plan {path}: {exc.strerror}") from None
         except ValidationError as exc:
             raise VmStartError(f"incoming plan {path} is not valid: {exc}") from None
+
+
+def has_plan(home: Path) -> bool:
+    """Whether a home has a disk plan (some disk is not, or not yet, a local file)."""
+    return (home / PLAN_FILE).exists()

@@ -99,12 +99,13 @@ def qemu_command(
     taps: Mapping[int, str] | None = None,
     qemu: str = DEFAULT_QEMU,
     ovmf_code: Path = OVMF_CODE,
-    incoming: IncomingPlan | None = None,
+    plan: IncomingPlan | None = None,
+    incoming: bool = False,
 ) -> list[str]:
     """The QEMU command line running ``spec``; ``taps`` maps bridged NICs' indexes to tap names.
 
-    With ``incoming``, QEMU waits for a migration stream (``migrate-incoming`` over QMP) and opens
-    its disks where the plan says."""
+    Disks are opened where ``plan`` says (all from the VM's NBD service without one). With
+    ``incoming``, QEMU waits for a migration stream (``migrate-incoming`` over QMP)."""
     taps = taps or {}
     cmd = [
         qemu,
@@ -154,10 +155,10 @@ def qemu_command(
             cmd += ["-append", spec.boot.append]
     boot_disk = spec.boot_disk
     for disk in spec.disks:
-        cmd += nbd_disk_args(disk, disk_uri(disk, rundir, incoming), disk.name == boot_disk)
+        cmd += nbd_disk_args(disk, disk_uri(disk, rundir, plan), disk.name == boot_disk)
     for index, nic in enumerate(spec.nics):
         cmd += _nic_args(index, nic, taps.get(index))
-    if incoming is not None:
+    if incoming:
         cmd += ["-incoming", "defer"]
     return cmd
 

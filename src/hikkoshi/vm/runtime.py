@@ -79,10 +79,13 @@ class VmRuntime:
         qemu: str = DEFAULT_QEMU,
         python: str = sys.executable,
         start_timeout: float = 60.0,
-        incoming: IncomingPlan | None = None,
+        plan: IncomingPlan | None = None,
+        incoming: bool = False,
     ) -> None:
         self.home = home
-        #: Set for the destination of a migration: QEMU waits for the stream, disks per the plan.
+        #: Where the disks come from when not all are local files (a migration's destination).
+        self.plan = plan
+        #: The destination of a migration: QEMU waits for the stream and stays paused.
         self.incoming = incoming
         self.spec = spec
         self.accel: Accel = accel
@@ -122,10 +125,10 @@ class VmRuntime:
             vars_file = self.home.path / UEFI_VARS_FILE
             if not vars_file.exists():
                 shutil.copyfile(OVMF_VARS, vars_file)
-        if local_disks(self.spec, self.incoming):
+        if local_disks(self.spec, self.plan):
             await self._start_nbd()
         for disk in self.spec.disks:
-            backend = self.incoming.backend(disk.name) if self.incoming is not None else None
+            backend = self.plan.backend(disk.name) if self.plan is not None else None
             if backend is not None and backend.kind == "proxy":
                 await self._start_proxy(disk, backend)
         for index, nic in enumerate(self.spec.nics):
@@ -143,7 +146,7 @@ class VmRuntime:
             os.replace(self.home.console_log, self.home.path / "console.log.1")
 
     async def _start_nbd(self) -> None:
-        cmd = nbd_service_command(self.spec, self.home, self.rundir, self._python, self.incoming)
+        cmd = nbd_service_command(self.spec, self.home, self.rundir, self._python, self.plan)
         self.nbd = await self._start_service("nbd", "the NBD service", cmd)
 
     async def _start_proxy(self, disk: DiskSpec, backend: DiskBackend) -> None:
@@ -159,8 +162,8 @@ class VmRuntime:
         waiting to be resumed, and no invalidation from the source's bitmap any more -- it would
         drop blocks the guest has written here since."""
         disk = next(d for d in self.spec.disks if d.name == disk_name)
-        assert self.incoming is not None
-        backend = self.incoming.backend(disk_name)
+        assert self.plan is not None
+        backend = self.plan.backend(disk_name)
         if resumed:
             backend = backend.model_copy(update={"background": "run", "dirty_bitmap": None})
         old = self.proxies.pop(disk_name, None)
@@ -200,6 +203,7 @@ class VmRuntime:
             accel=self.accel,
             taps=self.taps,
             qemu=self._qemu_binary,
+            plan=self.plan,
             incoming=self.incoming,
         )
         self.qmp = QmpSession(f"vm-{self.spec.name}")
@@ -227,7 +231,7 @@ class VmRuntime:
             if exited is not None:
                 raise exited.exceptions[0] from None
             raise VmStartError(f"QMP handshake failed: {group.exceptions[0]}") from None
-        if self.incoming is None:
+        if not self.incoming:
             await self.qmp.execute("cont")
         # An incoming VM stays paused: the migration's coordinator resumes it after the switchover.
         self.started_at = time.time()
@@ -366,7 +370,7 @@ class VmRuntime:
             "proxy_pids": {name: c.pid for name, c in self.proxies.items()},
             "proxy_controls": {name: str(self.rundir.proxy_control(name)) for name in self.proxies},
             "rundir": str(self.rundir.path),
-            "incoming": self.incoming is not None,
+            "incoming": self.incoming,
             "taps": {str(k): v for k, v in self.taps.items()},
             "started_at": self.started_at,
         }

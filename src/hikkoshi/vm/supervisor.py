@@ -25,7 +25,7 @@ from typing import Any
 
 from hikkoshi.nbd.control import ControlError, ControlServer
 from hikkoshi.vm import precheck
-from hikkoshi.vm.disk_plan import IncomingPlan
+from hikkoshi.vm.disk_plan import IncomingPlan, has_plan
 from hikkoshi.vm.errors import PrecheckError, VmError
 from hikkoshi.vm.guest_image import DEFAULT_QEMU
 from hikkoshi.vm.home import VmHome, write_atomically
@@ -144,7 +144,9 @@ class Supervisor:
         self.state = {"state": "starting", "supervisor_pid": os.getpid(), "since": time.time()}
         try:
             spec = self.home.load_spec()
-            plan = IncomingPlan.load(self.home.path) if self.incoming else None
+            plan = IncomingPlan.load(self.home.path) if self.incoming or has_plan(self.home.path) else None
+            if plan is not None and not self.incoming:
+                plan = plan.resumed()
             _start_prechecks(spec, self.home, plan)
             # After the other checks: finding out whether KVM works may boot a probe guest.
             accel = choose_accel(self.accel_request or spec.accel, qemu=self.qemu)
@@ -176,13 +178,14 @@ class Supervisor:
             accel="kvm" if accel == "kvm" else "tcg",
             rundir=rundir,
             qemu=self.qemu,
-            incoming=plan,
+            plan=plan,
+            incoming=self.incoming,
         ) as vm:
             control = ControlServer(rundir.control_socket)
             self._register(control, vm)
             await control.start()
             try:
-                state = "incoming" if plan is not None else "running"
+                state = "incoming" if self.incoming else "running"
                 self._write_state(state=state, since=time.time(), error=None, exit=None, **vm.describe())
                 self.ready.ok({"supervisor_pid": os.getpid(), **vm.describe()})
                 async with asyncio.TaskGroup() as tg:
