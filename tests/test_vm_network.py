@@ -74,9 +74,9 @@ def test_bridged_nic_keeps_its_mac_and_serves(
         disks=[],
         nics=[{"network": f"bridge:{BRIDGE}", "mac": MAC}],
     )
-    tap = tap_name(home.load_spec().uuid, 0)
     with running(home, python=in_netns(tmp_path, netns)) as info:
-        assert info["taps"] == {"0": tap}
+        tap = info["taps"]["0"]
+        assert tap == tap_name(home.load_spec().uuid, 0, os.environ["HIKKOSHI_RUNTIME_DIR"])
         ready = wait_console(home, r"HIKKOSHI-TCPSERVICE READY port=7777 ip=10.99.0.2/24 boot=(\S+)")
         link = ip("-n", netns, "-o", "link", "show", "dev", tap)
         assert f"master {BRIDGE}" in link and tap_mac(MAC) in link

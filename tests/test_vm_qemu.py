@@ -155,6 +155,10 @@ def test_nbd_service_command(home: VmHome, rundir: RunDir) -> None:
 def test_tap_commands() -> None:
     name = tap.tap_name(UUID(UUID1), 3)
     assert name == "hk12345678n3" and len(name) <= 15
+    a, b = tap.tap_name(UUID(UUID1), 3, "/run/a"), tap.tap_name(UUID(UUID1), 3, "/run/b")
+    assert (
+        a != b and a.startswith("hk123456") and len(a) <= 15 and a == tap.tap_name(UUID(UUID1), 3, "/run/a")
+    )
     assert tap.tap_mac("52:54:00:ab:cd:ef") == "fe:54:00:ab:cd:ef"
     assert tap.create_commands(name, "br0", "52:54:00:ab:cd:ef") == [
         ["ip", "tuntap", "add", "dev", name, "mode", "tap"],

@@ -133,7 +133,7 @@ class VmRuntime:
                 await self._start_proxy(disk, backend)
         for index, nic in enumerate(self.spec.nics):
             if nic.bridge is not None:
-                name = tap.tap_name(self.spec.uuid, index)
+                name = tap.tap_name(self.spec.uuid, index, str(self.rundir.path.parent))
                 try:
                     await tap.create_tap(name, nic.bridge, nic.mac)
                 except tap.TapError as exc:

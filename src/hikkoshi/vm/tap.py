@@ -9,14 +9,23 @@ crashed supervisor is found and replaced at the next start. Needs ``CAP_NET_ADMI
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from uuid import UUID
 
 IP = "ip"
 
 
-def tap_name(uuid: UUID, index: int) -> str:
-    """``hk<8 hex digits of the uuid>n<index>``: stable, and within Linux's 15 characters."""
-    name = f"hk{uuid.hex[:8]}n{index}"
+def tap_name(uuid: UUID, index: int, host: str = "") -> str:
+    """``hk<8 hex digits>n<index>``: stable, and within Linux's 15 characters.
+
+    Without ``host`` the digits are the uuid's; with it, 6 of the uuid's and 2 of a hash of ``host``
+    (the runtime root of the supervisor): two instances of one VM on one machine -- the source and
+    the destination of a migration between two local "hosts" -- get different taps."""
+    if host:
+        digest = hashlib.sha256(host.encode()).hexdigest()
+        name = f"hk{uuid.hex[:6]}{digest[:2]}n{index}"
+    else:
+        name = f"hk{uuid.hex[:8]}n{index}"
     assert len(name) <= 15
     return name
 
