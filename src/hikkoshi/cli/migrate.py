@@ -24,6 +24,7 @@ from ..migrate.coordinator import Coordinator, MigrationError, MigrationRefused,
 from ..migrate.offline import OfflineMigration
 from ..migrate.phases import recovery
 from ..migrate.record import MigrationRecord, MigrationStore
+from ..migrate.storage_migrate import StorageMigration
 from ..migrate.storage_modes import StorageMode
 from .runtime import run
 from .wan import parse_duration_ms, parse_rate_bps
@@ -77,6 +78,25 @@ def add_parser(top: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the record as JSON, no progress bar")
     p.set_defaults(func=migrate_command)
 
+    sm = top.add_parser(
+        "storage-migrate", help="move a running VM's home and disks to another datastore, live"
+    )
+    sm.add_argument("name", metavar="VM")
+    sm.add_argument("--datastore", type=Path, required=True, metavar="PATH", help="where the VM is now")
+    sm.add_argument("--to-datastore", type=Path, required=True, metavar="PATH", help="where it goes")
+    sm.add_argument(
+        "--mode",
+        choices=("mirror", "dbt"),
+        default="mirror",
+        help="mirror: one pass, writes go to both sides (default); dbt: dirty-block passes, falling back "
+        "to mirror if they stop converging",
+    )
+    sm.add_argument("--bandwidth", metavar="RATE", help="limit the copy, e.g. 200M")
+    sm.add_argument("--thick", action="store_true", help="preallocate the new disks (default: sparse)")
+    sm.add_argument("--state-dir", type=Path, metavar="DIR", help="records (default: in DATASTORE)")
+    sm.add_argument("--json", action="store_true", help="print the record as JSON, no progress bar")
+    sm.set_defaults(func=storage_migrate_command)
+
     h = top.add_parser("migrations", help="migration history and reports")
     h.add_argument(
         "action",
@@ -118,6 +138,13 @@ def human_report(record: MigrationRecord) -> str:
             f"disk {disk}",
             f"{f['demand_bytes'] / 2**20:.1f} MiB on demand, "
             f"{f['background_bytes'] / 2**20:.1f} MiB background",
+        )
+    for disk, d in (r.get("disks") or {}).items():
+        passes = len(d["passes"])
+        add(
+            f"disk {disk} moved",
+            f"{d['copied_bytes'] / 2**20:.1f} MiB copied, {d['zero_bytes'] / 2**20:.1f} MiB holes, "
+            f"{passes} pass{'es' * (passes != 1)}, writes held {d['hold_ms']} ms",
         )
     for disk, s in (sw.get("storage") or {}).items():
         add(f"disk {disk} invalidated", f"{s['dropped_bytes'] / 2**20:.2f} MiB")
@@ -222,6 +249,45 @@ async def _migrate_via(args: argparse.Namespace, route: Route | None) -> int:
     return code
 
 
+async def _storage_migrate(args: argparse.Namespace) -> int:
+    store = MigrationStore(args.state_dir or default_state_dir(args.datastore.absolute()))
+    kwargs: dict[str, Any] = {"mode": args.mode, "bandwidth": args.bandwidth, "thick": args.thick}
+    src, dst = args.datastore.absolute(), args.to_datastore.absolute()
+    if args.json:
+        job = StorageMigration(args.name, src, dst, store, **kwargs)
+        code = await _run(job)
+        print(job.record.model_dump_json(indent=2))
+        return code
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    phase = TextColumn("[bold]{task.fields[phase]:<14}")
+    with Progress(
+        phase, BarColumn(), DownloadColumn(), TimeRemainingColumn(), TextColumn("{task.fields[detail]}")
+    ) as bar:
+        task = bar.add_task("storage", total=None, phase="precheck", detail="")
+
+        def show(info: dict[str, Any]) -> None:
+            fields: dict[str, Any] = {"phase": info["phase"]}
+            if "disk_done" in info:
+                fields.update(completed=info["disk_done"], total=info["disk_total"], detail=info["disk"])
+            bar.update(task, **fields)
+
+        job = StorageMigration(args.name, src, dst, store, on_progress=show, **kwargs)
+        code = await _run(job)
+    print(human_report(job.record))
+    return code
+
+
+def storage_migrate_command(args: argparse.Namespace) -> int:
+    try:
+        return run(_storage_migrate(args))
+    except ValueError as exc:
+        print(f"hikkoshi storage-migrate: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
 def _job(
     kind: str, request: MigrationRequest, store: MigrationStore, show: Callable[[dict[str, Any]], None] | None
 ) -> Coordinator | OfflineMigration:
@@ -230,7 +296,7 @@ def _job(
     return OfflineMigration(request, store, kind, show)
 
 
-async def _run(coordinator: Coordinator | OfflineMigration) -> int:
+async def _run(coordinator: Coordinator | OfflineMigration | StorageMigration) -> int:
     try:
         await coordinator.run()
     except MigrationRefused as exc:
@@ -258,11 +324,13 @@ async def _recover(store: MigrationStore, ids: list[str], as_json: bool) -> int:
     code = 0
     for migration_id in ids:
         record = store.load(migration_id)
-        coordinator = (
-            Coordinator.from_record(record, store)
-            if record.kind == "live"
-            else OfflineMigration.from_record(record, store)
-        )
+        coordinator: Coordinator | OfflineMigration | StorageMigration
+        if record.kind == "live":
+            coordinator = Coordinator.from_record(record, store)
+        elif record.kind == "storage":
+            coordinator = StorageMigration.from_record(record, store)
+        else:
+            coordinator = OfflineMigration.from_record(record, store)
         try:
             record = await coordinator.recover()
         except MigrationError as exc:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..block.dirty_bitmap import DEFAULT_GRANULARITY
+from ..block.file import RawFile
 from ..block.move import MoveError, StorageMove
 from ..block.move_policy import Mode
 from ..block.throttle import parse_rate
@@ -60,6 +61,13 @@ class MoveService:
         return True
 
 
+def _served_path(export: Export) -> str | None:
+    """The file an export serves now (a move may have switched it since the server started)."""
+    device = export.device
+    inner = device.inner if isinstance(device, TrackedDevice) else device
+    return str(inner.path) if isinstance(inner, RawFile) else None
+
+
 def register_commands(
     control: ControlServer, exports: ExportTable, server: NbdServer, moves: MoveService
 ) -> None:
@@ -92,6 +100,7 @@ def register_commands(
                 "name": e.name,
                 "size": e.device.size,
                 "description": e.description,
+                "path": _served_path(e),
                 "read_only": e.device.capabilities.read_only,
                 "connections": e.stats.connections,
             }

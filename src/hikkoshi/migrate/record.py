@@ -41,8 +41,9 @@ class MigrationRecord(BaseModel):
 
     id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
     vm: str
-    kind: Literal["live", "cold", "quick"] = "live"
-    """live: the VM runs throughout; cold: it is powered off; quick: suspended, moved, resumed."""
+    kind: Literal["live", "cold", "quick", "storage"] = "live"
+    """live: the VM runs throughout; cold: it is powered off; quick: suspended, moved, resumed;
+    storage: its home and disks move to another datastore of the same host while it runs."""
     storage: StorageMode
     source: Endpoint
     destination: Endpoint

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -107,6 +108,7 @@ class Supervisor:
         #: keep serving it until ``release``.
         self.handed_off = False
         self.released = asyncio.Event()
+        self._lock_fd = -1
         self.ready = ready
         self.accel_request = accel
         self.qemu = qemu
@@ -124,11 +126,12 @@ class Supervisor:
             pid = self.home.supervisor_pid()
             self.ready.fail(f"VM {self.home.name!r} is running already (supervisor pid {pid})")
             return EXIT_RUNNING
+        self._lock_fd = lock
         try:
             return await self._run_locked()
         finally:
             self.home.pid_file.unlink(missing_ok=True)
-            os.close(lock)  # last: from here on the VM counts as stopped
+            os.close(self._lock_fd)  # last: from here on the VM counts as stopped
 
     async def _lock(self) -> int | None:
         # Someone probing is_running() holds a shared lock for an instant; try a few times.
@@ -251,6 +254,50 @@ class Supervisor:
                 await vm.pause()
             return
 
+    async def _rehome(self, vm: VmRuntime, new: VmHome) -> None:
+        """Move the supervisor, its log and QEMU's console into ``new`` (which holds copies of the home's
+        files and, by now, the disks); the old home is the caller's to delete."""
+        lock = new.try_lock()
+        if lock is None:
+            raise VmError(f"{new.path} is locked by another supervisor")
+        old = self.home
+        try:
+            write_atomically(new.pid_file, f"{os.getpid()}\n".encode())
+            # The console: everything so far, then QEMU appends to the new file (no pause: the guest
+            # never stops for a storage migration), then whatever reached the old file in between.
+            shutil.copyfile(old.console_log, new.console_log)
+            copied = new.console_log.stat().st_size
+            await vm.execute(
+                "chardev-change",
+                {
+                    "id": "console",
+                    "backend": {"type": "file", "data": {"out": str(new.console_log), "append": True}},
+                },
+            )
+            with old.console_log.open("rb") as src, new.console_log.open("ab") as dst:
+                src.seek(copied)
+                dst.write(src.read())
+            # Our own log: stdout and stderr go to the new supervisor.log from now on.
+            shutil.copyfile(old.supervisor_log, new.supervisor_log)
+            fd = os.open(new.supervisor_log, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            sys.stderr.flush()
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+            # QEMU's and the disk services' own logs stay with their open files until they restart.
+            for name in ("qemu.log", "nbd.log"):
+                with contextlib.suppress(FileNotFoundError):
+                    shutil.copyfile(old.path / name, new.path / name)
+        except BaseException:
+            os.close(lock)
+            new.pid_file.unlink(missing_ok=True)
+            raise
+        self.home = vm.home = new
+        self._write_state(home=str(new.path))
+        os.close(self._lock_fd)
+        self._lock_fd = lock
+        log.info("rehomed from %s to %s", old.path, new.path)
+
     @staticmethod
     async def _resume_after_io_errors(vm: VmRuntime, settle: float = 3.0) -> None:
         """After a disk service came back: requests that failed while it was gone stopped the guest
@@ -324,6 +371,17 @@ class Supervisor:
             except QmpCommandError as exc:
                 raise ControlError(str(exc)) from None
 
+        async def rehome(args: dict[str, Any]) -> dict[str, Any]:
+            """The VM's files now live in another home (its disks were moved there live): take it over."""
+            path = args.get("to")
+            if not isinstance(path, str) or not os.path.isabs(path):
+                raise ControlError('rehome needs "to": the new home directory (absolute)')
+            try:
+                await self._rehome(vm, VmHome(Path(path)))
+            except (OSError, VmError, QmpCommandError) as exc:
+                raise ControlError(f"rehome: {exc}") from None
+            return {"home": path, **vm.describe()}
+
         def release(_args: dict[str, Any]) -> dict[str, Any]:
             if not self.handed_off:
                 raise ControlError("nothing to release: the VM was not handed off")
@@ -353,6 +411,7 @@ class Supervisor:
         control.register("stop", stop, "power off: args timeout (s, ACPI phase), hard (skip ACPI)")
         control.register("qmp", qmp, "run a QMP command: args execute, arguments")
         control.register("hand-off", hand_off, "after a completed migration: QEMU quits, disks keep serving")
+        control.register("rehome", rehome, "take over a new home (after a storage migration); args: to")
         control.register("migrate-wait", migrate_wait, "wait for migration states; args: states, timeout")
         control.register("release", release, "after hand-off: stop serving the disks and exit")
 
