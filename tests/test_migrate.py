@@ -148,6 +148,33 @@ def test_busy_guest_migrates(
             finish_and_verify(dest, run)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", ["hybrid", "postcopy", "precopy", "shared"])
+def test_idle_guest_migrates(
+    guest: GuestImage, hosts: tuple[Datastore, Datastore, Path], storage: str
+) -> None:
+    """An idle guest (its disk data written once by the host) in every mode: the destination serves
+    the same disk bytes, and the guest answers on its console after the move."""
+    a, b, runtime_b = hosts
+    home = guest_vm(a, guest, "calm", "idle", memory_mib=128, disks=[{"name": "disk0", "size": "32M"}])
+    pattern = random.randbytes(4 << 20)
+    with (home.path / "disk0.raw").open("r+b") as f:
+        f.seek(8 << 20)
+        f.write(pattern)
+    expected = (home.path / "disk0.raw").read_bytes()
+    dest = b.home("calm")
+    with running(home), cleanup(dest):
+        wait_console(home, r"HIKKOSHI-IDLE READY")
+        code, record = migrate(a, b, runtime_b, "calm", "--storage", storage)
+        assert code == 0 and record["phase"] == "done", record
+        report = record["report"]
+        assert report["downtime_ms"] is not None and report["switchover"]["storage_ms"] < 1000
+        disk = (home if storage == "shared" else dest).path / "disk0.raw"
+        assert disk.read_bytes() == expected
+        assert asyncio_request(dest, "status")["state"] == "running"
+        stop(dest)
+
+
 def asyncio_request(home: VmHome, command: str, **args: Any) -> Any:
     import asyncio
 
@@ -590,3 +617,24 @@ def test_destination_dies_during_post_copy(
             resumed = re.search(rf"RESUME run={run} last=(\d+)", console(dest))
             assert resumed is not None and int(resumed[1]) >= durable
         asyncio_request(home, "release")
+
+
+@pytest.mark.slow
+def test_postcopy_ram_when_allowed(guest: GuestImage, hosts: tuple[Datastore, Datastore, Path]) -> None:
+    """A guest that out-dirties the link, no throttling, post-copy allowed: the schedule switches QEMU
+    to post-copy RAM, which always finishes; the guest's data verifies on the destination."""
+    a, b, runtime_b = hosts
+    run = random.randrange(1, 2**31)
+    params = {"run": run, "progress": 4, "scrub": 16, "rate": 64, "mb": 24}
+    home = guest_vm(a, guest, "pc", "busy", params, memory_mib=160, disks=[{"name": "disk0", "size": "32M"}])
+    dest = b.home("pc")
+    with running(home), cleanup(dest):
+        wait_console(home, r"HIKKOSHI-MEMDIRTY READY")
+        extra = ["--bandwidth", "12M", "--max-downtime", "100", "--no-auto-converge", "--allow-postcopy"]
+        code, record = migrate(a, b, runtime_b, "pc", *extra)
+        actions = [x["action"] for x in record["report"]["actions"]]
+        assert code == 0 and record["phase"] == "done", record
+        assert actions[-1] == "postcopy", actions
+        mark = len(console(dest))
+        wait_console(dest, rf"PROGRESS run={run} ", after=mark)
+        finish_and_verify(dest, run)
