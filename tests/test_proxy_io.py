@@ -10,11 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from hikkoshi.block.bitmap_file import BitmapFile
 from hikkoshi.block.buffers import BufferPool
 from hikkoshi.block.cache_writer import CacheWriter, Punch, Write
+from hikkoshi.block.file import RawFile
+from hikkoshi.block.proxy import ProxyDevice
+from hikkoshi.block.upstream import Upstream
 from hikkoshi.nbd import wire
 from hikkoshi.nbd.client_transmission import ClientTransmission
 from hikkoshi.nbd.constants import Command, ReplyFlag
+from hikkoshi.nbd.device import Buffer, MaybeAwaitable
+from hikkoshi.nbd.server import Export, ExportTable, ListenAddress, NbdServer
 
 
 def test_buffer_pool_reuses_only_unreferenced_buffers() -> None:
@@ -110,3 +116,58 @@ def test_read_reply_received_in_place(structured: bool, seed: int) -> None:
     assert bytes(replies[h2].data or b"") == disk[:300]
     assert replies[h3].error == 0
     assert not m.pending
+
+
+class _SlowSource(RawFile):
+    """A source file whose reads take a while: a fetch stays in flight long enough to be joined."""
+
+    def read(self, offset: int, length: int) -> MaybeAwaitable[Buffer]:  # type: ignore[override]
+        async def later() -> Buffer:
+            await asyncio.sleep(0.3)
+            return RawFile.read(self, offset, length)
+
+        return later()
+
+
+def test_a_cancelled_reader_does_not_cancel_a_shared_fetch(tmp_path: Path) -> None:
+    """Two reads join one fetch; the first is cancelled (its client left). The fetch completes for the
+    second, and the proxy's task group lives on (a cancelled shared future used to crash it)."""
+    block = 64 << 10
+    size = 16 * block
+    source_data = random.Random(7).randbytes(size)
+    (tmp_path / "src.raw").write_bytes(source_data)
+    sock = tmp_path / "src.sock"
+
+    async def scenario() -> None:
+        exports = ExportTable()
+        exports.add(Export("src", _SlowSource(tmp_path / "src.raw", read_only=True)))
+        server = NbdServer(exports, [ListenAddress(unix=sock)])
+        async with asyncio.TaskGroup() as outer:
+            outer.create_task(server.serve())
+            await server.ready.wait()
+            upstream = Upstream(f"nbd+unix:///src?socket={sock}", connections=1)
+            await upstream.open()
+            bitmap = BitmapFile.open(tmp_path / "cache.bitmap", block, size, "test")
+            (tmp_path / "cache.raw").write_bytes(b"")
+            os.truncate(tmp_path / "cache.raw", size)
+            proxy = ProxyDevice(RawFile(tmp_path / "cache.raw"), bitmap, upstream)
+            async with asyncio.TaskGroup() as tg:
+                proxy.attach(tg)
+                first = asyncio.ensure_future(proxy.read(0, block))  # type: ignore[arg-type]
+                await asyncio.sleep(0.05)
+                second = asyncio.ensure_future(proxy.read(0, 2 * block))  # type: ignore[arg-type]
+                await asyncio.sleep(0.05)
+                first.cancel()
+                assert bytes(await second) == source_data[: 2 * block]
+                with pytest.raises(asyncio.CancelledError):
+                    await first
+                # Later reads of the same blocks come from the cache, and new fetches still work.
+                assert bytes(await asyncio.ensure_future(proxy.read(0, block))) == source_data[:block]  # type: ignore[arg-type]
+                tail = proxy.read(size - block, block)
+                assert not isinstance(tail, (bytes, bytearray, memoryview))
+                assert bytes(await tail) == source_data[-block:]
+            await upstream.close()
+            proxy.close()
+            server.stop()
+
+    asyncio.run(scenario())

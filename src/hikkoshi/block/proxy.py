@@ -195,7 +195,7 @@ class ProxyDevice(BlockDevice):
                 == (offset + length - 1) // self.block_size - offset // self.block_size + 1
             ):
                 # Every block of the read was missing and is in this one fetch: answer from its buffer.
-                await fetch.arrived
+                await asyncio.shield(fetch.arrived)  # shared with every reader of the fetch
                 if fetch.serves(self.presence, first, last):
                     assert fetch.data is not None
                     lo = offset - fetch.start * self.block_size
@@ -299,7 +299,8 @@ class ProxyDevice(BlockDevice):
             self.counters.fetched_background += length
         self.counters.sample()
         self._forget(fetch)
-        fetch.done.set_result(None)
+        if not fetch.done.done():
+            fetch.done.set_result(None)
         self._check_complete()
 
     def _owe(self, nbytes: int) -> None:
@@ -663,8 +664,10 @@ def _unique(fetches: Iterable[_Fetch]) -> list[_Fetch]:
 async def _wait_all(waits: list[asyncio.Future[None]]) -> None:
     if not waits:
         return
-    # Wait for every fetch (not just the first failure) so no exception is left unretrieved.
-    results = await asyncio.gather(*waits, return_exceptions=True)
+    # Wait for every fetch (not just the first failure) so no exception is left unretrieved. The futures
+    # are shared by every request that joined the fetch: shielded, so a waiter that is cancelled (its
+    # client left) cancels only its own wait, never the fetch's completion that others wait for.
+    results = await asyncio.gather(*(asyncio.shield(w) for w in waits), return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
             raise result
