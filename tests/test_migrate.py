@@ -348,7 +348,8 @@ def test_cut_migration_link_rolls_back(guest: GuestImage, hosts: tuple[Datastore
 
     from hikkoshi.lab.link_model import WanParams
     from hikkoshi.lab.wan import WanLink
-    from hikkoshi.migrate.coordinator import Coordinator, MigrationError, MigrationRequest
+    from hikkoshi.migrate.coordinator import Coordinator, MigrationRequest
+    from hikkoshi.migrate.job import MigrationError
     from hikkoshi.migrate.record import MigrationStore
 
     a, b, runtime_b = hosts

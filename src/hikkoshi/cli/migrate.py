@@ -20,7 +20,8 @@ from typing import Any
 from ..block.throttle import parse_rate
 from ..lab.link_model import WanParams
 from ..lab.wan import WanPath
-from ..migrate.coordinator import Coordinator, MigrationError, MigrationRefused, MigrationRequest, Route
+from ..migrate.coordinator import Coordinator, MigrationRequest, Route
+from ..migrate.job import MigrationError, MigrationRefused
 from ..migrate.offline import OfflineMigration
 from ..migrate.phases import recovery
 from ..migrate.record import MigrationRecord, MigrationStore

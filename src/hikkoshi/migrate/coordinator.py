@@ -26,12 +26,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from hikkoshi import __version__
-from hikkoshi.block import crashpoints
 from hikkoshi.migrate.convergence import Observation, Progress, Schedule, build_schedule, decide
 from hikkoshi.migrate.home_files import copy_home_files
+from hikkoshi.migrate.job import Job, MigrationError, MigrationRefused, hand_off, release_source
 from hikkoshi.migrate.phases import FORWARD, Phase, recovery
 from hikkoshi.migrate.precheck import Side, migration_problems
 from hikkoshi.migrate.record import Endpoint, MigrationRecord, MigrationStore, PhaseTime
@@ -64,18 +64,6 @@ Route = Callable[[str, str], Awaitable[str]]
 relay. Purposes: ``stream`` (the source QEMU sends memory to the destination), ``mirror`` (it writes
 the disks to the destination's NBD service, precopy), ``export`` (the destination reads the source's
 disks: proxy upstream, or the disk itself with shared storage)."""
-
-
-class MigrationError(RuntimeError):
-    """The migration did not complete; the record says how it ended."""
-
-    def __init__(self, message: str, record: MigrationRecord) -> None:
-        super().__init__(message)
-        self.record = record
-
-
-class MigrationRefused(MigrationError):
-    """Prechecks failed: nothing was touched."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +114,7 @@ def _allocated(path: Path) -> int:
         return 0
 
 
-class Coordinator:
+class Coordinator(Job):
     """Runs one migration from start to end (or rollback)."""
 
     def __init__(
@@ -135,9 +123,8 @@ class Coordinator:
         store: MigrationStore,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
+        super().__init__(store, on_progress)
         self.request = request
-        self.store = store
-        self.on_progress = on_progress or (lambda _info: None)
         src_home = VmHome(request.source_datastore / request.vm)
         self.record = MigrationRecord(
             vm=request.vm,
@@ -172,18 +159,10 @@ class Coordinator:
         self.spec: VmSpec | None = None
         self.source: VmSide | None = None
         self.dest: VmSide | None = None
-        self.t0 = time.monotonic()
-        self.report: dict[str, Any] = {"actions": [], "iterations": []}
+        self.report = {"actions": [], "iterations": []}
         self._t_stop = 0.0
 
     # --- plumbing ------------------------------------------------------------------------------------------
-
-    def _enter(self, phase: Phase) -> None:
-        self.record.enter(phase)
-        self.store.save(self.record)
-        log.info("migration %s: %s", self.record.id, phase)
-        self.on_progress({"phase": phase.value, "elapsed": round(time.monotonic() - self.t0, 3)})
-        crashpoints.reached(f"migrate-{phase.value}")  # tests: the coordinator dies right here
 
     @classmethod
     def from_record(
@@ -220,8 +199,7 @@ class Coordinator:
         log.info("migration %s was left at %s: %s", self.record.id, self.record.phase, action)
         if action in ("nothing", "inspect"):
             return self.record
-        spec = self.src_home.load_spec() if self.src_home.spec_file.exists() else self.dst_home.load_spec()
-        self.spec = spec
+        spec = self.spec = self._home_spec(self.src_home, self.dst_home)
         self.source = VmSide(self.src_home, spec, "source")
         if self.dst_home.path.exists():
             self.dest = VmSide(self.dst_home, spec, "destination")
@@ -231,10 +209,7 @@ class Coordinator:
         try:
             await self._finish_forward()
         except Exception as exc:
-            self.record.error = f"after the destination resumed: {exc}"
-            self._finish_report()
-            self._enter(Phase.FAILED)
-            raise MigrationError(self.record.error, self.record) from None
+            self._failed_after_commit(exc)
         return self.record
 
     async def _finish_forward(self) -> None:
@@ -260,9 +235,6 @@ class Coordinator:
         routed = await self.request.route(purpose, address)
         self.record.facts.setdefault("routes", {})[f"{purpose} {address}"] = routed
         return routed
-
-    def _since_start(self) -> float:
-        return round(time.monotonic() - self.t0, 4)
 
     # --- the whole run -------------------------------------------------------------------------------------
 
@@ -299,10 +271,7 @@ class Coordinator:
             self._enter(Phase.RESUME)  # the commit point, recorded before the destination runs
             await self._finish_forward()
         except Exception as exc:
-            self.record.error = f"after the destination resumed: {exc}"
-            self._finish_report()
-            self._enter(Phase.FAILED)
-            raise MigrationError(self.record.error, self.record) from None
+            self._failed_after_commit(exc)
         return self.record
 
     # --- precheck ------------------------------------------------------------------------------------------
@@ -340,11 +309,6 @@ class Coordinator:
         self.record.facts["accel"] = accel
         if problems:
             self._refuse(problems)
-
-    def _refuse(self, problems: list[str]) -> NoReturn:
-        self.record.error = "refused: " + "; ".join(problems)
-        self.record.report = {"problems": problems}
-        raise MigrationRefused(self.record.error, self.record)
 
     # --- preparation ---------------------------------------------------------------------------------------
 
@@ -651,8 +615,8 @@ class Coordinator:
     async def _storage_post(self) -> None:
         assert self.source is not None and self.dest is not None and self.spec is not None
         # QEMU on the source quits; its disks keep serving the destination until released.
-        if self.src_home.is_running() and self.src_home.read_state().get("state") != "migrated":
-            await self.source.ctl("hand-off")
+        if self.src_home.is_running():
+            await hand_off(self.source, self.src_home)
         mode = self.request.storage
         if mode not in (StorageMode.POSTCOPY, StorageMode.HYBRID):
             return
@@ -700,7 +664,7 @@ class Coordinator:
         assert self.source is not None and self.spec is not None
         if moves_disks(self.request.storage):
             if self.src_home.is_running():
-                await self._release_source()
+                await release_source(self.source, self.src_home)
             # The destination holds a complete, flushed copy of every disk and serves it.
             if self.src_home.path.exists():
                 await asyncio.to_thread(shutil.rmtree, self.src_home.path)
@@ -708,18 +672,6 @@ class Coordinator:
         if moves_disks(self.request.storage):
             # Every disk is a complete local file now; with shared storage the plan says where it is.
             (self.dst_home.path / PLAN_FILE).unlink(missing_ok=True)
-
-    async def _release_source(self) -> None:
-        assert self.source is not None
-        if self.src_home.read_state().get("state") != "migrated":
-            # QEMU has not quit yet (it may be on its way): wait for the supervisor to say so.
-            for _ in range(300):
-                if self.src_home.read_state().get("state") == "migrated":
-                    break
-                await asyncio.sleep(0.05)
-        await self.source.ctl("release")
-        if not await asyncio.to_thread(control.wait_stopped, self.src_home, 60):
-            raise SideError("the source supervisor did not exit after release")
 
     # --- rollback ------------------------------------------------------------------------------------------
 
@@ -737,12 +689,7 @@ class Coordinator:
             await self._remove_destination()
         except (SideError, OSError) as exc:
             problems.append(f"destination: {exc}")
-        self._finish_report()
-        if problems:
-            self.record.error = f"{self.record.error}; rollback problems: {'; '.join(problems)}"
-            self._enter(Phase.FAILED)
-        else:
-            self._enter(Phase.ROLLED_BACK)
+        self._end_rollback(problems)
 
     async def _rollback_source(self, src: VmSide) -> None:
         info = await src.qmp("query-migrate")

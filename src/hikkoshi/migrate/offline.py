@@ -19,13 +19,11 @@ import os
 import shlex
 import shutil
 import time
-from collections.abc import Callable
-from typing import Any
 
-from hikkoshi.block import crashpoints
 from hikkoshi.block.sparse_copy import sparse_copy
-from hikkoshi.migrate.coordinator import MigrationError, MigrationRefused, MigrationRequest
+from hikkoshi.migrate.coordinator import MigrationRequest
 from hikkoshi.migrate.home_files import copy_home_files
+from hikkoshi.migrate.job import Job, MigrationError, MigrationRefused, Progress, hand_off, release_source
 from hikkoshi.migrate.phases import Phase, recovery
 from hikkoshi.migrate.record import Endpoint, MigrationRecord, MigrationStore, PhaseTime
 from hikkoshi.migrate.sides import SideError, VmSide
@@ -40,7 +38,7 @@ log = logging.getLogger("hikkoshi.migrate.offline")
 STATE_FILE = "memory.state"
 
 
-class OfflineMigration:
+class OfflineMigration(Job):
     """A cold or quick migration."""
 
     def __init__(
@@ -48,13 +46,12 @@ class OfflineMigration:
         request: MigrationRequest,
         store: MigrationStore,
         kind: str,
-        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        on_progress: Progress | None = None,
     ) -> None:
         if kind not in ("cold", "quick"):
             raise ValueError(f"not an offline kind: {kind}")
+        super().__init__(store, on_progress)
         self.request = request
-        self.store = store
-        self.on_progress = on_progress or (lambda _info: None)
         self.src_home = VmHome(request.source_datastore / request.vm)
         self.dst_home = VmHome(request.dest_datastore / request.vm)
         self.record = MigrationRecord(
@@ -71,8 +68,6 @@ class OfflineMigration:
         self.spec: VmSpec | None = None
         self.source: VmSide | None = None
         self.dest: VmSide | None = None
-        self.t0 = time.monotonic()
-        self.report: dict[str, Any] = {}
         self._lock: int | None = None
         self._stopped_at: float | None = None
 
@@ -89,19 +84,6 @@ class OfflineMigration:
         self.record = record
         self.report = {**record.report, "recovered": True}
         return self
-
-    def _enter(self, phase: Phase) -> None:
-        self.record.enter(phase)
-        self.store.save(self.record)
-        self.on_progress({"phase": phase.value})
-        crashpoints.reached(f"migrate-{phase.value}")
-
-    def _refuse(self, problems: list[str]) -> None:
-        if problems:
-            self.record.error = "refused: " + "; ".join(problems)
-            self.record.report = {"problems": problems}
-            self._enter(Phase.FAILED)
-            raise MigrationRefused(self.record.error, self.record)
 
     # --- the run -------------------------------------------------------------------------------------------
 
@@ -148,10 +130,7 @@ class OfflineMigration:
                 self._enter(Phase.RESUME)
             await self._finish_forward()
         except Exception as exc:
-            self.record.error = f"after the commit point: {exc}"
-            self._finish_report()
-            self._enter(Phase.FAILED)
-            raise MigrationError(self.record.error, self.record) from None
+            self._failed_after_commit(exc)
         return self.record
 
     async def recover(self) -> MigrationRecord:
@@ -159,8 +138,7 @@ class OfflineMigration:
         action = recovery(self.record.phase)
         if action in ("nothing", "inspect"):
             return self.record
-        home = self.src_home if self.src_home.spec_file.exists() else self.dst_home
-        self.spec = home.load_spec()
+        self.spec = self._home_spec(self.src_home, self.dst_home)
         self.source = VmSide(self.src_home, self.spec, "source")
         self.dest = VmSide(self.dst_home, self.spec, "destination")
         if action == "rollback":
@@ -198,7 +176,8 @@ class OfflineMigration:
         if req.dest_datastore.is_dir() and needed > space(req.dest_datastore).free:
             problems.append(f"the destination datastore has too little space for {needed} bytes of disks")
         self.source = VmSide(self.src_home, self.spec, "source")
-        self._refuse(problems)
+        if problems:
+            self._refuse(problems)
 
     def _unlock(self) -> None:
         if self._lock is not None:
@@ -266,15 +245,8 @@ class OfflineMigration:
             if self._stopped_at is not None:
                 self.report["downtime_ms"] = round((time.monotonic() - self._stopped_at) * 1000, 1)
             if self.src_home.is_running():
-                if self.src_home.read_state().get("state") != "migrated":
-                    await self.source.ctl("hand-off")
-                for _ in range(300):
-                    if self.src_home.read_state().get("state") == "migrated":
-                        break
-                    await asyncio.sleep(0.05)
-                await self.source.ctl("release")
-                if not await asyncio.to_thread(control.wait_stopped, self.src_home, 60):
-                    raise SideError("the source supervisor did not exit after release")
+                await hand_off(self.source, self.src_home)
+                await release_source(self.source, self.src_home)
         if self.record.phase != Phase.CLEANUP:
             self._enter(Phase.CLEANUP)
         if self.src_home.path.exists():
@@ -299,20 +271,4 @@ class OfflineMigration:
             except SideError as exc:
                 problems.append(str(exc))
         self._unlock()
-        self._finish_report()
-        if problems:
-            self.record.error = f"{self.record.error}; rollback problems: {'; '.join(problems)}"
-            self._enter(Phase.FAILED)
-        else:
-            self._enter(Phase.ROLLED_BACK)
-
-    def _finish_report(self) -> None:
-        self.record.report = {
-            "id": self.record.id,
-            "vm": self.record.vm,
-            "kind": self.record.kind,
-            "phases_s": self.record.phase_seconds(),
-            **self.report,
-            "elapsed_s": round(time.monotonic() - self.t0, 3),
-            **({"error": self.record.error} if self.record.error else {}),
-        }
+        self._end_rollback(problems)

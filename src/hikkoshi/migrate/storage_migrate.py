@@ -16,13 +16,11 @@ import asyncio
 import logging
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hikkoshi.block import crashpoints
-from hikkoshi.migrate.coordinator import MigrationError, MigrationRefused
 from hikkoshi.migrate.home_files import copy_home_files
+from hikkoshi.migrate.job import Job, MigrationError, Progress
 from hikkoshi.migrate.phases import Phase, recovery
 from hikkoshi.migrate.record import Endpoint, MigrationRecord, MigrationStore, PhaseTime
 from hikkoshi.migrate.sides import SideError, VmSide
@@ -34,7 +32,7 @@ from hikkoshi.vm.spec import VmSpec
 log = logging.getLogger("hikkoshi.migrate.storage")
 
 
-class StorageMigration:
+class StorageMigration(Job):
     """Moves a running VM's home and disks to another datastore."""
 
     def __init__(
@@ -47,14 +45,13 @@ class StorageMigration:
         mode: str = "mirror",
         bandwidth: str | None = None,
         thick: bool = False,
-        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        on_progress: Progress | None = None,
     ) -> None:
         if mode not in ("mirror", "dbt"):
             raise ValueError(f"mode must be mirror or dbt, not {mode!r}")
+        super().__init__(store, on_progress)
         self.src_home = VmHome(source_datastore / vm)
         self.dst_home = VmHome(dest_datastore / vm)
-        self.store = store
-        self.on_progress = on_progress or (lambda _info: None)
         self.record = MigrationRecord(
             vm=vm,
             kind="storage",
@@ -65,8 +62,7 @@ class StorageMigration:
         )
         self.spec: VmSpec | None = None
         self.vm: VmSide | None = None
-        self.t0 = time.monotonic()
-        self.report: dict[str, Any] = {"disks": {}}
+        self.report = {"disks": {}}
 
     @classmethod
     def from_record(cls, record: MigrationRecord, store: MigrationStore) -> StorageMigration:
@@ -84,12 +80,6 @@ class StorageMigration:
         self.record = record
         self.report = {"disks": {}, **record.report, "recovered": True}
         return self
-
-    def _enter(self, phase: Phase) -> None:
-        self.record.enter(phase)
-        self.store.save(self.record)
-        self.on_progress({"phase": phase.value})
-        crashpoints.reached(f"migrate-{phase.value}")
 
     # --- the run -------------------------------------------------------------------------------------------
 
@@ -129,8 +119,7 @@ class StorageMigration:
         action = recovery(self.record.phase)
         if action in ("nothing", "inspect"):
             return self.record
-        home = self.src_home if self.src_home.spec_file.exists() else self.dst_home
-        self.spec = home.load_spec()
+        self.spec = self._home_spec(self.src_home, self.dst_home)
         moved = self.dst_home.path.exists() and self.dst_home.read_state().get("home") == str(
             self.dst_home.path
         )
@@ -170,9 +159,7 @@ class StorageMigration:
                 problems.append(f"{dest} has {space(dest).free} bytes free; the disks need {needed}")
             self.vm = VmSide(self.src_home, self.spec, "VM")
         if problems:
-            self.record.error = "refused: " + "; ".join(problems)
-            self._enter(Phase.FAILED)
-            raise MigrationRefused(self.record.error, self.record)
+            self._refuse(problems)
 
     async def _move(self, export: str, src: Path, dst: Path) -> None:
         """One disk, live, by the NBD service; returns once it serves from ``dst``."""
@@ -221,12 +208,7 @@ class StorageMigration:
                 problems.append(f"disk {export} stays in {dst}: {exc}")
         if not problems and self.record.facts.get("destination_home_created") and self.dst_home.path.exists():
             await asyncio.to_thread(shutil.rmtree, self.dst_home.path)
-        self._finish_report()
-        if problems:
-            self.record.error = f"{self.record.error}; undo problems: {'; '.join(problems)}"
-            self._enter(Phase.FAILED)
-        else:
-            self._enter(Phase.ROLLED_BACK)
+        self._end_rollback(problems)
 
     async def _cleanup(self) -> None:
         # The supervisor serves from the new home; what is left in the old one are copies and logs.
@@ -234,14 +216,3 @@ class StorageMigration:
             await asyncio.to_thread(shutil.rmtree, self.src_home.path)
         self._finish_report()
         self._enter(Phase.DONE)
-
-    def _finish_report(self) -> None:
-        self.record.report = {
-            "id": self.record.id,
-            "vm": self.record.vm,
-            "kind": "storage",
-            "phases_s": self.record.phase_seconds(),
-            **self.report,
-            "elapsed_s": round(time.monotonic() - self.t0, 3),
-            **({"error": self.record.error} if self.record.error else {}),
-        }
