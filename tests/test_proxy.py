@@ -26,7 +26,7 @@ from hikkoshi.nbd.client import NbdClient
 from hikkoshi.nbd.constants import Errno
 from hikkoshi.nbd.errors import CommandError
 
-from .servers import Served, free_port, hikkoshi_server, shuffling_server, stop, wait_port
+from .servers import Served, free_port, hikkoshi_server, run_tool, shuffling_server, stop, wait_port
 
 
 def proxy_args(upstream: str, tmp: Path, *extra: str) -> list[str]:
@@ -393,3 +393,20 @@ def test_guest_write_during_fetch_wins(tmp_path: Path) -> None:
                     assert nxt == bytes(expect)
 
         asyncio.run(race())
+
+
+def test_restart_over_a_complete_cache_needs_no_upstream(tmp_path: Path) -> None:
+    """Once relocated, the proxy is started again (a VM restarted on the destination) with its source
+    gone for good: it serves the cache without trying to reach the upstream."""
+    src = tmp_path / "src.raw"
+    data = random_image(src, 8 << 20, zero_every=1 << 20)
+    with hikkoshi_server(str(src), "--export", "disk") as up:
+        uri = up.export_uri("disk")
+        with proxy(uri, tmp_path) as p:
+            wait_detached(tmp_path)
+    # The source server is gone; the same proxy command line starts, detached, and serves everything.
+    with proxy(uri, tmp_path) as p:
+        assert status(tmp_path)["upstream"] == "detached"
+        copy = tmp_path / "copy.raw"
+        run_tool("qemu-img", "convert", "-f", "raw", "-O", "raw", p.export_uri(""), str(copy))
+        assert copy.read_bytes() == data

@@ -125,7 +125,8 @@ class ProxyDevice(BlockDevice):
     def __init__(
         self, local: RawFile, bitmap: BitmapFile, upstream: Upstream, fetch_size: int = 1 << 20
     ) -> None:
-        if local.size != upstream.size:
+        # A complete cache is opened without its upstream (closed, no connection): nothing to check.
+        if upstream.clients and local.size != upstream.size:
             raise OSError(errno.EINVAL, f"cache is {local.size} bytes but the upstream is {upstream.size}")
         self.local = local
         self.bitmap = bitmap
@@ -133,7 +134,8 @@ class ProxyDevice(BlockDevice):
         self.upstream = upstream
         self.size = local.size
         self.block_size = self.presence.block_size
-        self.fetch_blocks = max(1, min(fetch_size, upstream.max_request) // self.block_size)
+        max_request = upstream.max_request if upstream.clients else fetch_size
+        self.fetch_blocks = max(1, min(fetch_size, max_request) // self.block_size)
         #: How far a demand miss reads ahead (in fetches of at most fetch_blocks, issued in parallel).
         self.readahead_blocks = max(self.fetch_blocks, (4 << 20) // self.block_size)
         self.capabilities = Capabilities(fast_zero=local.capabilities.fast_zero)
