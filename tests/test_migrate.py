@@ -122,7 +122,7 @@ def test_busy_guest_migrates(
         assert record["phase"] == "done", record
         report = record["report"]
         print(json.dumps(report, indent=1))
-        assert report["downtime_ms"] is not None and report["memory_bytes"] > 0
+        assert report["downtime_ms"] > 0 and report["total_time_ms"] > 0 and report["memory_bytes"] > 0
         # The source's QEMU and services are gone; its files too unless the storage is shared.
         assert wait_dead([info["qemu_pid"]]) == []
         if storage == "shared":
@@ -168,7 +168,7 @@ def test_idle_guest_migrates(
         code, record = migrate(a, b, runtime_b, "calm", "--storage", storage)
         assert code == 0 and record["phase"] == "done", record
         report = record["report"]
-        assert report["downtime_ms"] is not None and report["switchover"]["storage_ms"] < 1000
+        assert report["downtime_ms"] > 0 and report["switchover"]["storage_ms"] < 1000
         disk = (home if storage == "shared" else dest).path / "disk0.raw"
         assert disk.read_bytes() == expected
         assert asyncio_request(dest, "status")["state"] == "running"
@@ -463,8 +463,8 @@ def test_quick_migration(guest: GuestImage, hosts: tuple[Datastore, Datastore, P
 def test_guest_dirtying_faster_than_the_link(
     guest: GuestImage, hosts: tuple[Datastore, Datastore, Path], auto_converge: bool
 ) -> None:
-    """The schedule raises the downtime limit step by step, then throttles (auto-converge); without
-    throttling it runs out of steps and aborts: the migration rolls back and the guest runs on."""
+    """The schedule raises the downtime limit step by step (on KVM), then throttles (auto-converge);
+    without throttling it runs out of steps and aborts: the migration rolls back and the guest runs on."""
     a, b, runtime_b = hosts
     run = random.randrange(1, 2**31)
     params = {"run": run, "progress": 4, "scrub": 16, "rate": 64, "mb": 24}
@@ -478,7 +478,10 @@ def test_guest_dirtying_faster_than_the_link(
         code, record = migrate(a, b, runtime_b, "hot", *extra)
         report = record["report"]
         actions = [x["action"] for x in report["actions"]]
-        assert actions[:2] == ["set-downtime", "set-downtime"], report
+        # The downtime limit rises first, except under TCG, where the schedule starts at the maximum (see
+        # Coordinator._precheck): then throttling, or giving up, comes first.
+        climbs = [] if report.get("schedule_note", "").startswith("tcg") else ["set-downtime", "set-downtime"]
+        assert [a for a in actions if a == "set-downtime"] == climbs, report
         assert report["dirty_rate_mib_s"] > 0
         if auto_converge:
             # QEMU throttled the vCPUs as far as each step allowed; whether that is enough depends on
