@@ -138,6 +138,10 @@ class ProxyDevice(BlockDevice):
         self.fetch_blocks = max(1, min(fetch_size, max_request) // self.block_size)
         #: How far a demand miss reads ahead (in fetches of at most fetch_blocks, issued in parallel).
         self.readahead_blocks = max(self.fetch_blocks, (4 << 20) // self.block_size)
+        #: Off while a migration's destination waits for its switchover: what QEMU reads then (a sector
+        #: at start-up) is fetched alone, not with megabytes behind it that would cross a WAN next to
+        #: the memory stream only to be invalidated.
+        self.readahead = True
         self.capabilities = Capabilities(fast_zero=local.capabilities.fast_zero)
         self.counters = ProxyCounters()
         #: Upstream allocation as (offset, length, flags), learned at start; used for block status.
@@ -207,7 +211,7 @@ class ProxyDevice(BlockDevice):
 
     def _with_readahead(self, missing: list[int]) -> list[int]:
         """Extend a demand fetch with the missing blocks right after it: guests read sequentially."""
-        if not missing:
+        if not missing or not self.readahead:
             return missing
         out = list(missing)
         b = missing[-1] + 1

@@ -179,6 +179,7 @@ def register_proxy_commands(
         except OSError as exc:
             raise ControlError(f"invalidation failed: {exc}") from None
         copy.detach_allowed.set()
+        proxy.readahead = True  # the switchover is done: the guest runs here from now on
         return {
             "dirty_bytes": sum(n for _o, n in ranges),
             "dropped_bytes": dropped,
@@ -248,6 +249,7 @@ async def run_proxy(args: argparse.Namespace) -> int:
         copy.pause()
     if args.dirty_bitmap:
         copy.detach_allowed.clear()
+        proxy.readahead = False
     exports = ExportTable()
     exports.add(
         Export(args.export if args.export is not None else uri.export, proxy, description=f"cache of {uri}")
