@@ -310,6 +310,11 @@ def test_destination_proxy_killed_after_switchover_is_restarted(
         assert record["phase"] == "done"
         new_pid = dest.read_state()["proxy_pids"]["disk0"]
         assert new_pid != pid
+        # Requests that failed while no proxy was there stopped the guest (werror=stop); its supervisor
+        # resumes it once the new proxy serves, possibly a few times while QEMU reconnects.
+        deadline = time.monotonic() + 30
+        while asyncio_request(dest, "status")["state"] != "running" and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert asyncio_request(dest, "status")["state"] == "running"
         mark = len(console(dest))
         wait_console(dest, rf"PROGRESS run={run} ", after=mark)

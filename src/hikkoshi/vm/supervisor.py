@@ -299,7 +299,7 @@ class Supervisor:
         log.info("rehomed from %s to %s", old.path, new.path)
 
     @staticmethod
-    async def _resume_after_io_errors(vm: VmRuntime, settle: float = 3.0) -> None:
+    async def _resume_after_io_errors(vm: VmRuntime, settle: float = 10.0) -> None:
         """After a disk service came back: requests that failed while it was gone stopped the guest
         (``werror=stop``); ``cont`` retries them. Watch until the guest has run ``settle`` s on end."""
         quiet_since = time.monotonic()
