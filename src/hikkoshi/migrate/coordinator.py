@@ -34,7 +34,7 @@ from hikkoshi.migrate.home_files import copy_home_files
 from hikkoshi.migrate.job import Job, MigrationError, MigrationRefused, hand_off, release_source
 from hikkoshi.migrate.phases import FORWARD, Phase, recovery
 from hikkoshi.migrate.precheck import Side, migration_problems
-from hikkoshi.migrate.record import Endpoint, MigrationRecord, MigrationStore, PhaseTime
+from hikkoshi.migrate.record import Endpoint, MigrationRecord, MigrationStore
 from hikkoshi.migrate.sides import SideError, VmSide
 from hikkoshi.migrate.storage_modes import (
     StorageMode,
@@ -240,8 +240,7 @@ class Coordinator(Job):
 
     async def run(self) -> MigrationRecord:
         """Migrate; the final record (``MigrationError`` if it did not end ``done``)."""
-        self.record.phases = [PhaseTime(phase=Phase.PRECHECK, started=time.time())]
-        self.store.save(self.record)
+        self._begin()
         try:
             await self._precheck()
         except MigrationRefused:

@@ -9,8 +9,9 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from hikkoshi.block import crashpoints
+from hikkoshi.migrate.home_files import copy_home_files
 from hikkoshi.migrate.phases import Phase
-from hikkoshi.migrate.record import MigrationRecord, MigrationStore
+from hikkoshi.migrate.record import MigrationRecord, MigrationStore, PhaseTime
 from hikkoshi.migrate.sides import SideError, VmSide
 from hikkoshi.vm import control
 from hikkoshi.vm.home import VmHome
@@ -41,6 +42,22 @@ class Job:
         self.on_progress: Progress = on_progress or (lambda _info: None)
         self.t0 = time.monotonic()
         self.report: dict[str, Any] = {}
+
+    def _begin(self) -> None:
+        """Record the migration as started (in precheck)."""
+        self.record.phases = [PhaseTime(phase=Phase.PRECHECK, started=time.time())]
+        self.store.save(self.record)
+
+    async def _new_home(self, source: VmHome, dest: VmHome, spec: VmSpec) -> None:
+        """Prepare the destination home and copy the source's files but the disks into it (seed 000)."""
+        self._enter(Phase.PREPARE)
+        dest.path.mkdir(mode=0o755)
+        self.record.facts["destination_home_created"] = True
+        self._enter(Phase.HOME_FILES)
+        disk_files = {d.file_name for d in spec.disks}
+        self.report["home_bytes"] = await asyncio.to_thread(
+            copy_home_files, source.path, dest.path, disk_files
+        )
 
     def _enter(self, phase: Phase) -> None:
         self.record.enter(phase)

@@ -22,10 +22,9 @@ import time
 
 from hikkoshi.block.sparse_copy import sparse_copy
 from hikkoshi.migrate.coordinator import MigrationRequest
-from hikkoshi.migrate.home_files import copy_home_files
 from hikkoshi.migrate.job import Job, MigrationError, MigrationRefused, Progress, hand_off, release_source
 from hikkoshi.migrate.phases import Phase, recovery
-from hikkoshi.migrate.record import Endpoint, MigrationRecord, MigrationStore, PhaseTime
+from hikkoshi.migrate.record import Endpoint, MigrationRecord, MigrationStore
 from hikkoshi.migrate.sides import SideError, VmSide
 from hikkoshi.vm import control
 from hikkoshi.vm.disk_plan import PLAN_FILE, IncomingPlan
@@ -95,19 +94,11 @@ class OfflineMigration(Job):
             self._unlock()
 
     async def _run(self) -> MigrationRecord:
-        self.record.phases = [PhaseTime(phase=Phase.PRECHECK, started=time.time())]
-        self.store.save(self.record)
+        self._begin()
         try:
             self._precheck()
-            self._enter(Phase.PREPARE)
-            self.dst_home.path.mkdir(mode=0o755)
-            self.record.facts["destination_home_created"] = True
-            self._enter(Phase.HOME_FILES)
             assert self.spec is not None
-            disk_files = {d.file_name for d in self.spec.disks}
-            self.report["home_bytes"] = await asyncio.to_thread(
-                copy_home_files, self.src_home.path, self.dst_home.path, disk_files
-            )
+            await self._new_home(self.src_home, self.dst_home, self.spec)
             if self.record.kind == "cold":
                 self._enter(Phase.STORAGE_PRE)
                 await self._copy_disks()

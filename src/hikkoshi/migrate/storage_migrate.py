@@ -15,14 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
-from hikkoshi.migrate.home_files import copy_home_files
 from hikkoshi.migrate.job import Job, MigrationError, Progress
 from hikkoshi.migrate.phases import Phase, recovery
-from hikkoshi.migrate.record import Endpoint, MigrationRecord, MigrationStore, PhaseTime
+from hikkoshi.migrate.record import Endpoint, MigrationRecord, MigrationStore
 from hikkoshi.migrate.sides import SideError, VmSide
 from hikkoshi.migrate.storage_modes import StorageMode
 from hikkoshi.vm.home import VmHome
@@ -85,19 +83,11 @@ class StorageMigration(Job):
 
     async def run(self) -> MigrationRecord:
         """Move; the final record (``MigrationError`` if it did not end ``done``)."""
-        self.record.phases = [PhaseTime(phase=Phase.PRECHECK, started=time.time())]
-        self.store.save(self.record)
+        self._begin()
         await self._precheck()
         try:
-            self._enter(Phase.PREPARE)
-            self.dst_home.path.mkdir(mode=0o755)
-            self.record.facts["destination_home_created"] = True
-            self._enter(Phase.HOME_FILES)
             assert self.spec is not None
-            disk_files = {d.file_name for d in self.spec.disks}
-            self.report["home_bytes"] = await asyncio.to_thread(
-                copy_home_files, self.src_home.path, self.dst_home.path, disk_files
-            )
+            await self._new_home(self.src_home, self.dst_home, self.spec)
             self._enter(Phase.STORAGE_PRE)
             for disk in self.spec.disks:
                 await self._move(disk.name, self.src_home.disk_path(disk), self.dst_home.disk_path(disk))
