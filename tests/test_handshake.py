@@ -283,6 +283,48 @@ def test_client_and_server_agree(
     assert sorted(s_event.meta_contexts.values()) == sorted(wanted)
 
 
+def sent_options(raw: bytes) -> list[int]:
+    """The options in client output that follows its 4-byte flags."""
+    out = []
+    raw = raw[4:]
+    while raw:
+        opt, length = wire.decode_option_header(raw[:16])
+        out.append(opt)
+        raw = raw[16 + length :]
+    return out
+
+
+def test_client_sends_every_option_before_any_reply() -> None:
+    """One round trip for the whole negotiation: over a WAN each option waited for costs one more."""
+    client = ClientHandshake(ClientOptions(export="disk", meta_contexts=(BASE_ALLOCATION,)))
+    client.receive_data(wire.encode_greeting(wire.Greeting(3)))
+    assert client.next_event() is NEED_DATA
+    assert sent_options(client.data_to_send()) == [
+        Option.STRUCTURED_REPLY,
+        Option.SET_META_CONTEXT,
+        Option.GO,
+    ]
+
+
+def test_client_without_structured_replies_gets_no_contexts() -> None:
+    """A server refusing structured replies refuses the contexts sent with them: none, and still open."""
+    client = ClientHandshake(ClientOptions(export="disk", meta_contexts=(BASE_ALLOCATION,)))
+    client.receive_data(wire.encode_greeting(wire.Greeting(3)))
+    assert client.next_event() is NEED_DATA
+    client.data_to_send()
+    for opt, kind in (
+        (Option.STRUCTURED_REPLY, OptionReply.ERR_UNSUP),
+        (Option.SET_META_CONTEXT, OptionReply.ERR_INVALID),
+    ):
+        client.receive_data(wire.encode_option_reply(wire.OptionReplyMessage(opt, kind)))
+    info = wire.encode_info(wire.InfoExport(1 << 20, FLAGS))
+    client.receive_data(wire.encode_option_reply(wire.OptionReplyMessage(Option.GO, OptionReply.INFO, info)))
+    client.receive_data(wire.encode_option_reply(wire.OptionReplyMessage(Option.GO, OptionReply.ACK)))
+    event = client.next_event()
+    assert isinstance(event, ClientNegotiated)
+    assert not event.structured and event.meta_contexts == {} and event.export.size == 1 << 20
+
+
 def test_client_list_exports() -> None:
     client = ClientHandshake(ClientOptions(list_exports=True))
     server = ServerHandshake(TABLE)

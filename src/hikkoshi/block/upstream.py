@@ -51,11 +51,19 @@ class Upstream:
         await self.close()
 
     async def open(self) -> None:
-        first = await self._client()
-        self.clients.append(first)
-        if first.can_multi_conn and self.want > 1:
-            # Concurrently: over a WAN each connection costs round trips.
-            self.clients += await asyncio.gather(*(self._client() for _ in range(self.want - 1)))
+        # Every connection at once: over a WAN each costs a round trip or two, and one after another
+        # they add up. Whether the source allows more than one (multi-conn) is only known once they are
+        # open; without it all but the first are closed again.
+        opened = await asyncio.gather(*(self._client() for _ in range(self.want)), return_exceptions=True)
+        clients = [c for c in opened if isinstance(c, NbdClient)]
+        failed = [e for e in opened if not isinstance(e, NbdClient)]
+        if failed or not clients[0].can_multi_conn:
+            for extra in clients[1:] if not failed else clients:
+                with contextlib.suppress(OSError, CommandError):
+                    await extra.__aexit__(None, None, None)
+        if failed:
+            raise failed[0]
+        self.clients = clients if clients[0].can_multi_conn else clients[:1]
 
     async def _client(self) -> NbdClient:
         client = NbdClient(

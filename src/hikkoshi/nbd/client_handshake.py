@@ -119,6 +119,14 @@ class ClientHandshake:
         reply_type, data = yield from self._reply(option)
         return reply_type, data
 
+    def _structured_reply(self) -> Generator[int, bytes, None]:
+        """Read the reply to NBD_OPT_STRUCTURED_REPLY (the caller sent it)."""
+        reply_type, _data = yield from self._reply(Option.STRUCTURED_REPLY)
+        if reply_type == OptionReply.ACK:
+            self.structured = True
+        elif not is_option_error(reply_type):
+            raise ProtocolError(f"unexpected reply {reply_type} to NBD_OPT_STRUCTURED_REPLY")
+
     def _run(self) -> _Script:
         opts = self.options
         greeting = wire.decode_greeting((yield 18))
@@ -136,14 +144,10 @@ class ClientHandshake:
             self._events.append(StartTLS())
             yield 0  # nothing more may be queued until the shell has upgraded the connection
 
-        if opts.structured:
-            reply_type, data = yield from self._simple_option(Option.STRUCTURED_REPLY)
-            if reply_type == OptionReply.ACK:
-                self.structured = True
-            elif not is_option_error(reply_type):
-                raise ProtocolError(f"unexpected reply {reply_type} to NBD_OPT_STRUCTURED_REPLY")
-
         if opts.list_exports:
+            if opts.structured:
+                self._send_option(Option.STRUCTURED_REPLY)
+                yield from self._structured_reply()
             self._send_option(Option.LIST)
             entries: list[wire.ServerEntry] = []
             while True:
@@ -158,10 +162,24 @@ class ClientHandshake:
             self._events.append(ExportList(tuple(entries)))
             return
 
-        contexts: dict[int, str] = {}
-        if opts.meta_contexts and self.structured:
+        # Every option up to GO is sent at once, then the replies are read in order (a server handles
+        # options one after another): one round trip instead of one per option, which over a WAN is
+        # most of the time a connection takes. Nothing here depends on an earlier answer to be sent: a
+        # server that refuses structured replies refuses the meta contexts too (no contexts then).
+        ask_contexts = bool(opts.structured and opts.meta_contexts)
+        if opts.structured:
+            self._send_option(Option.STRUCTURED_REPLY)
+        if ask_contexts:
             request = wire.MetaContextRequest(opts.export, opts.meta_contexts)
             self._send_option(Option.SET_META_CONTEXT, wire.encode_meta_context_request(request))
+        go = wire.InfoRequest(opts.export, (Info.NAME, Info.DESCRIPTION, Info.BLOCK_SIZE))
+        self._send_option(Option.GO, wire.encode_info_request(go))
+
+        if opts.structured:
+            yield from self._structured_reply()
+
+        contexts: dict[int, str] = {}
+        if ask_contexts:
             while True:
                 reply_type, data = yield from self._reply(Option.SET_META_CONTEXT)
                 if reply_type == OptionReply.META_CONTEXT:
@@ -171,9 +189,9 @@ class ClientHandshake:
                     break  # an error just means no contexts
                 else:
                     raise ProtocolError(f"unexpected reply {reply_type} to NBD_OPT_SET_META_CONTEXT")
+            if not self.structured:
+                contexts = {}  # block status needs structured replies: contexts are useless without them
 
-        go = wire.InfoRequest(opts.export, (Info.NAME, Info.DESCRIPTION, Info.BLOCK_SIZE))
-        self._send_option(Option.GO, wire.encode_info_request(go))
         size: int | None = None
         export_flags = 0
         description = ""
