@@ -410,3 +410,22 @@ def test_restart_over_a_complete_cache_needs_no_upstream(tmp_path: Path) -> None
         copy = tmp_path / "copy.raw"
         run_tool("qemu-img", "convert", "-f", "raw", "-O", "raw", p.export_uri(""), str(copy))
         assert copy.read_bytes() == data
+
+
+def test_nbd_commands_start_without_the_vm_and_migration_code() -> None:
+    """A proxy or NBD service is started for every VM start and migration, which wait for it: its command
+    line parser leaves the VM and migration commands (and what they import) out."""
+    probe = (
+        "import sys; from hikkoshi.cli.main import build_parser; "
+        "args = build_parser(sys.argv[1:]).parse_args(sys.argv[1:]); "
+        "print(args.func.__module__, sorted(m for m in sys.modules if m.startswith(('hikkoshi.vm', "
+        "'hikkoshi.migrate', 'pydantic'))))"
+    )
+    argv = ["-v", "nbd", "proxy", "--upstream", "nbd://h/x", "--cache", "c"]
+    out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, check=True)
+    assert out.stdout.split(None, 1) == ["hikkoshi.cli.nbd_proxy", "[]\n"]
+    # Everything else still parses as before.
+    out = subprocess.run(
+        [sys.executable, "-m", "hikkoshi", "vm", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "start" in out.stdout
