@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import itertools
 import os
 import tempfile
 import threading
@@ -171,20 +173,82 @@ def test_recovery_undoes_a_copy_and_finishes_a_switch(tmp_path: Path) -> None:
         recover(src)
 
 
+# --- the mirror layer's copy --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_copy_leaves_zero_ranges_as_holes_and_copies_data_behind_leading_zeroes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refused: bool
+) -> None:
+    g = 64 * 1024
+    data = os.urandom(g)
+    behind_zeroes = bytes(8192) + os.urandom(g - 8192)  # the 4 KiB probe reads zeroes: read it whole
+    src_path = _file(tmp_path / "src.raw", 5 * g)
+    with open(src_path, "r+b") as f:
+        f.write(data + behind_zeroes + bytes(g))  # then an allocated zero block, then holes
+        os.fsync(f.fileno())
+    calls: list[int] = []
+    real = os.copy_file_range
+
+    def copy_file_range(src: int, dst: int, count: int, offset_src: int, offset_dst: int) -> int:
+        calls.append(offset_src)
+        if refused:  # as from another file system on kernels that do not copy across them
+            raise OSError(errno.EXDEV, "cross-device")
+        return real(src, dst, count, offset_src, offset_dst)
+
+    monkeypatch.setattr(os, "copy_file_range", copy_file_range)
+    source, dest = RawFile(src_path), RawFile(_file(tmp_path / "dst.raw", 5 * g))
+    try:
+        mirror = MirrorDevice(source, dest, Mode.MIRROR, g, thick=False)
+        mirror.pending.mark(0, 5 * g)
+        loop = asyncio.new_event_loop()
+        try:
+            copied, zero = loop.run_until_complete(mirror.copy_runs([(0, 1), (1, 1), (2, 1), (4, 1)]))
+        finally:
+            loop.close()
+        assert (copied, zero) == (2 * g, 2 * g)
+        assert os.pread(dest.fd, 5 * g, 0) == os.pread(source.fd, 5 * g, 0)
+        assert _data_ranges(dest.fd, 5 * g) == [(0, 2 * g)]  # zeroes and holes stay holes
+        assert mirror.kernel_copy is not refused
+        # Only the block whose probe found data went to the kernel; after a refusal it is not asked again.
+        assert calls == [0]
+        assert mirror.pending.count == 1  # only the block that was not asked for
+    finally:
+        source.close()
+        dest.close()
+
+
+def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    out, pos = [], 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        out.append((start, end - start))
+        pos = end
+    return out
+
+
 # --- the mirror layer, against a model ---------------------------------------------------------------------
 
 
 class SlowCopy(MirrorDevice):
-    """A mirror whose copies can be made to stall between reading the source and writing the copy."""
+    """A mirror whose copies can be made to stall between reading the source and writing the copy.
+
+    Unstalled, copies take the real path (the kernel's copy_file_range, or the buffer when refused).
+    """
 
     stall: threading.Event | None = None
     have_read = threading.Event()
 
     def _copy_io(self, offset: int, length: int) -> int:
+        if self.stall is None:
+            return super()._copy_io(offset, length)
         data = self._read_chunk(offset, length)
         self.have_read.set()
-        if self.stall is not None:
-            self.stall.wait(0.05)  # the race's write is issued meanwhile (or waits for us: then time out)
+        self.stall.wait(0.05)  # the race's write is issued meanwhile (or waits for us: then time out)
         return self._write_chunk(offset, length, data)
 
 
@@ -237,15 +301,17 @@ class MirrorMachine(RuleBasedStateMachine):
             self.model[off : off + n] = bytes(n)
 
     @precondition(lambda self: self.dev.pending.count > 0)
-    @rule(n=st.integers(1, 4))
-    def copy(self, n: int) -> None:
-        first, count = next(self.dev.pending.runs(max_count=n))
-        self._run(self.dev.copy_chunk(first, count))
+    @rule(n=st.integers(1, 4), k=st.integers(1, 3), kernel=st.booleans())
+    def copy(self, n: int, k: int, kernel: bool) -> None:
+        self.dev.kernel_copy = kernel
+        runs = list(itertools.islice(self.dev.pending.runs(max_count=n), k))
+        self._run(self.dev.copy_runs(runs))
 
     @precondition(lambda self: self.dev.pending.count > 0)
     @rule(data=st.data())
     def copy_racing_a_write(self, data: st.DataObject) -> None:
-        first, count = next(self.dev.pending.runs(max_count=4))
+        runs = list(itertools.islice(self.dev.pending.runs(max_count=4), 3))
+        first, count = data.draw(st.sampled_from(runs))
         off = data.draw(st.integers(first * G, min(SIZE, (first + count) * G) - 1))
         n = min(data.draw(st.integers(1, 2 * G)), SIZE - off)
         fill = data.draw(st.integers(0, 255))
@@ -254,9 +320,9 @@ class MirrorMachine(RuleBasedStateMachine):
         async def race() -> None:
             stall = self.dev.stall = threading.Event()
             self.dev.have_read.clear()
-            copy = asyncio.ensure_future(self.dev.copy_chunk(first, count))
+            copy = asyncio.ensure_future(self.dev.copy_runs(runs))
             await asyncio.sleep(0)  # the copy is now in its worker thread
-            assert self.dev.have_read.wait(5)  # and has read the old bytes
+            assert self.dev.have_read.wait(5)  # and has read the old bytes of its first run
             result = self.dev.write(off, memoryview(payload), False)
             stall.set()
             if result is not None:
@@ -285,8 +351,7 @@ class MirrorMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         try:
             while self.dev.pending.count:
-                first, count = next(self.dev.pending.runs(max_count=8))
-                self._run(self.dev.copy_chunk(first, count))
+                self._run(self.dev.copy_runs(list(itertools.islice(self.dev.pending.runs(max_count=8), 4))))
             assert os.pread(self.dst.fd, SIZE, 0) == self.model
         finally:
             self.src.close()

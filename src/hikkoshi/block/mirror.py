@@ -1,7 +1,10 @@
 """The mirror layer of a storage move: the export's device while its disk is copied to another file.
 
 Reads come from the source. ``pending`` holds the blocks whose destination copy is not known to be
-current; the copier (:meth:`copy_chunk`) clears a chunk's bits, then copies it in a worker thread.
+current; the copier (:meth:`copy_runs`) clears the bits of a few runs, then copies them in one worker
+thread call (one hop per job, not per run: under a guest's write load every hop waits for the busy event
+loop and the GIL). A data chunk is copied by the kernel (``copy_file_range``), never read into Python,
+unless its first bytes are zero: only then is it read, to find out whether all of it is.
 
 The invariant: a block that is neither pending nor being copied is equal on both sides.
 
@@ -26,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Literal
 
 from ..nbd.device import BlockDevice, Buffer, MaybeAwaitable
@@ -37,6 +40,13 @@ from .move_policy import Mode
 from .tracking import then
 
 Target = Literal["both", "source", "dest"]
+
+#: A chunk whose first this-many bytes are not all zero is data; only chunks that start with zeroes are
+#: read whole to see whether they are all zero (and then left as holes).
+_PROBE = 4096
+_PROBE_ZEROES = bytes(_PROBE)
+#: copy_file_range refusing this pair of files (another file system, an old kernel): copy through a buffer.
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 
 
 class MirrorDevice(BlockDevice):
@@ -57,12 +67,15 @@ class MirrorDevice(BlockDevice):
         self.failure: OSError | None = None
         #: Where held and later requests go: both sides while moving, one after switch or abort.
         self.target: Target = "both"
-        self._busy: list[tuple[int, int, asyncio.Future[None]]] = []  # chunks being copied
+        # Jobs being copied: (first byte, end of the last range, byte ranges (offset, length), done).
+        self._busy: list[tuple[int, int, list[tuple[int, int]], asyncio.Future[None]]] = []
+        #: Whether copy_file_range works between these files; learned on first use.
+        self.kernel_copy = True
         self._held: asyncio.Event | None = None
         self._source_ops = 0  # asynchronous source requests in flight (flushes): the source stays open
         self._source_idle = asyncio.Event()
         self._source_idle.set()
-        self._io: set[asyncio.Future[int]] = set()  # copies running in worker threads
+        self._io: set[asyncio.Future[tuple[int, int]]] = set()  # copies running in worker threads
 
     # --- holding ------------------------------------------------------------------------------------------
 
@@ -95,7 +108,11 @@ class MirrorDevice(BlockDevice):
         return (self.dest if self.target == "dest" else self.source).read_fd()
 
     def _busy_overlap(self, offset: int, end: int) -> list[asyncio.Future[None]]:
-        return [f for (s, e, f) in self._busy if s < end and offset < e]
+        return [
+            f
+            for (s, e, ranges, f) in self._busy
+            if s < end and offset < e and any(a < end and offset < a + n for a, n in ranges)
+        ]
 
     def write(self, offset: int, data: memoryview, fua: bool) -> MaybeAwaitable[None]:
         if self._held is None:
@@ -194,23 +211,28 @@ class MirrorDevice(BlockDevice):
 
     # --- copying ------------------------------------------------------------------------------------------
 
-    async def copy_chunk(self, first: int, count: int) -> int:
-        """Copy blocks [first, first+count) to the destination; return the bytes copied (0 for zeroes)."""
+    async def copy_runs(self, runs: Sequence[tuple[int, int]]) -> tuple[int, int]:
+        """Copy block runs (first, count), in disk order, to the destination in one worker thread call.
+
+        Returns (bytes copied, bytes found all zero and left as holes or zeroed extents).
+        """
         shift = self.pending.shift
-        offset = first << shift
-        length = min(count << shift, self.size - offset)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (offset, offset + length, done)
+        ranges = [(f << shift, min(c << shift, self.size - (f << shift))) for f, c in runs]
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        entry = (ranges[0][0], ranges[-1][0] + ranges[-1][1], ranges, done)
         self._busy.append(entry)
-        self.pending.clear_blocks(first, count)
-        io = asyncio.get_running_loop().run_in_executor(None, self._copy_io, offset, length)
+        for first, count in runs:
+            self.pending.clear_blocks(first, count)
+        io = loop.run_in_executor(None, self._copy_job, ranges)
         self._io.add(io)
         io.add_done_callback(self._io.discard)
         try:
             # A thread cannot be cancelled: on cancellation it runs on, and quiesce() waits for it.
             return await asyncio.shield(io)
         except BaseException:
-            self.pending.mark_blocks(first, count)
+            for first, count in runs:
+                self.pending.mark_blocks(first, count)
             raise
         finally:
             self._busy.remove(entry)
@@ -221,9 +243,47 @@ class MirrorDevice(BlockDevice):
         while self._io:
             await asyncio.wait(list(self._io))
 
+    def _copy_job(self, ranges: list[tuple[int, int]]) -> tuple[int, int]:
+        """In a worker thread: copy byte ranges; (bytes copied, bytes zero)."""
+        copied = zero = 0
+        for offset, length in ranges:
+            n = self._copy_io(offset, length)
+            copied += n
+            zero += length - n
+        # Disk writes start now, in the background, rather than all at once in the switch's fsync.
+        first, end = ranges[0][0], ranges[-1][0] + ranges[-1][1]
+        fallocate.start_writeback(self.dest.fd, first, end - first)
+        return copied, zero
+
     def _copy_io(self, offset: int, length: int) -> int:
-        """In a worker thread: one chunk, holes and zeroes left as holes (or zeroed extents when thick)."""
+        """One range, holes and zeroes left as holes (or zeroed extents when thick); bytes copied."""
+        src = self.source.read_fd()
+        if _is_hole(src, offset, length):
+            self._zero_dest(offset, length)
+            return 0
+        if self.kernel_copy:
+            head = os.pread(src, min(_PROBE, length), offset)
+            if head != _PROBE_ZEROES[: len(head)] and self._kernel_copy(src, offset, length):
+                return length
         return self._write_chunk(offset, length, self._read_chunk(offset, length))
+
+    def _kernel_copy(self, src: int, offset: int, length: int) -> bool:
+        """Copy a range of data with copy_file_range; False (nothing copied) if it cannot be used here."""
+        done = 0
+        try:
+            while done < length:
+                n = os.copy_file_range(src, self.dest.fd, length - done, offset + done, offset + done)
+                if n <= 0:
+                    break  # past the end of a file that shrank: the buffered copy zero-fills the rest
+                done += n
+        except OSError as exc:
+            if done or exc.errno not in _NO_KERNEL_COPY:
+                raise
+            self.kernel_copy = False
+            return False
+        if done < length:
+            self._write_chunk(offset + done, length - done, self._read_chunk(offset + done, length - done))
+        return True
 
     def _read_chunk(self, offset: int, length: int) -> bytearray | None:
         """The source's bytes, or None when they are all zero."""
@@ -248,8 +308,6 @@ class MirrorDevice(BlockDevice):
         put = 0
         while put < length:
             put += os.pwritev(self.dest.fd, [view[put:]], offset + put)
-        # Disk writes start now, in the background, rather than all at once in the switch's fsync.
-        fallocate.start_writeback(self.dest.fd, offset, length)
         return length
 
     def _zero_dest(self, offset: int, length: int) -> None:
