@@ -21,7 +21,9 @@ def add_parser(top: Any) -> None:
         "--cache", type=Path, metavar="DIR", help="cache directory (default: $HIKKOSHI_CACHE or ~/.cache)"
     )
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=build_command)
+    from . import remote
+
+    p.set_defaults(func=build_command, remote=remote.guest_build)
     p = group.add_parser("cmdline", help="print the kernel command line running a workload")
     p.add_argument("workload", choices=sorted(WORKLOADS))
     p.add_argument("params", nargs="*", metavar="KEY=VALUE", help="workload parameters (hikkoshi.KEY=VALUE)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .. import __version__
 from . import nbd_move, nbd_proxy, nbd_serve, nbd_stats, nbd_status
@@ -20,6 +21,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"hikkoshi {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    parser.add_argument(
+        "--agent", metavar="URL", help="work through this host agent (default: $HIKKOSHI_AGENT; else locally)"
+    )
+    parser.add_argument(
+        "--token-file", type=Path, metavar="F", help="the agent's token (default: $HIKKOSHI_TOKEN_FILE)"
+    )
+    parser.add_argument("--ca-file", type=Path, metavar="F", help="CA of the agent's TLS certificate")
     top = parser.add_subparsers(dest="command", required=True)
     nbd = top.add_parser("nbd", help="the NBD data plane").add_subparsers(dest="nbd_command", required=True)
     nbd_serve.add_parser(nbd)
@@ -43,6 +51,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from . import migrate
 
     migrate.add_parser(top)
+    from . import agent
+
+    agent.add_parser(top)
     return parser
 
 
@@ -50,7 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    code: int = args.func(args)
+    remote = getattr(args, "remote", None)
+    if remote is not None:
+        from . import remote as remote_cli
+
+        if remote_cli.wanted(args):
+            code: int = remote(args)
+            return code
+    for option in getattr(args, "local_requires", ()):
+        if getattr(args, option) is None:
+            parser.error(f"--{option.replace('_', '-')} is required (or work through an agent: --agent URL)")
+    code = args.func(args)
     return code
 
 

@@ -27,6 +27,7 @@ from ..migrate.phases import recovery
 from ..migrate.record import MigrationRecord, MigrationStore
 from ..migrate.storage_migrate import StorageMigration
 from ..migrate.storage_modes import StorageMode
+from . import remote
 from .runtime import run
 from .wan import parse_duration_ms, parse_rate_bps
 
@@ -39,8 +40,14 @@ def default_state_dir(datastore: Path) -> Path:
 def add_parser(top: Any) -> None:
     p = top.add_parser("migrate", help="live-migrate a running VM (memory, disks, MAC) to another host")
     p.add_argument("name", metavar="VM")
-    p.add_argument("--datastore", type=Path, required=True, metavar="PATH", help="where the VM is now")
-    p.add_argument("--to-datastore", type=Path, required=True, metavar="PATH", help="where it goes")
+    p.add_argument(
+        "--datastore",
+        type=Path,
+        metavar="PATH",
+        help="where the VM is now (with --agent: the destination datastore's NAME, default its first)",
+    )
+    p.add_argument("--to-datastore", type=Path, metavar="PATH", help="where it goes")
+    p.add_argument("--to", metavar="URL", help="with --agent: the destination host's agent")
     p.add_argument(
         "--to-runtime-dir", type=Path, metavar="DIR", help="the destination host's HIKKOSHI_RUNTIME_DIR"
     )
@@ -77,14 +84,19 @@ def add_parser(top: Any) -> None:
     how.add_argument("--offline", action="store_true", help="cold migration of a powered-off VM")
     how.add_argument("--quick", action="store_true", help="suspend, move memory state and disks, resume")
     p.add_argument("--json", action="store_true", help="print the record as JSON, no progress bar")
-    p.set_defaults(func=migrate_command)
+    p.set_defaults(func=migrate_command, local_requires=("datastore", "to_datastore"), remote=remote.migrate)
 
     sm = top.add_parser(
         "storage-migrate", help="move a running VM's home and disks to another datastore, live"
     )
     sm.add_argument("name", metavar="VM")
-    sm.add_argument("--datastore", type=Path, required=True, metavar="PATH", help="where the VM is now")
-    sm.add_argument("--to-datastore", type=Path, required=True, metavar="PATH", help="where it goes")
+    sm.add_argument(
+        "--datastore",
+        type=Path,
+        metavar="PATH",
+        help="where the VM is now (with --agent: the NAME it goes to)",
+    )
+    sm.add_argument("--to-datastore", type=Path, metavar="PATH", help="where it goes")
     sm.add_argument(
         "--mode",
         choices=("mirror", "dbt"),
@@ -96,7 +108,11 @@ def add_parser(top: Any) -> None:
     sm.add_argument("--thick", action="store_true", help="preallocate the new disks (default: sparse)")
     sm.add_argument("--state-dir", type=Path, metavar="DIR", help="records (default: in DATASTORE)")
     sm.add_argument("--json", action="store_true", help="print the record as JSON, no progress bar")
-    sm.set_defaults(func=storage_migrate_command)
+    sm.set_defaults(
+        func=storage_migrate_command,
+        local_requires=("datastore", "to_datastore"),
+        remote=remote.storage_migrate,
+    )
 
     h = top.add_parser("migrations", help="migration history and reports")
     h.add_argument(
@@ -106,10 +122,10 @@ def add_parser(top: Any) -> None:
         help="show one migration; recover: finish or roll back migrations whose coordinator died",
     )
     h.add_argument("id", nargs="?", metavar="ID")
-    h.add_argument("--datastore", type=Path, required=True, metavar="PATH")
+    h.add_argument("--datastore", type=Path, metavar="PATH", help="whose records (not with --agent)")
     h.add_argument("--state-dir", type=Path, metavar="DIR")
     h.add_argument("--json", action="store_true")
-    h.set_defaults(func=migrations_command)
+    h.set_defaults(func=migrations_command, local_requires=("datastore",), remote=remote.migrations)
 
 
 def human_report(record: MigrationRecord) -> str:

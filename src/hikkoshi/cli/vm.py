@@ -24,6 +24,7 @@ from ..vm.host import host_facts
 from ..vm.qemu import resolve_machine
 from ..vm.spec import VmSpec, format_size, parse_spec
 from ..vm.workloads import WORKLOADS
+from . import remote
 from .guest import parse_params
 from .runtime import run
 
@@ -36,11 +37,14 @@ def add_parser(top: Any) -> None:
     ) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = group.add_parser(name, help=help_text)
         p.add_argument("name", metavar="NAME", help="the VM's name")
-        p.add_argument("--datastore", type=Path, required=True, metavar="PATH")
-        p.set_defaults(func=func)
+        p.add_argument(
+            "--datastore", type=Path, metavar="PATH", help="the datastore (with --agent: its NAME)"
+        )
+        p.set_defaults(func=func, local_requires=("datastore",), remote=remote.vm_simple)
         return p
 
     p = command("create", create_command, "create a VM: its home, disks and vm.toml")
+    p.set_defaults(remote=remote.vm_create)
     p.add_argument("--memory", type=int, required=True, metavar="MIB", help="guest memory in MiB")
     p.add_argument("--cpus", type=int, default=1, metavar="N")
     p.add_argument(
@@ -91,20 +95,23 @@ def add_parser(top: Any) -> None:
     )
     p.add_argument("--hard", action="store_true", help="skip ACPI: QMP quit at once")
     p.add_argument("--force", action="store_true", help="SIGKILL the supervisor (when it does not answer)")
-    command("pause", pause_command, "pause the guest's CPUs")
-    command("resume", resume_command, "resume a paused guest")
-    p = command("status", status_command, "run state, pids, last exit")
-    p.add_argument("--json", action="store_true")
+    command("pause", pause_command, "pause the guest's CPUs").set_defaults(remote=None)
+    command("resume", resume_command, "resume a paused guest").set_defaults(remote=None)
+    for name in ("status", "show"):
+        p = command(name, status_command, "run state, pids, last exit")
+        p.add_argument("--json", action="store_true")
     p = command("console", console_command, "print the serial console log")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until the VM stops")
     p.add_argument("--previous", action="store_true", help="the boot before this one")
+    p.set_defaults(remote=remote.vm_console)
     p = command("destroy", destroy_command, "delete a stopped VM with its disks")
     p.add_argument("--yes", action="store_true", help="yes, delete its disks")
+    p.set_defaults(remote=remote.vm_destroy)
 
-    p = group.add_parser("list", help="the VMs of a datastore")
-    p.add_argument("--datastore", type=Path, required=True, metavar="PATH")
+    p = group.add_parser("list", help="the VMs of a datastore (with --agent: of the host)")
+    p.add_argument("--datastore", type=Path, metavar="PATH")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=list_command)
+    p.set_defaults(func=list_command, local_requires=("datastore",), remote=remote.vm_list)
 
 
 def _fail(args: argparse.Namespace, exc: BaseException) -> int:

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import shutil
-import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -30,7 +29,7 @@ from typing import Any
 
 from hikkoshi import __version__
 from hikkoshi.migrate.convergence import Observation, Progress, Schedule, build_schedule, decide
-from hikkoshi.migrate.home_files import copy_home_files
+from hikkoshi.migrate.destination import Destination, LocalDestination
 from hikkoshi.migrate.job import Job, MigrationError, MigrationRefused, hand_off, release_source
 from hikkoshi.migrate.phases import FORWARD, Phase, recovery
 from hikkoshi.migrate.precheck import Side, migration_problems
@@ -43,11 +42,10 @@ from hikkoshi.migrate.storage_modes import (
     moves_disks,
     uses_dirty_bitmap,
 )
-from hikkoshi.vm import control
-from hikkoshi.vm.disk_plan import PLAN_FILE, IncomingPlan
+from hikkoshi.vm.disk_plan import IncomingPlan
 from hikkoshi.vm.guest_image import DEFAULT_QEMU
 from hikkoshi.vm.home import VmHome
-from hikkoshi.vm.host import host_facts, space
+from hikkoshi.vm.host import host_facts, qemu_version, space
 from hikkoshi.vm.spec import VmSpec
 
 log = logging.getLogger("hikkoshi.migrate")
@@ -94,19 +92,6 @@ class MigrationRequest:
     destination's certificate must name ``dest_address``; both ends verify each other."""
 
 
-def qemu_version(qemu: str = DEFAULT_QEMU) -> tuple[int, int, int]:
-    """The version of a QEMU binary (0.0.0 if it cannot say)."""
-    try:
-        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=30).stdout
-        words = out.split("version", 1)[1].split()[0].split(".")
-        major, minor, micro = (
-            int("".join(c for c in w if c.isdigit()) or 0) for w in (words + ["0"] * 3)[:3]
-        )
-        return major, minor, micro
-    except (OSError, IndexError, ValueError, subprocess.TimeoutExpired):
-        return 0, 0, 0
-
-
 def _allocated(path: Path) -> int:
     try:
         return path.stat().st_blocks * 512
@@ -122,10 +107,14 @@ class Coordinator(Job):
         request: MigrationRequest,
         store: MigrationStore,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
+        destination: Destination | None = None,
     ) -> None:
         super().__init__(store, on_progress)
         self.request = request
         src_home = VmHome(request.source_datastore / request.vm)
+        self.target: Destination = destination or LocalDestination(
+            request.vm, request.dest_datastore, request.dest_runtime_dir
+        )
         self.record = MigrationRecord(
             vm=request.vm,
             storage=request.storage,
@@ -133,10 +122,11 @@ class Coordinator(Job):
                 datastore=request.source_datastore, home=src_home.path, address=request.source_address
             ),
             destination=Endpoint(
-                datastore=request.dest_datastore,
-                home=request.dest_datastore / request.vm,
-                runtime_dir=request.dest_runtime_dir,
+                datastore=self.target.datastore,
+                home=self.target.home_path,
+                runtime_dir=self.target.runtime_dir,
                 address=request.dest_address,
+                agent=self.target.agent,
             ),
             settings={
                 "max_downtime_ms": request.max_downtime_ms,
@@ -155,10 +145,10 @@ class Coordinator(Job):
         )
         self.src_home = src_home
         self.tls_dir = request.tls_dir.absolute() if request.tls_dir is not None else None
-        self.dst_home = VmHome(self.record.destination.home)
         self.spec: VmSpec | None = None
         self.source: VmSide | None = None
-        self.dest: VmSide | None = None
+        self.dest: Destination | None = None
+        """The destination, once its supervisor was started."""
         self.report = {"actions": [], "iterations": []}
         self._t_stop = 0.0
 
@@ -170,8 +160,10 @@ class Coordinator(Job):
         record: MigrationRecord,
         store: MigrationStore,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
+        destination: Destination | None = None,
     ) -> Coordinator:
-        """A coordinator taking over a recorded migration (after the one running it died)."""
+        """A coordinator taking over a recorded migration (after the one running it died);
+        ``destination`` reaches the recorded one if it is not a local datastore."""
         s = record.settings
         request = MigrationRequest(
             vm=record.vm,
@@ -188,7 +180,7 @@ class Coordinator(Job):
             allow_postcopy=bool(s.get("allow_postcopy", False)),
             tls_dir=Path(s["tls_dir"]) if s.get("tls_dir") else None,
         )
-        self = cls(request, store, on_progress)
+        self = cls(request, store, on_progress, destination)
         self.record = record
         self.report = {"actions": [], "iterations": [], **record.report, "recovered": True}
         return self
@@ -199,10 +191,14 @@ class Coordinator(Job):
         log.info("migration %s was left at %s: %s", self.record.id, self.record.phase, action)
         if action in ("nothing", "inspect"):
             return self.record
-        spec = self.spec = self._home_spec(self.src_home, self.dst_home)
+        try:
+            spec = self.src_home.load_spec()
+        except (OSError, ValueError):
+            spec = await self.target.load_spec()
+        self.spec = spec
         self.source = VmSide(self.src_home, spec, "source")
-        if self.dst_home.path.exists():
-            self.dest = VmSide(self.dst_home, spec, "destination")
+        if await self.target.home_exists():
+            self.dest = self.target
         if action == "rollback":
             await asyncio.shield(self._rollback())
             return self.record
@@ -289,22 +285,29 @@ class Coordinator(Job):
         status = await self.source.status()
         if status.get("state") != "running":
             problems.append(f"the VM's QEMU is {status.get('state')}, not running")
-        if not req.dest_datastore.is_dir():
-            problems.append(f"destination datastore {req.dest_datastore} does not exist")
-        if self.dst_home.path.exists():
-            problems.append(f"{self.dst_home.path} exists already: the destination has a VM of that name")
-        if req.dest_datastore.resolve() == req.source_datastore.resolve():
-            problems.append("source and destination datastore are the same (use storage-migrate)")
         facts = await asyncio.to_thread(host_facts)
         qv = await asyncio.to_thread(qemu_version, req.qemu)
         accel = str(status.get("accel", "tcg"))
+        try:
+            there = await self.target.describe(accel, req.qemu)
+        except SideError as exc:
+            self._refuse([f"the destination does not answer: {exc}"])
+        target = self.target
+        if not there.datastore_exists:
+            problems.append(f"destination datastore {target.datastore} does not exist")
+        if there.home_exists:
+            problems.append(f"{target.home_path} exists already: the destination has a VM of that name")
+        same = (
+            isinstance(target, LocalDestination)
+            and target.datastore.resolve() == req.source_datastore.resolve()
+        )
+        if same:
+            problems.append("source and destination datastore are the same (use storage-migrate)")
         needed = (
             sum(_allocated(self.src_home.disk_path(d)) for d in spec.disks) if moves_disks(req.storage) else 0
         )
-        free = space(req.dest_datastore).free if req.dest_datastore.is_dir() else 0
         src_side = Side(facts, accel, qv, __version__, space(req.source_datastore).free)
-        dst_side = Side(facts, accel, qv, __version__, free)
-        problems += migration_problems(spec, src_side, dst_side, needed)
+        problems += migration_problems(spec, src_side, there.side, needed)
         self.record.facts["accel"] = accel
         if accel == "tcg" and len(self.schedule.downtime_ms) > 1:
             # QEMU 7.2 under TCG corrupts guest memory in migrations of many short iterations (reproduced
@@ -339,13 +342,15 @@ class Coordinator(Job):
     async def _home_files(self) -> None:
         assert self.spec is not None
         req = self.request
-        dst = self.dst_home.path
-        dst.mkdir(mode=0o755)
+        # Recorded first: a home made but not recorded would be left behind by a rollback.
         self.record.facts["destination_home_created"] = True
         self.store.save(self.record)
         disk_files = {d.file_name for d in self.spec.disks}
-        copied = await asyncio.to_thread(copy_home_files, self.src_home.path, dst, disk_files)
-        self.report["home_bytes"] = copied
+        try:
+            self.report["home_bytes"] = await self.target.create_home(self.src_home.path, disk_files)
+        except FileExistsError:
+            self.record.facts["destination_home_created"] = False  # someone else's: never removed
+            raise SideError(f"{self.target.home_path} appeared on the destination meanwhile") from None
         exports = self.record.facts.get("exports", {})
         plan = IncomingPlan(
             migration=self.record.id,
@@ -359,20 +364,14 @@ class Coordinator(Job):
             else {},
         )
         if req.storage == StorageMode.PRECOPY:
-            for d in self.spec.disks:  # the mirror fills them; sparse until it does
-                with self.dst_home.disk_path(d).open("wb") as f:
-                    f.truncate(d.size)
-        plan.save(dst)
-        info = await asyncio.to_thread(
-            control.start_vm,
-            self.dst_home,
-            accel=str(self.record.facts.get("accel", "tcg")),
-            qemu=req.qemu if req.qemu != DEFAULT_QEMU else None,
-            incoming=True,
-            runtime_dir=req.dest_runtime_dir,
+            # The mirror fills them; sparse until it does.
+            await self.target.create_disks({d.file_name: d.size for d in self.spec.disks})
+        await self.target.save_plan(plan)
+        info = await self.target.start_incoming(
+            str(self.record.facts.get("accel", "tcg")), req.qemu if req.qemu != DEFAULT_QEMU else None
         )
         self.record.facts["destination_supervisor_pid"] = info.get("supervisor_pid")
-        self.dest = VmSide(self.dst_home, self.spec, "destination")
+        self.dest = self.target
         self.store.save(self.record)
 
     # --- storage before memory -----------------------------------------------------------------------------
@@ -429,9 +428,20 @@ class Coordinator(Job):
     # --- memory --------------------------------------------------------------------------------------------
 
     async def _memory(self) -> None:
+        # The dirty-rate sample started in _prepare (1 s) is read beside the stream, never waited for
+        # first: the destination may be ready before it is.
+        dirty_rate = asyncio.ensure_future(self._read_dirty_rate())
+        try:
+            await self._stream()
+        finally:
+            if not dirty_rate.done():
+                dirty_rate.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await dirty_rate
+
+    async def _stream(self) -> None:
         assert self.source is not None and self.dest is not None
         req, src, dst = self.request, self.source, self.dest
-        await self._read_dirty_rate()
         caps_src = {
             "events": True,
             "pause-before-switchover": True,
@@ -563,23 +573,41 @@ class Coordinator(Job):
         src, dst = self.source, self.dest
         t_stop = time.monotonic()
         storage: dict[str, Any] = {}
-        if uses_dirty_bitmap(self.request.storage):
-            for disk in self.spec.disks:
-                result = await dst.proxy(disk.name, "invalidate")
-                storage[disk.name] = {k: result[k] for k in ("dirty_bytes", "dropped_bytes", "seconds")}
-        elif self.request.storage == StorageMode.PRECOPY:
-            for job in self.record.facts.get("mirror_jobs", []):
-                # Ready, and the guest is stopped and drained: cancelling leaves the target in sync.
-                await src.qmp("block-job-cancel", {"device": job})
-            await self._wait_jobs_gone()
-        storage_done = time.monotonic()
-        await src.qmp("migrate-continue", {"state": "pre-switchover"})
-        info = await src.wait_migration(_TERMINAL, 120)
-        if info.get("status") != "completed":
-            raise SideError(f"memory migration {info.get('status')}: {info.get('error-desc', '')}")
-        dinfo = await dst.wait_migration(_TERMINAL, 120)
-        if dinfo.get("status") != "completed":
-            raise SideError(f"the destination's incoming migration {dinfo.get('status')}")
+        storage_done = t_stop
+
+        async def invalidate(disk: str) -> None:
+            nonlocal storage_done
+            result = await dst.proxy(disk, "invalidate")
+            storage[disk] = {k: result[k] for k in ("dirty_bytes", "dropped_bytes", "seconds")}
+            storage_done = max(storage_done, time.monotonic())
+
+        # The source is stopped and drained: its dirty bitmaps are final. The destination's proxies drop
+        # what they name while QEMU sends the rest of memory, not before it (across a WAN each is a round
+        # trip to the source): the destination guest runs only after both, and its QEMU reads nothing
+        # for it until then (requests it restarts wait for the resume).
+        dropping = (
+            [asyncio.ensure_future(invalidate(d.name)) for d in self.spec.disks]
+            if uses_dirty_bitmap(self.request.storage)
+            else []
+        )
+        try:
+            if self.request.storage == StorageMode.PRECOPY:
+                for job in self.record.facts.get("mirror_jobs", []):
+                    # Ready, and the guest is stopped and drained: cancelling leaves the target in sync.
+                    await src.qmp("block-job-cancel", {"device": job})
+                await self._wait_jobs_gone()
+                storage_done = time.monotonic()
+            await src.qmp("migrate-continue", {"state": "pre-switchover"})
+            info = await src.wait_migration(_TERMINAL, 120)
+            if info.get("status") != "completed":
+                raise SideError(f"memory migration {info.get('status')}: {info.get('error-desc', '')}")
+            dinfo = await dst.wait_migration(_TERMINAL, 120)
+            if dinfo.get("status") != "completed":
+                raise SideError(f"the destination's incoming migration {dinfo.get('status')}")
+            await asyncio.gather(*dropping)
+        finally:
+            for task in dropping:
+                task.cancel()  # after a failure; the rollback removes the destination anyway
         self.report["switchover"] = {
             "storage_ms": round((storage_done - t_stop) * 1000, 2),
             "storage": storage,
@@ -612,7 +640,7 @@ class Coordinator(Job):
     # --- after the commit point ----------------------------------------------------------------------------
 
     async def _resume(self) -> None:
-        if self.dest is None or not self.dst_home.is_running():
+        if self.dest is None or not await self.dest.is_running():
             raise SideError("the destination VM is gone after the commit point; its source stays stopped")
         if (await self.dest.status()).get("state") == "running":
             return  # resumed before a coordinator died
@@ -644,10 +672,10 @@ class Coordinator(Job):
         fetched: dict[str, dict[str, Any]] = {}
         unanswered_since: float | None = None
         while True:
-            if not self.dst_home.is_running():
+            if not await self.dest.is_running():
                 raise SideError(
                     "the destination VM ended before its disks were complete; the source keeps serving "
-                    f"them: start it again on the destination ({self.dst_home.path}) to carry on"
+                    f"them: start it again on the destination ({self.target.home_path}) to carry on"
                 )
             done = True
             total = present = 0
@@ -687,9 +715,11 @@ class Coordinator(Job):
             if self.src_home.path.exists():
                 await asyncio.to_thread(shutil.rmtree, self.src_home.path)
             self.report["source_released_s"] = self._since_start()
-        if moves_disks(self.request.storage):
+        if moves_disks(self.request.storage) and self.dest is not None:
             # Every disk is a complete local file now; with shared storage the plan says where it is.
-            (self.dst_home.path / PLAN_FILE).unlink(missing_ok=True)
+            await self.dest.drop_plan()
+        if self.dest is not None:
+            await self.dest.adopt()
 
     # --- rollback ------------------------------------------------------------------------------------------
 
@@ -740,10 +770,9 @@ class Coordinator(Job):
                     await src.nbd("bitmap-remove", export=disk.name, name=self.record.facts["bitmap"])
 
     async def _remove_destination(self) -> None:
-        if self.dst_home.path.exists() and self.dst_home.is_running():
-            await asyncio.to_thread(control.kill_vm, self.dst_home)
-        if self.record.facts.get("destination_home_created") and self.dst_home.path.exists():
-            await asyncio.to_thread(shutil.rmtree, self.dst_home.path)
+        # Only a home this migration made: a VM of that name that was there before is not ours.
+        if self.record.facts.get("destination_home_created"):
+            await self.target.remove()
 
     # --- report --------------------------------------------------------------------------------------------
 

@@ -14,17 +14,25 @@ RUN_FILES = frozenset({".lock", "supervisor.pid", "state.json", PLAN_FILE})
 _CHANGING = (".log", ".1", ".toml", ".json", ".fd")
 
 
+def home_files(source: Path, disk_files: set[str]) -> list[Path]:
+    """The files of a home that go to a new home: all but the disks, run files and disk side files."""
+    out = []
+    for entry in sorted(source.iterdir()):
+        if entry.name in RUN_FILES or entry.name in disk_files or not entry.is_file():
+            continue
+        if entry.name.endswith((".bitmap", ".hikkoshi-move")) or entry.name.startswith("."):
+            continue
+        out.append(entry)
+    return out
+
+
 def copy_home_files(source: Path, dest: Path, disk_files: set[str]) -> int:
     """Copy every file of ``source`` but the disks and the run files into ``dest``; bytes copied.
 
     Boot files (kernel, initrd) are hard-linked when both homes share a file system: they are large
     and never rewritten in place."""
     copied = 0
-    for entry in sorted(source.iterdir()):
-        if entry.name in RUN_FILES or entry.name in disk_files or not entry.is_file():
-            continue
-        if entry.name.endswith((".bitmap", ".hikkoshi-move")) or entry.name.startswith("."):
-            continue
+    for entry in home_files(source, disk_files):
         target = dest / entry.name
         try:
             if entry.name.endswith(_CHANGING):

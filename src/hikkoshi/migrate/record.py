@@ -34,6 +34,8 @@ class Endpoint(BaseModel):
     home: Path
     runtime_dir: Path | None = None
     address: str = "127.0.0.1"
+    agent: str | None = None
+    """The URL of the host's agent when the migration reaches that side through it."""
 
 
 class MigrationRecord(BaseModel):

@@ -3,6 +3,7 @@ services (NBD service, relocation proxies) and its QEMU, each reached through it
 
 from __future__ import annotations
 
+import abc
 import asyncio
 from pathlib import Path
 from typing import Any
@@ -18,20 +19,24 @@ class SideError(RuntimeError):
     """A side did not do what it was asked."""
 
 
-class VmSide:
-    """One VM's supervisor and the services it owns."""
+class ControlSide(abc.ABC):
+    """A VM's supervisor as a migration job drives it: control commands to the supervisor, its NBD
+    service and its relocation proxies; QMP through the supervisor. Reached locally (:class:`VmSide`)
+    or through the host's agent."""
 
-    def __init__(self, home: VmHome, spec: VmSpec, label: str) -> None:
-        self.home = home
-        self.spec = spec
-        self.label = label
+    label: str
 
+    @abc.abstractmethod
     async def ctl(self, command: str, **args: Any) -> Any:
         """A supervisor control command."""
-        try:
-            return await control.request(self.home, self.spec, command, **args)
-        except VmError as exc:
-            raise SideError(f"{self.label}: {exc}") from None
+
+    @abc.abstractmethod
+    async def nbd(self, command: str, **args: Any) -> Any:
+        """A command to the VM's NBD service."""
+
+    @abc.abstractmethod
+    async def proxy(self, disk: str, command: str, **args: Any) -> Any:
+        """A command to the relocation proxy of ``disk``."""
 
     async def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """A QMP command, through the supervisor."""
@@ -50,6 +55,22 @@ class VmSide:
         (then with ``timed_out``), whichever comes first."""
         result: dict[str, Any] = await self.ctl("migrate-wait", states=states, timeout=limit)
         return result
+
+
+class VmSide(ControlSide):
+    """One VM's supervisor on this host, reached through its control sockets."""
+
+    def __init__(self, home: VmHome, spec: VmSpec, label: str) -> None:
+        self.home = home
+        self.spec = spec
+        self.label = label
+
+    async def ctl(self, command: str, **args: Any) -> Any:
+        """A supervisor control command."""
+        try:
+            return await control.request(self.home, self.spec, command, **args)
+        except VmError as exc:
+            raise SideError(f"{self.label}: {exc}") from None
 
     def _state_path(self, key: str) -> Path:
         value = self.home.read_state().get(key)

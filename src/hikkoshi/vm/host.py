@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -147,3 +148,16 @@ def choose_accel(
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "tcg"
     return detect_accel(build_guest(), qemu=qemu)
+
+
+def qemu_version(qemu: str = DEFAULT_QEMU) -> tuple[int, int, int]:
+    """The version of a QEMU binary (0.0.0 if it cannot say)."""
+    try:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=30).stdout
+        words = out.split("version", 1)[1].split()[0].split(".")
+        major, minor, micro = (
+            int("".join(c for c in w if c.isdigit()) or 0) for w in (words + ["0"] * 3)[:3]
+        )
+        return major, minor, micro
+    except (OSError, IndexError, ValueError, subprocess.TimeoutExpired):
+        return 0, 0, 0

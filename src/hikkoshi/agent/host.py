@@ -1,0 +1,295 @@
+"""One agent's host: its configuration, datastores and the VMs in them (create, start, stop, console,
+destroy). The datastores are the truth about which VMs exist; the database remembers the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hikkoshi import __version__
+from hikkoshi.agent.db import AgentDb
+from hikkoshi.agent.errors import Conflict, NotFound
+from hikkoshi.agent.models import DatastoreInfo, DiskInfo, HostInfo, NicInfo, VmCreate, VmInfo, VmStop
+from hikkoshi.vm import control
+from hikkoshi.vm.datastore import Datastore
+from hikkoshi.vm.errors import DatastoreError, VmError
+from hikkoshi.vm.guest_image import DEFAULT_QEMU, build_guest
+from hikkoshi.vm.guest_vm import create_guest_vm
+from hikkoshi.vm.home import VmHome
+from hikkoshi.vm.host import choose_accel, host_facts, qemu_version, space
+from hikkoshi.vm.spec import VmSpec, parse_spec
+from hikkoshi.vm.workloads import WORKLOADS
+
+
+@dataclass
+class AgentConfig:
+    """How an agent was started."""
+
+    name: str
+    host: str
+    port: int
+    datastores: dict[str, Path]
+    """Name to path; the first is the default."""
+    state_dir: Path
+    token: str
+    site: str = "default"
+    qemu: str = DEFAULT_QEMU
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    peer_ca: Path | None = None
+    """CA that other agents' certificates are checked against (TLS between agents)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def runtime_dir(self) -> Path:
+        """Where this host's VMs keep their sockets (``HIKKOSHI_RUNTIME_DIR`` of its supervisors)."""
+        return self.state_dir / "run"
+
+    @property
+    def url(self) -> str:
+        """The agent's own URL."""
+        scheme = "https" if self.tls_cert else "http"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
+
+
+def _vm_info(name: str, ds: str, home: VmHome, spec: VmSpec | None, status: dict[str, Any]) -> VmInfo:
+    return VmInfo(
+        name=name,
+        datastore=ds,
+        uuid=str(spec.uuid) if spec else None,
+        running=bool(status.get("running")),
+        state=str(status.get("state", "stopped")),
+        memory_mib=spec.memory_mib if spec else None,
+        cpus=spec.cpus if spec else None,
+        disks=[DiskInfo(name=d.name, size=d.size, provisioning=d.provisioning) for d in spec.disks]
+        if spec
+        else [],
+        nics=[NicInfo(mac=n.mac, network=n.network) for n in spec.nics] if spec else [],
+        supervisor_pid=status.get("supervisor_pid"),
+        qemu_pid=status.get("qemu_pid"),
+        accel=status.get("accel"),
+        error=status.get("error") or status.get("last_error"),
+    )
+
+
+class Host:
+    """The datastores and VMs of this agent's host."""
+
+    def __init__(self, config: AgentConfig, db: AgentDb) -> None:
+        self.config = config
+        self.db = db
+        self.stores: dict[str, Datastore] = {}
+        for name, path in config.datastores.items():
+            path.mkdir(parents=True, exist_ok=True)
+            try:
+                self.stores[name] = Datastore.open(path)
+            except DatastoreError:
+                self.stores[name] = Datastore.init(path, name)
+        config.runtime_dir.mkdir(parents=True, exist_ok=True)
+        self._accel: str | None = None
+        self._accel_lock = asyncio.Lock()
+        #: VMs being created, started, stopped or destroyed now: one operation per VM at a time.
+        self._busy: set[str] = set()
+
+    # --- host ---------------------------------------------------------------------------------------------
+
+    async def accel(self) -> str:
+        """The accelerator VMs get here (found once: it may boot a test guest under KVM)."""
+        async with self._accel_lock:
+            if self._accel is None:
+                self._accel = await asyncio.to_thread(choose_accel, "auto", qemu=self.config.qemu)
+            return self._accel
+
+    def datastore(self, name: str | None) -> tuple[str, Datastore]:
+        """A datastore by name (``None``: the first)."""
+        if name is None:
+            name = next(iter(self.stores))
+        if name not in self.stores:
+            raise NotFound(f"no datastore {name!r} here (datastores: {', '.join(self.stores)})")
+        return name, self.stores[name]
+
+    async def info(self) -> HostInfo:
+        """What this host is and has."""
+        facts = await asyncio.to_thread(host_facts)
+        datastores = []
+        for name, store in self.stores.items():
+            sp = space(store.path)
+            datastores.append(
+                DatastoreInfo(name=name, path=str(store.path), total_bytes=sp.total, free_bytes=sp.free)
+            )
+        return HostInfo(
+            name=self.config.name,
+            version=__version__,
+            accel=await self.accel(),
+            address=self.config.host,
+            site=self.config.site,
+            datastores=datastores,
+            memory_total=facts.memory.total,
+            memory_available=facts.memory.available,
+            cpu_model=facts.cpu.model,
+            cpu_count=facts.cpu.count,
+            qemu_version=list(await asyncio.to_thread(qemu_version, self.config.qemu)),
+            vms=len(self.homes()),
+        )
+
+    # --- VMs ----------------------------------------------------------------------------------------------
+
+    def homes(self) -> dict[str, tuple[str, VmHome]]:
+        """Every VM home of every datastore, by VM name (the first datastore wins a duplicate)."""
+        out: dict[str, tuple[str, VmHome]] = {}
+        for ds, store in self.stores.items():
+            for entry in store.entries():
+                out.setdefault(entry.name, (ds, entry.home))
+        return out
+
+    def find(self, name: str) -> tuple[str, VmHome, VmSpec]:
+        """A VM's datastore name, home and spec; :class:`NotFound` if it is not here."""
+        found = self.homes().get(name)
+        if found is None:
+            raise NotFound(f"no VM named {name!r} on {self.config.name}")
+        ds, home = found
+        try:
+            return ds, home, home.load_spec()
+        except (OSError, VmError) as exc:
+            raise Conflict(f"VM {name!r}: {exc}") from None
+
+    async def vm(self, name: str) -> VmInfo:
+        """One VM's state."""
+        ds, home, spec = self.find(name)
+        try:
+            status = await control.vm_status(home, spec)
+        except VmError as exc:
+            status = {"running": home.is_running(), "state": "unknown", "error": str(exc)}
+        incoming = self.db.vms().get(name, {}).get("state") == "incoming"
+        if incoming and status.get("state") in ("running", "paused", "inmigrate"):
+            status = {**status, "state": "incoming"}
+        return _vm_info(name, ds, home, spec, status)
+
+    async def vms(self) -> list[VmInfo]:
+        """Every VM's state."""
+        out = []
+        for name in sorted(self.homes()):
+            with contextlib.suppress(NotFound, Conflict):
+                out.append(await self.vm(name))
+        return out
+
+    @contextlib.contextmanager
+    def busy(self, name: str) -> Any:
+        """One operation on a VM at a time."""
+        if name in self._busy:
+            raise Conflict(f"VM {name!r} is busy with another request")
+        self._busy.add(name)
+        try:
+            yield
+        finally:
+            self._busy.discard(name)
+
+    async def create(self, body: VmCreate) -> VmInfo:
+        """Create a VM (its home, disks and spec) in a datastore."""
+        if body.name in self.homes():
+            raise Conflict(f"a VM named {body.name!r} exists on {self.config.name} already")
+        ds, store = self.datastore(body.datastore)
+        data = _spec_data(body)
+        with self.busy(body.name):
+            if body.guest:
+                if body.guest not in WORKLOADS:
+                    raise ValueError(f"no test-guest workload {body.guest!r} (known: {', '.join(WORKLOADS)})")
+                if body.kernel or body.initrd or body.image:
+                    raise ValueError(
+                        "guest boots the test guest's kernel: no kernel, initrd or image with it"
+                    )
+                guest = await asyncio.to_thread(build_guest)
+                params: dict[str, str | int] = dict(body.params)
+                await asyncio.to_thread(
+                    create_guest_vm, store, guest, data, body.guest, params, append=body.append or ""
+                )
+            else:
+                if body.params:
+                    raise ValueError("params go with guest")
+                image = Path(body.image) if body.image else None
+                spec = parse_spec(data)
+                await asyncio.to_thread(store.create_vm, spec, host_facts(), image=image)
+        info = await self.vm(body.name)
+        self.db.set_vm(body.name, ds, info.uuid, "created")
+        return info
+
+    async def start(self, name: str) -> VmInfo:
+        """Start a VM (its supervisor owns QEMU and the NBD service)."""
+        ds, home, spec = self.find(name)
+        with self.busy(name):
+            await asyncio.to_thread(
+                control.start_vm,
+                home,
+                qemu=self.config.qemu if self.config.qemu != DEFAULT_QEMU else None,
+                runtime_dir=self.config.runtime_dir,
+            )
+        self.db.set_vm(name, ds, str(spec.uuid), "running")
+        return await self.vm(name)
+
+    async def stop(self, name: str, body: VmStop) -> VmInfo:
+        """Power a VM off (ACPI, then quit, then kill), or kill its supervisor (``force``)."""
+        ds, home, spec = self.find(name)
+        if not home.is_running():
+            raise Conflict(f"VM {name!r} is not running")
+        with self.busy(name):
+            if body.force:
+                await asyncio.to_thread(control.kill_vm, home)
+            else:
+                await control.stop_vm(home, spec, grace=body.timeout, hard=body.hard)
+        self.db.set_vm(name, ds, str(spec.uuid), "stopped")
+        return await self.vm(name)
+
+    def console(self, name: str, offset: int) -> tuple[bytes, int, bool]:
+        """The console log from ``offset`` (at most 1 MiB), its size, and whether the VM runs."""
+        _ds, home, _spec = self.find(name)
+        try:
+            with home.console_log.open("rb") as f:
+                size = f.seek(0, 2)
+                f.seek(min(offset, size))
+                return f.read(1 << 20), size, home.is_running()
+        except FileNotFoundError:
+            return b"", 0, home.is_running()
+
+    async def destroy(self, name: str) -> None:
+        """Delete a stopped VM with its disks."""
+        ds, home, _spec = self.find(name)
+        if home.is_running():
+            raise Conflict(f"VM {name!r} is running: stop it first")
+        with self.busy(name):
+            await asyncio.to_thread(self.stores[ds].destroy_vm, name)
+        self.db.forget_vm(name)
+
+
+def _spec_data(body: VmCreate) -> dict[str, Any]:
+    """The spec ``body`` describes, as plain data (validated by :func:`parse_spec`)."""
+    networks = [n for n in body.nics if n != "none"]
+    if len(body.macs) > len(networks):
+        raise ValueError(f"{len(body.macs)} MACs for {len(networks)} NICs")
+    nics: list[dict[str, Any]] = [{"network": n} for n in networks]
+    for nic, mac in zip(nics, body.macs, strict=False):
+        nic["mac"] = mac
+    disks = []
+    for i, item in enumerate(body.disks):
+        size, _, provisioning = item.partition(":")
+        disks.append({"name": f"disk{i}", "size": size, "provisioning": provisioning or "thin"})
+    if body.image and not disks:
+        disks = [{"name": "disk0", "size": "512", "provisioning": "thin"}]  # grown to the image
+    data: dict[str, Any] = {
+        "name": body.name,
+        "memory_mib": body.memory_mib,
+        "cpus": body.cpus,
+        "accel": body.accel,
+        "disks": disks,
+        "nics": nics,
+    }
+    if not body.guest:
+        boot = {k: v for k, v in (("kernel", body.kernel), ("initrd", body.initrd)) if v}
+        if body.append is not None:
+            boot["append"] = body.append
+        if boot:
+            data["boot"] = boot
+    return data

@@ -1,0 +1,338 @@
+"""Migration jobs of an agent: live migrations to other agents' hosts and storage migrations between
+its own datastores. Each runs as a task of the agent's task group, saves its record in the database
+at every phase change, keeps its latest progress and a timeline for the API, and leaves its report
+(JSON) and a plot of its timeline (PNG) in ``<state dir>/reports``. At start-up the agent takes over
+the migrations a dead agent left: rolled back before the commit point, finished after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from hikkoshi.agent.client import AgentClient, AgentError
+from hikkoshi.agent.db import AgentDb, DbMigrationStore
+from hikkoshi.agent.errors import Conflict, NotFound, Problem
+from hikkoshi.agent.host import Host
+from hikkoshi.agent.models import HostInfo, MigrateBody, MigrationInfo, StorageMigrateBody
+from hikkoshi.agent.remote_destination import RemoteDestination
+from hikkoshi.agent.timeline import render_timeline
+from hikkoshi.block.throttle import parse_rate
+from hikkoshi.migrate.coordinator import Coordinator, MigrationRequest, Route
+from hikkoshi.migrate.job import Job, MigrationError
+from hikkoshi.migrate.phases import recovery
+from hikkoshi.migrate.record import MigrationRecord
+from hikkoshi.migrate.sides import SideError, VmSide
+from hikkoshi.migrate.storage_migrate import StorageMigration
+from hikkoshi.vm.home import VmHome
+
+log = logging.getLogger("hikkoshi.agent")
+
+RouteFactory = Callable[[str, str], AbstractAsyncContextManager[Route | None]]
+"""``routes(source_site, destination_site)``: the route function a migration between two sites uses
+(e.g. through a WAN emulator), alive for the migration's duration; ``None``: direct."""
+
+
+@contextlib.asynccontextmanager
+async def direct_routes(_src: str, _dst: str) -> AsyncIterator[Route | None]:
+    """Every service is reached directly."""
+    yield None
+
+
+class BadPeer(Problem):
+    """The destination agent does not answer, or refuses."""
+
+    status = 424
+
+
+@dataclass
+class JobState:
+    """One migration job this agent runs."""
+
+    id: str
+    vm: str
+    role: str
+    job: Job
+    destination: str | None = None
+    progress: dict[str, Any] = field(default_factory=dict)
+    samples: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    t0: float = field(default_factory=time.monotonic)
+    running: bool = True
+
+    def on_progress(self, info: dict[str, Any]) -> None:
+        """The job's progress callback: keep the latest, and every point for the timeline."""
+        self.progress.update(info)
+        self.samples.append((round(time.monotonic() - self.t0, 3), dict(info)))
+
+
+class Jobs:
+    """The migration jobs of one agent."""
+
+    def __init__(self, host: Host, db: AgentDb, routes: RouteFactory | None = None) -> None:
+        self.host = host
+        self.db = db
+        self.routes = routes or direct_routes
+        self.jobs: dict[str, JobState] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def attach(self, tg: asyncio.TaskGroup) -> None:
+        """The task group that owns the jobs (the agent's lifetime)."""
+        self._tg = tg
+
+    @property
+    def reports_dir(self) -> Path:
+        """Where reports and timeline plots go."""
+        return self.host.config.state_dir / "reports"
+
+    def _client(self, url: str) -> AgentClient:
+        return AgentClient(url, self.host.config.token, ca_file=self.host.config.peer_ca)
+
+    def _busy_vm(self, vm: str) -> None:
+        for state in self.jobs.values():
+            if state.running and state.vm == vm:
+                raise Conflict(f"VM {vm!r} is being migrated already ({state.id})")
+
+    # --- starting -----------------------------------------------------------------------------------------
+
+    async def migrate(self, name: str, body: MigrateBody) -> str:
+        """Start a live migration of ``name`` to the agent at ``body.to``; its id."""
+        if body.mode != "live":
+            raise Problem(
+                f"{body.mode} migration between agents is not built yet: use `hikkoshi migrate "
+                f"--{body.mode}` on a host that reaches both datastores"
+            )
+        self._busy_vm(name)
+        ds, home, _spec = self.host.find(name)
+        client = self._client(body.to)
+        try:
+            try:
+                peer = HostInfo.model_validate(await client.get("/v1/host"))
+            except AgentError as exc:
+                raise BadPeer(f"destination agent {body.to}: {exc.detail}") from None
+            if peer.name == self.host.config.name:
+                raise Problem("the destination is this agent: use storage-migrate to change datastores")
+            dest_ds = body.datastore or (peer.datastores[0].name if peer.datastores else "")
+            path = next((d.path for d in peer.datastores if d.name == dest_ds), "/nonexistent")
+            target = RemoteDestination(client, name, dest_ds, Path(path))
+            request = MigrationRequest(
+                vm=name,
+                source_datastore=self.host.stores[ds].path,
+                dest_datastore=Path(path),
+                storage=body.storage,
+                source_address=self.host.config.host,
+                dest_address=peer.address,
+                max_downtime_ms=body.max_downtime_ms,
+                bandwidth=int(parse_rate(body.bandwidth)) if body.bandwidth else None,
+                disk_bandwidth=body.disk_bandwidth,
+                auto_converge=body.auto_converge,
+                allow_postcopy=body.allow_postcopy,
+                qemu=self.host.config.qemu,
+            )
+        except BaseException:
+            await client.aclose()
+            raise
+        store = DbMigrationStore(self.db, "source")
+        coordinator = Coordinator(request, store, destination=target)
+        coordinator.record.settings["destination_datastore"] = dest_ds
+        coordinator.record.settings["destination_site"] = peer.site
+        state = self._register(coordinator, "source", body.to)
+        self._spawn(self._run_live(state, coordinator, client, peer.site, home))
+        return state.id
+
+    async def storage_migrate(self, name: str, body: StorageMigrateBody) -> str:
+        """Start moving ``name``'s home and disks to another datastore of this host; its id."""
+        self._busy_vm(name)
+        ds, home, _spec = self.host.find(name)
+        _dest, store = self.host.datastore(body.datastore)
+        if store.path == self.host.stores[ds].path:
+            raise Problem(f"VM {name!r} is in datastore {ds!r} already")
+        job = StorageMigration(
+            name,
+            self.host.stores[ds].path,
+            store.path,
+            DbMigrationStore(self.db, "storage"),
+            mode=body.mode,
+            bandwidth=body.bandwidth,
+            thick=body.thick,
+        )
+        state = self._register(job, "storage", None)
+        self._spawn(self._run_job(state, job.run(), home))
+        return state.id
+
+    def _register(self, job: Job, role: str, destination: str | None) -> JobState:
+        state = JobState(job.record.id, job.record.vm, role, job, destination)
+        job.on_progress = state.on_progress
+        self.jobs[state.id] = state
+        return state
+
+    def _spawn(self, coro: Any) -> None:
+        if self._tg is None:
+            coro.close()
+            raise Conflict("the agent is not serving yet")
+        task = self._tg.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def cancel_all(self) -> None:
+        """The agent stops: cancel every job (before its commit point a job rolls back; after it, its
+        record says where it stood and the next agent finishes it)."""
+        for task in self._tasks:
+            task.cancel()
+
+    # --- running ------------------------------------------------------------------------------------------
+
+    async def _run_live(
+        self, state: JobState, coordinator: Coordinator, client: AgentClient, peer_site: str, home: VmHome
+    ) -> None:
+        try:
+            async with self.routes(self.host.config.site, peer_site) as route:
+                coordinator.request = replace(coordinator.request, route=route)
+                await self._run_job(state, coordinator.run(), home)
+        finally:
+            await client.aclose()
+
+    async def _run_job(self, state: JobState, work: Any, home: VmHome) -> None:
+        """Run a job with its I/O-latency sampler; then its report and timeline."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                sampler = tg.create_task(self._sample_latency(state, home))
+                try:
+                    await work
+                except MigrationError as exc:
+                    log.warning("migration %s: %s", state.id, exc)
+                except Exception:
+                    log.exception("migration %s crashed", state.id)
+                finally:
+                    sampler.cancel()
+        finally:
+            state.running = False
+            await self._leave_report(state)
+
+    async def _sample_latency(self, state: JobState, home: VmHome) -> None:
+        """Every half second, the latency of the guest's disk requests at the source's NBD service
+        (the mean over the interval), while that service runs."""
+        try:
+            side = VmSide(home, home.load_spec(), "source")
+        except (OSError, ValueError):
+            return
+        last: tuple[int, float] | None = None
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                stats = await side.nbd("stats")
+            except (SideError, OSError):
+                continue  # not running (yet, or any more)
+            n = sum(int(sum(e["requests"].values())) for e in stats.values())
+            total_us = sum(e["latency_us"]["mean"] * sum(e["requests"].values()) for e in stats.values())
+            if last is not None and n > last[0]:
+                mean_ms = (total_us - last[1]) / (n - last[0]) / 1000
+                state.samples.append(
+                    (round(time.monotonic() - state.t0, 3), {"io_latency_ms": round(max(mean_ms, 0.0), 3)})
+                )
+            last = (n, total_us)
+
+    async def _leave_report(self, state: JobState) -> None:
+        record = state.job.record
+        self.db.save_migration(record, state.role)
+        for t, data in state.samples:
+            self.db.add_sample(state.id, t, data)
+        self.reports_dir.mkdir(parents=True, exist_ok=True)
+        report = self.reports_dir / f"{state.id}.json"
+        report.write_text(json.dumps(json.loads(record.model_dump_json()), indent=2))
+        try:
+            await asyncio.to_thread(
+                render_timeline, state.samples, record, self.reports_dir / f"{state.id}.png"
+            )
+        except Exception:  # a plot never fails a migration
+            log.exception("timeline of migration %s", state.id)
+
+    # --- after a restart ----------------------------------------------------------------------------------
+
+    async def recover_all(self) -> list[str]:
+        """Take over the migrations a dead agent left unfinished; their ids."""
+        taken = []
+        for record, role in self.db.migrations():
+            if recovery(record.phase) not in ("rollback", "finish") or record.id in self.jobs:
+                continue
+            job: Job
+            client: AgentClient | None = None
+            if record.kind == "live" and record.destination.agent:
+                client = self._client(record.destination.agent)
+                target = RemoteDestination(
+                    client,
+                    record.vm,
+                    str(record.settings.get("destination_datastore", "")),
+                    record.destination.datastore,
+                )
+                job = Coordinator.from_record(record, DbMigrationStore(self.db, role), destination=target)
+            elif record.kind == "storage":
+                job = StorageMigration.from_record(record, DbMigrationStore(self.db, role))
+            else:
+                log.error("migration %s (%s) cannot be taken over by an agent", record.id, record.kind)
+                continue
+            state = self._register(job, role, record.destination.agent)
+            log.info("taking over migration %s, left at %s", record.id, record.phase.value)
+            self._spawn(self._recover(state, job, client, VmHome(record.source.home)))
+            taken.append(record.id)
+        return taken
+
+    async def _recover(self, state: JobState, job: Job, client: AgentClient | None, home: VmHome) -> None:
+        try:
+            assert isinstance(job, Coordinator | StorageMigration)
+            await self._run_job(state, job.recover(), home)
+        finally:
+            if client is not None:
+                await client.aclose()
+
+    # --- reading ------------------------------------------------------------------------------------------
+
+    def info(self, migration_id: str) -> MigrationInfo:
+        """One migration, with its live progress if it runs."""
+        state = self.jobs.get(migration_id)
+        if state is not None:
+            return _info(state.job.record, state.role, state)
+        try:
+            record, role = self.db.migration(migration_id)
+        except KeyError:
+            raise NotFound(f"no migration {migration_id!r} here") from None
+        return _info(record, role, None)
+
+    def all(self, vm: str | None = None) -> list[MigrationInfo]:
+        """Every migration this agent ran (of one VM if given), oldest first."""
+        return [self.info(record.id) for record, _role in self.db.migrations(vm)]
+
+    def timeline(self, migration_id: str) -> Path:
+        """The PNG of a finished migration's timeline."""
+        self.info(migration_id)  # NotFound
+        path = self.reports_dir / f"{migration_id}.png"
+        if not path.exists():
+            raise NotFound(f"migration {migration_id!r} has no timeline (yet)")
+        return path
+
+
+def _info(record: MigrationRecord, role: str, state: JobState | None) -> MigrationInfo:
+    return MigrationInfo(
+        id=record.id,
+        vm=record.vm,
+        kind=record.kind,
+        role=role,
+        phase=record.phase.value,
+        storage=record.storage.value,
+        running=state.running if state else False,
+        created=record.created,
+        finished=record.finished,
+        error=record.error,
+        progress=dict(state.progress) if state else {},
+        report=record.report,
+        destination=record.destination.agent,
+        record=record.model_dump(mode="json"),
+    )
