@@ -22,9 +22,13 @@ from typing import Any
 
 import pytest
 
+from hikkoshi.block.file import RawFile
+from hikkoshi.lab.link_model import WanParams
+from hikkoshi.lab.wan import WanLink
 from hikkoshi.nbd.client import NbdClient
 from hikkoshi.nbd.constants import Errno
 from hikkoshi.nbd.errors import CommandError
+from hikkoshi.nbd.server import Export, ExportTable, ListenAddress, NbdServer
 
 from .servers import Served, free_port, hikkoshi_server, run_tool, shuffling_server, stop, wait_port
 
@@ -429,3 +433,57 @@ def test_nbd_commands_start_without_the_vm_and_migration_code() -> None:
         [sys.executable, "-m", "hikkoshi", "vm", "--help"], capture_output=True, text=True, check=True
     )
     assert "start" in out.stdout
+
+
+def test_given_its_size_the_proxy_serves_before_reaching_its_upstream(tmp_path: Path) -> None:
+    """With --size the proxy listens at once (a VM's start waits for that) and connects meanwhile; a read
+    waits for the upstream. An upstream of another size ends the proxy before any read is sent there."""
+    one_way = 0.75  # reaching the upstream takes 4 of these (TCP's handshake, greeting, options)
+    src = tmp_path / "src.raw"
+    data = random_image(src, 4 << 20)
+
+    async def start(size: int, name: str, upstream: str) -> tuple[asyncio.subprocess.Process, float, str]:
+        args = proxy_args(upstream, tmp_path, "--no-background", "--size", str(size))
+        args[args.index("--cache") + 1] = str(tmp_path / f"{name}.raw")
+        args[args.index("--control") + 1] = f"unix:{tmp_path / name}.ctl"
+        t0 = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hikkoshi", "nbd", "proxy", *args, "--listen", f"unix:{tmp_path / name}",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        return proc, time.monotonic() - t0, line
+
+    async def scenario() -> None:
+        exports = ExportTable()
+        export = Export("disk", RawFile(src, read_only=True))
+        exports.add(export)
+        server = NbdServer(exports, [ListenAddress(host="127.0.0.1", port=0)])
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(server.serve())
+            await server.ready.wait()
+            async with WanLink(WanParams(one_way * 1000), server.bound[0]) as link:
+                upstream = f"nbd://127.0.0.1:{link.port}/disk"
+                proc, took, line = await start(len(data), "good", upstream)
+                try:
+                    assert "serving" in line and took < 4 * one_way, (line, took)
+                    async with NbdClient(f"nbd+unix:///disk?socket={tmp_path / 'good'}") as c:
+                        assert await c.read(1 << 20, 1 << 20) == data[1 << 20 : 2 << 20]
+                finally:
+                    proc.terminate()
+                    await proc.wait()
+                # The wrong size: the read fails, the proxy ends saying why, and never asked for data.
+                before = export.stats.bytes_read
+                proc, took, line = await start(len(data) + 65536, "bad", upstream)
+                assert "serving" in line
+                async with NbdClient(f"nbd+unix:///disk?socket={tmp_path / 'bad'}") as c:
+                    with pytest.raises((CommandError, ConnectionError)):
+                        await c.read(0, 65536)
+                assert await asyncio.wait_for(proc.wait(), 30) != 0
+                assert proc.stderr is not None
+                assert f"not {len(data) + 65536}" in (await proc.stderr.read()).decode()
+                assert export.stats.bytes_read == before
+            server.stop()
+
+    asyncio.run(scenario())

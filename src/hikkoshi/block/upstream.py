@@ -40,6 +40,9 @@ class Upstream:
         self.clients: list[NbdClient] = []
         self._next = 0
         self.closed = False
+        #: Set while ``open`` runs: requests made meanwhile wait for it (a proxy may serve before its
+        #: source is reached); its exception, if it failed.
+        self._opening: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> Upstream:
         await self.open()
@@ -50,7 +53,30 @@ class Upstream:
     ) -> None:
         await self.close()
 
-    async def open(self) -> None:
+    async def open(self, size: int | None = None) -> None:
+        """Connect to the source; requests made meanwhile wait for it, and fail if it fails.
+
+        ``size``: what the source must be (a cache made before it was reached); none of those requests
+        is sent to a source of another size."""
+        self._opening = asyncio.get_running_loop().create_future()
+        self._opening.add_done_callback(lambda f: f.cancelled() or f.exception())  # waiters may be none
+        try:
+            await self._open()
+            if size is not None and self.size != size:
+                actual = self.size
+                await self.close()
+                raise ValueError(f"the upstream {self.uri} is {actual} bytes, not {size}")
+        except BaseException as exc:
+            self._opening.set_exception(ConnectionError(f"{self.uri}: could not connect: {exc}"))
+            raise
+        self._opening.set_result(None)
+
+    async def wait_open(self) -> None:
+        """Return once ``open`` has connected (at once if it has, or was never called)."""
+        if self._opening is not None:
+            await asyncio.shield(self._opening)  # a waiter that is cancelled leaves it to the others
+
+    async def _open(self) -> None:
         # Every connection at once: over a WAN each costs a round trip or two, and one after another
         # they add up. Whether the source allows more than one (multi-conn) is only known once they are
         # open; without it all but the first are closed again.
@@ -111,12 +137,15 @@ class Upstream:
         return self.clients[self._next]
 
     async def read(self, offset: int, length: int, demand: bool = False) -> bytes:
+        await self.wait_open()
         return await self._pick(demand).read(offset, length)
 
     async def read_buffer(self, offset: int, length: int, demand: bool = False) -> bytearray:
+        await self.wait_open()
         return await self._pick(demand).read_buffer(offset, length)
 
     async def read_into(self, offset: int, buffer: bytearray, demand: bool = False) -> bytearray:
+        await self.wait_open()
         return await self._pick(demand).read_into(offset, buffer)
 
     def has_context(self, name: str) -> bool:
@@ -125,6 +154,7 @@ class Upstream:
     async def extents(
         self, offset: int, length: int, context: str = BASE_ALLOCATION
     ) -> list[tuple[int, int]]:
+        await self.wait_open()
         return await self._pick().block_status(offset, length, context)
 
     async def map(self, context: str = BASE_ALLOCATION, step: int = 1 << 30) -> list[tuple[int, int, int]]:

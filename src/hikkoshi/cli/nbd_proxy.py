@@ -56,6 +56,13 @@ def add_parser(sub: Any) -> None:
         "has dropped the cached blocks it names",
     )
     p.add_argument("--bandwidth", metavar="RATE", help="limit the background copy, e.g. 50M, 100Mbit")
+    p.add_argument(
+        "--size",
+        type=int,
+        metavar="BYTES",
+        help="the upstream's size, if known: serve at once and connect meanwhile (reads that need the "
+        "upstream wait for it; an upstream of another size ends the proxy before any is sent)",
+    )
     p.add_argument("--connections", type=int, default=4, help="upstream connections if it allows multi-conn")
     p.add_argument(
         "--upstream-timeout",
@@ -116,8 +123,12 @@ async def open_proxy(
     connections: int,
     upstream_timeout: float,
     extra_contexts: tuple[str, ...] = (),
+    size: int | None = None,
 ) -> ProxyDevice:
-    """Open (or create) the cache and its bitmap against the upstream; refuse anything inconsistent."""
+    """Open (or create) the cache and its bitmap against the upstream; refuse anything inconsistent.
+
+    With ``size`` the upstream is not connected here: the caller does it (``upstream.open(size)``)
+    while the proxy serves."""
     identity = str(uri)
     upstream = Upstream(
         uri,
@@ -130,12 +141,14 @@ async def open_proxy(
     if bitmap is not None and bitmap.presence.complete:
         upstream.closed = True  # nothing left to fetch: no need for the source any more
     try:
-        if not upstream.closed:
+        if not upstream.closed and size is None:
             await upstream.open()
+            size = upstream.size
         if bitmap is None:
-            bitmap = create_cache(cache, upstream.size, block_size, identity)
-        elif not upstream.closed and upstream.size != bitmap.presence.disk_size:
-            raise BitmapMismatch(f"upstream is {upstream.size} bytes, the cache {bitmap.presence.disk_size}")
+            assert size is not None  # a complete cache has a bitmap
+            bitmap = create_cache(cache, size, block_size, identity)
+        elif size is not None and size != bitmap.presence.disk_size:
+            raise BitmapMismatch(f"upstream is {size} bytes, the cache {bitmap.presence.disk_size}")
         device = ProxyDevice(RawFile(cache), bitmap, upstream)
     except BaseException:
         if bitmap is not None:
@@ -171,6 +184,7 @@ def register_proxy_commands(
         context = DIRTY_CONTEXT_PREFIX + dirty_bitmap
         t0 = time.monotonic()
         try:
+            await proxy.upstream.wait_open()
             if not proxy.upstream.has_context(context):
                 raise ControlError(f"the upstream does not offer {context}")
             extents = await proxy.upstream.map(context)
@@ -234,7 +248,12 @@ async def run_proxy(args: argparse.Namespace) -> int:
         raise ValueError("--block-size must be a power of two from 4K to 1M")
     uri = NbdUri.parse(args.upstream)
     extra = (DIRTY_CONTEXT_PREFIX + args.dirty_bitmap,) if args.dirty_bitmap else ()
-    proxy = await open_proxy(uri, args.cache, block_size, args.connections, args.upstream_timeout, extra)
+    proxy = await open_proxy(
+        uri, args.cache, block_size, args.connections, args.upstream_timeout, extra, args.size
+    )
+    # Given the size, the proxy serves before its upstream is reached: whoever waits for it to listen
+    # (a VM's start, QEMU's own) does not wait for the connections too, round trips across a WAN.
+    connect_later = args.size is not None and not proxy.upstream.closed
     # Skipping free blocks needs a file system whose bitmaps can be trusted (cleanly unmounted); for a live
     # guest the bitmaps only order the copy.
     fs_reader = fs_used_ranges if args.skip_fs_free else fs_used_hint
@@ -270,6 +289,9 @@ async def run_proxy(args: argparse.Namespace) -> int:
                 register_proxy_commands(control, proxy, copy, args.dirty_bitmap)
                 await control.start()
             announce(server)
+            if connect_later:
+                await proxy.upstream.open(proxy.size)
+            # After the connection: the copy asks the upstream which meta contexts it has.
             copying = tg.create_task(copy.run())
             await serving
             copying.cancel()

@@ -194,6 +194,9 @@ def proxy_command(
     cmd += ["--cache", str(home.disk_path(disk)), "--export", disk.name]
     cmd += ["--listen", f"unix:{rundir.proxy_socket(disk.name)}"]
     cmd += ["--control", f"unix:{rundir.proxy_control(disk.name)}"]
+    # The spec's size is the source's (a VM starts only with disks of that size): the proxy serves
+    # at once and checks it once connected.
+    cmd += ["--size", str(disk.size)]
     if backend.background == "paused":
         cmd.append("--start-paused")
     if backend.dirty_bitmap:
