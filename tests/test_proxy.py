@@ -428,9 +428,12 @@ def test_nbd_commands_start_without_the_vm_and_migration_code() -> None:
     argv = ["-v", "nbd", "proxy", "--upstream", "nbd://h/x", "--cache", "c"]
     out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, check=True)
     assert out.stdout.split(None, 1) == ["hikkoshi.cli.nbd_proxy", "[]\n"]
-    # Everything else still parses as before.
+    # Everything else still parses as before, even with an option whose value reads "nbd".
     out = subprocess.run(
-        [sys.executable, "-m", "hikkoshi", "vm", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "hikkoshi", "--agent", "nbd", "vm", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "start" in out.stdout
 

@@ -35,7 +35,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     nbd_status.add_parser(nbd)
     nbd_stats.add_parser(nbd)
     nbd_move.add_parser(nbd)
-    if argv is not None and next((a for a in argv if not a.startswith("-")), None) == "nbd":
+    if argv is not None and _data_plane_only(argv):
         return parser
     from . import datastore, guest, vm
 
@@ -55,6 +55,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     agent.add_parser(top)
     return parser
+
+
+def _data_plane_only(argv: list[str]) -> bool:
+    """Whether the command is ``nbd ...``: the word ``nbd`` with only -v flags before it (the other
+    options take values, which could read ``nbd``)."""
+    for arg in argv:
+        if arg == "nbd":
+            return True
+        if arg != "--verbose" and not (arg.startswith("-v") and set(arg[1:]) == {"v"}):
+            return False
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
