@@ -18,5 +18,7 @@ def test_demo_migrates_a_guest_and_verifies_it() -> None:
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "storage hybrid: done" in done.stdout
-    assert "now runs on host B: running" in done.stdout and "host A's copy is gone" in done.stdout
+    assert "now runs on host B; host A's copy is gone" in done.stdout
+    assert "two host agents run: host-a at http://127.0.0.1:" in done.stdout
+    assert "$ hikkoshi --agent http://127.0.0.1:" in done.stdout
     assert "demo: OK: the guest verified its" in done.stdout

@@ -1,15 +1,15 @@
 """`hikkoshi demo`: the main job, on one machine with nothing prepared.
 
-Builds the test guest if needed, makes two "hosts" (a datastore and a runtime directory each), boots a
-small Linux VM on host A that writes self-checking records to its disk and dirties its memory, live-
-migrates it to host B (hybrid storage: the disk follows through the relocation proxy) with the
-progress shown, prints the report, lets the guest verify everything it wrote on B, and cleans up.
+Builds the test guest if needed, starts two host agents (two "hosts", each with its own datastore), boots
+through host A's agent a small Linux VM that writes self-checking records to its disk and dirties its
+memory, live-migrates it to host B (agent to agent; hybrid storage: the disk follows through the
+relocation proxy) with the progress shown, prints the report, lets the guest verify everything it wrote
+on B, and cleans up. Every step is a ``hikkoshi --agent URL ...`` command, shown as it runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import random
 import re
@@ -25,7 +25,6 @@ from ..vm import control
 from ..vm.datastore import Datastore
 from ..vm.diskwriter import verify_diskwriter_image
 from ..vm.guest_image import GuestImageError, build_guest
-from ..vm.guest_vm import create_guest_vm
 from ..vm.home import VmHome
 
 _DONE = re.compile(r"HIKKOSHI-DISKWRITER DONE run=(\d+) last=(\d+) written=\d+ records=\d+ OK")
@@ -66,54 +65,94 @@ def _console_len(home: VmHome) -> int:
     return len(home.console_log.read_text(errors="replace")) if home.console_log.exists() else 0
 
 
-def _stop(home: VmHome) -> dict[str, Any]:
-    return asyncio.run(control.stop_vm(home, home.load_spec(), grace=60))
+class _Agent:
+    """One host agent of the demo, as a process."""
+
+    def __init__(self, name: str, work: Path, token: Path, extra: list[str]) -> None:
+        self.name = name
+        self.datastore = work / name / "datastore"
+        self.state = Path(tempfile.mkdtemp(prefix=f"hk-{name[-1]}-", dir="/tmp"))  # short: sockets
+        cmd = [sys.executable, "-m", "hikkoshi", "agent", "--name", name, "--listen", "127.0.0.1:0"]
+        cmd += ["--datastore", f"main={self.datastore}", "--state-dir", str(self.state)]
+        cmd += ["--token-file", str(token), *extra]
+        self.log = work / f"{name}.log"
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        m = re.search(r"listening on (\S+)", line)
+        if m is None:
+            raise RuntimeError(f"agent {name} did not start: {self.log.read_text()[-2000:]}")
+        self.url = m[1]
+
+    def home(self, vm: str) -> VmHome:
+        return VmHome(self.datastore / vm)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        if self.datastore.exists():
+            for entry in Datastore.open(self.datastore).entries():
+                if entry.home.is_running():
+                    with contextlib.suppress(Exception):
+                        control.kill_vm(entry.home)
+        shutil.rmtree(self.state, ignore_errors=True)
+
+
+def _hikkoshi(agent: _Agent, token: Path, *args: str, show: bool = True) -> int:
+    """Run a CLI command against an agent, showing it as a user would type it."""
+    if show:
+        print(f"$ hikkoshi --agent {agent.url} {' '.join(args)}", flush=True)
+    cmd = [sys.executable, "-m", "hikkoshi", "--agent", agent.url, "--token-file", str(token), *args]
+    return subprocess.run(cmd, check=False).returncode
 
 
 def demo_command(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="hikkoshi-demo-", dir="/var/tmp"))
-    runtimes = [Path(tempfile.mkdtemp(prefix="hk-demo-", dir="/tmp")) for _ in "ab"]
-    homes: list[VmHome] = []
+    token = work / "token"
+    hosts: list[_Agent] = []
     try:
         _say("building (or finding) the test guest: a Debian kernel and a busybox initramfs")
-        guest = build_guest()
-        a, b = Datastore.init(work / "host-a"), Datastore.init(work / "host-b")
+        build_guest()
+        sites: list[list[str]] = [[], []]
+        if args.wan:
+            link = f"site-a:site-b={args.wan}"
+            sites = [["--site", "site-a", "--wan-link", link], ["--site", "site-b", "--wan-link", link]]
+        hosts += [_Agent("host-a", work, token, sites[0]), _Agent("host-b", work, token, sites[1])]
+        a, b = hosts
+        _say(f"two host agents run: host-a at {a.url}, host-b at {b.url} (token in {token})")
         run = random.randrange(1, 2**31)
-        params = {"run": run, "progress": 8, "scrub": 32, "rate": 4, "mb": 32}
-        spec = {"name": "demo", "memory_mib": 256, "disks": [{"name": "disk0", "size": "64M"}], "nics": []}
-        source = create_guest_vm(a, guest, spec, "busy", params)
-        dest = b.home("demo")
-        homes += [source, dest]
-        _say(f"host A: {a.path} (runtime {runtimes[0]}); host B: {b.path} (runtime {runtimes[1]})")
-        info = control.start_vm(source, runtime_dir=runtimes[0], timeout=180)
-        _say(f"VM 'demo' runs on host A ({info['accel']}): QEMU pid {info['qemu_pid']}, disks served by pid "
-             f"{info['nbd_pid']}")  # fmt: skip
+        params = [f"run={run}", "progress=8", "scrub=32", "rate=4", "mb=32"]
+        create = ["vm", "create", "demo", "--memory", "256", "--disk", "64M", "--guest", "busy", "--no-nic"]
+        for p in params:
+            create += ["--param", p]
+        if _hikkoshi(a, token, *create) or _hikkoshi(a, token, "vm", "start", "demo"):
+            _say("FAILED: the VM did not start on host A")
+            return 1
+        source = a.home("demo")
         _wait_console(source, rf"HIKKOSHI-DISKWRITER PROGRESS run={run} durable=(1[6-9]|[2-9]\d|\d{{3,}}) ")
         _wait_console(source, r"HIKKOSHI-MEMDIRTY READY")
         _say("the guest writes checked records to its disk and dirties 32 MiB of memory at 4 MiB/s")
-        cmd = [sys.executable, "-m", "hikkoshi", "migrate", "demo", "--datastore", str(a.path)]
-        cmd += [
-            "--to-datastore",
-            str(b.path),
-            "--to-runtime-dir",
-            str(runtimes[1]),
-            "--storage",
-            args.storage,
-        ]
-        if args.wan:
-            cmd += ["--wan", args.wan]
-        print("$", " ".join(cmd), flush=True)
-        if subprocess.run(cmd, check=False).returncode != 0:
+        if _hikkoshi(a, token, "migrate", "demo", "--to", b.url, "--storage", args.storage):
             _say("FAILED: the migration did not complete (the VM runs on where the report says)")
             return 1
-        state = asyncio.run(control.vm_status(dest, dest.load_spec()))
+        dest = b.home("demo")
+        _hikkoshi(b, token, "vm", "list")
         left = "gone" if not source.path.exists() else "still there (shared storage)"
-        _say(f"VM 'demo' now runs on host B: {state.get('state')}, QEMU pid {state.get('qemu_pid')}; "
-             f"host A's copy is {left}")  # fmt: skip
+        _say(f"VM 'demo' now runs on host B; host A's copy is {left}")
         mark = _console_len(dest)
         _wait_console(dest, rf"HIKKOSHI-DISKWRITER PROGRESS run={run} ", after=mark)
         _say("the guest goes on writing on host B; stopping it (ACPI) so it verifies everything it wrote")
-        _stop(dest)
+        if _hikkoshi(b, token, "vm", "stop", "demo"):
+            _say("FAILED: the VM did not stop")
+            return 1
         text = dest.console_log.read_text(errors="replace")
         done = _DONE.search(text)
         if done is None:
@@ -124,17 +163,17 @@ def demo_command(args: argparse.Namespace) -> int:
         report = verify_diskwriter_image(disk, run=run, durable=last)
         _say(f"OK: the guest verified its {last + 1} records in memory and on disk, and so did the host "
              f"({report.records} records in {disk.name}, last {report.last})")  # fmt: skip
+        if args.keep:
+            _say(f"the migration's report and timeline (PNG) are kept in {work / a.name / 'reports'}")
         return 0
     except (GuestImageError, RuntimeError, OSError, ValueError) as exc:
         _say(f"FAILED: {exc}")
         return 1
     finally:
-        for home in homes:
-            if home.path.exists() and home.is_running():
-                with contextlib.suppress(Exception):
-                    control.kill_vm(home)
-        for runtime in runtimes:
-            shutil.rmtree(runtime, ignore_errors=True)
+        for host in hosts:
+            if args.keep and (host.state / "reports").exists():
+                shutil.copytree(host.state / "reports", work / host.name / "reports", dirs_exist_ok=True)
+            host.stop()
         if args.keep:
             _say(f"kept {work}")
         else:
