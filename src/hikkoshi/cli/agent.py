@@ -92,12 +92,12 @@ def parse_wan_links(items: list[str]) -> dict[frozenset[str], WanParams]:
     return out
 
 
-def site_routes(links: dict[frozenset[str], WanParams]) -> RouteFactory:
-    """Routes through one emulated WAN path per migration between linked sites."""
+def site_routes(links: dict[frozenset[str], WanParams], host: str) -> RouteFactory:
+    """Routes through one emulated WAN path per migration between linked sites (relays on ``host``)."""
 
     @contextlib.asynccontextmanager
     async def routes(src: str, dst: str) -> AsyncIterator[Route | None]:
-        async with wan_routes(links.get(frozenset((src, dst)))) as route:
+        async with wan_routes(links.get(frozenset((src, dst))), host) as route:
             yield route
 
     return routes
@@ -131,7 +131,7 @@ def agent_command(args: argparse.Namespace) -> int:
         )
         if (args.tls_cert is None) != (args.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
-        routes = site_routes(parse_wan_links(args.wan_link))
+        routes = site_routes(parse_wan_links(args.wan_link), host)
         return run(serve(config, routes))
     except (ValueError, AgentError, StateError, OSError) as exc:
         return main_error(str(exc))

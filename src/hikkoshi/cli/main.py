@@ -51,9 +51,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from . import migrate
 
     migrate.add_parser(top)
-    from . import agent
+    from . import agent, lab
 
     agent.add_parser(top)
+    lab.add_parser(top)
     return parser
 
 

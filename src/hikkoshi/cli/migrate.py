@@ -182,19 +182,21 @@ def parse_wan(text: str) -> WanParams:
 
 
 @contextlib.asynccontextmanager
-async def wan_routes(params: WanParams | None) -> AsyncIterator[Route | None]:
-    """A route function putting every service behind relays of one WAN path (site A: the source)."""
+async def wan_routes(params: WanParams | None, listen_host: str = "127.0.0.1") -> AsyncIterator[Route | None]:
+    """A route function putting every service behind relays of one WAN path (site A: the source); the
+    relays listen on ``listen_host``, which both hosts must reach."""
     if params is None:
         yield None
         return
     path = WanPath(params)
+    host = f"[{listen_host}]" if ":" in listen_host else listen_host
     async with contextlib.AsyncExitStack() as stack:
 
         async def route(purpose: str, address: str) -> str:
             # The export's clients are at the destination; the stream's and mirror's at the source.
-            relay = path.relay(address, from_a=purpose != "export")
+            relay = path.relay(address, from_a=purpose != "export", listen=f"{host}:0")
             await stack.enter_async_context(relay)
-            return f"127.0.0.1:{relay.port}"
+            return f"{host}:{relay.port}"
 
         yield route
 

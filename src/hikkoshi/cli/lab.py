@@ -1,0 +1,235 @@
+"""`hikkoshi lab`: a multi-host lab on one machine (root): each host a network namespace with its own
+address and its own agent, hosts in sites, sites joined by the WAN emulator.
+
+    hikkoshi lab up /srv/lab --hosts a,b,c --sites east,east,west --wan 150ms,100Mbit
+    export HIKKOSHI_TOKEN_FILE=/srv/lab/token
+    hikkoshi --agent http://10.203.0.1:8710 vm create web --memory 256 --disk 1G --guest busy
+    hikkoshi --agent http://10.203.0.1:8710 migrate web --to http://10.203.0.3:8710   # across the WAN
+    hikkoshi lab down /srv/lab
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ..lab.netns_lab import LabError, LabPlan, plan_lab, run_ip, setup_commands, teardown_commands
+from ..vm import control
+from ..vm.datastore import Datastore
+from ..vm.home import write_atomically
+
+AGENT_PORT = 8710
+LAB_FILE = "lab.json"
+
+
+def add_parser(top: Any) -> None:
+    group = top.add_parser(
+        "lab", help="a multi-host lab on this machine (network namespaces)"
+    ).add_subparsers(dest="lab_command", required=True)
+    p = group.add_parser("up", help="make the lab and start an agent per host")
+    p.add_argument("dir", type=Path, help="the lab's directory (datastores, token, logs)")
+    p.add_argument("--hosts", default="a,b", help="host names, comma-separated (default a,b)")
+    p.add_argument(
+        "--sites", help="each host's site, comma-separated (default: one site; with --wan: the first host "
+        "in site-a, the others in site-b)"
+    )  # fmt: skip
+    p.add_argument(
+        "--wan", metavar="RTT,RATE", help="sites are joined by this emulated WAN, e.g. 150ms,100Mbit"
+    )
+    p.add_argument(
+        "--lab", type=int, default=0, metavar="N", help="lab number 0-255 (several labs side by side)"
+    )
+    p.set_defaults(func=up_command)
+    p = group.add_parser("down", help="stop the lab's agents and VMs and unmake it")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--keep", action="store_true", help="keep the directory (datastores, logs)")
+    p.set_defaults(func=down_command)
+    p = group.add_parser("status", help="the lab's hosts and agents")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=status_command)
+
+
+def _sites(args: argparse.Namespace, names: list[str]) -> list[str]:
+    if args.sites:
+        sites = [s.strip() for s in args.sites.split(",")]
+        if len(sites) != len(names):
+            raise ValueError(f"{len(sites)} sites for {len(names)} hosts")
+        return sites
+    if args.wan:
+        return ["site-a"] + ["site-b"] * (len(names) - 1)
+    return ["default"] * len(names)
+
+
+def _wait_serving(url: str, token: str, proc: subprocess.Popen[bytes], log: Path, limit: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise LabError(f"the agent at {url} exited ({proc.returncode}): {log.read_text()[-2000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            r = httpx.get(f"{url}/v1/host", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+            if r.status_code == 200:
+                return
+        time.sleep(0.2)
+    raise LabError(f"the agent at {url} did not answer within {limit:.0f} s")
+
+
+def _start_agents(plan: LabPlan, lab_dir: Path, wan: str | None) -> list[dict[str, Any]]:
+    from .agent import ensure_token
+
+    token_file = lab_dir / "token"
+    token = ensure_token(token_file)
+    sites = sorted({h.site for h in plan.hosts})
+    links = [f"{a}:{b}={wan}" for i, a in enumerate(sites) for b in sites[i + 1 :]] if wan else []
+    hosts = []
+    for h in plan.hosts:
+        state = Path(tempfile.mkdtemp(prefix=f"hkl{plan.lab}{h.name}-", dir="/tmp"))  # short: sockets
+        log = lab_dir / f"{h.name}.log"
+        cmd = ["ip", "netns", "exec", h.netns, sys.executable, "-m", "hikkoshi", "agent", "--name", h.name]
+        cmd += [
+            "--listen",
+            f"{h.address}:{AGENT_PORT}",
+            "--datastore",
+            f"main={lab_dir / h.name / 'datastore'}",
+        ]
+        cmd += ["--state-dir", str(state), "--token-file", str(token_file), "--site", h.site]
+        for link in links:
+            cmd += ["--wan-link", link]
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+            )
+        url = f"http://{h.address}:{AGENT_PORT}"
+        hosts.append(
+            {"name": h.name, "site": h.site, "netns": h.netns, "address": h.address, "url": url,
+             "pid": proc.pid, "state_dir": str(state), "datastore": str(lab_dir / h.name / "datastore")}
+        )  # fmt: skip
+        _wait_serving(url, token, proc, log)
+    return hosts
+
+
+def up_command(args: argparse.Namespace) -> int:
+    lab_dir = args.dir.absolute()
+    plan: LabPlan | None = None
+    hosts: list[dict[str, Any]] = []
+    try:
+        if os.geteuid() != 0:
+            raise LabError("a lab needs root (network namespaces)")
+        if (lab_dir / LAB_FILE).exists():
+            raise LabError(f"{lab_dir} has a lab already (hikkoshi lab down {lab_dir})")
+        names = [n.strip() for n in args.hosts.split(",") if n.strip()]
+        plan = plan_lab(names, _sites(args, names), args.lab)
+        if args.wan:
+            from .migrate import parse_wan
+
+            parse_wan(args.wan)  # a clear error before anything is made
+        lab_dir.mkdir(parents=True, exist_ok=True)
+        run_ip(setup_commands(plan))
+        record = {
+            "lab": plan.lab,
+            "bridge": plan.bridge,
+            "gateway": plan.gateway,
+            "wan": args.wan,
+            "hosts": hosts,
+        }
+        hosts += _start_agents(plan, lab_dir, args.wan)
+        write_atomically(lab_dir / LAB_FILE, json.dumps(record, indent=2).encode())
+    except (LabError, ValueError, OSError) as exc:
+        print(f"hikkoshi lab up: {exc}", file=sys.stderr)
+        _stop_agents(hosts)
+        if plan is not None:
+            run_ip(teardown_commands(plan), check=False)
+        return 2
+    print(f"lab {plan.lab} is up in {lab_dir} (bridge {plan.bridge}, {plan.gateway}/24)")
+    for h in hosts:
+        print(f"  {h['name']:10} site {h['site']:10} {h['url']}   (netns {h['netns']})")
+    print(f"export HIKKOSHI_TOKEN_FILE={lab_dir / 'token'}")
+    return 0
+
+
+def _stop_agents(hosts: list[dict[str, Any]]) -> None:
+    for h in hosts:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(int(h["pid"]), signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    for h in hosts:
+        while time.monotonic() < deadline and _alive(int(h["pid"])):
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(int(h["pid"]), signal.SIGKILL)
+        datastore = Path(h["datastore"])
+        if datastore.exists():
+            with contextlib.suppress(Exception):
+                for entry in Datastore.open(datastore).entries():
+                    if entry.home.is_running():
+                        control.kill_vm(entry.home)
+        shutil.rmtree(h["state_dir"], ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            os.waitpid(pid, os.WNOHANG)
+            return False
+    return True
+
+
+def _load(lab_dir: Path) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json.loads((lab_dir / LAB_FILE).read_text())
+        return data
+    except (OSError, ValueError) as exc:
+        raise LabError(f"no lab in {lab_dir}: {exc}") from None
+
+
+def down_command(args: argparse.Namespace) -> int:
+    lab_dir = args.dir.absolute()
+    try:
+        lab = _load(lab_dir)
+    except LabError as exc:
+        print(f"hikkoshi lab down: {exc}", file=sys.stderr)
+        return 2
+    _stop_agents(lab["hosts"])
+    names = [h["name"] for h in lab["hosts"]]
+    plan = plan_lab(names, [h["site"] for h in lab["hosts"]], int(lab["lab"]))
+    run_ip(teardown_commands(plan), check=False)
+    if args.keep:
+        (lab_dir / LAB_FILE).unlink()
+    else:
+        shutil.rmtree(lab_dir, ignore_errors=True)
+    print(f"lab {lab['lab']} is down")
+    return 0
+
+
+def status_command(args: argparse.Namespace) -> int:
+    try:
+        lab = _load(args.dir.absolute())
+    except LabError as exc:
+        print(f"hikkoshi lab status: {exc}", file=sys.stderr)
+        return 2
+    for h in lab["hosts"]:
+        h["agent_running"] = _alive(int(h["pid"]))
+    if args.json:
+        print(json.dumps(lab, indent=2))
+        return 0
+    print(f"lab {lab['lab']}: bridge {lab['bridge']} {lab['gateway']}/24, WAN: {lab['wan'] or '-'}")
+    for h in lab["hosts"]:
+        state = "agent running" if h["agent_running"] else "agent NOT running"
+        print(f"  {h['name']:10} site {h['site']:10} {h['url']:28} {state} (pid {h['pid']})")
+    return 0
