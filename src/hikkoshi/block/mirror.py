@@ -258,10 +258,8 @@ class MirrorDevice(BlockDevice):
     def _copy_io(self, offset: int, length: int) -> int:
         """One range, holes and zeroes left as holes (or zeroed extents when thick); bytes copied."""
         src = self.source.read_fd()
-        if _is_hole(src, offset, length):
-            self._zero_dest(offset, length)
-            return 0
         if self.kernel_copy:
+            # Data (nearly every range a pass copies) costs two system calls; holes are found by reading.
             head = os.pread(src, min(_PROBE, length), offset)
             if head != _PROBE_ZEROES[: len(head)] and self._kernel_copy(src, offset, length):
                 return length
