@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,8 @@ class AgentProc:
     url: str = ""
 
     state_root: Path | None = None
+    ca_file: Path | None = None
+    """The CA of the agent's TLS certificate (``--tls-cert`` in ``extra``)."""
 
     @property
     def state_dir(self) -> Path:
@@ -93,7 +96,12 @@ class AgentProc:
         token = self.token_file.read_text().strip()
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
-                r = httpx.get(f"{self.url}/v1/host", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+                r = httpx.get(
+                    f"{self.url}/v1/host",
+                    headers={"Authorization": f"Bearer {token}"},
+                    timeout=30,
+                    verify=ssl.create_default_context(cafile=self.ca_file) if self.ca_file else True,
+                )
                 if r.status_code == 200:
                     return
             time.sleep(0.1)
@@ -118,16 +126,9 @@ class AgentProc:
 
     def cli(self, *args: str, timeout: float = 600.0, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``hikkoshi --agent URL --token-file F ARGS``."""
-        cmd = [
-            sys.executable,
-            "-m",
-            "hikkoshi",
-            "--agent",
-            self.url,
-            "--token-file",
-            str(self.token_file),
-            *args,
-        ]
+        cmd = [sys.executable, "-m", "hikkoshi", "--agent", self.url, "--token-file", str(self.token_file)]
+        cmd += ["--ca-file", str(self.ca_file)] if self.ca_file else []
+        cmd += args
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         if check:
             assert done.returncode == 0, (

@@ -5,6 +5,7 @@ agent survives it."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,6 +17,8 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import status_code_conformance
 
 from .agenttools import AgentProc, agents
+from .test_tls import Pki
+from .test_tls import pki as pki
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +100,27 @@ def test_fuzzed_from_the_schema(api_schema: Any, agent: AgentProc) -> None:
     check()
     assert len(seen) >= len(operations) // 2, seen  # the run reached most operations
     assert any(400 <= code < 500 for codes in seen.values() for code in codes)
+
+
+def test_api_over_tls(tmp_path: Path, pki: Pki) -> None:
+    """With --tls-cert/--tls-key the API is HTTPS only: the CLI verifies the agent's certificate."""
+    agent = AgentProc(
+        "secure",
+        tmp_path / "secure",
+        tmp_path / "token",
+        {"main": tmp_path / "secure" / "ds"},
+        extra=["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)],
+        ca_file=pki.ca,
+    )
+    agent.start()
+    try:
+        assert agent.url.startswith("https://127.0.0.1:")
+        assert agent.json("vm", "list", "--json") == []
+        plain = agent.url.replace("https://", "http://")
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{plain}/v1/host", headers=_auth(agent), timeout=10)
+        unverified = AgentProc("x", tmp_path / "x", agent.token_file, {}, url=agent.url)
+        refused = unverified.cli("vm", "list", check=False)  # the system CAs do not know our test CA
+        assert refused.returncode == 3 and "CERTIFICATE_VERIFY_FAILED" in refused.stderr
+    finally:
+        agent.stop()

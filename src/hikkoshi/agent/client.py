@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,12 @@ class AgentClient:
         self, url: str, token: str, *, ca_file: Path | None = None, timeout: float = DEFAULT_TIMEOUT
     ) -> None:
         self.url = url.rstrip("/")
-        verify: Any = str(ca_file) if ca_file is not None else True
+        verify: Any = True
+        if ca_file is not None:
+            try:
+                verify = ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise AgentError(0, f"CA file {ca_file}: {exc}") from None
         self._http = httpx.AsyncClient(
             base_url=self.url,
             headers={"Authorization": f"Bearer {token}"},

@@ -32,6 +32,7 @@ from hikkoshi.migrate.phases import recovery
 from hikkoshi.migrate.record import MigrationRecord
 from hikkoshi.migrate.sides import SideError, VmSide
 from hikkoshi.migrate.storage_migrate import StorageMigration
+from hikkoshi.migrate.storage_modes import StorageMode
 from hikkoshi.vm.home import VmHome
 
 log = logging.getLogger("hikkoshi.agent")
@@ -227,6 +228,7 @@ class Jobs:
         last: tuple[int, float] | None = None
         while True:
             await asyncio.sleep(0.5)
+            await self._sample_cache(state)
             try:
                 stats = await side.nbd("stats")
             except (SideError, OSError):
@@ -239,6 +241,29 @@ class Jobs:
                     (round(time.monotonic() - state.t0, 3), {"io_latency_ms": round(max(mean_ms, 0.0), 3)})
                 )
             last = (n, total_us)
+
+    async def _sample_cache(self, state: JobState) -> None:
+        """The destination's relocation proxies: how much of the disks is there already (they copy in the
+        background while memory moves, in hybrid mode)."""
+        job = state.job
+        if not isinstance(job, Coordinator) or job.dest is None or job.spec is None:
+            return
+        if job.request.storage not in (StorageMode.POSTCOPY, StorageMode.HYBRID):
+            return  # no relocation proxies
+        if "disk_total" in state.progress and state.progress.get("phase") == "storage-post":
+            return  # the job reports it itself now
+        done = total = 0
+        for disk in job.spec.disks:
+            try:
+                st = await job.dest.proxy(disk.name, "status")
+            except SideError:
+                return  # no proxies (precopy, shared), or not started yet
+            done += int(st["present_bytes"])
+            total += int(st["size"])
+        if total:
+            state.samples.append(
+                (round(time.monotonic() - state.t0, 3), {"disk_done": done, "disk_total": total})
+            )
 
     async def _leave_report(self, state: JobState) -> None:
         record = state.job.record
