@@ -101,6 +101,23 @@ def test_cli_migrates_a_busy_guest_between_two_agents(guest: GuestImage, tmp_pat
 
 
 @pytest.mark.slow
+def test_quick_migration_between_agents(guest: GuestImage, tmp_path: Path) -> None:
+    """--quick: the guest is suspended, its state and disks move, and it resumes on the destination."""
+    need_qemu_tools()
+    run = random.randrange(1, 2**31)
+    with agents(tmp_path, "alpha", "beta") as (a, b):
+        create_busy(a, "sleeper", run)
+        record = a.json("migrate", "sleeper", "--to", b.url, "--quick", "--json", timeout=600)
+        assert record["phase"] == "done" and record["kind"] == "quick", record
+        report = record["report"]
+        assert report["memory_bytes"] <= report["memory_total_bytes"] * 1.05  # one pass: nothing re-sent
+        assert vm_names(b) == {"sleeper": "running"} and vm_names(a) == {}
+        mark = len(b.cli("vm", "console", "sleeper").stdout)
+        wait_console(b, "sleeper", rf"PROGRESS run={run} ", after=mark)
+        stop_and_verify(b, "sleeper", run, mark)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("crash_at", "outcome"), [("memory-precopy", "rolled-back"), ("storage-post", "done")]
 )

@@ -28,12 +28,13 @@ from hikkoshi.agent.timeline import render_timeline
 from hikkoshi.block.throttle import parse_rate
 from hikkoshi.migrate.coordinator import Coordinator, MigrationRequest, Route
 from hikkoshi.migrate.job import Job, MigrationError
-from hikkoshi.migrate.phases import recovery
+from hikkoshi.migrate.phases import Phase, recovery
 from hikkoshi.migrate.record import MigrationRecord
 from hikkoshi.migrate.sides import SideError, VmSide
 from hikkoshi.migrate.storage_migrate import StorageMigration
 from hikkoshi.migrate.storage_modes import StorageMode
 from hikkoshi.vm.home import VmHome
+from hikkoshi.vm.spec import VmSpec
 
 log = logging.getLogger("hikkoshi.agent")
 
@@ -106,13 +107,13 @@ class Jobs:
 
     async def migrate(self, name: str, body: MigrateBody) -> str:
         """Start a live migration of ``name`` to the agent at ``body.to``; its id."""
-        if body.mode != "live":
+        if body.mode == "offline":
             raise Problem(
-                f"{body.mode} migration between agents is not built yet: use `hikkoshi migrate "
-                f"--{body.mode}` on a host that reaches both datastores"
+                "offline migration between agents is not built yet: migrate it running (or --quick), or "
+                "use `hikkoshi migrate --offline` on a host that reaches both datastores"
             )
         self._busy_vm(name)
-        ds, home, _spec = self.host.find(name)
+        ds, home, spec = self.host.find(name)
         client = self._client(body.to)
         try:
             try:
@@ -137,6 +138,7 @@ class Jobs:
                 auto_converge=body.auto_converge,
                 allow_postcopy=body.allow_postcopy,
                 qemu=self.host.config.qemu,
+                paused=body.mode == "quick",
             )
         except BaseException:
             await client.aclose()
@@ -146,7 +148,7 @@ class Jobs:
         coordinator.record.settings["destination_datastore"] = dest_ds
         coordinator.record.settings["destination_site"] = peer.site
         state = self._register(coordinator, "source", body.to)
-        self._spawn(self._run_live(state, coordinator, client, peer.site, home))
+        self._spawn(self._run_live(state, coordinator, client, peer.site, home, spec))
         return state.id
 
     async def storage_migrate(self, name: str, body: StorageMigrateBody) -> str:
@@ -179,9 +181,18 @@ class Jobs:
         if self._tg is None:
             coro.close()
             raise Conflict("the agent is not serving yet")
-        task = self._tg.create_task(coro)
+        task = self._tg.create_task(self._guarded(coro))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _guarded(coro: Any) -> None:
+        """A job's task: whatever goes wrong is logged, never raised into the agent's task group (it
+        would end the agent with every other job)."""
+        try:
+            await coro
+        except Exception:
+            log.exception("a migration job failed unexpectedly")
 
     def cancel_all(self) -> None:
         """The agent stops: cancel every job (before its commit point a job rolls back; after it, its
@@ -192,14 +203,36 @@ class Jobs:
     # --- running ------------------------------------------------------------------------------------------
 
     async def _run_live(
-        self, state: JobState, coordinator: Coordinator, client: AgentClient, peer_site: str, home: VmHome
+        self,
+        state: JobState,
+        coordinator: Coordinator,
+        client: AgentClient,
+        peer_site: str,
+        home: VmHome,
+        spec: VmSpec,
     ) -> None:
+        quick = coordinator.request.paused
+        side = VmSide(home, spec, "source")
+
+        async def run() -> None:
+            if quick:  # suspend: the guest's state then moves in one pass, and resumes on the destination
+                try:
+                    await side.ctl("pause")
+                except SideError as exc:
+                    coordinator._refuse([f"the VM could not be paused: {exc}"])
+            await coordinator.run()
+
         try:
             async with self.routes(self.host.config.site, peer_site) as route:
                 coordinator.request = replace(coordinator.request, route=route)
-                await self._run_job(state, coordinator.run(), home)
+                await self._run_job(state, run(), home)
         finally:
+            state.running = False  # also when the routes could not be set up
             await client.aclose()
+            if quick and coordinator.record.phase in (Phase.FAILED, Phase.ROLLED_BACK) and home.is_running():
+                with contextlib.suppress(SideError):  # refused or rolled back: the guest runs on here
+                    if (await side.status()).get("state") == "paused":
+                        await side.ctl("resume")
 
     async def _run_job(self, state: JobState, work: Any, home: VmHome) -> None:
         """Run a job with its I/O-latency sampler; then its report and timeline."""
@@ -290,7 +323,7 @@ class Jobs:
                 continue
             job: Job
             client: AgentClient | None = None
-            if record.kind == "live" and record.destination.agent:
+            if record.kind in ("live", "quick") and record.destination.agent:
                 client = self._client(record.destination.agent)
                 target = RemoteDestination(
                     client,

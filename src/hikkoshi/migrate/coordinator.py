@@ -86,6 +86,9 @@ class MigrationRequest:
     qemu: str = DEFAULT_QEMU
     route: Route | None = None
     """How one host reaches a service of the other (default: directly); see :data:`Route`."""
+    paused: bool = False
+    """Quick migration: the guest was paused for the move (its vCPUs stay stopped until it runs on the
+    destination, or again on the source after a rollback); the stream carries its state in one pass."""
     tls_dir: Path | None = None
     """Encrypt the memory stream: a directory in QEMU's x509 layout (``ca-cert.pem``, ``server-cert.pem``,
     ``server-key.pem`` for the destination; ``client-cert.pem``, ``client-key.pem`` for the source). The
@@ -117,6 +120,7 @@ class Coordinator(Job):
         )
         self.record = MigrationRecord(
             vm=request.vm,
+            kind="quick" if request.paused else "live",
             storage=request.storage,
             source=Endpoint(
                 datastore=request.source_datastore, home=src_home.path, address=request.source_address
@@ -134,6 +138,7 @@ class Coordinator(Job):
                 "disk_bandwidth": request.disk_bandwidth,
                 "auto_converge": request.auto_converge,
                 "allow_postcopy": request.allow_postcopy,
+                "paused": request.paused,
                 "tls_dir": str(request.tls_dir) if request.tls_dir else None,
             },
         )
@@ -178,6 +183,7 @@ class Coordinator(Job):
             disk_bandwidth=s.get("disk_bandwidth"),
             auto_converge=bool(s.get("auto_converge", True)),
             allow_postcopy=bool(s.get("allow_postcopy", False)),
+            paused=record.kind == "quick",
             tls_dir=Path(s["tls_dir"]) if s.get("tls_dir") else None,
         )
         self = cls(request, store, on_progress, destination)
@@ -283,8 +289,9 @@ class Coordinator(Job):
         if not self.src_home.is_running():
             self._refuse([f"VM {req.vm!r} is not running (cold migration: copy its home)"])
         status = await self.source.status()
-        if status.get("state") != "running":
-            problems.append(f"the VM's QEMU is {status.get('state')}, not running")
+        wanted = "paused" if req.paused else "running"
+        if status.get("state") != wanted:
+            problems.append(f"the VM's QEMU is {status.get('state')}, not {wanted}")
         facts = await asyncio.to_thread(host_facts)
         qv = await asyncio.to_thread(qemu_version, req.qemu)
         accel = str(status.get("accel", "tcg"))
