@@ -8,7 +8,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,18 +17,9 @@ from hikkoshi.vm.guest_image import GuestImage
 
 from .agenttools import AgentProc
 from .test_agent import create_busy, stop_and_verify, vm_names, wait_console
+from .test_vm_cli import hikkoshi as hk
 from .vmtools import alive, need_qemu_tools
 from .vmtools import guest as guest
-
-
-def hk(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "hikkoshi", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def test_plan_names_and_addresses() -> None:
