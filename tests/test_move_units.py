@@ -213,6 +213,19 @@ def test_copy_leaves_zero_ranges_as_holes_and_copies_data_behind_leading_zeroes(
         # Only the block whose probe found data went to the kernel; after a refusal it is not asked again.
         assert calls == [0]
         assert mirror.pending.count == 1  # only the block that was not asked for
+        # Ranges no longer than the probe (a dbt pass re-copying 4 KiB guest writes): read once, and an
+        # all-zero one is still left a hole.
+        small = MirrorDevice(source, dest, Mode.DBT, 4096, thick=False)
+        os.pwrite(source.fd, bytes(4096), 0)  # allocated zeroes now
+        os.pwrite(source.fd, b"\xff" * 4096, 4 * g)  # data in what was a hole
+        loop = asyncio.new_event_loop()
+        try:
+            assert loop.run_until_complete(small.copy_runs([(0, 1), (4 * g // 4096, 1)])) == (4096, 4096)
+        finally:
+            loop.close()
+        assert os.pread(dest.fd, 5 * g, 0) == os.pread(source.fd, 5 * g, 0)
+        assert _data_ranges(dest.fd, 5 * g) == [(4096, 2 * g - 4096), (4 * g, 4096)]
+        assert calls == [0]
     finally:
         source.close()
         dest.close()

@@ -258,11 +258,13 @@ class MirrorDevice(BlockDevice):
     def _copy_io(self, offset: int, length: int) -> int:
         """One range, holes and zeroes left as holes (or zeroed extents when thick); bytes copied."""
         src = self.source.read_fd()
-        if self.kernel_copy:
-            # Data (nearly every range a pass copies) costs two system calls; holes are found by reading.
-            head = os.pread(src, min(_PROBE, length), offset)
-            if head != _PROBE_ZEROES[: len(head)] and self._kernel_copy(src, offset, length):
-                return length
+        # Data (nearly every range a pass copies) costs two system calls; holes are found by reading.
+        head = os.pread(src, min(_PROBE, length), offset)
+        if len(head) == length:
+            # A small range (a guest's 4 KiB write, re-copied by dbt) is all read already.
+            return self._write_chunk(offset, length, None if head == _PROBE_ZEROES[:length] else head)
+        if head != _PROBE_ZEROES[: len(head)] and self.kernel_copy and self._kernel_copy(src, offset, length):
+            return length
         return self._write_chunk(offset, length, self._read_chunk(offset, length))
 
     def _kernel_copy(self, src: int, offset: int, length: int) -> bool:
@@ -298,7 +300,7 @@ class MirrorDevice(BlockDevice):
             got += n
         return None if buf == bytes(length) else buf
 
-    def _write_chunk(self, offset: int, length: int, data: bytearray | None) -> int:
+    def _write_chunk(self, offset: int, length: int, data: bytes | bytearray | None) -> int:
         if data is None:
             self._zero_dest(offset, length)
             return 0
