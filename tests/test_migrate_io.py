@@ -285,3 +285,33 @@ def test_a_paused_proxy_touches_nothing_until_resumed(tmp_path: Path) -> None:
         assert requests.get("READ", 0) > 0 and requests.get("BLOCK_STATUS", 0) > 0
         assert read_all(p.export_uri("src"), tmp_path / "out.raw") == data
     assert (px / "cache.raw").read_bytes() == data
+
+
+def test_blocks_the_source_changed_wait_for_the_switchover(tmp_path: Path) -> None:
+    """Before the switchover the background copy leaves out what the source's dirty bitmap marks (it
+    would be dropped there for sure, after crossing the link beside the memory stream); the
+    invalidation then drops nothing, and the copy ends with the source's current bytes."""
+    src = tmp_path / "src.raw"
+    model = bytearray(random_image(src, SIZE, zero_every=HOLES))
+    px = tmp_path / "px"
+    px.mkdir()
+    src_ctl = tmp_path / "src.sock"
+    px_ctl = px / "px.sock"
+    with hikkoshi_server(str(src), "--export", "src", "--control", f"unix:{src_ctl}") as up:
+        call(src_ctl, "bitmap-add", name="m", granularity=GRANULE)
+        # The guest writes on the source after the migration began, before the proxy reads anything.
+        script = []
+        for off, n, fill in WRITES:
+            script += ["-c", f"write -P {fill:#x} {off} {n}"]
+            model[off : off + n] = bytes([fill]) * n
+        run_tool("qemu-io", "-f", "raw", *script, up.export_uri("src"))
+        with proxy(up.export_uri("src"), px, "--dirty-bitmap", "m") as p:
+            s = wait_for(px_ctl, lambda s: s["phase"] == "waiting for the switchover")
+            deferred = len(_units(WRITES, BLOCK)) * BLOCK
+            assert s["present_bytes"] == SIZE - deferred and s["upstream"] == "connected"
+            result = call(px_ctl, "invalidate")
+            assert result["dropped_bytes"] == 0  # none of them was fetched
+            s = wait_detached(px)
+            assert s["present_bytes"] == SIZE
+            assert read_all(p.export_uri("src"), tmp_path / "out.raw") == model
+    assert (px / "cache.raw").read_bytes() == model

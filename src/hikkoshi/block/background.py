@@ -5,12 +5,15 @@ under a bandwidth limit, pausable; when every block is local the proxy lets go o
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from ..nbd.constants import BASE_ALLOCATION, HIKKOSHI_HEAT
+from ..nbd.errors import CommandError
 from .copy_plan import CopyPlan, Range, plan_copy
+from .dirty_bitmap import DIRTY_FLAG
 from .proxy import ProxyDevice
 from .throttle import Throttle
 
@@ -33,6 +36,8 @@ class BackgroundCopy:
         checkpoint_seconds: float = 5.0,
         fs_reader: FsReader | None = None,
         skip_fs_free: bool = False,
+        defer_context: str | None = None,
+        defer_refresh: float = 2.0,
     ) -> None:
         self.proxy = proxy
         self.enabled = enabled
@@ -50,6 +55,16 @@ class BackgroundCopy:
         self.plan: CopyPlan | None = None
         self.phase = "starting"
         self.errors = 0
+        #: A migration's dirty bitmap on the source (its meta context). Until the switchover (while
+        #: ``detach_allowed`` is clear) the blocks it marks are not copied: it only grows until then, so
+        #: each of them would be dropped there for sure, its copy wasted on the link the memory stream
+        #: needs. They are copied after the switchover, with the rest. Its map is read again every
+        #: ``defer_refresh`` seconds; a block marked since is merely copied twice.
+        self.defer_context = defer_context
+        self.defer_refresh = defer_refresh
+        self._dirty_starts: list[int] = []
+        self._dirty_ends: list[int] = []
+        self._dirty_read = -defer_refresh
 
     # --- control -------------------------------------------------------------------------------------------
 
@@ -134,12 +149,17 @@ class BackgroundCopy:
             rounds = [self.plan.copy] if first_round else []
             while not proxy.presence.complete:
                 progress_before = proxy.presence.present
+                deferred = 0
                 for start, count in rounds.pop(0) if rounds else list(proxy.presence.missing_runs()):
                     for chunk in range(start, start + count, proxy.fetch_blocks):
                         blocks = proxy.presence.missing(
                             chunk * proxy.block_size,
                             min(proxy.fetch_blocks, start + count - chunk) * proxy.block_size,
                         )
+                        if blocks and self._deferring():
+                            kept = await self._not_dirty(blocks)
+                            deferred += len(blocks) - len(kept)
+                            blocks = kept
                         if not blocks:
                             continue
                         await self._running.wait()
@@ -154,12 +174,46 @@ class BackgroundCopy:
                     await slots.acquire()
                 for _ in range(self.concurrency):
                     slots.release()
-                if proxy.presence.present == progress_before and not proxy.presence.complete:
+                if deferred and proxy.presence.present == progress_before and self._deferring():
+                    # All that is left is what the guest changed on the source: after the switchover.
+                    self.phase = "waiting for the switchover"
+                    await self.detach_allowed.wait()
+                    self.phase = "copying"
+                    backoff = 0.1
+                elif proxy.presence.present == progress_before and not proxy.presence.complete:
                     await asyncio.sleep(backoff)  # the upstream is failing; its client is reconnecting
                     backoff = min(backoff * 2, 5.0)
                 else:
                     backoff = 0.1
         await self._checkpoint()
+
+    def _deferring(self) -> bool:
+        return self.defer_context is not None and not self.detach_allowed.is_set()
+
+    async def _not_dirty(self, blocks: list[int]) -> list[int]:
+        """``blocks`` without those the source's dirty bitmap marks (as last read)."""
+        assert self.defer_context is not None
+        now = time.monotonic()
+        if now - self._dirty_read >= self.defer_refresh:
+            self._dirty_read = now
+            upstream = self.proxy.upstream
+            bs = self.proxy.block_size
+            try:
+                if upstream.has_context(self.defer_context):
+                    dirty = [(o, n) for o, n, f in await upstream.map(self.defer_context) if f & DIRTY_FLAG]
+                    self._dirty_starts = [o // bs for o, _ in dirty]
+                    self._dirty_ends = [-(-(o + n) // bs) for o, n in dirty]
+            except (OSError, CommandError) as exc:  # the last map stands; a dirty block copied is only waste
+                log.info("could not read the source's dirty bitmap (%s)", exc)
+        starts, ends = self._dirty_starts, self._dirty_ends
+        if not starts:
+            return blocks
+        out = []
+        for b in blocks:
+            i = bisect.bisect_right(starts, b) - 1
+            if i < 0 or b >= ends[i]:
+                out.append(b)
+        return out
 
     async def _fetch(self, blocks: list[int], slots: asyncio.Semaphore) -> None:
         try:

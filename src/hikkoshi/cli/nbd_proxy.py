@@ -263,6 +263,7 @@ async def run_proxy(args: argparse.Namespace) -> int:
         bandwidth=parse_rate(args.bandwidth) if args.bandwidth else None,
         fs_reader=fs_reader,
         skip_fs_free=args.skip_fs_free,
+        defer_context=DIRTY_CONTEXT_PREFIX + args.dirty_bitmap if args.dirty_bitmap else None,
     )
     if args.start_paused:
         copy.pause()
