@@ -3,6 +3,7 @@ the persisted record, the incoming disk plan, and the proxy's source map after a
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from pathlib import Path
@@ -23,6 +24,7 @@ from hikkoshi.migrate.convergence import (
     build_schedule,
     decide,
 )
+from hikkoshi.migrate.coordinator import Coordinator, MigrationRequest
 from hikkoshi.migrate.phases import FINAL, FORWARD, Phase, PhaseError, can_move, committed, move, recovery
 from hikkoshi.migrate.precheck import Side, migration_problems
 from hikkoshi.migrate.record import Endpoint, MigrationRecord, MigrationStore, PhaseTime
@@ -867,3 +869,42 @@ def test_overlay_data_matches_a_byte_model(
         assert out[-1][0] + out[-1][1] == source_map[-1][0] + source_map[-1][1]
     else:
         assert out == []
+
+
+# --- the switchover's order, with stand-ins for both sides -------------------------------------------------
+
+
+class _Calls:
+    """A side that records what it was asked (``Side.proxy``, ``qmp``, ``wait_migration``)."""
+
+    def __init__(self, name: str, log: list[tuple[str, ...]]) -> None:
+        self.name = name
+        self.log = log
+
+    async def proxy(self, disk: str, command: str, **args: Any) -> Any:
+        self.log.append((self.name, command, disk))
+        return {"dirty_bytes": 0, "dropped_bytes": 0, "seconds": 0.0}
+
+    async def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        self.log.append((self.name, command))
+        return {}
+
+    async def wait_migration(self, states: list[str], limit: float) -> dict[str, Any]:
+        self.log.append((self.name, "completed"))
+        return {"status": "completed"}
+
+
+@pytest.mark.parametrize("mode", [StorageMode.HYBRID, StorageMode.POSTCOPY])
+def test_switchover_leaves_the_link_to_memory_until_the_resume(tmp_path: Path, mode: StorageMode) -> None:
+    """The destination's proxies stop copying before the rest of memory goes (the guest waits for it)
+    and drop what the source changed while it goes; the guest resumes only after both."""
+    log: list[tuple[str, ...]] = []
+    request = MigrationRequest(vm="vm1", source_datastore=tmp_path, dest_datastore=tmp_path, storage=mode)
+    c = Coordinator(request, MigrationStore(tmp_path / "records"))
+    c.spec = vm(disks=[{"name": "d0", "size": "1M"}, {"name": "d1", "size": "1M"}], nics=[])
+    c.source, c.dest = _Calls("src", log), _Calls("dst", log)  # type: ignore[assignment]
+    asyncio.run(c._switchover())
+    pauses = [log.index(("dst", "pause", d)) for d in ("d0", "d1")]
+    drops = [log.index(("dst", "invalidate", d)) for d in ("d0", "d1")]
+    assert max(pauses) < log.index(("src", "migrate-continue")) and max(pauses) < min(drops)
+    assert set(c.report["switchover"]["storage"]) == {"d0", "d1"}

@@ -592,11 +592,13 @@ class Coordinator(Job):
         # what they name while QEMU sends the rest of memory, not before it (across a WAN each is a round
         # trip to the source): the destination guest runs only after both, and its QEMU reads nothing
         # for it until then (requests it restarts wait for the resume).
-        dropping = (
-            [asyncio.ensure_future(invalidate(d.name)) for d in self.spec.disks]
-            if uses_dirty_bitmap(self.request.storage)
-            else []
-        )
+        dropping: list[asyncio.Future[None]] = []
+        if uses_dirty_bitmap(self.request.storage):
+            for disk in self.spec.disks:
+                # Until the destination runs, the link is the memory stream's (the guest waits for it):
+                # hybrid's copy (of what is dropped now, too) goes on after the resume (_storage_post).
+                await dst.proxy(disk.name, "pause")
+            dropping = [asyncio.ensure_future(invalidate(d.name)) for d in self.spec.disks]
         try:
             if self.request.storage == StorageMode.PRECOPY:
                 for job in self.record.facts.get("mirror_jobs", []):
@@ -673,9 +675,8 @@ class Coordinator(Job):
         mode = self.request.storage
         if mode not in (StorageMode.POSTCOPY, StorageMode.HYBRID):
             return
-        if mode == StorageMode.POSTCOPY:
-            for disk in self.spec.disks:
-                await self.dest.proxy(disk.name, "resume")
+        for disk in self.spec.disks:  # paused until now (postcopy: from the start; hybrid: the switchover)
+            await self.dest.proxy(disk.name, "resume")
         fetched: dict[str, dict[str, Any]] = {}
         unanswered_since: float | None = None
         while True:
