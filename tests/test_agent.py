@@ -118,6 +118,35 @@ def test_quick_migration_between_agents(guest: GuestImage, tmp_path: Path) -> No
 
 
 @pytest.mark.slow
+def test_offline_migration_between_agents(guest: GuestImage, tmp_path: Path) -> None:
+    """--offline: a powered-off VM's files and disks move (the destination pulls the disks from a
+    read-only export; holes stay holes); it boots on the destination with everything it wrote."""
+    need_qemu_tools()
+    run = random.randrange(1, 2**31)
+    with agents(tmp_path, "alpha", "beta") as (a, b):
+        create_busy(a, "cold", run)
+        stop_and_verify(a, "cold", run, 0)
+        running = a.cli("migrate", "cold", "--to", b.url, "--offline", "--json", check=False)
+        assert running.returncode == 0  # stopped: allowed
+        record = json.loads(running.stdout)
+        assert record["phase"] == "done" and record["kind"] == "cold", record
+        assert vm_names(b) == {"cold": "stopped"} and vm_names(a) == {}
+        disk = b.datastores["main"] / "cold" / "disk0.raw"
+        assert disk.stat().st_size == 32 << 20 and disk.stat().st_blocks * 512 < 32 << 20  # sparse
+        assert not disk.with_name("disk0.raw.bitmap").exists()
+        assert "HIKKOSHI-DISKWRITER DONE" in b.cli("vm", "console", "cold").stdout  # its log came along
+        b.cli("vm", "start", "cold", timeout=300)
+        mark = 0
+        wait_console(b, "cold", rf"PROGRESS run={run} ", after=mark)
+        stop_and_verify(b, "cold", run, mark)
+        # A running VM is refused (nothing moves), with the reason.
+        b.cli("vm", "start", "cold", timeout=300)
+        refused = b.cli("migrate", "cold", "--to", a.url, "--offline", "--json", check=False)
+        assert refused.returncode == 2 and "is running" in json.loads(refused.stdout)["error"]
+        assert vm_names(b) == {"cold": "running"} and vm_names(a) == {}
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("crash_at", "outcome"), [("memory-precopy", "rolled-back"), ("storage-post", "done")]
 )

@@ -72,7 +72,7 @@ def test_clear_errors(agent: AgentProc) -> None:
     r = call("POST", "/v1/vms/resident/stop", json={})
     assert r.status_code == 409 and "not running" in r.json()["detail"]
     r = call("POST", "/v1/vms/resident/migrate", json={"to": "http://127.0.0.1:9", "mode": "offline"})
-    assert r.status_code == 400 and "not built yet" in r.json()["detail"]
+    assert r.status_code == 424 and "destination agent http://127.0.0.1:9" in r.json()["detail"]
     r = call("DELETE", "/v1/incoming/resident")
     assert r.status_code == 404, "a peer must never delete a VM that is not coming in"
     assert call("GET", "/v1/vms/resident").status_code == 200

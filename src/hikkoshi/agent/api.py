@@ -23,6 +23,7 @@ from hikkoshi.agent.models import (
     IncomingControl,
     IncomingDisks,
     IncomingFacts,
+    IncomingPull,
     IncomingStart,
     MigrateBody,
     MigrationInfo,
@@ -236,6 +237,12 @@ def create_app(agent: Agent) -> FastAPI:
         """Empty disks for a mirror to fill."""
         await inc.create_disks(name, body.sizes)
         return Response(status_code=204)
+
+    @app.post("/v1/incoming/{name}/pull", tags=["incoming"])
+    async def incoming_pull(name: VmName, body: IncomingPull) -> dict[str, dict[str, Any]]:
+        """Cold migration: copy the disks from the source's read-only export; answers when they are
+        complete and flushed."""
+        return await inc.pull(name, {n: (d.uri, d.size) for n, d in body.disks.items()})
 
     @app.put("/v1/incoming/{name}/plan", status_code=204, tags=["incoming"])
     async def incoming_plan(name: VmName, body: IncomingPlan) -> Response:

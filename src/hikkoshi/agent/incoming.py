@@ -82,14 +82,27 @@ class Incoming:
     async def create_disks(self, vm: str, sizes: dict[str, int]) -> None:
         """Empty disks for a mirror to fill (never over a file that is there)."""
         target = self._target(vm, adopted=False)
+        self._check_disk_files(target, sizes)
+        await target.create_disks(sizes)
+
+    def _check_disk_files(self, target: LocalDestination, sizes: dict[str, int]) -> None:
+        """Only the VM's own disk files, at their sizes, and none that is there already."""
         spec = target.home.load_spec()
         files = {d.file_name: d.size for d in spec.disks}
         for name, size in sizes.items():
             if files.get(name) != size:
-                raise ValueError(f"{name!r} of {size} bytes is not a disk of VM {vm!r}")
+                raise ValueError(f"{name!r} of {size} bytes is not a disk of VM {target.vm!r}")
             if (target.home.path / name).exists():
                 raise Conflict(f"disk file {name!r} exists already")
-        await target.create_disks(sizes)
+
+    async def pull(self, vm: str, disks: dict[str, tuple[str, int]]) -> dict[str, dict[str, Any]]:
+        """Cold migration: copy the disks from the source's export (the request lasts as long)."""
+        target = self._target(vm, adopted=False)
+        self._check_disk_files(target, {name: size for name, (_uri, size) in disks.items()})
+        try:
+            return await target.pull_disks(disks)
+        except SideError as exc:
+            raise Conflict(str(exc)) from None
 
     async def save_plan(self, vm: str, plan: IncomingPlan) -> None:
         """Write the disk plan."""

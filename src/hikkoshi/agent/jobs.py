@@ -26,6 +26,7 @@ from hikkoshi.agent.models import HostInfo, MigrateBody, MigrationInfo, StorageM
 from hikkoshi.agent.remote_destination import RemoteDestination
 from hikkoshi.agent.timeline import render_timeline
 from hikkoshi.block.throttle import parse_rate
+from hikkoshi.migrate.cold_pull import PullMigration
 from hikkoshi.migrate.coordinator import Coordinator, MigrationRequest, Route
 from hikkoshi.migrate.job import Job, MigrationError
 from hikkoshi.migrate.phases import Phase, recovery
@@ -106,12 +107,7 @@ class Jobs:
     # --- starting -----------------------------------------------------------------------------------------
 
     async def migrate(self, name: str, body: MigrateBody) -> str:
-        """Start a live migration of ``name`` to the agent at ``body.to``; its id."""
-        if body.mode == "offline":
-            raise Problem(
-                "offline migration between agents is not built yet: migrate it running (or --quick), or "
-                "use `hikkoshi migrate --offline` on a host that reaches both datastores"
-            )
+        """Start a migration of ``name`` (live, quick or offline) to the agent at ``body.to``; its id."""
         self._busy_vm(name)
         ds, home, spec = self.host.find(name)
         client = self._client(body.to)
@@ -144,6 +140,14 @@ class Jobs:
             await client.aclose()
             raise
         store = DbMigrationStore(self.db, "source")
+        if body.mode == "offline":
+            cold = PullMigration(
+                name, request.source_datastore, target, store, source_address=self.host.config.host
+            )
+            cold.record.settings["destination_datastore"] = dest_ds
+            state = self._register(cold, "source", body.to)
+            self._spawn(self._run_cold(state, cold, client, peer.site, home))
+            return state.id
         coordinator = Coordinator(request, store, destination=target)
         coordinator.record.settings["destination_datastore"] = dest_ds
         coordinator.record.settings["destination_site"] = peer.site
@@ -234,6 +238,17 @@ class Jobs:
                     if (await side.status()).get("state") == "paused":
                         await side.ctl("resume")
 
+    async def _run_cold(
+        self, state: JobState, job: PullMigration, client: AgentClient, peer_site: str, home: VmHome
+    ) -> None:
+        try:
+            async with self.routes(self.host.config.site, peer_site) as route:
+                job.route = route
+                await self._run_job(state, job.run(), home)
+        finally:
+            state.running = False
+            await client.aclose()
+
     async def _run_job(self, state: JobState, work: Any, home: VmHome) -> None:
         """Run a job with its I/O-latency sampler; then its report and timeline."""
         try:
@@ -323,7 +338,7 @@ class Jobs:
                 continue
             job: Job
             client: AgentClient | None = None
-            if record.kind in ("live", "quick") and record.destination.agent:
+            if record.kind in ("live", "quick", "cold") and record.destination.agent:
                 client = self._client(record.destination.agent)
                 target = RemoteDestination(
                     client,
@@ -331,7 +346,11 @@ class Jobs:
                     str(record.settings.get("destination_datastore", "")),
                     record.destination.datastore,
                 )
-                job = Coordinator.from_record(record, DbMigrationStore(self.db, role), destination=target)
+                store = DbMigrationStore(self.db, role)
+                if record.kind == "cold":
+                    job = PullMigration.from_record(record, store, target)
+                else:
+                    job = Coordinator.from_record(record, store, destination=target)
             elif record.kind == "storage":
                 job = StorageMigration.from_record(record, DbMigrationStore(self.db, role))
             else:
@@ -345,7 +364,7 @@ class Jobs:
 
     async def _recover(self, state: JobState, job: Job, client: AgentClient | None, home: VmHome) -> None:
         try:
-            assert isinstance(job, Coordinator | StorageMigration)
+            assert isinstance(job, Coordinator | StorageMigration | PullMigration)
             await self._run_job(state, job.recover(), home)
         finally:
             if client is not None:

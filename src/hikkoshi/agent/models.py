@@ -208,6 +208,19 @@ class IncomingDisks(_Body):
     sizes: dict[Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")], int]
 
 
+class PullDisk(_Body):
+    """One disk to pull: the source's read-only export, and the disk's size."""
+
+    uri: Annotated[str, Field(min_length=8, max_length=300, pattern=r"^nbds?://[^\s]+$")]
+    size: int = Field(ge=0, le=1 << 50)
+
+
+class IncomingPull(_Body):
+    """Cold migration: the disks to pull, by file name."""
+
+    disks: dict[Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")], PullDisk]
+
+
 class IncomingStart(_Body):
     """Start the incoming supervisor."""
 

@@ -103,6 +103,11 @@ class RemoteDestination(Destination):
     async def save_plan(self, plan: IncomingPlan) -> None:
         await self._call("PUT", "/plan", json=plan.model_dump(mode="json"))
 
+    async def pull_disks(self, disks: dict[str, tuple[str, int]]) -> dict[str, dict[str, Any]]:
+        body = {"disks": {name: {"uri": uri, "size": size} for name, (uri, size) in disks.items()}}
+        result: dict[str, dict[str, Any]] = await self._call("POST", "/pull", json=body, limit=24 * 3600.0)
+        return result
+
     async def start_incoming(self, accel: str, qemu: str | None) -> dict[str, Any]:
         # The destination runs its own QEMU binary: a peer never names a program for it to run.
         result: dict[str, Any] = await self._call("POST", "/start", json={"accel": accel})

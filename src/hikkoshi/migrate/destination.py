@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hikkoshi import __version__
+from hikkoshi.migrate.disk_pull import pull_disk
 from hikkoshi.migrate.home_files import copy_home_files
 from hikkoshi.migrate.precheck import Side
 from hikkoshi.migrate.sides import ControlSide, SideError, VmSide
@@ -70,6 +72,11 @@ class Destination(ControlSide):
     @abc.abstractmethod
     async def save_plan(self, plan: IncomingPlan) -> None:
         """Write the disk plan (``incoming.json``) into the home."""
+
+    @abc.abstractmethod
+    async def pull_disks(self, disks: dict[str, tuple[str, int]]) -> dict[str, dict[str, Any]]:
+        """Cold migration: copy each disk (file name to export URI and size) completely from the
+        source's read-only export into the home, flushed; what each copy fetched."""
 
     @abc.abstractmethod
     async def start_incoming(self, accel: str, qemu: str | None) -> dict[str, Any]:
@@ -149,6 +156,20 @@ class LocalDestination(Destination):
     async def save_plan(self, plan: IncomingPlan) -> None:
         plan.save(self.home.path)
 
+    async def pull_disks(self, disks: dict[str, tuple[str, int]]) -> dict[str, dict[str, Any]]:
+        results: dict[str, dict[str, Any]] = {}
+
+        async def pull(name: str, uri: str, size: int) -> None:
+            status = await pull_disk(uri, self.home.path / name, size, log=self.home.nbd_log)
+            keys = ("fetched_background_bytes", "fetched_demand_bytes", "zero_bytes", "size")
+            results[name] = {k: status.get(k) for k in keys}
+
+        async with asyncio.TaskGroup() as tg:
+            for name, (uri, size) in disks.items():
+                tg.create_task(pull(name, uri, size))
+        await asyncio.to_thread(fsync_dir, self.home.path)
+        return results
+
     async def start_incoming(self, accel: str, qemu: str | None) -> dict[str, Any]:
         return await asyncio.to_thread(
             control.start_vm,
@@ -176,3 +197,12 @@ class LocalDestination(Destination):
             await asyncio.to_thread(control.kill_vm, self.home)
         if self.home.path.exists():
             await asyncio.to_thread(shutil.rmtree, self.home.path)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (new files) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -84,6 +84,12 @@ class Child:
         """Not yet reaped."""
         return self._proc.returncode is None
 
+    async def stdout_line(self) -> str:
+        """The next line of its standard output (started with ``stdout=PIPE``); empty at its end."""
+        if self._proc.stdout is None:
+            raise ValueError(f"{self.name}: standard output is not a pipe")
+        return (await self._proc.stdout.readline()).decode(errors="replace").strip()
+
     async def wait(self) -> int:
         """Wait for the process to end; return its status."""
         return await self._proc.wait()
