@@ -166,11 +166,11 @@ class AgentProc:
 
 
 @contextlib.contextmanager
-def agents(tmp: Path, *names: str, **env: str) -> Iterator[list[AgentProc]]:
-    """Started agents sharing one token, each with one datastore ``main``; stopped and their VMs
-    killed (by pid) afterwards, whatever happens."""
+def agents(tmp: Path, *names: str, datastores: tuple[str, ...] = ("main",)) -> Iterator[list[AgentProc]]:
+    """Started agents sharing one token, each with these datastores (the first is the default); stopped
+    and their VMs killed (by pid) afterwards, whatever happens."""
     token = tmp / "token"
-    procs = [AgentProc(n, tmp / n, token, {"main": tmp / n / "ds"}, env=dict(env)) for n in names]
+    procs = [AgentProc(n, tmp / n, token, {d: tmp / n / d for d in datastores}) for n in names]
     try:
         for p in procs:
             p.start()

@@ -187,6 +187,27 @@ def test_agent_killed_mid_migration_finishes_or_rolls_back_after_restart(
         stop_and_verify(live, "crashy", run, mark)
 
 
+@pytest.mark.slow
+def test_storage_migration_through_the_agent(guest: GuestImage, tmp_path: Path) -> None:
+    """storage-migrate --datastore NAME: the running VM's home and disks move to another datastore."""
+    need_qemu_tools()
+    run = random.randrange(1, 2**31)
+    with agents(tmp_path, "solo", datastores=("main", "fast")) as (a,):
+        create_busy(a, "mover", run)
+        before = a.json("vm", "show", "mover", "--json")
+        record = a.json("storage-migrate", "mover", "--datastore", "fast", "--json", timeout=600)
+        assert record["phase"] == "done" and record["kind"] == "storage" and record["role"] == "storage"
+        after = a.json("vm", "show", "mover", "--json")
+        assert after["datastore"] == "fast" and after["qemu_pid"] == before["qemu_pid"]  # the same QEMU
+        assert not (a.datastores["main"] / "mover").exists()
+        a.datastores["main"] = a.datastores["fast"]  # where stop_and_verify finds the disk now
+        mark = len(a.cli("vm", "console", "mover").stdout)
+        wait_console(a, "mover", rf"PROGRESS run={run} ", after=mark)
+        stop_and_verify(a, "mover", run, mark)
+        same = a.cli("storage-migrate", "mover", "--datastore", "fast", "--json", check=False)
+        assert same.returncode == 2 and "already" in same.stderr
+
+
 def test_vm_lifecycle_and_errors_through_the_cli(tmp_path: Path) -> None:
     """Create, list, show, destroy; and the errors a user meets, each with its exit status."""
     with agents(tmp_path, "solo") as (a,):
