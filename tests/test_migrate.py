@@ -172,6 +172,14 @@ def test_idle_guest_migrates(
         disk = (home if storage == "shared" else dest).path / "disk0.raw"
         assert disk.read_bytes() == expected
         assert asyncio_request(dest, "status")["state"] == "running"
+        # The destination's disk device has the geometry the guest saw on the source (no guess there).
+        device = "/machine/peripheral/vd-disk0"
+        chs = [
+            asyncio_request(dest, "qmp", execute="qom-get", arguments={"path": device, "property": p})
+            for p in ("cyls", "heads", "secs")
+        ]
+        assert record["facts"]["geometry"] == {"disk0": chs} and min(chs) > 0
+        assert ",cyls={},heads={},secs={}".format(*chs) in (dest.path / "qemu.log").read_text()
         stop(dest)
 
 

@@ -792,6 +792,7 @@ def test_plan_round_trip(tmp_path: Path) -> None:
             "disk1": destination_backend(StorageMode.SHARED, "nbd+unix:///disk1?socket=/s", "m1"),
             "disk2": DiskBackend(kind="local"),
         },
+        geometry={"disk0": (130, 16, 63)},
     )
     plan.save(tmp_path)
     assert (tmp_path / PLAN_FILE).is_file()

@@ -12,9 +12,10 @@ from uuid import UUID
 import pytest
 
 from hikkoshi.vm import tap
+from hikkoshi.vm.disk_plan import DiskBackend, IncomingPlan
 from hikkoshi.vm.errors import VmStartError
 from hikkoshi.vm.home import VmHome
-from hikkoshi.vm.qemu import cpu_model, nbd_service_command, qemu_command, resolve_machine
+from hikkoshi.vm.qemu import cpu_model, nbd_service_command, proxy_command, qemu_command, resolve_machine
 from hikkoshi.vm.rundir import RunDir, runtime_root
 from hikkoshi.vm.spec import VmSpec, parse_spec
 
@@ -87,6 +88,23 @@ def test_disks_are_nbd_exports(home: VmHome, rundir: RunDir) -> None:
         "virtio-blk-pci,id=vd-root,drive=disk-root,serial=root,werror=stop,rerror=stop,bootindex=1",
         "virtio-blk-pci,id=vd-data,drive=disk-data,serial=data,werror=stop,rerror=stop",
     ]
+
+
+def test_disk_geometry_from_an_incoming_plan(home: VmHome, rundir: RunDir) -> None:
+    """A migration's destination gets the source's disk geometry: QEMU does not guess it from the first
+    sector (a read that waits for the source through a proxy); a proxy knows its disk's size at once."""
+    plan = IncomingPlan(
+        migration="m1",
+        disks={"data": DiskBackend(kind="proxy", uri="nbd://h:1/data")},
+        geometry={"data": (130, 16, 63)},
+    )
+    cmd = qemu_command(make_spec(), home, rundir, accel="tcg", taps={1: "t"}, plan=plan, incoming=True)
+    devices = [d for d in values(cmd, "-device") if d.startswith("virtio-blk")]
+    assert devices[1].endswith(",cyls=130,heads=16,secs=63") and "cyls" not in devices[0]
+    spec = make_spec()
+    data = next(d for d in spec.disks if d.name == "data")
+    px = proxy_command(data, plan.backend("data"), home, rundir)
+    assert px[px.index("--size") + 1] == str(data.size)
 
 
 def test_nics(home: VmHome, rundir: RunDir) -> None:

@@ -46,6 +46,7 @@ from hikkoshi.vm.disk_plan import IncomingPlan
 from hikkoshi.vm.guest_image import DEFAULT_QEMU
 from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.host import host_facts, qemu_version, space
+from hikkoshi.vm.qemu import disk_device_id
 from hikkoshi.vm.spec import VmSpec
 
 log = logging.getLogger("hikkoshi.migrate")
@@ -339,6 +340,19 @@ class Coordinator(Job):
             self.record.facts["source_listen"] = names[0]
             reach = await self._route("export", names[0])
             self.record.facts["exports"] = {d.name: f"nbd://{reach}/{d.name}" for d in self.spec.disks}
+        # The disks' geometry as the guest saw it from boot on: the destination's devices get the same
+        # and skip QEMU's guess from the first sector, a read across the WAN while it starts.
+        geometry: dict[str, list[int]] = {}
+        for disk in self.spec.disks:
+            path = f"/machine/peripheral/{disk_device_id(disk.name)}"
+            with contextlib.suppress(SideError):  # without it, the destination's QEMU guesses as before
+                chs = [
+                    await self.source.qmp("qom-get", {"path": path, "property": p})
+                    for p in ("cyls", "heads", "secs")
+                ]
+                if all(isinstance(v, int) and v > 0 for v in chs):
+                    geometry[disk.name] = chs
+        self.record.facts["geometry"] = geometry
         if uses_dirty_bitmap(req.storage):
             # Before the destination's proxy reads anything: every later write is marked.
             for disk in self.spec.disks:
@@ -369,6 +383,7 @@ class Coordinator(Job):
             }
             if req.storage != StorageMode.PRECOPY
             else {},
+            geometry={k: tuple(v) for k, v in self.record.facts.get("geometry", {}).items()},
         )
         if req.storage == StorageMode.PRECOPY:
             # The mirror fills them; sparse until it does.

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, model_validator
 
 from hikkoshi.nbd.uri import NbdUri
 from hikkoshi.vm.errors import VmStartError
@@ -63,6 +63,11 @@ class IncomingPlan(BaseModel):
     migration: str
     """The migration's id (for logs)."""
     disks: dict[str, DiskBackend] = {}
+    geometry: dict[str, tuple[PositiveInt, PositiveInt, PositiveInt]] = {}
+    """Disk name: (cylinders, heads, sectors) of its device on the source, as its guest saw them since
+    boot. The destination's device gets the same: QEMU then does not read the disk's first sector to
+    guess them while it starts (through a proxy, a wait for the source across the WAN), and cannot guess
+    otherwise if the guest changed that sector meanwhile."""
 
     def backend(self, disk: str) -> DiskBackend:
         """The backend of one disk."""

@@ -59,8 +59,19 @@ def disk_uri(disk: DiskSpec, rundir: RunDir, plan: IncomingPlan | None = None) -
     return NbdUri.parse(backend.uri)
 
 
-def nbd_disk_args(disk: DiskSpec, where: Path | NbdUri, boot: bool = False) -> list[str]:
-    """QEMU arguments for one disk: an export on the NBD socket ``where``, or at the URI ``where``."""
+def disk_device_id(disk_name: str) -> str:
+    """The QEMU device id of a disk (its virtio-blk device)."""
+    return f"vd-{disk_name}"
+
+
+def nbd_disk_args(
+    disk: DiskSpec,
+    where: Path | NbdUri,
+    boot: bool = False,
+    geometry: tuple[int, int, int] | None = None,
+) -> list[str]:
+    """QEMU arguments for one disk: an export on the NBD socket ``where``, or at the URI ``where``;
+    ``geometry`` (cylinders, heads, sectors) instead of QEMU's guess from the first sector."""
     uri = NbdUri(export=disk.name, socket=where) if isinstance(where, Path) else where
     protocol = {
         "driver": "nbd",
@@ -71,8 +82,11 @@ def nbd_disk_args(disk: DiskSpec, where: Path | NbdUri, boot: bool = False) -> l
     }
     fmt = {"driver": "raw", "node-name": f"disk-{disk.name}", "file": f"nbd-{disk.name}", "discard": "unmap"}
     device = (
-        f"virtio-blk-pci,id=vd-{disk.name},drive=disk-{disk.name},serial={disk.name},werror=stop,rerror=stop"
+        f"virtio-blk-pci,id={disk_device_id(disk.name)},drive=disk-{disk.name},serial={disk.name},"
+        "werror=stop,rerror=stop"
     )
+    if geometry is not None:
+        device += ",cyls={},heads={},secs={}".format(*geometry)
     if boot:
         device += ",bootindex=1"
     return ["-blockdev", json.dumps(protocol), "-blockdev", json.dumps(fmt), "-device", device]
@@ -155,7 +169,8 @@ def qemu_command(
             cmd += ["-append", spec.boot.append]
     boot_disk = spec.boot_disk
     for disk in spec.disks:
-        cmd += nbd_disk_args(disk, disk_uri(disk, rundir, plan), disk.name == boot_disk)
+        geometry = plan.geometry.get(disk.name) if plan is not None else None
+        cmd += nbd_disk_args(disk, disk_uri(disk, rundir, plan), disk.name == boot_disk, geometry)
     for index, nic in enumerate(spec.nics):
         cmd += _nic_args(index, nic, taps.get(index))
     if incoming:
