@@ -7,6 +7,7 @@ import json
 import random
 import re
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def test_cli_migrates_a_busy_guest_between_two_agents(guest: GuestImage, tmp_pat
     run = random.randrange(1, 2**31)
     with agents(tmp_path, "alpha", "beta") as (a, b):
         create_busy(a, "mover", run)
-        record = a.json("migrate", "mover", "--to", b.url, "--json", timeout=600)
+        # A slow background copy: the guest runs on B for seconds while its disk still arrives.
+        record = a.json("migrate", "mover", "--to", b.url, "--disk-bandwidth", "2M", "--json", timeout=600)
         assert record["phase"] == "done", record
         assert record["role"] == "source" and record["destination"] == b.url
         report = record["report"]
@@ -90,6 +92,12 @@ def test_cli_migrates_a_busy_guest_between_two_agents(guest: GuestImage, tmp_pat
         )
         assert png.status_code == 200 and png.content.startswith(b"\x89PNG\r\n\x1a\n")
         assert (a.state_dir / "reports" / f"{record['id']}.json").exists()
+        # The timeline has the guest's I/O latency on both sides, and the destination cache filling.
+        samples = [json.loads(d) for (d,) in sqlite3.connect(a.state_dir / "agent.sqlite3").execute(
+            "SELECT data FROM samples WHERE migration = ? ORDER BY t", (record["id"],))]  # fmt: skip
+        assert {s["io_at"] for s in samples if "io_latency_ms" in s} == {"source", "destination"}
+        filled = [s["disk_done"] / s["disk_total"] for s in samples if s.get("disk_total")]
+        assert filled and filled[-1] == 1.0 and min(filled) < 1.0
         # The guest goes on writing on B; then it checks everything it wrote, and so does the host.
         mark = len(b.cli("vm", "console", "mover").stdout)
         wait_console(b, "mover", rf"PROGRESS run={run} ", after=mark)
@@ -249,8 +257,6 @@ def test_agent_keeps_its_state_in_sqlite(tmp_path: Path) -> None:
         a.stop()
         a.start()
         assert vm_names(a) == {"kept": "stopped"}
-        import sqlite3
-
         rows = (
             sqlite3.connect(a.state_dir / "agent.sqlite3").execute("SELECT name, state FROM vms").fetchall()
         )

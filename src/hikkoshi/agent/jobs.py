@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,7 +29,7 @@ from hikkoshi.block.throttle import parse_rate
 from hikkoshi.migrate.cold_pull import PullMigration
 from hikkoshi.migrate.coordinator import Coordinator, MigrationRequest, Route
 from hikkoshi.migrate.job import Job, MigrationError
-from hikkoshi.migrate.phases import Phase, recovery
+from hikkoshi.migrate.phases import Phase, committed, recovery
 from hikkoshi.migrate.record import MigrationRecord
 from hikkoshi.migrate.sides import SideError, VmSide
 from hikkoshi.migrate.storage_migrate import StorageMigration
@@ -267,28 +267,27 @@ class Jobs:
             await self._leave_report(state)
 
     async def _sample_latency(self, state: JobState, home: VmHome) -> None:
-        """Every half second, the latency of the guest's disk requests at the source's NBD service
-        (the mean over the interval), while that service runs."""
+        """Every half second, the mean latency of the guest's disk requests over the interval: at the
+        source's NBD service while it serves the guest, then at the destination's relocation proxies."""
         try:
             side = VmSide(home, home.load_spec(), "source")
         except (OSError, ValueError):
             return
-        last: tuple[int, float] | None = None
+        last: dict[str, tuple[int, float]] = {}
         while True:
             await asyncio.sleep(0.5)
             await self._sample_cache(state)
-            try:
-                stats = await side.nbd("stats")
-            except (SideError, OSError):
-                continue  # not running (yet, or any more)
+            where, stats = await _guest_io_stats(state.job, side)
+            if not stats:
+                continue
             n = sum(int(sum(e["requests"].values())) for e in stats.values())
             total_us = sum(e["latency_us"]["mean"] * sum(e["requests"].values()) for e in stats.values())
-            if last is not None and n > last[0]:
-                mean_ms = (total_us - last[1]) / (n - last[0]) / 1000
-                state.samples.append(
-                    (round(time.monotonic() - state.t0, 3), {"io_latency_ms": round(max(mean_ms, 0.0), 3)})
-                )
-            last = (n, total_us)
+            before = last.get(where)
+            if before is not None and n > before[0]:
+                mean_ms = (total_us - before[1]) / (n - before[0]) / 1000
+                sample = {"io_latency_ms": round(max(mean_ms, 0.0), 3), "io_at": where}
+                state.samples.append((round(time.monotonic() - state.t0, 3), sample))
+            last[where] = (n, total_us)
 
     async def _sample_cache(self, state: JobState) -> None:
         """The destination's relocation proxies: how much of the disks is there already (they copy in the
@@ -413,3 +412,28 @@ def _info(record: MigrationRecord, role: str, state: JobState | None) -> Migrati
         destination=record.destination.agent,
         record=record.model_dump(mode="json"),
     )
+
+
+async def _stats(request: Awaitable[Any]) -> dict[str, Any] | None:
+    """A ``stats`` answer, or ``None`` if that service does not answer (not running, or not yet)."""
+    try:
+        result = await request
+    except (SideError, OSError):
+        return None
+    return result if isinstance(result, dict) else None
+
+
+async def _guest_io_stats(job: Job, source: VmSide) -> tuple[str, dict[str, Any] | None]:
+    """Where the guest's disk requests are served now, and that service's ``stats``."""
+    if isinstance(job, Coordinator) and job.dest and job.spec and committed(job.record.phase):
+        # The guest runs on the destination: its proxies serve it (postcopy, hybrid), else its own NBD
+        # service (precopy), else the source's export still (shared storage).
+        stats: dict[str, Any] = {}
+        for disk in job.spec.disks:
+            stats.update(await _stats(job.dest.proxy(disk.name, "stats")) or {})
+        if stats:
+            return "destination", stats
+        local = await _stats(job.dest.nbd("stats"))
+        if local:
+            return "destination", local
+    return "source", await _stats(source.nbd("stats"))

@@ -159,10 +159,20 @@ async def open_proxy(
 
 
 def register_proxy_commands(
-    control: ControlServer, proxy: ProxyDevice, copy: BackgroundCopy, dirty_bitmap: str | None = None
+    control: ControlServer,
+    proxy: ProxyDevice,
+    copy: BackgroundCopy,
+    dirty_bitmap: str | None = None,
+    export: Export | None = None,
 ) -> None:
     def status(_args: dict[str, Any]) -> dict[str, Any]:
         return proxy_status(proxy, copy)
+
+    def stats(args: dict[str, Any]) -> dict[str, Any]:
+        """The export's request statistics, as the NBD service's ``stats`` gives them."""
+        if export is None:
+            return {}
+        return {export.name: {"size": proxy.size, **export.stats.snapshot(bool(args.get("regions")))}}
 
     def pause(_args: dict[str, Any]) -> dict[str, Any]:
         copy.pause()
@@ -202,6 +212,7 @@ def register_proxy_commands(
         }
 
     control.register("status", status, "relocation progress")
+    control.register("stats", stats, "the export's requests, bytes and latency; args: regions (bool)")
     control.register("invalidate", invalidate, "drop blocks the upstream's dirty bitmap marks (migration)")
     control.register("pause", pause, "pause the background copy")
     control.register("resume", resume, "resume the background copy")
@@ -271,9 +282,10 @@ async def run_proxy(args: argparse.Namespace) -> int:
         copy.detach_allowed.clear()
         proxy.readahead = False
     exports = ExportTable()
-    exports.add(
-        Export(args.export if args.export is not None else uri.export, proxy, description=f"cache of {uri}")
+    export = Export(
+        args.export if args.export is not None else uri.export, proxy, description=f"cache of {uri}"
     )
+    exports.add(export)
     listen = [ListenAddress.parse(a) for a in (args.listen or ["127.0.0.1:10809"])]
     server = NbdServer(exports, listen)
     loop = asyncio.get_running_loop()
@@ -287,7 +299,7 @@ async def run_proxy(args: argparse.Namespace) -> int:
             serving = tg.create_task(server.serve())
             await server.ready.wait()
             if control is not None:
-                register_proxy_commands(control, proxy, copy, args.dirty_bitmap)
+                register_proxy_commands(control, proxy, copy, args.dirty_bitmap, export)
                 await control.start()
             announce(server)
             if connect_later:
