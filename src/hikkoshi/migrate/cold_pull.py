@@ -69,8 +69,7 @@ class PullMigration(Job):
     ) -> PullMigration:
         """Take over a recorded cold migration."""
         self = cls(record.vm, record.source.datastore, target, store, source_address=record.source.address)
-        self.record = record
-        self.report = {**record.report, "recovered": True}
+        self._take_over(record)
         return self
 
     # --- the run -------------------------------------------------------------------------------------------

@@ -188,8 +188,7 @@ class Coordinator(Job):
             tls_dir=Path(s["tls_dir"]) if s.get("tls_dir") else None,
         )
         self = cls(request, store, on_progress, destination)
-        self.record = record
-        self.report = {"actions": [], "iterations": [], **record.report, "recovered": True}
+        self._take_over(record)
         return self
 
     async def recover(self) -> MigrationRecord:

@@ -43,6 +43,11 @@ class Job:
         self.t0 = time.monotonic()
         self.report: dict[str, Any] = {}
 
+    def _take_over(self, record: MigrationRecord) -> None:
+        """Carry on with a recorded migration (its job died): its record, and its report so far."""
+        self.record = record
+        self.report = {**self.report, **record.report, "recovered": True}
+
     def _begin(self) -> None:
         """Record the migration as started (in precheck)."""
         self.record.phases = [PhaseTime(phase=Phase.PRECHECK, started=time.time())]

@@ -80,8 +80,7 @@ class OfflineMigration(Job):
             dest_runtime_dir=record.destination.runtime_dir,
         )
         self = cls(request, store, record.kind)
-        self.record = record
-        self.report = {**record.report, "recovered": True}
+        self._take_over(record)
         return self
 
     # --- the run -------------------------------------------------------------------------------------------

@@ -75,8 +75,7 @@ class StorageMigration(Job):
             bandwidth=s.get("bandwidth"),
             thick=bool(s.get("thick", False)),
         )
-        self.record = record
-        self.report = {"disks": {}, **record.report, "recovered": True}
+        self._take_over(record)
         return self
 
     # --- the run -------------------------------------------------------------------------------------------
