@@ -62,6 +62,7 @@ from bench.migrate_peer import (
     ready_tags,
 )
 from bench.nbd_servers import tool_version
+from bench.options import name_list
 from bench.run_nbd import (
     DEFAULT_HIKKOSHI,
     DEFAULT_OUTPUT_DIR,
@@ -103,42 +104,22 @@ def case_name(peer: str, mode: str) -> str:
 
 
 def _sections(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    for name in names:
-        if name not in SECTIONS:
-            raise argparse.ArgumentTypeError(f"unknown section {name!r}; known: {', '.join(SECTIONS)}")
-    if not names:
-        raise argparse.ArgumentTypeError("no section selected")
-    return list(dict.fromkeys(names))
+    return name_list(text, SECTIONS, "section")
 
 
 def _workloads(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    for name in names:
-        if name not in WORKLOADS:
-            raise argparse.ArgumentTypeError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
-    if not names:
-        raise argparse.ArgumentTypeError("no workload selected")
-    return list(dict.fromkeys(names))
+    return name_list(text, WORKLOADS, "workload")
 
 
 def _peers(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    for name in names:
-        if name not in ("ours", "qemu"):
-            raise argparse.ArgumentTypeError(f"unknown peer {name!r}; known: ours, qemu")
-    return list(dict.fromkeys(names)) or ["ours", "qemu"]
+    if not text.strip(" ,"):
+        return ["ours", "qemu"]  # nothing named: both
+    return name_list(text, ("ours", "qemu"), "peer")
 
 
 def _cases(text: str) -> list[str]:
     known = {case_name("ours", m) for m in OURS_MODES} | {case_name("qemu", m) for m in QEMU_MODES}
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    for name in names:
-        if name not in known:
-            raise argparse.ArgumentTypeError(f"unknown case {name!r}; known: {', '.join(sorted(known))}")
-    if not names:
-        raise argparse.ArgumentTypeError("no case selected")
-    return list(dict.fromkeys(names))
+    return name_list(text, sorted(known), "case")
 
 
 def build_parser() -> argparse.ArgumentParser:

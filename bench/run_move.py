@@ -57,6 +57,7 @@ from bench.move_jobs import (
     run_qemu_mirror,
 )
 from bench.nbd_servers import tool_version
+from bench.options import name_list
 from bench.proxy_jobs import BackgroundFio, Daemon, JobError, fio_argv, run_fio, sha256_file
 from bench.run_nbd import (
     DEFAULT_HIKKOSHI,
@@ -91,30 +92,11 @@ PAUSE_S = 0.5
 
 
 def _peers(text: str) -> list[str]:
-    names: list[str] = []
-    for raw in text.split(","):
-        name = raw.strip()
-        if not name:
-            continue
-        expanded = ALIASES.get(name, (name,))
-        for one in expanded:
-            if one not in PEERS:
-                raise argparse.ArgumentTypeError(f"unknown peer {one!r}; known: {', '.join(PEERS)}")
-            if one not in names:
-                names.append(one)
-    if not names:
-        raise argparse.ArgumentTypeError("no peer selected")
-    return names
+    return name_list(text, PEERS, "peer", ALIASES)
 
 
 def _loads(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    for name in names:
-        if name not in LOADS:
-            raise argparse.ArgumentTypeError(f"unknown load {name!r}; known: {', '.join(LOADS)}")
-    if not names:
-        raise argparse.ArgumentTypeError("no load selected")
-    return list(dict.fromkeys(names))
+    return name_list(text, LOADS, "load")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,6 +51,7 @@ from bench.nbd_servers import (
     tool_version,
     unavailable_reason,
 )
+from bench.options import name_list
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WORKDIR = Path("/var/tmp/hikkoshi-bench")
@@ -81,21 +82,6 @@ def parse_size(text: str) -> int:
     return size
 
 
-def _name_list(text: str, known: Sequence[str], aliases: dict[str, str], what: str) -> list[str]:
-    names: list[str] = []
-    for raw in text.split(","):
-        name = aliases.get(raw.strip(), raw.strip())
-        if not name:
-            continue
-        if name not in known:
-            raise argparse.ArgumentTypeError(f"unknown {what} {raw!r}; known: {', '.join(known)}")
-        if name not in names:
-            names.append(name)
-    if not names:
-        raise argparse.ArgumentTypeError(f"no {what} selected")
-    return names
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.run_nbd",
@@ -103,13 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--servers",
-        type=lambda s: _name_list(s, ALL_SERVERS, SERVER_ALIASES, "server"),
+        type=lambda s: name_list(s, ALL_SERVERS, "server", SERVER_ALIASES),
         default=list(ALL_SERVERS),
         help=f"comma-separated subset of {','.join(ALL_SERVERS)} (aliases: ours, qemu); default all",
     )
     parser.add_argument(
         "--workloads",
-        type=lambda s: _name_list(s, [w.name for w in WORKLOADS], {}, "workload"),
+        type=lambda s: name_list(s, [w.name for w in WORKLOADS], "workload"),
         default=[w.name for w in WORKLOADS],
         help=f"comma-separated subset of {','.join(w.name for w in WORKLOADS)}; default all",
     )

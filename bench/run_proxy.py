@@ -49,6 +49,7 @@ from typing import Any
 
 from bench.fio_jobs import ClientError
 from bench.nbd_servers import tool_version
+from bench.options import name_list
 from bench.proxy_jobs import (
     SOURCE_EXPORT,
     BackgroundFio,
@@ -103,18 +104,7 @@ PROXY_BLOCK_DEFAULT = 64 << 10
 
 
 def _sections(text: str) -> list[str]:
-    names: list[str] = []
-    for raw in text.split(","):
-        name = raw.strip()
-        if not name:
-            continue
-        if name not in SECTIONS:
-            raise argparse.ArgumentTypeError(f"unknown section {name!r}; known: {', '.join(SECTIONS)}")
-        if name not in names:
-            names.append(name)
-    if not names:
-        raise argparse.ArgumentTypeError("no section selected")
-    return names
+    return name_list(text, SECTIONS, "section")
 
 
 def build_parser() -> argparse.ArgumentParser:
