@@ -30,9 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -42,7 +40,7 @@ from typing import Any
 
 from qemu.qmp import EventListener, Message, QMPClient, QMPError
 
-from bench.nbd_servers import free_port, spawn_logged
+from bench.nbd_servers import free_port, spawn_logged, stop_pid
 from hikkoshi.lab.link_model import WanParams
 from hikkoshi.lab.wan import WanPath
 from hikkoshi.vm.diskwriter import DiskwriterError, verify_diskwriter_image
@@ -205,19 +203,6 @@ def qsd_argv(qsd: str, image: Path, socket: Path, export: str) -> list[str]:
 
 
 # --- processes ----------------------------------------------------------------------------------------------
-
-
-def stop_pid(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    """SIGTERM by pid, SIGKILL after ``grace``, reap."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _tail(path: Path, offset: int = 0, chars: int = 800) -> str:

@@ -171,6 +171,19 @@ def spawn_logged(argv: list[str], log_path: Path) -> tuple[subprocess.Popen[byte
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def stop_pid(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM by pid, SIGKILL after ``grace``, reap."""
+    if proc.poll() is None:
+        with suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def _stat_fields(pid: int) -> list[str] | None:
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()

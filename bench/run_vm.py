@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.nbd_servers import stop_pid
 from hikkoshi.vm import control
 from hikkoshi.vm.datastore import Datastore
 from hikkoshi.vm.ddbench import TAG, ddbench_results
@@ -78,19 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --- processes --------------------------------------------------------------------------------------------
-
-
-def stop_pid(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    """SIGTERM by pid, SIGKILL after ``grace``, reap."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @contextlib.contextmanager
