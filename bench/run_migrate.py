@@ -82,6 +82,7 @@ from hikkoshi.vm.guest_image import GuestImage, build_guest
 from hikkoshi.vm.guest_vm import create_guest_vm
 from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.host import choose_accel
+from hikkoshi.vm.procs import alive
 
 SECTIONS: tuple[str, ...] = ("loopback", "wan")
 WORKLOADS: tuple[str, ...] = ("idle", "busy")
@@ -294,26 +295,6 @@ class CaseError(RuntimeError):
     """One migration did not complete."""
 
 
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (zombies count as dead)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def state_pids(home: VmHome) -> list[int]:
-    """Every process a VM's state file names: supervisor, QEMU, NBD service, relocation proxies."""
-    try:
-        state = home.read_state()
-    except (OSError, ValueError):
-        return []
-    pids = [int(state[k]) for k in ("supervisor_pid", "qemu_pid", "nbd_pid") if state.get(k)]
-    pids += [int(p) for p in (state.get("proxy_pids") or {}).values()]
-    return pids
-
-
 def reap(pids: list[int], timeout: float = 20.0) -> list[int]:
     """Wait until none of ``pids`` lives, SIGKILL (by pid) those that still do; the ones killed."""
     deadline = time.monotonic() + timeout
@@ -486,7 +467,7 @@ class Bench:
             )
             rec["cli_wall_s"] = round(time.monotonic() - t0, 3)
             if dest.path.exists():
-                pids += state_pids(dest)
+                pids += dest.recorded_pids()
             try:
                 record = json.loads(done.stdout)
             except ValueError:
@@ -533,7 +514,7 @@ class Bench:
         finally:
             for h in (dest, home):
                 if h.path.exists():
-                    pids += state_pids(h)
+                    pids += h.recorded_pids()
                     if h.is_running():
                         stop_home(h, hard=True)
             killed = reap(sorted(set(pids)))

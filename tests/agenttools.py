@@ -148,9 +148,7 @@ class AgentProc:
                 continue
             with contextlib.suppress(Exception):
                 for entry in Datastore.open(path).entries():
-                    state = entry.home.read_state()
-                    pids += [int(state[k]) for k in ("supervisor_pid", "qemu_pid", "nbd_pid") if state.get(k)]
-                    pids += [int(p) for p in (state.get("proxy_pids") or {}).values()]
+                    pids += entry.home.recorded_pids()
         return [p for p in pids if alive(p)]
 
     def kill_vms(self) -> None:

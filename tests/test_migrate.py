@@ -79,9 +79,7 @@ def cleanup(home: VmHome) -> Iterator[None]:
     try:
         yield
     finally:
-        state = home.read_state()
-        pids = [int(state[k]) for k in ("supervisor_pid", "qemu_pid", "nbd_pid") if state.get(k)]
-        pids += [int(p) for p in (state.get("proxy_pids") or {}).values()]
+        pids = home.recorded_pids()
         if home.path.exists() and home.is_running():
             control.kill_vm(home)
         for pid in wait_dead(pids, 20.0):

@@ -21,6 +21,7 @@ from hikkoshi.vm.datastore import Datastore
 from hikkoshi.vm.guest_image import GuestImage, build_guest
 from hikkoshi.vm.guest_vm import create_guest_vm
 from hikkoshi.vm.home import VmHome
+from hikkoshi.vm.procs import alive as alive
 
 BOOT_TIMEOUT = 120.0
 
@@ -71,15 +72,6 @@ def guest_vm(
     }
     data.update(spec)
     return create_guest_vm(store, guest, data, workload, params)
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (zombies count as dead)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def wait_dead(pids: list[int], timeout: float = 20.0) -> list[int]:

@@ -27,6 +27,7 @@ from ..lab.netns_lab import LabError, LabPlan, plan_lab, run_ip, setup_commands,
 from ..vm import control
 from ..vm.datastore import Datastore
 from ..vm.home import write_atomically
+from ..vm.procs import alive
 
 AGENT_PORT = 8710
 LAB_FILE = "lab.json"
@@ -165,7 +166,7 @@ def _stop_agents(hosts: list[dict[str, Any]]) -> None:
             os.killpg(int(h["pid"]), signal.SIGTERM)
     deadline = time.monotonic() + 60
     for h in hosts:
-        while time.monotonic() < deadline and _alive(int(h["pid"])):
+        while time.monotonic() < deadline and alive(int(h["pid"])):
             time.sleep(0.1)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(int(h["pid"]), signal.SIGKILL)
@@ -176,18 +177,6 @@ def _stop_agents(hosts: list[dict[str, Any]]) -> None:
                     if entry.home.is_running():
                         control.kill_vm(entry.home)
         shutil.rmtree(h["state_dir"], ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            os.waitpid(pid, os.WNOHANG)
-            return False
-    return True
 
 
 def _load(lab_dir: Path) -> dict[str, Any]:
@@ -224,7 +213,7 @@ def status_command(args: argparse.Namespace) -> int:
         print(f"hikkoshi lab status: {exc}", file=sys.stderr)
         return 2
     for h in lab["hosts"]:
-        h["agent_running"] = _alive(int(h["pid"]))
+        h["agent_running"] = alive(int(h["pid"]))
     if args.json:
         print(json.dumps(lab, indent=2))
         return 0

@@ -184,6 +184,14 @@ class VmHome:
             return {}
         return data if isinstance(data, dict) else {}
 
+    def recorded_pids(self) -> list[int]:
+        """Every process ``state.json`` names: supervisor, QEMU, NBD service, relocation proxies
+        (whether or not they still run)."""
+        state = self.read_state()
+        pids = [int(state[k]) for k in ("supervisor_pid", "qemu_pid", "nbd_pid") if state.get(k)]
+        pids += [int(p) for p in (state.get("proxy_pids") or {}).values()]
+        return pids
+
     def write_state(self, state: dict[str, Any]) -> None:
         """Replace ``state.json``."""
         write_atomically(self.state_file, (json.dumps(state, indent=2, sort_keys=True) + "\n").encode())

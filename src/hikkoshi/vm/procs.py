@@ -23,6 +23,15 @@ _PR_SET_PDEATHSIG = 1
 _libc: Any = None
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie counts as dead: it only waits to be reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def _death_signal_preexec(sig: signal.Signals) -> Callable[[], None]:
     """A ``preexec_fn`` that arranges for ``sig`` when the process that forked us dies."""
     global _libc
