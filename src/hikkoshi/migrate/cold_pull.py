@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import sys
 import tempfile
@@ -60,7 +59,6 @@ class PullMigration(Job):
             settings={"pull": True},
         )
         self.spec: VmSpec | None = None
-        self._lock: int | None = None
         self._export: Child | None = None
 
     @classmethod
@@ -80,7 +78,7 @@ class PullMigration(Job):
             return await self._run()
         finally:
             await self._stop_export()
-            self._unlock()
+            self._release_run_lock()
 
     async def _run(self) -> MigrationRecord:
         self._begin()
@@ -90,14 +88,7 @@ class PullMigration(Job):
             self._enter(Phase.PREPARE)
             disks = await self._export_disks(self.spec)
             self._enter(Phase.HOME_FILES)
-            self.record.facts["destination_home_created"] = True
-            self.store.save(self.record)
-            try:
-                files = {d.file_name for d in self.spec.disks}
-                self.report["home_bytes"] = await self.target.create_home(self.src_home.path, files)
-            except FileExistsError:
-                self.record.facts["destination_home_created"] = False  # someone else's
-                raise SideError(f"{self.target.home_path} appeared on the destination meanwhile") from None
+            await self._send_home(self.target, self.src_home, self.spec)
             self._enter(Phase.STORAGE_PRE)
             async with asyncio.TaskGroup() as tg:
                 watch = tg.create_task(self._watch_export())
@@ -138,8 +129,7 @@ class PullMigration(Job):
             self.spec = self.src_home.load_spec()
         except (OSError, ValueError) as exc:
             self._refuse([f"no VM {self.record.vm!r} in {self.record.source.datastore}: {exc}"])
-        self._lock = self.src_home.try_lock()
-        if self._lock is None:
+        if not self._hold_run_lock(self.src_home):
             self._refuse([f"VM {self.record.vm!r} is running: stop it, or migrate it live or --quick"])
         try:
             there = await self.target.describe("tcg", DEFAULT_QEMU)
@@ -196,11 +186,6 @@ class PullMigration(Job):
         if export_dir:
             shutil.rmtree(export_dir, ignore_errors=True)
 
-    def _unlock(self) -> None:
-        if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
-
     async def _cleanup(self) -> None:
         await self.target.adopt()
         if self.src_home.path.exists():
@@ -218,5 +203,5 @@ class PullMigration(Job):
                 await self.target.remove()
             except (SideError, OSError) as exc:
                 problems.append(f"destination: {exc}")
-        self._unlock()
+        self._release_run_lock()
         self._end_rollback(problems)

@@ -362,15 +362,7 @@ class Coordinator(Job):
     async def _home_files(self) -> None:
         assert self.spec is not None
         req = self.request
-        # Recorded first: a home made but not recorded would be left behind by a rollback.
-        self.record.facts["destination_home_created"] = True
-        self.store.save(self.record)
-        disk_files = {d.file_name for d in self.spec.disks}
-        try:
-            self.report["home_bytes"] = await self.target.create_home(self.src_home.path, disk_files)
-        except FileExistsError:
-            self.record.facts["destination_home_created"] = False  # someone else's: never removed
-            raise SideError(f"{self.target.home_path} appeared on the destination meanwhile") from None
+        await self._send_home(self.target, self.src_home, self.spec)
         exports = self.record.facts.get("exports", {})
         plan = IncomingPlan(
             migration=self.record.id,

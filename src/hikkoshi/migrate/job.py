@@ -4,12 +4,13 @@ tests may crash the job), refusal, failure after the commit point, and releasing
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 from hikkoshi.block import crashpoints
-from hikkoshi.migrate.home_files import copy_home_files
+from hikkoshi.migrate.destination import Destination, LocalDestination
 from hikkoshi.migrate.phases import Phase
 from hikkoshi.migrate.record import MigrationRecord, MigrationStore, PhaseTime
 from hikkoshi.migrate.sides import SideError, VmSide
@@ -42,6 +43,7 @@ class Job:
         self.on_progress: Progress = on_progress or (lambda _info: None)
         self.t0 = time.monotonic()
         self.report: dict[str, Any] = {}
+        self._run_lock: int | None = None
 
     def _take_over(self, record: MigrationRecord) -> None:
         """Carry on with a recorded migration (its job died): its record, and its report so far."""
@@ -54,15 +56,34 @@ class Job:
         self.store.save(self.record)
 
     async def _new_home(self, source: VmHome, dest: VmHome, spec: VmSpec) -> None:
-        """Prepare the destination home and copy the source's files but the disks into it (seed 000)."""
+        """Prepare the destination home on this host and copy the source's files but the disks into
+        it (seed 000)."""
         self._enter(Phase.PREPARE)
-        dest.path.mkdir(mode=0o755)
-        self.record.facts["destination_home_created"] = True
         self._enter(Phase.HOME_FILES)
+        await self._send_home(LocalDestination(spec.name, dest.path.parent), source, spec)
+
+    async def _send_home(self, target: Destination, source: VmHome, spec: VmSpec) -> None:
+        """Make the VM's home at ``target`` with the source's files but the disks (seed 000)."""
+        # Recorded first: a home made but not recorded would be left behind by a rollback.
+        self.record.facts["destination_home_created"] = True
+        self.store.save(self.record)
         disk_files = {d.file_name for d in spec.disks}
-        self.report["home_bytes"] = await asyncio.to_thread(
-            copy_home_files, source.path, dest.path, disk_files
-        )
+        try:
+            self.report["home_bytes"] = await target.create_home(source.path, disk_files)
+        except FileExistsError:
+            self.record.facts["destination_home_created"] = False  # someone else's: never removed
+            raise SideError(f"{target.home_path} appeared on the destination meanwhile") from None
+
+    def _hold_run_lock(self, home: VmHome) -> bool:
+        """Take the VM's run lock for the job's duration (it cannot be started meanwhile); whether it
+        was free (not: the VM runs)."""
+        self._run_lock = home.try_lock()
+        return self._run_lock is not None
+
+    def _release_run_lock(self) -> None:
+        if self._run_lock is not None:
+            os.close(self._run_lock)
+            self._run_lock = None
 
     def _enter(self, phase: Phase) -> None:
         self.record.enter(phase)

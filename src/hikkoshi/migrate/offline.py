@@ -67,7 +67,6 @@ class OfflineMigration(Job):
         self.spec: VmSpec | None = None
         self.source: VmSide | None = None
         self.dest: VmSide | None = None
-        self._lock: int | None = None
         self._stopped_at: float | None = None
 
     @classmethod
@@ -90,7 +89,7 @@ class OfflineMigration(Job):
         try:
             return await self._run()
         finally:
-            self._unlock()
+            self._release_run_lock()
 
     async def _run(self) -> MigrationRecord:
         self._begin()
@@ -153,8 +152,7 @@ class OfflineMigration(Job):
             problems.append(f"{self.dst_home.path} exists already: the destination has a VM of that name")
         running = self.src_home.is_running()
         if self.record.kind == "cold":
-            self._lock = self.src_home.try_lock() if not running else None
-            if self._lock is None:
+            if running or not self._hold_run_lock(self.src_home):
                 problems.append(f"VM {req.vm!r} is running: stop it, or migrate it live or --quick")
         elif not running:
             problems.append(f"VM {req.vm!r} is not running (cold migration: --offline)")
@@ -168,11 +166,6 @@ class OfflineMigration(Job):
         self.source = VmSide(self.src_home, self.spec, "source")
         if problems:
             self._refuse(problems)
-
-    def _unlock(self) -> None:
-        if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
 
     async def _copy_disks(self) -> None:
         assert self.spec is not None
@@ -260,5 +253,5 @@ class OfflineMigration(Job):
                     await self.source.qmp("cont")  # the destination never ran
             except SideError as exc:
                 problems.append(str(exc))
-        self._unlock()
+        self._release_run_lock()
         self._end_rollback(problems)
