@@ -159,6 +159,15 @@ def _units(ranges: list[tuple[int, int, int]], unit: int) -> set[int]:
     return {u for off, n, _ in ranges for u in range(off // unit, (off + n - 1) // unit + 1)}
 
 
+def guest_writes(uri: str, model: bytearray) -> None:
+    """The guest's WRITES, through the export at ``uri`` (qemu-io), and into ``model`` too."""
+    script = []
+    for off, n, fill in WRITES:
+        script += ["-c", f"write -P {fill:#x} {off} {n}"]
+        model[off : off + n] = bytes([fill]) * n
+    run_tool("qemu-io", "-f", "raw", *script, uri)
+
+
 def test_invalidation_drops_what_the_source_changed(tmp_path: Path) -> None:
     src = tmp_path / "src.raw"
     model = bytearray(random_image(src, SIZE, zero_every=HOLES))
@@ -180,11 +189,7 @@ def test_invalidation_drops_what_the_source_changed(tmp_path: Path) -> None:
             assert call(src_ctl, "bitmap-get", name="m")["dirty_bytes"] == 0  # the proxy only read
 
             # The guest (still on the source) writes, through the source's NBD server.
-            script = []
-            for off, n, fill in WRITES:
-                script += ["-c", f"write -P {fill:#x} {off} {n}"]
-                model[off : off + n] = bytes([fill]) * n
-            run_tool("qemu-io", "-f", "raw", *script, up.export_uri("src"))
+            guest_writes(up.export_uri("src"), model)
             assert src.read_bytes() == model
             dirty = call(src_ctl, "bitmap-get", name="m")
             assert dirty["dirty_bytes"] == len(_units(WRITES, GRANULE)) * GRANULE
@@ -300,11 +305,7 @@ def test_blocks_the_source_changed_wait_for_the_switchover(tmp_path: Path) -> No
     with hikkoshi_server(str(src), "--export", "src", "--control", f"unix:{src_ctl}") as up:
         call(src_ctl, "bitmap-add", name="m", granularity=GRANULE)
         # The guest writes on the source after the migration began, before the proxy reads anything.
-        script = []
-        for off, n, fill in WRITES:
-            script += ["-c", f"write -P {fill:#x} {off} {n}"]
-            model[off : off + n] = bytes([fill]) * n
-        run_tool("qemu-io", "-f", "raw", *script, up.export_uri("src"))
+        guest_writes(up.export_uri("src"), model)
         with proxy(up.export_uri("src"), px, "--dirty-bitmap", "m") as p:
             s = wait_for(px_ctl, lambda s: s["phase"] == "waiting for the switchover")
             deferred = len(_units(WRITES, BLOCK)) * BLOCK
