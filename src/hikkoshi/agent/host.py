@@ -160,22 +160,29 @@ class Host:
     async def vm(self, name: str) -> VmInfo:
         """One VM's state."""
         ds, home, spec = self.find(name)
+        return await self._info(name, ds, home, spec, self.db.vms())
+
+    async def vms(self) -> list[VmInfo]:
+        """Every VM's state (a VM whose spec cannot be read is left out)."""
+        remembered = self.db.vms()
+        out: dict[str, VmInfo] = {}
+        for ds, store in self.stores.items():
+            for entry in store.entries():
+                if entry.spec is not None and entry.name not in out:  # the first datastore wins
+                    out[entry.name] = await self._info(entry.name, ds, entry.home, entry.spec, remembered)
+        return [out[name] for name in sorted(out)]
+
+    async def _info(
+        self, name: str, ds: str, home: VmHome, spec: VmSpec, remembered: dict[str, dict[str, Any]]
+    ) -> VmInfo:
         try:
             status = await control.vm_status(home, spec)
         except VmError as exc:
             status = {"running": home.is_running(), "state": "unknown", "error": str(exc)}
-        incoming = self.db.vms().get(name, {}).get("state") == "incoming"
+        incoming = remembered.get(name, {}).get("state") == "incoming"
         if incoming and status.get("state") in ("running", "paused", "inmigrate"):
             status = {**status, "state": "incoming"}
         return _vm_info(name, ds, home, spec, status)
-
-    async def vms(self) -> list[VmInfo]:
-        """Every VM's state."""
-        out = []
-        for name in sorted(self.homes()):
-            with contextlib.suppress(NotFound, Conflict):
-                out.append(await self.vm(name))
-        return out
 
     @contextlib.contextmanager
     def busy(self, name: str) -> Any:

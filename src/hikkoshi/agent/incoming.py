@@ -38,10 +38,11 @@ class Incoming:
 
     def _target(self, vm: str, *, adopted: bool = True) -> LocalDestination:
         """The incoming VM's destination: a VM coming in, or (``adopted``) one that came in."""
-        state = self.db.vms().get(vm, {}).get("state")
+        row = self.db.vms().get(vm, {})
+        state = row.get("state")
         if state != _INCOMING and not (adopted and state == _ADOPTED):
             raise NotFound(f"no VM {vm!r} coming in to {self.host.config.name}")
-        ds = self.db.vms()[vm]["datastore"]
+        ds = row["datastore"]
         if ds not in self.host.stores:
             raise Conflict(f"VM {vm!r} was coming in to datastore {ds!r}, which is gone")
         return LocalDestination(vm, self.host.stores[ds].path, self.host.config.runtime_dir)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -25,8 +26,6 @@ _MIB = 1 << 20
 
 def wanted(args: argparse.Namespace) -> bool:
     """Whether this command goes to an agent."""
-    import os
-
     return bool(getattr(args, "agent", None) or os.environ.get("HIKKOSHI_AGENT"))
 
 
