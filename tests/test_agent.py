@@ -71,7 +71,7 @@ def test_cli_migrates_a_busy_guest_between_two_agents(guest: GuestImage, tmp_pat
     with agents(tmp_path, "alpha", "beta") as (a, b):
         create_busy(a, "mover", run)
         # A slow background copy: the guest runs on B for seconds while its disk still arrives.
-        record = a.json("migrate", "mover", "--to", b.url, "--disk-bandwidth", "2M", "--json", timeout=600)
+        record = a.json("migrate", "mover", "--to", b.url, "--disk-bandwidth", "512K", "--json", timeout=600)
         assert record["phase"] == "done", record
         assert record["role"] == "source" and record["destination"] == b.url
         report = record["report"]

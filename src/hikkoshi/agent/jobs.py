@@ -277,12 +277,12 @@ class Jobs:
         while True:
             await asyncio.sleep(0.5)
             await self._sample_cache(state)
-            where, stats = await _guest_io_stats(state.job, side)
+            where, stats, fresh = await _guest_io_stats(state.job, side)
             if not stats:
                 continue
             n = sum(int(sum(e["requests"].values())) for e in stats.values())
             total_us = sum(e["latency_us"]["mean"] * sum(e["requests"].values()) for e in stats.values())
-            before = last.get(where)
+            before = last.get(where, (0, 0.0) if fresh else None)
             if before is not None and n > before[0]:
                 mean_ms = (total_us - before[1]) / (n - before[0]) / 1000
                 sample = {"io_latency_ms": round(max(mean_ms, 0.0), 3), "io_at": where}
@@ -423,17 +423,19 @@ async def _stats(request: Awaitable[Any]) -> dict[str, Any] | None:
     return result if isinstance(result, dict) else None
 
 
-async def _guest_io_stats(job: Job, source: VmSide) -> tuple[str, dict[str, Any] | None]:
-    """Where the guest's disk requests are served now, and that service's ``stats``."""
+async def _guest_io_stats(job: Job, source: VmSide) -> tuple[str, dict[str, Any] | None, bool]:
+    """Where the guest's disk requests are served now, that service's ``stats``, and whether every
+    request it counted is the guest's (then the first sample needs no earlier one to compare with)."""
     if isinstance(job, Coordinator) and job.dest and job.spec and committed(job.record.phase):
-        # The guest runs on the destination: its proxies serve it (postcopy, hybrid), else its own NBD
-        # service (precopy), else the source's export still (shared storage).
+        # The guest runs on the destination: its proxies serve it (postcopy, hybrid; they started with
+        # this migration and serve nobody else), else its own NBD service (precopy: it counted the
+        # mirror's writes too), else the source's export still (shared storage).
         stats: dict[str, Any] = {}
         for disk in job.spec.disks:
             stats.update(await _stats(job.dest.proxy(disk.name, "stats")) or {})
         if stats:
-            return "destination", stats
+            return "destination", stats, True
         local = await _stats(job.dest.nbd("stats"))
         if local:
-            return "destination", local
-    return "source", await _stats(source.nbd("stats"))
+            return "destination", local, False
+    return "source", await _stats(source.nbd("stats")), False
