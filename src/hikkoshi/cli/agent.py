@@ -13,18 +13,16 @@ import secrets
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..agent.client import AgentError, read_token
-from ..agent.db import StateError
-from ..agent.host import AgentConfig
-from ..agent.jobs import RouteFactory
-from ..agent.server import main_error, serve
-from ..lab.link_model import WanParams
-from ..migrate.coordinator import Route
 from ..vm.guest_image import DEFAULT_QEMU
 from .migrate import parse_wan, wan_routes
 from .runtime import run
+
+if TYPE_CHECKING:  # the agent's modules (FastAPI, uvicorn, httpx) load only when an agent runs
+    from ..agent.jobs import RouteFactory
+    from ..lab.link_model import WanParams
+    from ..migrate.coordinator import Route
 
 
 def add_parser(top: Any) -> None:
@@ -105,6 +103,8 @@ def site_routes(links: dict[frozenset[str], WanParams], host: str) -> RouteFacto
 
 def ensure_token(path: Path) -> str:
     """The token in ``path``, made (random, mode 600) if the file does not exist."""
+    from ..agent.client import read_token
+
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileExistsError), path.open("x") as f:
@@ -114,6 +114,11 @@ def ensure_token(path: Path) -> str:
 
 
 def agent_command(args: argparse.Namespace) -> int:
+    from ..agent.client import AgentError
+    from ..agent.db import StateError
+    from ..agent.host import AgentConfig
+    from ..agent.server import main_error, serve
+
     try:
         host, port = parse_listen(args.listen)
         config = AgentConfig(

@@ -15,11 +15,13 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..agent.client import AgentClient, AgentError
 from ..migrate.record import MigrationRecord
 from .runtime import run
+
+if TYPE_CHECKING:  # httpx loads only when a command goes to an agent
+    from ..agent.client import AgentClient
 
 _MIB = 1 << 20
 
@@ -36,6 +38,7 @@ def _prog(args: argparse.Namespace) -> str:
 
 def call(args: argparse.Namespace, body: Callable[[AgentClient], Awaitable[int]]) -> int:
     """Run ``body`` with a client of the agent; agent errors become one line and an exit status."""
+    from ..agent.client import AgentClient, AgentError
 
     async def main() -> int:
         client = AgentClient.from_env(args.agent, args.token_file, args.ca_file)
