@@ -29,13 +29,12 @@ from hikkoshi.block.throttle import parse_rate
 from hikkoshi.migrate.cold_pull import PullMigration
 from hikkoshi.migrate.coordinator import Coordinator, MigrationRequest, Route
 from hikkoshi.migrate.job import Job, MigrationError
-from hikkoshi.migrate.phases import Phase, committed, recovery
+from hikkoshi.migrate.phases import committed, recovery
 from hikkoshi.migrate.record import MigrationRecord
 from hikkoshi.migrate.sides import SideError, VmSide
 from hikkoshi.migrate.storage_migrate import StorageMigration
 from hikkoshi.migrate.storage_modes import StorageMode
 from hikkoshi.vm.home import VmHome
-from hikkoshi.vm.spec import VmSpec
 
 log = logging.getLogger("hikkoshi.agent")
 
@@ -109,7 +108,7 @@ class Jobs:
     async def migrate(self, name: str, body: MigrateBody) -> str:
         """Start a migration of ``name`` (live, quick or offline) to the agent at ``body.to``; its id."""
         self._busy_vm(name)
-        ds, home, spec = self.host.find(name)
+        ds, home, _spec = self.host.find(name)
         client = self._client(body.to)
         try:
             try:
@@ -146,13 +145,13 @@ class Jobs:
             )
             cold.record.settings["destination_datastore"] = dest_ds
             state = self._register(cold, "source", body.to)
-            self._spawn(self._run_cold(state, cold, client, peer.site, home))
+            self._spawn(self._run_to_peer(state, cold, client, peer.site, home))
             return state.id
         coordinator = Coordinator(request, store, destination=target)
         coordinator.record.settings["destination_datastore"] = dest_ds
         coordinator.record.settings["destination_site"] = peer.site
         state = self._register(coordinator, "source", body.to)
-        self._spawn(self._run_live(state, coordinator, client, peer.site, home, spec))
+        self._spawn(self._run_to_peer(state, coordinator, client, peer.site, home))
         return state.id
 
     async def storage_migrate(self, name: str, body: StorageMigrateBody) -> str:
@@ -206,47 +205,24 @@ class Jobs:
 
     # --- running ------------------------------------------------------------------------------------------
 
-    async def _run_live(
+    async def _run_to_peer(
         self,
         state: JobState,
-        coordinator: Coordinator,
+        job: Coordinator | PullMigration,
         client: AgentClient,
         peer_site: str,
         home: VmHome,
-        spec: VmSpec,
     ) -> None:
-        quick = coordinator.request.paused
-        side = VmSide(home, spec, "source")
-
-        async def run() -> None:
-            if quick:  # suspend: the guest's state then moves in one pass, and resumes on the destination
-                try:
-                    await side.ctl("pause")
-                except SideError as exc:
-                    coordinator._refuse([f"the VM could not be paused: {exc}"])
-            await coordinator.run()
-
+        """Run a migration to another agent's host, through the routes between the two sites."""
         try:
             async with self.routes(self.host.config.site, peer_site) as route:
-                coordinator.request = replace(coordinator.request, route=route)
-                await self._run_job(state, run(), home)
-        finally:
-            state.running = False  # also when the routes could not be set up
-            await client.aclose()
-            if quick and coordinator.record.phase in (Phase.FAILED, Phase.ROLLED_BACK) and home.is_running():
-                with contextlib.suppress(SideError):  # refused or rolled back: the guest runs on here
-                    if (await side.status()).get("state") == "paused":
-                        await side.ctl("resume")
-
-    async def _run_cold(
-        self, state: JobState, job: PullMigration, client: AgentClient, peer_site: str, home: VmHome
-    ) -> None:
-        try:
-            async with self.routes(self.host.config.site, peer_site) as route:
-                job.route = route
+                if isinstance(job, Coordinator):
+                    job.request = replace(job.request, route=route)
+                else:
+                    job.route = route
                 await self._run_job(state, job.run(), home)
         finally:
-            state.running = False
+            state.running = False  # also when the routes could not be set up
             await client.aclose()
 
     async def _run_job(self, state: JobState, work: Any, home: VmHome) -> None:

@@ -88,8 +88,9 @@ class MigrationRequest:
     route: Route | None = None
     """How one host reaches a service of the other (default: directly); see :data:`Route`."""
     paused: bool = False
-    """Quick migration: the guest was paused for the move (its vCPUs stay stopped until it runs on the
-    destination, or again on the source after a rollback); the stream carries its state in one pass."""
+    """Quick migration: the guest is paused for the move, after the precheck (its vCPUs stay stopped
+    until it runs on the destination, or again on the source after a rollback); the stream carries its
+    state in one pass."""
     tls_dir: Path | None = None
     """Encrypt the memory stream: a directory in QEMU's x509 layout (``ca-cert.pem``, ``server-cert.pem``,
     ``server-key.pem`` for the destination; ``client-cert.pem``, ``client-key.pem`` for the source). The
@@ -289,9 +290,8 @@ class Coordinator(Job):
         if not self.src_home.is_running():
             self._refuse([f"VM {req.vm!r} is not running (cold migration: copy its home)"])
         status = await self.source.status()
-        wanted = "paused" if req.paused else "running"
-        if status.get("state") != wanted:
-            problems.append(f"the VM's QEMU is {status.get('state')}, not {wanted}")
+        if status.get("state") != "running":
+            problems.append(f"the VM's QEMU is {status.get('state')}, not running")
         facts = await asyncio.to_thread(host_facts)
         qv = await asyncio.to_thread(qemu_version, req.qemu)
         accel = str(status.get("accel", "tcg"))
@@ -330,6 +330,10 @@ class Coordinator(Job):
     async def _prepare(self) -> None:
         assert self.source is not None and self.spec is not None
         req = self.request
+        if req.paused:
+            # Quick migration: suspended from here on, so its state moves in one pass; it runs again
+            # on the destination, or here after a rollback (which resumes a stopped source).
+            await self.source.ctl("pause")
         # The guest's dirty rate, measured while everything else is prepared (QEMU samples pages).
         with contextlib.suppress(SideError):
             await self.source.qmp("calc-dirty-rate", {"calc-time": 1})
