@@ -10,12 +10,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from ..nbd.constants import BASE_ALLOCATION, HIKKOSHI_HEAT
-from ..nbd.errors import CommandError
-from .copy_plan import CopyPlan, Range, plan_copy
-from .dirty_bitmap import DIRTY_FLAG
-from .proxy import ProxyDevice
-from .throttle import Throttle
+from hikkoshi.block.copy_plan import CopyPlan, Range, plan_copy
+from hikkoshi.block.dirty_bitmap import DIRTY_FLAG
+from hikkoshi.block.proxy import ProxyDevice
+from hikkoshi.block.throttle import Throttle
+from hikkoshi.nbd.constants import BASE_ALLOCATION, HIKKOSHI_HEAT
+from hikkoshi.nbd.errors import CommandError
 
 log = logging.getLogger("hikkoshi.block.background")
 

@@ -17,7 +17,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .presence import PresenceMap
+from hikkoshi.block.presence import PresenceMap
 
 MAGIC = b"HKSHPRES"
 VERSION = 1

@@ -21,7 +21,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from . import fallocate
+from hikkoshi.block import fallocate
 
 #: Most buffers and bytes joined into one ``pwritev``.
 _MAX_IOV = 64

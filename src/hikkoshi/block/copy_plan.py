@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..nbd.constants import AllocationFlag
+from hikkoshi.nbd.constants import AllocationFlag
 
 Range = tuple[int, int]  # (offset, length) in bytes
 

@@ -9,9 +9,9 @@ import stat
 from collections.abc import Awaitable
 from pathlib import Path
 
-from ..nbd.constants import BASE_ALLOCATION, AllocationFlag
-from ..nbd.device import BlockDevice, Buffer, Capabilities, MaybeAwaitable
-from . import fallocate
+from hikkoshi.block import fallocate
+from hikkoshi.nbd.constants import BASE_ALLOCATION, AllocationFlag
+from hikkoshi.nbd.device import BlockDevice, Buffer, Capabilities, MaybeAwaitable
 
 _ZERO_CHUNK = 1 << 20
 #: Bound the work of one block status query; the client asks again for the rest.

@@ -82,7 +82,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .partitions import Partition, parse_gpt_entries, parse_gpt_header, parse_mbr
+from hikkoshi.block.partitions import Partition, parse_gpt_entries, parse_gpt_header, parse_mbr
 
 Range = tuple[int, int]  # (byte offset, byte length) on the whole disk
 ReadFn = Callable[[int, int], Awaitable[bytes]]

@@ -32,12 +32,12 @@ import os
 from collections.abc import Awaitable, Sequence
 from typing import Literal
 
-from ..nbd.device import BlockDevice, Buffer, MaybeAwaitable
-from . import fallocate
-from .dirty_bitmap import DirtyBitmap
-from .file import RawFile
-from .move_policy import Mode
-from .tracking import then
+from hikkoshi.block import fallocate
+from hikkoshi.block.dirty_bitmap import DirtyBitmap
+from hikkoshi.block.file import RawFile
+from hikkoshi.block.move_policy import Mode
+from hikkoshi.block.tracking import then
+from hikkoshi.nbd.device import BlockDevice, Buffer, MaybeAwaitable
 
 Target = Literal["both", "source", "dest"]
 

@@ -28,14 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..nbd.constants import BASE_ALLOCATION, AllocationFlag
-from . import crashpoints
-from .file import RawFile
-from .mirror import MirrorDevice
-from .move_journal import Journal, fsync_dir
-from .move_policy import Mode, MovePolicy, PassResult, Step
-from .throttle import Throttle
-from .tracking import TrackedDevice
+from hikkoshi.block import crashpoints
+from hikkoshi.block.file import RawFile
+from hikkoshi.block.mirror import MirrorDevice
+from hikkoshi.block.move_journal import Journal, fsync_dir
+from hikkoshi.block.move_policy import Mode, MovePolicy, PassResult, Step
+from hikkoshi.block.throttle import Throttle
+from hikkoshi.block.tracking import TrackedDevice
+from hikkoshi.nbd.constants import BASE_ALLOCATION, AllocationFlag
 
 log = logging.getLogger("hikkoshi.block.move")
 

@@ -27,15 +27,15 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..nbd.constants import BASE_ALLOCATION, AllocationFlag
-from ..nbd.device import BlockDevice, Buffer, Capabilities, MaybeAwaitable
-from . import fallocate
-from .bitmap_file import BitmapFile
-from .buffers import BufferPool
-from .cache_writer import CacheWriter, Op, Punch, Write
-from .file import RawFile
-from .presence import PresenceMap
-from .upstream import Upstream
+from hikkoshi.block import fallocate
+from hikkoshi.block.bitmap_file import BitmapFile
+from hikkoshi.block.buffers import BufferPool
+from hikkoshi.block.cache_writer import CacheWriter, Op, Punch, Write
+from hikkoshi.block.file import RawFile
+from hikkoshi.block.presence import PresenceMap
+from hikkoshi.block.upstream import Upstream
+from hikkoshi.nbd.constants import BASE_ALLOCATION, AllocationFlag
+from hikkoshi.nbd.device import BlockDevice, Buffer, Capabilities, MaybeAwaitable
 
 log = logging.getLogger("hikkoshi.block.proxy")
 

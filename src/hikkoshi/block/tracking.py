@@ -17,8 +17,8 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 
-from ..nbd.device import BlockDevice, Buffer, Capabilities, MaybeAwaitable
-from .dirty_bitmap import DEFAULT_GRANULARITY, DirtyBitmap
+from hikkoshi.block.dirty_bitmap import DEFAULT_GRANULARITY, DirtyBitmap
+from hikkoshi.nbd.device import BlockDevice, Buffer, Capabilities, MaybeAwaitable
 
 DIRTY_CONTEXT_PREFIX = "hikkoshi:dirty:"
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")

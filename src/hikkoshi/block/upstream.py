@@ -8,10 +8,10 @@ import logging
 import ssl
 from types import TracebackType
 
-from ..nbd.client import NbdClient, Reconnect
-from ..nbd.constants import BASE_ALLOCATION, HIKKOSHI_HEAT
-from ..nbd.errors import CommandError
-from ..nbd.uri import NbdUri
+from hikkoshi.nbd.client import NbdClient, Reconnect
+from hikkoshi.nbd.constants import BASE_ALLOCATION, HIKKOSHI_HEAT
+from hikkoshi.nbd.errors import CommandError
+from hikkoshi.nbd.uri import NbdUri
 
 log = logging.getLogger("hikkoshi.block.upstream")
 

@@ -15,14 +15,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..vm.guest_image import DEFAULT_QEMU
-from .migrate import parse_wan, wan_routes
-from .runtime import run
+from hikkoshi.cli.migrate import parse_wan, wan_routes
+from hikkoshi.cli.runtime import run
+from hikkoshi.vm.guest_image import DEFAULT_QEMU
 
 if TYPE_CHECKING:  # the agent's modules (FastAPI, uvicorn, httpx) load only when an agent runs
-    from ..agent.jobs import RouteFactory
-    from ..lab.link_model import WanParams
-    from ..migrate.coordinator import Route
+    from hikkoshi.agent.jobs import RouteFactory
+    from hikkoshi.lab.link_model import WanParams
+    from hikkoshi.migrate.coordinator import Route
 
 
 def add_parser(top: Any) -> None:
@@ -103,7 +103,7 @@ def site_routes(links: dict[frozenset[str], WanParams], host: str) -> RouteFacto
 
 def ensure_token(path: Path) -> str:
     """The token in ``path``, made (random, mode 600) if the file does not exist."""
-    from ..agent.client import read_token
+    from hikkoshi.agent.client import read_token
 
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,10 +114,10 @@ def ensure_token(path: Path) -> str:
 
 
 def agent_command(args: argparse.Namespace) -> int:
-    from ..agent.client import AgentError
-    from ..agent.db import StateError
-    from ..agent.host import AgentConfig
-    from ..agent.server import main_error, serve
+    from hikkoshi.agent.client import AgentError
+    from hikkoshi.agent.db import StateError
+    from hikkoshi.agent.host import AgentConfig
+    from hikkoshi.agent.server import main_error, serve
 
     try:
         host, port = parse_listen(args.listen)

@@ -9,10 +9,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..vm.datastore import Datastore
-from ..vm.errors import VmError
-from ..vm.host import choose_accel, host_facts
-from ..vm.spec import format_size
+from hikkoshi.vm.datastore import Datastore
+from hikkoshi.vm.errors import VmError
+from hikkoshi.vm.host import choose_accel, host_facts
+from hikkoshi.vm.spec import format_size
 
 
 def add_parser(top: Any) -> None:

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..vm.guest_image import GuestImageError, build_guest, kernel_cmdline
-from ..vm.workloads import WORKLOADS
+from hikkoshi.vm.guest_image import GuestImageError, build_guest, kernel_cmdline
+from hikkoshi.vm.workloads import WORKLOADS
 
 
 def add_parser(top: Any) -> None:
@@ -21,7 +21,7 @@ def add_parser(top: Any) -> None:
         "--cache", type=Path, metavar="DIR", help="cache directory (default: $HIKKOSHI_CACHE or ~/.cache)"
     )
     p.add_argument("--json", action="store_true", help="print JSON")
-    from . import remote
+    from hikkoshi.cli import remote
 
     p.set_defaults(func=build_command, remote=remote.guest_build)
     p = group.add_parser("cmdline", help="print the kernel command line running a workload")

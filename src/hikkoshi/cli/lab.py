@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..lab.netns_lab import LabError, LabPlan, plan_lab, run_ip, setup_commands, teardown_commands
-from ..vm import control
-from ..vm.datastore import Datastore
-from ..vm.home import write_atomically
-from ..vm.procs import alive
+from hikkoshi.lab.netns_lab import LabError, LabPlan, plan_lab, run_ip, setup_commands, teardown_commands
+from hikkoshi.vm import control
+from hikkoshi.vm.datastore import Datastore
+from hikkoshi.vm.home import write_atomically
+from hikkoshi.vm.procs import alive
 
 AGENT_PORT = 8710
 LAB_FILE = "lab.json"
@@ -88,7 +88,7 @@ def _wait_serving(url: str, token: str, proc: subprocess.Popen[bytes], log: Path
 
 
 def _start_agents(plan: LabPlan, lab_dir: Path, wan: str | None) -> list[dict[str, Any]]:
-    from .agent import ensure_token
+    from hikkoshi.cli.agent import ensure_token
 
     token_file = lab_dir / "token"
     token = ensure_token(token_file)
@@ -133,7 +133,7 @@ def up_command(args: argparse.Namespace) -> int:
         names = [n.strip() for n in args.hosts.split(",") if n.strip()]
         plan = plan_lab(names, _sites(args, names), args.lab)
         if args.wan:
-            from .migrate import parse_wan
+            from hikkoshi.cli.migrate import parse_wan
 
             parse_wan(args.wan)  # a clear error before anything is made
         lab_dir.mkdir(parents=True, exist_ok=True)

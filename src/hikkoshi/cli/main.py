@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .. import __version__
-from . import nbd_move, nbd_proxy, nbd_serve, nbd_stats, nbd_status
-from .runtime import setup_logging
+from hikkoshi import __version__
+from hikkoshi.cli import nbd_move, nbd_proxy, nbd_serve, nbd_stats, nbd_status
+from hikkoshi.cli.runtime import setup_logging
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -37,21 +37,21 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     nbd_move.add_parser(nbd)
     if argv is not None and _data_plane_only(argv):
         return parser
-    from . import datastore, guest, vm
+    from hikkoshi.cli import datastore, guest, vm
 
     guest.add_parser(top)
     datastore.add_parser(top)
     vm.add_parser(top)
-    from . import demo
+    from hikkoshi.cli import demo
 
     demo.add_parser(top)
-    from . import wan
+    from hikkoshi.cli import wan
 
     wan.add_parser(top)
-    from . import migrate
+    from hikkoshi.cli import migrate
 
     migrate.add_parser(top)
-    from . import agent, lab
+    from hikkoshi.cli import agent, lab
 
     agent.add_parser(top)
     lab.add_parser(top)
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     remote = getattr(args, "remote", None)
     if remote is not None:
-        from . import remote as remote_cli
+        from hikkoshi.cli import remote as remote_cli
 
         if remote_cli.wanted(args):
             code: int = remote(args)

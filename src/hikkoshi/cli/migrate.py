@@ -17,19 +17,19 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from ..block.throttle import parse_rate
-from ..lab.link_model import WanParams
-from ..lab.wan import WanPath
-from ..migrate.coordinator import Coordinator, MigrationRequest, Route
-from ..migrate.job import MigrationError, MigrationRefused
-from ..migrate.offline import OfflineMigration
-from ..migrate.phases import recovery
-from ..migrate.record import MigrationRecord, MigrationStore
-from ..migrate.storage_migrate import StorageMigration
-from ..migrate.storage_modes import StorageMode
-from . import remote
-from .runtime import run
-from .wan import parse_duration_ms, parse_rate_bps
+from hikkoshi.block.throttle import parse_rate
+from hikkoshi.cli import remote
+from hikkoshi.cli.runtime import run
+from hikkoshi.cli.wan import parse_duration_ms, parse_rate_bps
+from hikkoshi.lab.link_model import WanParams
+from hikkoshi.lab.wan import WanPath
+from hikkoshi.migrate.coordinator import Coordinator, MigrationRequest, Route
+from hikkoshi.migrate.job import MigrationError, MigrationRefused
+from hikkoshi.migrate.offline import OfflineMigration
+from hikkoshi.migrate.phases import recovery
+from hikkoshi.migrate.record import MigrationRecord, MigrationStore
+from hikkoshi.migrate.storage_migrate import StorageMigration
+from hikkoshi.migrate.storage_modes import StorageMode
 
 
 def default_state_dir(datastore: Path) -> Path:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..nbd.control import ControlError, control_request
+from hikkoshi.nbd.control import ControlError, control_request
 
 _END = ("done", "failed", "cancelled")
 
@@ -100,7 +100,7 @@ async def _move(args: argparse.Namespace, path: Path) -> dict[str, Any]:
 
 
 def move_command(args: argparse.Namespace) -> int:
-    from .runtime import run
+    from hikkoshi.cli.runtime import run
 
     path = Path(args.control.removeprefix("unix:"))
     try:

@@ -12,20 +12,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..block.background import BackgroundCopy
-from ..block.bitmap_file import BitmapFile, BitmapHeader, BitmapMismatch
-from ..block.dirty_bitmap import DIRTY_FLAG
-from ..block.file import RawFile
-from ..block.fs_used import fs_used_hint, fs_used_ranges
-from ..block.proxy import ProxyDevice
-from ..block.throttle import parse_rate
-from ..block.tracking import DIRTY_CONTEXT_PREFIX
-from ..block.upstream import Upstream
-from ..nbd.client import Reconnect
-from ..nbd.control import ControlError, ControlServer
-from ..nbd.server import Export, ExportTable, ListenAddress, NbdServer
-from ..nbd.uri import NbdUri
-from .nbd_serve import announce
+from hikkoshi.block.background import BackgroundCopy
+from hikkoshi.block.bitmap_file import BitmapFile, BitmapHeader, BitmapMismatch
+from hikkoshi.block.dirty_bitmap import DIRTY_FLAG
+from hikkoshi.block.file import RawFile
+from hikkoshi.block.fs_used import fs_used_hint, fs_used_ranges
+from hikkoshi.block.proxy import ProxyDevice
+from hikkoshi.block.throttle import parse_rate
+from hikkoshi.block.tracking import DIRTY_CONTEXT_PREFIX
+from hikkoshi.block.upstream import Upstream
+from hikkoshi.cli.nbd_serve import announce
+from hikkoshi.nbd.client import Reconnect
+from hikkoshi.nbd.control import ControlError, ControlServer
+from hikkoshi.nbd.server import Export, ExportTable, ListenAddress, NbdServer
+from hikkoshi.nbd.uri import NbdUri
 
 
 def add_parser(sub: Any) -> None:
@@ -321,6 +321,6 @@ async def run_proxy(args: argparse.Namespace) -> int:
 
 
 def proxy_command(args: argparse.Namespace) -> int:
-    from .runtime import run_reporting
+    from hikkoshi.cli.runtime import run_reporting
 
     return run_reporting(run_proxy(args), "hikkoshi nbd proxy", (OSError, ValueError, BitmapMismatch))

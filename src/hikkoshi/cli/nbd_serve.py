@@ -8,13 +8,13 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from ..block.file import RawFile
-from ..block.move_journal import MoveJournalError, recover
-from ..block.tracking import TrackedDevice
-from ..nbd.control import ControlServer
-from ..nbd.server import Export, ExportTable, ListenAddress, NbdServer
-from ..nbd.tls import server_context
-from .serve_control import MoveService, register_commands
+from hikkoshi.block.file import RawFile
+from hikkoshi.block.move_journal import MoveJournalError, recover
+from hikkoshi.block.tracking import TrackedDevice
+from hikkoshi.cli.serve_control import MoveService, register_commands
+from hikkoshi.nbd.control import ControlServer
+from hikkoshi.nbd.server import Export, ExportTable, ListenAddress, NbdServer
+from hikkoshi.nbd.tls import server_context
 
 
 def add_parser(sub: Any) -> None:
@@ -111,6 +111,6 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from .runtime import run_reporting
+    from hikkoshi.cli.runtime import run_reporting
 
     return run_reporting(serve(args), "hikkoshi nbd serve", (OSError, ValueError, MoveJournalError))

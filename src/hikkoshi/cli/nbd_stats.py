@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..nbd.control import ControlError, control_request
+from hikkoshi.nbd.control import ControlError, control_request
 
 
 def add_parser(sub: Any) -> None:
@@ -21,7 +21,7 @@ def add_parser(sub: Any) -> None:
 
 
 def stats_command(args: argparse.Namespace) -> int:
-    from .runtime import run
+    from hikkoshi.cli.runtime import run
 
     path = Path(args.control.removeprefix("unix:"))
     extra: dict[str, Any] = {"regions": args.regions}

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..nbd.control import ControlError, control_request
+from hikkoshi.nbd.control import ControlError, control_request
 
 
 def add_parser(sub: Any) -> None:
@@ -57,7 +57,7 @@ async def _watch(path: Path) -> dict[str, Any]:
 
 
 def status_command(args: argparse.Namespace) -> int:
-    from .runtime import run
+    from hikkoshi.cli.runtime import run
 
     path = Path(args.control.removeprefix("unix:"))
     try:

@@ -17,11 +17,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from ..migrate.record import MigrationRecord
-from .runtime import run
+from hikkoshi.cli.runtime import run
+from hikkoshi.migrate.record import MigrationRecord
 
 if TYPE_CHECKING:  # httpx loads only when a command goes to an agent
-    from ..agent.client import AgentClient
+    from hikkoshi.agent.client import AgentClient
 
 _MIB = 1 << 20
 
@@ -38,7 +38,7 @@ def _prog(args: argparse.Namespace) -> str:
 
 def call(args: argparse.Namespace, body: Callable[[AgentClient], Awaitable[int]]) -> int:
     """Run ``body`` with a client of the agent; agent errors become one line and an exit status."""
-    from ..agent.client import AgentClient, AgentError
+    from hikkoshi.agent.client import AgentClient, AgentError
 
     async def main() -> int:
         client = AgentClient.from_env(args.agent, args.token_file, args.ca_file)
@@ -69,7 +69,7 @@ def _vm_line(vm: dict[str, Any]) -> str:
 
 
 def vm_create(args: argparse.Namespace) -> int:
-    from .guest import parse_params  # cli modules import this one
+    from hikkoshi.cli.guest import parse_params  # cli modules import this one
 
     if args.no_nic and (args.nic or args.mac):
         print("hikkoshi vm create: --no-nic contradicts --nic and --mac", file=sys.stderr)
@@ -290,7 +290,7 @@ async def follow(client: AgentClient, migration_id: str, as_json: bool) -> int:
 
 
 def _report(info: dict[str, Any]) -> str:
-    from .migrate import human_report  # cli modules import this one
+    from hikkoshi.cli.migrate import human_report  # cli modules import this one
 
     return human_report(MigrationRecord.model_validate(info["record"]))
 

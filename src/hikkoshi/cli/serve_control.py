@@ -7,14 +7,14 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from ..block.dirty_bitmap import DEFAULT_GRANULARITY
-from ..block.file import RawFile
-from ..block.move import MoveError, StorageMove
-from ..block.move_policy import Mode
-from ..block.throttle import parse_rate
-from ..block.tracking import TrackedDevice
-from ..nbd.control import ControlError, ControlServer
-from ..nbd.server import Export, ExportTable, ListenAddress, NbdServer
+from hikkoshi.block.dirty_bitmap import DEFAULT_GRANULARITY
+from hikkoshi.block.file import RawFile
+from hikkoshi.block.move import MoveError, StorageMove
+from hikkoshi.block.move_policy import Mode
+from hikkoshi.block.throttle import parse_rate
+from hikkoshi.block.tracking import TrackedDevice
+from hikkoshi.nbd.control import ControlError, ControlServer
+from hikkoshi.nbd.server import Export, ExportTable, ListenAddress, NbdServer
 
 
 class MoveService:

@@ -14,19 +14,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..vm import control
-from ..vm.datastore import Datastore
-from ..vm.errors import VmError
-from ..vm.guest_image import GuestImageError, build_guest
-from ..vm.guest_vm import create_guest_vm
-from ..vm.home import VmHome
-from ..vm.host import host_facts
-from ..vm.qemu import resolve_machine
-from ..vm.spec import VmSpec, format_size, parse_spec
-from ..vm.workloads import WORKLOADS
-from . import remote
-from .guest import parse_params
-from .runtime import run
+from hikkoshi.cli import remote
+from hikkoshi.cli.guest import parse_params
+from hikkoshi.cli.runtime import run
+from hikkoshi.vm import control
+from hikkoshi.vm.datastore import Datastore
+from hikkoshi.vm.errors import VmError
+from hikkoshi.vm.guest_image import GuestImageError, build_guest
+from hikkoshi.vm.guest_vm import create_guest_vm
+from hikkoshi.vm.home import VmHome
+from hikkoshi.vm.host import host_facts
+from hikkoshi.vm.qemu import resolve_machine
+from hikkoshi.vm.spec import VmSpec, format_size, parse_spec
+from hikkoshi.vm.workloads import WORKLOADS
 
 
 def add_parser(top: Any) -> None:

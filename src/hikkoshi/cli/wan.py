@@ -10,8 +10,8 @@ import signal
 import sys
 from typing import Any
 
-from ..lab.link_model import WanParams
-from ..lab.wan import Endpoint, WanLink
+from hikkoshi.lab.link_model import WanParams
+from hikkoshi.lab.wan import Endpoint, WanLink
 
 _NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)"
 _DURATION_RE = re.compile(rf"^\s*{_NUMBER}\s*(us|µs|ms|s)?\s*$")
@@ -172,7 +172,7 @@ async def _report(link: WanLink, every: float) -> None:
 
 
 def wan_command(args: argparse.Namespace) -> int:
-    from .runtime import run
+    from hikkoshi.cli.runtime import run
 
     try:
         Endpoint.parse(args.to)

@@ -3,7 +3,7 @@
 The top layer: it may use everything below it; nothing but the command line imports it.
 """
 
-from .link_model import Flow, LinkDirection, WanParams
-from .wan import DirectionStats, Endpoint, WanLink, WanStats
+from hikkoshi.lab.link_model import Flow, LinkDirection, WanParams
+from hikkoshi.lab.wan import DirectionStats, Endpoint, WanLink, WanStats
 
 __all__ = ["DirectionStats", "Endpoint", "Flow", "LinkDirection", "WanLink", "WanParams", "WanStats"]

@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any
 
-from ..nbd.address import parse_address
-from .link_model import Flow, LinkDirection, WanParams
+from hikkoshi.lab.link_model import Flow, LinkDirection, WanParams
+from hikkoshi.nbd.address import parse_address
 
 log = logging.getLogger("hikkoshi.lab.wan")
 

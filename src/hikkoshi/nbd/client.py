@@ -15,14 +15,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .client_handshake import ClientHandshake, ClientOptions, ExportList, Negotiated
-from .client_transmission import ClientTransmission, Reply
-from .constants import BASE_ALLOCATION, Command, CommandFlag, Errno, TransmissionFlag
-from .errors import CommandError, ProtocolError
-from .export_info import ExportInfo
-from .server_handshake import NEED_DATA, StartTLS
-from .uri import NbdUri
-from .wire import ServerEntry
+from hikkoshi.nbd.client_handshake import ClientHandshake, ClientOptions, ExportList, Negotiated
+from hikkoshi.nbd.client_transmission import ClientTransmission, Reply
+from hikkoshi.nbd.constants import BASE_ALLOCATION, Command, CommandFlag, Errno, TransmissionFlag
+from hikkoshi.nbd.errors import CommandError, ProtocolError
+from hikkoshi.nbd.export_info import ExportInfo
+from hikkoshi.nbd.server_handshake import NEED_DATA, StartTLS
+from hikkoshi.nbd.uri import NbdUri
+from hikkoshi.nbd.wire import ServerEntry
 
 log = logging.getLogger("hikkoshi.nbd.client")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Generator
 from dataclasses import dataclass, field
 
-from . import wire
-from .constants import (
+from hikkoshi.nbd import wire
+from hikkoshi.nbd.constants import (
     OPTION_REPLY_HEADER_SIZE,
     ClientFlag,
     HandshakeFlag,
@@ -20,9 +20,9 @@ from .constants import (
     OptionReply,
     is_option_error,
 )
-from .errors import OptionError, ProtocolError
-from .export_info import ExportInfo
-from .server_handshake import NEED_DATA, NeedData, StartTLS
+from hikkoshi.nbd.errors import OptionError, ProtocolError
+from hikkoshi.nbd.export_info import ExportInfo
+from hikkoshi.nbd.server_handshake import NEED_DATA, NeedData, StartTLS
 
 _MAX_REPLY = 1 << 20
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from . import wire
-from .constants import (
+from hikkoshi.nbd import wire
+from hikkoshi.nbd.constants import (
     CHUNK_HEADER_SIZE,
     SIMPLE_REPLY_MAGIC,
     SIMPLE_REPLY_SIZE,
@@ -25,7 +25,7 @@ from .constants import (
     Errno,
     ReplyFlag,
 )
-from .errors import ProtocolError
+from hikkoshi.nbd.errors import ProtocolError
 
 _MAX_CHUNK = (32 << 20) + (1 << 20)
 #: Where bytes land while no read payload is being streamed: headers, small replies, the start of a

@@ -46,7 +46,7 @@ class ControlServer:
         return {name: text for name, (_, text) in sorted(self._handlers.items())}
 
     async def start(self) -> None:
-        from .server import _remove_stale_socket
+        from hikkoshi.nbd.server import _remove_stale_socket
 
         _remove_stale_socket(self.path)
         self._server = await asyncio.start_unix_server(self._client, path=str(self.path), limit=_MAX_LINE)

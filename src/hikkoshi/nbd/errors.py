@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .constants import Errno
+from hikkoshi.nbd.constants import Errno
 
 
 class ProtocolError(Exception):

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .constants import BASE_ALLOCATION, MAX_PAYLOAD
+from hikkoshi.nbd.constants import BASE_ALLOCATION, MAX_PAYLOAD
 
 
 @dataclass(frozen=True, slots=True)

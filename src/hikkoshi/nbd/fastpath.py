@@ -39,7 +39,7 @@ import os
 import socket
 from typing import Any
 
-from .device import BlockDevice
+from hikkoshi.nbd.device import BlockDevice
 
 log = logging.getLogger("hikkoshi.nbd.server")
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from .address import parse_address
-from .constants import (
+from hikkoshi.nbd.address import parse_address
+from hikkoshi.nbd.constants import (
     HIKKOSHI_HEAT,
     MAX_PAYLOAD,
     ChunkType,
@@ -31,12 +31,12 @@ from .constants import (
     ReplyFlag,
     TransmissionFlag,
 )
-from .device import BlockDevice, Capabilities
-from .errors import ProtocolError
-from .export_info import ExportInfo
-from .fastpath import BIG_READ, FastPath
-from .server_handshake import NEED_DATA, Aborted, Negotiated, ServerHandshake, StartTLS, TLSMode
-from .server_transmission import (
+from hikkoshi.nbd.device import BlockDevice, Capabilities
+from hikkoshi.nbd.errors import ProtocolError
+from hikkoshi.nbd.export_info import ExportInfo
+from hikkoshi.nbd.fastpath import BIG_READ, FastPath
+from hikkoshi.nbd.server_handshake import NEED_DATA, Aborted, Negotiated, ServerHandshake, StartTLS, TLSMode
+from hikkoshi.nbd.server_transmission import (
     FLAG_FUA,
     RequestReader,
     SessionRules,
@@ -45,8 +45,8 @@ from .server_transmission import (
     offset_data_header,
     simple_reply,
 )
-from .stats import ExportStats
-from .wire import ERROR_HEAD, EXTENT, U32
+from hikkoshi.nbd.stats import ExportStats
+from hikkoshi.nbd.wire import ERROR_HEAD, EXTENT, U32
 
 log = logging.getLogger("hikkoshi.nbd.server")
 

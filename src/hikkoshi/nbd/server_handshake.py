@@ -11,8 +11,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from . import wire
-from .constants import (
+from hikkoshi.nbd import wire
+from hikkoshi.nbd.constants import (
     MAX_OPTION_LENGTH,
     OPTION_HEADER_SIZE,
     ClientFlag,
@@ -22,8 +22,8 @@ from .constants import (
     OptionReply,
     TransmissionFlag,
 )
-from .errors import ProtocolError
-from .export_info import Catalogue, ExportInfo, match_contexts
+from hikkoshi.nbd.errors import ProtocolError
+from hikkoshi.nbd.export_info import Catalogue, ExportInfo, match_contexts
 
 
 class NeedData:

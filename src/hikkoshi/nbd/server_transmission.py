@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .constants import (
+from hikkoshi.nbd.constants import (
     ALLOWED_FLAGS,
     MAX_PAYLOAD,
     REQUEST_MAGIC,
@@ -20,8 +20,8 @@ from .constants import (
     ReplyFlag,
     TransmissionFlag,
 )
-from .errors import ProtocolError
-from .wire import CHUNK_HEADER, REQUEST, SIMPLE_REPLY, U64
+from hikkoshi.nbd.errors import ProtocolError
+from hikkoshi.nbd.wire import CHUNK_HEADER, REQUEST, SIMPLE_REPLY, U64
 
 _INITIAL_BUFFER = 256 * 1024
 _MIN_FREE = 64 * 1024

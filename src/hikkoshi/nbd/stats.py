@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .constants import Command
+from hikkoshi.nbd.constants import Command
 
 #: Latency buckets: bucket i counts requests that took < 2**i microseconds (the last bucket is open).
 _LATENCY_BUCKETS = 24

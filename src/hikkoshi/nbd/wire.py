@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from .constants import (
+from hikkoshi.nbd.constants import (
     CHUNK_HEADER_SIZE,
     IHAVEOPT,
     MAX_STRING,
@@ -21,7 +21,7 @@ from .constants import (
     ChunkType,
     Info,
 )
-from .errors import ProtocolError
+from hikkoshi.nbd.errors import ProtocolError
 
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
