@@ -509,7 +509,7 @@ def read_latency_probe(
     there first). Then the same blocks are read `rounds` times more at other 4 KiB offsets: they are
     present by then. Every byte is compared with the image.
     """
-    from hikkoshi.cli.runtime import run
+    from hikkoshi.daemons.process import run
 
     rng = random.Random(seed)
     size = image.stat().st_size

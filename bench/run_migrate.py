@@ -76,7 +76,7 @@ from bench.run_nbd import (
 )
 from hikkoshi.cli.migrate import parse_wan
 from hikkoshi.lab.link_model import WanParams
-from hikkoshi.vm import control
+from hikkoshi.daemons import supervisor_client as control
 from hikkoshi.vm.datastore import Datastore
 from hikkoshi.vm.guest_image import GuestImage, build_guest
 from hikkoshi.vm.guest_vm import create_guest_vm

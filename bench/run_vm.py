@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.nbd_servers import stop_pid
-from hikkoshi.vm import control
+from hikkoshi.daemons import supervisor_client as control
 from hikkoshi.vm.datastore import Datastore
 from hikkoshi.vm.ddbench import TAG, ddbench_results
 from hikkoshi.vm.guest_image import GuestImage, build_guest, qemu_command

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hikkoshi.cli.runtime import run
 from hikkoshi.cli.wan import parse_duration_ms, parse_loss, parse_rate_bps, parse_size
+from hikkoshi.daemons.process import run
 from hikkoshi.lab.link_model import WanParams
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

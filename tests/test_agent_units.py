@@ -30,7 +30,7 @@ from hikkoshi.vm.spec import parse_spec
 # --- the home archive -----------------------------------------------------------------------------------
 
 _names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,20}", fullmatch=True).filter(
-    lambda n: n not in ("supervisor.pid", "state.json", "incoming.json") and not n.endswith(".bitmap")
+    lambda n: n not in ("supervisor.pid", "state.json", "disks.json") and not n.endswith(".bitmap")
 )
 
 
@@ -74,7 +74,7 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile
         _member("sub/file"),
         _member(".hidden"),
         _member("supervisor.pid"),
-        _member("incoming.json"),
+        _member("disks.json"),
         _member("link", tarfile.SYMTYPE, "/etc/passwd"),
         _member("hard", tarfile.LNKTYPE, "vm.toml"),
         _member("dir", tarfile.DIRTYPE),

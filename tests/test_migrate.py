@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from hikkoshi.vm import control
+from hikkoshi.daemons import supervisor_client as control
 from hikkoshi.vm.datastore import Datastore
 from hikkoshi.vm.diskwriter import verify_diskwriter_image
 from hikkoshi.vm.guest_image import GuestImage
@@ -282,11 +282,12 @@ def test_coordinator_dies_and_a_new_one_recovers(
 
 
 @pytest.mark.slow
-def test_destination_proxy_killed_after_switchover_is_restarted(
+def test_destination_disk_service_killed_after_switchover_is_restarted(
     guest: GuestImage, hosts: tuple[Datastore, Datastore, Path]
 ) -> None:
-    """The relocation proxy dies while the guest runs on the destination and its disk is half copied:
-    the supervisor starts a new one on the same cache, the guest resumes, the relocation completes."""
+    """The destination's disk service dies while the guest runs there and its disk is half relocated:
+    the supervisor starts a new one, which carries on with the same cache; the guest runs on, the
+    relocation completes and the disk becomes a plain file with nothing left beside it."""
     a, b, runtime_b = hosts
     run = random.randrange(1, 2**31)
     params = {"run": run, "progress": 4, "scrub": 16, "rate": 2, "mb": 16}
@@ -304,8 +305,8 @@ def test_destination_proxy_killed_after_switchover_is_restarted(
             pid = None
             while time.monotonic() < deadline and pid is None:
                 state = dest.read_state() if dest.path.exists() else {}
-                if state.get("state") == "running" and state.get("proxy_pids"):
-                    pid = int(state["proxy_pids"]["disk0"])
+                if state.get("state") == "running" and state.get("nbd_pid"):
+                    pid = int(state["nbd_pid"])
                 time.sleep(0.05)
             assert pid is not None, "the destination never resumed"
             time.sleep(0.5)
@@ -314,10 +315,11 @@ def test_destination_proxy_killed_after_switchover_is_restarted(
         assert proc.returncode == 0, err
         record = json.loads(out)
         assert record["phase"] == "done"
-        new_pid = dest.read_state()["proxy_pids"]["disk0"]
+        new_pid = dest.read_state()["nbd_pid"]
         assert new_pid != pid
-        # Requests that failed while no proxy was there stopped the guest (werror=stop); its supervisor
-        # resumes it once the new proxy serves, possibly a few times while QEMU reconnects.
+        assert not (dest.path / "disk0.raw.bitmap").exists() and not dest.disk_plan_file.exists()
+        # Requests that failed while no disk service was there may have stopped the guest (werror=stop);
+        # its supervisor resumes it once the new one serves.
         deadline = time.monotonic() + 30
         while asyncio_request(dest, "status")["state"] != "running" and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -359,8 +361,9 @@ def test_cut_migration_link_rolls_back(guest: GuestImage, hosts: tuple[Datastore
 
     from hikkoshi.lab.link_model import WanParams
     from hikkoshi.lab.wan import WanLink
-    from hikkoshi.migrate.coordinator import Coordinator, MigrationRequest
+    from hikkoshi.migrate.destination import LocalDestination
     from hikkoshi.migrate.job import MigrationError
+    from hikkoshi.migrate.live import LiveMigration, LiveRequest
     from hikkoshi.migrate.record import MigrationStore
 
     a, b, runtime_b = hosts
@@ -379,14 +382,12 @@ def test_cut_migration_link_rolls_back(guest: GuestImage, hosts: tuple[Datastore
                     links.append(link)
                 return f"127.0.0.1:{link.port}"
 
-            request = MigrationRequest(
-                vm="cut",
-                source_datastore=a.path,
-                dest_datastore=b.path,
-                dest_runtime_dir=runtime_b,
-                route=route,
+            request = LiveRequest(vm="cut", source_datastore=a.path, route=route)
+            coordinator = LiveMigration(
+                request,
+                LocalDestination("cut", b.path, runtime_b),
+                MigrationStore(a.path / ".hikkoshi" / "migrations"),
             )
-            coordinator = Coordinator(request, MigrationStore(a.path / ".hikkoshi" / "migrations"))
             task = asyncio.create_task(coordinator.run())
             while not links or links[0].stats().up.bytes_in < 8 << 20:
                 assert not task.done(), task
@@ -520,7 +521,8 @@ def test_memory_stream_with_tls(
     both ends verified by one CA; the migration completes."""
     import asyncio
 
-    from hikkoshi.migrate.coordinator import Coordinator, MigrationRequest
+    from hikkoshi.migrate.destination import LocalDestination
+    from hikkoshi.migrate.live import LiveMigration, LiveRequest
     from hikkoshi.migrate.record import MigrationStore
 
     from .test_tls import _ca, _leaf, _pem_cert, _pem_key
@@ -569,16 +571,11 @@ def test_memory_stream_with_tls(
             servers.append(server)
             return f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
-        request = MigrationRequest(
-            vm="sealed",
-            source_datastore=a.path,
-            dest_datastore=b.path,
-            dest_runtime_dir=runtime_b,
-            route=route,
-            tls_dir=tls,
-        )
+        request = LiveRequest(vm="sealed", source_datastore=a.path, route=route, tls_dir=tls)
+        destination = LocalDestination("sealed", b.path, runtime_b, tls_dir=tls)
         try:
-            record = await Coordinator(request, MigrationStore(a.path / ".hikkoshi" / "migrations")).run()
+            store = MigrationStore(a.path / ".hikkoshi" / "migrations")
+            record = await LiveMigration(request, destination, store).run()
         finally:
             for server in servers:
                 server.close()
@@ -597,8 +594,9 @@ def test_destination_dies_during_post_copy(
     guest: GuestImage, hosts: tuple[Datastore, Datastore, Path]
 ) -> None:
     """The destination's QEMU dies after the commit point while its disk is still being pulled: the
-    source never runs again and keeps its disk and serves it; started again on the destination, the VM
-    boots with its proxy carrying on, and the guest finds every record it had flushed."""
+    source never runs again and keeps its disk and serves it; the migration waits. Started again on the
+    destination, the VM boots with its relocation carrying on, the guest finds every record it had
+    flushed, and the migration, taken up again, completes and releases the source."""
     a, b, runtime_b = hosts
     run = random.randrange(1, 2**31)
     home = guest_vm(a, guest, "fragile", "diskwriter", {"run": run, "progress": 2, "scrub": 16})
@@ -621,17 +619,23 @@ def test_destination_dies_during_post_copy(
             out, err = proc.communicate(timeout=300)
         assert proc.returncode == 1, err
         record = json.loads(out)
-        assert record["phase"] == "failed" and "source keeps serving" in record["error"], record
+        assert record["phase"] == "storage-post" and "source keeps serving" in record["error"], record
         # The source: QEMU gone for good, disk kept and served; nothing deleted.
         assert wait_dead([info["qemu_pid"]]) == []
-        assert home.is_running() and home.read_state()["state"] == "migrated"
-        assert (home.path / "disk0.raw").exists() and (dest.path / "incoming.json").exists()
+        assert home.is_running() and home.read_state()["state"] == "serving"
+        assert (home.path / "disk0.raw").exists() and dest.disk_plan_file.exists()
         durable = max(int(m) for m in re.findall(rf"PROGRESS run={run} durable=(\d+)", console(dest)))
-        with running(dest, runtime_dir=runtime_b):
-            wait_console(dest, rf"HIKKOSHI-DISKWRITER RESUME run={run} last=(\d+) records=\d+ torn=\d OK")
-            resumed = re.search(rf"RESUME run={run} last=(\d+)", console(dest))
-            assert resumed is not None and int(resumed[1]) >= durable
-        asyncio_request(home, "release")
+        control.start_vm(dest, runtime_dir=runtime_b)
+        wait_console(dest, rf"HIKKOSHI-DISKWRITER RESUME run={run} last=(\d+) records=\d+ torn=\d OK")
+        resumed = re.search(rf"RESUME run={run} last=(\d+)", console(dest))
+        assert resumed is not None and int(resumed[1]) >= durable
+        # Taken up again, the migration completes: the disk is the destination's, the source goes.
+        recover = [sys.executable, "-m", "hikkoshi", "migrations", "recover", "--datastore", str(a.path)]
+        done = subprocess.run([*recover, "--json"], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["phase"] == "done"
+        assert not home.path.exists() and not dest.disk_plan_file.exists()
+        finish_and_verify(dest, run)
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from pydantic import ValidationError
 
 from hikkoshi.block.proxy import _overlay_data
+from hikkoshi.migrate import qmp_migration as qm
 from hikkoshi.migrate.convergence import (
     Action,
     Observation,
@@ -24,20 +25,17 @@ from hikkoshi.migrate.convergence import (
     build_schedule,
     decide,
 )
-from hikkoshi.migrate.coordinator import Coordinator, MigrationRequest
+from hikkoshi.migrate.destination import LocalDestination
+from hikkoshi.migrate.live import LiveMigration, LiveRequest
 from hikkoshi.migrate.phases import FINAL, FORWARD, Phase, PhaseError, can_move, committed, move, recovery
 from hikkoshi.migrate.precheck import Side, migration_problems
 from hikkoshi.migrate.record import Endpoint, MigrationRecord, MigrationStore, PhaseTime
-from hikkoshi.migrate.storage_modes import (
-    StorageMode,
-    bitmap_name,
-    destination_backend,
-    moves_disks,
-    source_serves_after_switchover,
-    uses_dirty_bitmap,
-)
-from hikkoshi.vm.disk_plan import PLAN_FILE, DiskBackend, IncomingPlan
+from hikkoshi.migrate.sides import VmSide
+from hikkoshi.migrate.storage import MoveContext, strategy
+from hikkoshi.migrate.storage_modes import StorageMode, bitmap_name
+from hikkoshi.vm.disk_serving import PLAN_FILE, DiskPlan, DiskServing, Holder, Serving
 from hikkoshi.vm.errors import VmStartError
+from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.host import CpuFacts, HostFacts, MemoryFacts
 from hikkoshi.vm.precheck import QEMU_OVERHEAD
 from hikkoshi.vm.spec import VmSpec, parse_spec
@@ -509,28 +507,72 @@ def test_time_limit() -> None:
 URI = "nbd://10.0.0.1:10809/disk0"
 
 
-def test_destination_backends() -> None:
-    assert destination_backend(StorageMode.SHARED, URI, "m1") == DiskBackend(kind="remote", uri=URI)
-    assert destination_backend(StorageMode.PRECOPY, URI, "m1", "50M") == DiskBackend(kind="local")
-    post = destination_backend(StorageMode.POSTCOPY, URI, "m1", "50M")
-    assert post == DiskBackend(
-        kind="proxy", uri=URI, background="paused", dirty_bitmap="migrate-m1", bandwidth="50M"
+def _ctx(tmp_path: Path, mode: StorageMode, source: dict[str, DiskServing] | None = None) -> MoveContext:
+    record = MigrationRecord(
+        id="m1",
+        vm="vm1",
+        storage=mode,
+        source=Endpoint(datastore=tmp_path, home=tmp_path / "vm1"),
+        destination=Endpoint(datastore=tmp_path / "b", home=tmp_path / "b" / "vm1"),
+    )
+    record.facts.exports = {"disk0": URI}
+    record.facts.bitmap = bitmap_name("m1")
+
+    async def route(_purpose: str, address: str) -> str:
+        return address
+
+    async def release(_holder: Holder, _migration: str) -> None:
+        return None
+
+    spec = vm(disks=[{"name": "disk0", "size": "1M"}], nics=[])
+    return MoveContext(
+        record=record,
+        spec=spec,
+        source=VmSide(VmHome(tmp_path / "vm1"), spec, "source"),
+        destination=LocalDestination("vm1", tmp_path / "b"),
+        source_address="10.0.0.1",
+        source_host="a",
+        source_agent="http://10.0.0.1:8710",
+        source_disks=source or {"disk0": DiskServing()},
+        disk_bandwidth="50M",
+        route=route,
+        save=lambda: None,
+        progress=lambda _info: None,
+        release_holder=release,
+    )
+
+
+def test_destination_serving(tmp_path: Path) -> None:
+    shared = strategy(StorageMode.SHARED).destination_serving(_ctx(tmp_path, StorageMode.SHARED), "disk0")
+    assert shared.kind == Serving.REMOTE and shared.upstream == URI
+    assert shared.holder == Holder(host="a", agent="http://10.0.0.1:8710")
+    precopy = strategy(StorageMode.PRECOPY)
+    assert precopy.destination_serving(_ctx(tmp_path, StorageMode.PRECOPY), "disk0") == DiskServing()
+    post = strategy(StorageMode.POSTCOPY).destination_serving(_ctx(tmp_path, StorageMode.POSTCOPY), "disk0")
+    assert post == DiskServing(
+        kind=Serving.RELOCATING, upstream=URI, background="paused", dirty_bitmap="migrate-m1", bandwidth="50M"
     )  # paused until the switchover; what QEMU read before it is reconciled by the bitmap
-    hybrid = destination_backend(StorageMode.HYBRID, URI, "m1")
-    assert hybrid == DiskBackend(kind="proxy", uri=URI, background="run", dirty_bitmap="migrate-m1")
-    assert hybrid.bandwidth is None
+    hybrid = strategy(StorageMode.HYBRID).destination_serving(_ctx(tmp_path, StorageMode.HYBRID), "disk0")
+    assert hybrid.kind == Serving.RELOCATING and hybrid.background == "run"
+    assert hybrid.dirty_bitmap == "migrate-m1"
+
+
+def test_shared_keeps_a_disk_at_its_holder(tmp_path: Path) -> None:
+    """A disk held by a third host stays served from there when the VM moves on with shared storage."""
+    held = DiskServing(
+        kind=Serving.REMOTE, upstream="nbd://10.0.0.9:1/disk0", holder=Holder(host="h", agent="http://h:1")
+    )
+    ctx = _ctx(tmp_path, StorageMode.SHARED, {"disk0": held})
+    assert strategy(StorageMode.SHARED).destination_serving(ctx, "disk0") == held
 
 
 @pytest.mark.parametrize("mode", list(StorageMode))
 def test_storage_mode_facts(mode: StorageMode) -> None:
-    backend = destination_backend(mode, URI, "abc")
-    assert moves_disks(mode) == (mode != StorageMode.SHARED)
-    assert moves_disks(mode) == (backend.kind != "remote")  # a moved disk ends in the destination's home
-    # After the switchover, the destination reads from the source exactly when the disk is not local.
-    assert source_serves_after_switchover(mode) == (backend.kind != "local")
-    assert uses_dirty_bitmap(mode) == (backend.dirty_bitmap is not None)
-    if backend.dirty_bitmap is not None:
-        assert backend.dirty_bitmap == bitmap_name("abc")
+    s = strategy(mode)
+    assert s.moves_disks == (mode != StorageMode.SHARED)
+    assert s.uses_bitmap == (mode in (StorageMode.POSTCOPY, StorageMode.HYBRID))
+    back = strategy(mode, takes_back=True)
+    assert not back.moves_disks and not back.uses_bitmap and not back.needs_export
 
 
 @given(st.text(alphabet="abcdef0123456789", min_size=1, max_size=12))
@@ -707,7 +749,8 @@ def test_store_round_trip(tmp_path: Path) -> None:
         store.load("nope")
     records = []
     for i, created in enumerate((300.0, 100.0, 200.0)):
-        r = new_record(created=created, settings={"max_downtime_ms": 100 + i}, facts={"port": 4000 + i})
+        facts = {"destination_supervisor_pid": 4000 + i}
+        r = new_record(created=created, settings={"max_downtime_ms": 100 + i}, facts=facts)
         r.enter(Phase.PREPARE, now=created + 1)
         r.report = {"bytes": [1, 2, 3], "nested": {"ok": True}}
         assert store.save(r) == store.path / f"{r.id}.json"
@@ -761,66 +804,66 @@ def test_a_record_with_a_future_phase_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "fields",
     [
-        {"kind": "local", "uri": URI},
-        {"kind": "proxy"},
-        {"kind": "remote"},
-        {"kind": "proxy", "uri": "http://example.com/disk"},
-        {"kind": "remote", "uri": "nbd+unix:///disk0"},  # no socket
-        {"kind": "remote", "uri": "nbd://host:99999/disk0"},  # bad port
-        {"kind": "proxy", "uri": URI, "background": "later"},
-        {"kind": "proxy", "uri": URI, "colour": "blue"},  # unknown field
+        {"kind": "relocating"},  # no upstream
+        {"kind": "remote", "upstream": URI},  # no holder
+        {"kind": "file", "upstream": URI},
+        {"kind": "relocating", "upstream": "http://x/y"},
+        {"kind": "relocating", "upstream": URI, "background": "later"},
+        {"kind": "relocating", "upstream": URI, "colour": "blue"},  # unknown field
         {"kind": "elsewhere"},
     ],
 )
-def test_bad_disk_backends_are_refused(fields: dict[str, Any]) -> None:
+def test_bad_disk_servings_are_refused(fields: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
-        DiskBackend(**fields)
+        DiskServing(**fields)
 
 
-def test_good_disk_backends() -> None:
-    assert DiskBackend().kind == "local"
+def test_good_disk_servings() -> None:
+    assert DiskServing().kind == Serving.FILE
     unix = "nbd+unix:///disk0?socket=/run/x.sock"
-    assert DiskBackend(kind="remote", uri=unix).uri == unix
-    assert DiskBackend(kind="proxy", uri="nbds://[::1]:10809/d", bandwidth="50M").bandwidth == "50M"
+    assert DiskServing(kind=Serving.REMOTE, upstream=unix, holder=Holder(host="a")).upstream == unix
+    relocating = DiskServing(kind=Serving.RELOCATING, upstream="nbds://[::1]:10809/d", bandwidth="50M")
+    assert relocating.bandwidth == "50M"
+    before = DiskServing(kind=Serving.RELOCATING, upstream=URI, background="paused", dirty_bitmap="b")
+    assert before.after_switchover() == DiskServing(kind=Serving.RELOCATING, upstream=URI)
 
 
 def test_plan_round_trip(tmp_path: Path) -> None:
-    plan = IncomingPlan(
+    home = VmHome(tmp_path)
+    assert home.load_disk_plan() == DiskPlan()  # no plan: every disk a file
+    plan = DiskPlan(
         migration="m1",
         disks={
-            "disk0": destination_backend(StorageMode.HYBRID, URI, "m1", "10M"),
-            "disk1": destination_backend(StorageMode.SHARED, "nbd+unix:///disk1?socket=/s", "m1"),
-            "disk2": DiskBackend(kind="local"),
+            "disk0": DiskServing(kind=Serving.RELOCATING, upstream=URI, dirty_bitmap="migrate-m1"),
+            "disk1": DiskServing(
+                kind=Serving.REMOTE, upstream="nbd+unix:///disk1?socket=/s", holder=Holder(host="a")
+            ),
         },
         geometry={"disk0": (130, 16, 63)},
     )
-    plan.save(tmp_path)
+    home.save_disk_plan(plan)
     assert (tmp_path / PLAN_FILE).is_file()
-    loaded = IncomingPlan.load(tmp_path)
+    loaded = home.load_disk_plan()
     assert loaded == plan
-    assert loaded.backend("disk0").dirty_bitmap == "migrate-m1"
-    assert loaded.backend("not-named") == DiskBackend()  # disks not named are local
-    assert [p.name for p in tmp_path.iterdir()] == [PLAN_FILE]
+    assert loaded.serving("disk0").dirty_bitmap == "migrate-m1"
+    assert loaded.serving("not-named") == DiskServing()  # disks not named are files
+    # A plan of files without start facts is no plan at all: nothing left behind.
+    home.save_disk_plan(DiskPlan(disks={"disk0": DiskServing()}))
+    assert not (tmp_path / PLAN_FILE).exists()
 
 
 def test_plan_errors_name_the_file(tmp_path: Path) -> None:
+    home = VmHome(tmp_path)
     path = tmp_path / PLAN_FILE
-    with pytest.raises(VmStartError, match=str(path)) as err:
-        IncomingPlan.load(tmp_path)
-    assert "No such file" in str(err.value)
-    for text in (
-        "{oops",
-        json.dumps({"disks": {}}),
-        json.dumps({"migration": "m", "disks": {"d": {"kind": "remote"}}}),
-    ):
+    for text in ("{oops", json.dumps({"disks": {"d": {"kind": "remote"}}})):
         path.write_text(text)
         with pytest.raises(VmStartError, match=str(path)) as err:
-            IncomingPlan.load(tmp_path)
+            home.load_disk_plan()
         assert "not valid" in str(err.value)
     path.unlink()
     path.mkdir()  # not a file at all
     with pytest.raises(VmStartError, match=str(path)):
-        IncomingPlan.load(tmp_path)
+        home.load_disk_plan()
 
 
 # --- the proxy's source map after an invalidation ----------------------------------------------------------
@@ -875,35 +918,50 @@ def test_overlay_data_matches_a_byte_model(
 # --- the switchover's order, with stand-ins for both sides -------------------------------------------------
 
 
-class _Calls:
-    """A side that records what it was asked (``Side.proxy``, ``qmp``, ``wait_migration``)."""
+class _Source:
+    """A source that records what it was asked."""
 
-    def __init__(self, name: str, log: list[tuple[str, ...]]) -> None:
-        self.name = name
+    def __init__(self, log: list[tuple[str, ...]]) -> None:
         self.log = log
 
-    async def proxy(self, disk: str, command: str, **args: Any) -> Any:
-        self.log.append((self.name, command, disk))
-        return {"dirty_bytes": 0, "dropped_bytes": 0, "seconds": 0.0}
-
     async def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        self.log.append((self.name, command))
+        self.log.append(("src", command))
         return {}
 
     async def wait_migration(self, states: list[str], limit: float) -> dict[str, Any]:
-        self.log.append((self.name, "completed"))
+        self.log.append(("src", "completed"))
         return {"status": "completed"}
+
+    async def ctl(self, command: str, **args: Any) -> Any:
+        self.log.append(("src", command))
+        return {}
+
+
+class _Destination(LocalDestination):
+    """A destination that records what it was asked."""
+
+    def __init__(self, log: list[tuple[str, ...]], tmp: Path) -> None:
+        super().__init__("vm1", tmp)
+        self.log = log
+
+    async def relocation(self, disk: str, action: str) -> dict[str, Any]:
+        self.log.append(("dst", action, disk))
+        return {"dirty_bytes": 0, "dropped_bytes": 0, "seconds": 0.0}
+
+    async def wait_incoming(self, limit: float) -> qm.MigrationInfo:
+        self.log.append(("dst", "completed"))
+        return qm.MigrationInfo.of({"status": "completed"})
 
 
 @pytest.mark.parametrize("mode", [StorageMode.HYBRID, StorageMode.POSTCOPY])
 def test_switchover_leaves_the_link_to_memory_until_the_resume(tmp_path: Path, mode: StorageMode) -> None:
-    """The destination's proxies stop copying before the rest of memory goes (the guest waits for it)
+    """The destination's relocations stop copying before the rest of memory goes (the guest waits for it)
     and drop what the source changed while it goes; the guest resumes only after both."""
     log: list[tuple[str, ...]] = []
-    request = MigrationRequest(vm="vm1", source_datastore=tmp_path, dest_datastore=tmp_path, storage=mode)
-    c = Coordinator(request, MigrationStore(tmp_path / "records"))
+    request = LiveRequest(vm="vm1", source_datastore=tmp_path, storage=mode)
+    c = LiveMigration(request, _Destination(log, tmp_path), MigrationStore(tmp_path / "records"))
     c.spec = vm(disks=[{"name": "d0", "size": "1M"}, {"name": "d1", "size": "1M"}], nics=[])
-    c.source, c.dest = _Calls("src", log), _Calls("dst", log)  # type: ignore[assignment]
+    c.source = _Source(log)  # type: ignore[assignment]
     asyncio.run(c._switchover())
     pauses = [log.index(("dst", "pause", d)) for d in ("d0", "d1")]
     drops = [log.index(("dst", "invalidate", d)) for d in ("d0", "d1")]

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from hikkoshi.daemons import supervisor_client as control
 from hikkoshi.nbd.control import control_request
-from hikkoshi.vm import control
 from hikkoshi.vm.datastore import Datastore
 from hikkoshi.vm.diskwriter import verify_diskwriter_image
 from hikkoshi.vm.guest_image import GuestImage

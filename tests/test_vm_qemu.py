@@ -11,11 +11,12 @@ from uuid import UUID
 
 import pytest
 
+from hikkoshi.daemons.entry import disk_service_argv
 from hikkoshi.vm import tap
-from hikkoshi.vm.disk_plan import DiskBackend, IncomingPlan
+from hikkoshi.vm.disk_serving import DiskPlan, DiskServing, Serving
 from hikkoshi.vm.errors import VmStartError
 from hikkoshi.vm.home import VmHome
-from hikkoshi.vm.qemu import cpu_model, nbd_service_command, proxy_command, qemu_command, resolve_machine
+from hikkoshi.vm.qemu import cpu_model, qemu_command, resolve_machine
 from hikkoshi.vm.rundir import RunDir, runtime_root
 from hikkoshi.vm.spec import VmSpec, parse_spec
 
@@ -80,6 +81,7 @@ def test_disks_are_nbd_exports(home: VmHome, rundir: RunDir) -> None:
         "server": {"type": "unix", "path": str(rundir.nbd_socket)},
         "export": "root",
         "discard": "unmap",
+        "reconnect-delay": 15,
     }
     assert nodes[1] == {"driver": "raw", "node-name": "disk-root", "file": "nbd-root", "discard": "unmap"}
     assert nodes[3]["file"] == "nbd-data" and nodes[2]["export"] == "data"
@@ -93,18 +95,17 @@ def test_disks_are_nbd_exports(home: VmHome, rundir: RunDir) -> None:
 def test_disk_geometry_from_an_incoming_plan(home: VmHome, rundir: RunDir) -> None:
     """A migration's destination gets the source's disk geometry: QEMU does not guess it from the first
     sector (a read that waits for the source through a proxy); a proxy knows its disk's size at once."""
-    plan = IncomingPlan(
+    plan = DiskPlan(
         migration="m1",
-        disks={"data": DiskBackend(kind="proxy", uri="nbd://h:1/data")},
+        disks={"data": DiskServing(kind=Serving.RELOCATING, upstream="nbd://h:1/data")},
         geometry={"data": (130, 16, 63)},
     )
     cmd = qemu_command(make_spec(), home, rundir, accel="tcg", taps={1: "t"}, plan=plan, incoming=True)
     devices = [d for d in values(cmd, "-device") if d.startswith("virtio-blk")]
     assert devices[1].endswith(",cyls=130,heads=16,secs=63") and "cyls" not in devices[0]
-    spec = make_spec()
-    data = next(d for d in spec.disks if d.name == "data")
-    px = proxy_command(data, plan.backend("data"), home, rundir)
-    assert px[px.index("--size") + 1] == str(data.size)
+    # Whatever serves a disk, QEMU opens it at the VM's own disk service.
+    nodes = [json.loads(v) for v in values(cmd, "-blockdev")]
+    assert {n["server"]["path"] for n in nodes if n["driver"] == "nbd"} == {str(rundir.nbd_socket)}
 
 
 def test_nics(home: VmHome, rundir: RunDir) -> None:
@@ -161,13 +162,12 @@ def test_cpu_model() -> None:
     assert cpu_model(make_spec(cpu_model="EPYC-v4"), "kvm") == "EPYC-v4"
 
 
-def test_nbd_service_command(home: VmHome, rundir: RunDir) -> None:
-    cmd = nbd_service_command(make_spec(), home, rundir)
-    assert cmd[:5] == [sys.executable, "-m", "hikkoshi", "nbd", "serve"]
-    assert cmd[5:7] == [str(home.path / "root.raw"), str(home.path / "data.raw")]
+def test_disk_service_command(home: VmHome, rundir: RunDir) -> None:
+    cmd = disk_service_argv(home, rundir)
+    assert cmd[:3] == [sys.executable, "-m", "hikkoshi.daemons.disk_service"]
+    assert values(cmd, "--home") == [str(home.path)]
     assert values(cmd, "--listen") == [f"unix:{rundir.nbd_socket}"]
     assert values(cmd, "--control") == [f"unix:{rundir.nbd_control}"]
-    assert values(cmd, "--export") == ["root", "data"]
 
 
 def test_tap_commands() -> None:

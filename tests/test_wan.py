@@ -24,8 +24,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hikkoshi.cli.runtime import run as run_uvloop
 from hikkoshi.cli.wan import parse_duration_ms, parse_loss, parse_rate_bps, parse_size
+from hikkoshi.daemons.process import run as run_uvloop
 from hikkoshi.lab import Endpoint, Flow, LinkDirection, WanLink, WanParams
 from hikkoshi.lab.link_model import QUEUE_SLACK
 from hikkoshi.nbd.client import NbdClient

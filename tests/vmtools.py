@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from hikkoshi.vm import control
+from hikkoshi.daemons import supervisor_client as control
 from hikkoshi.vm.datastore import Datastore
 from hikkoshi.vm.guest_image import GuestImage, build_guest
 from hikkoshi.vm.guest_vm import create_guest_vm

@@ -18,23 +18,24 @@ from hikkoshi import __version__
 from hikkoshi.agent.errors import Problem, status_of
 from hikkoshi.agent.models import (
     Accepted,
-    ControlResult,
     HostInfo,
-    IncomingControl,
     IncomingDisks,
     IncomingFacts,
     IncomingPull,
     IncomingStart,
     MigrateBody,
     MigrationInfo,
+    PatienceBody,
+    ReleaseBody,
     StorageMigrateBody,
+    StreamPrepare,
     VmCreate,
     VmInfo,
     VmStop,
 )
 from hikkoshi.agent.service import Agent
 from hikkoshi.migrate.home_archive import MAX_ARCHIVE_BYTES
-from hikkoshi.vm.disk_plan import IncomingPlan
+from hikkoshi.vm.disk_serving import DiskPlan
 from hikkoshi.vm.errors import VmError
 from hikkoshi.vm.guest_image import GuestImageError, build_guest
 
@@ -219,7 +220,10 @@ def create_app(agent: Agent) -> FastAPI:
         },
     )
     async def incoming_home(
-        name: VmName, request: Request, datastore: DatastoreName = None
+        name: VmName,
+        request: Request,
+        datastore: DatastoreName = None,
+        source: Annotated[str | None, Query(max_length=300, pattern=r"^https?://[^\s/]+(/.*)?$")] = None,
     ) -> dict[str, int]:
         """Make the VM's home from a tar archive of its files (disks aside)."""
         limit = MAX_ARCHIVE_BYTES + (1 << 20)
@@ -230,7 +234,7 @@ def create_app(agent: Agent) -> FastAPI:
             data += chunk
             if len(data) > limit:
                 raise Problem(f"the archive is larger than {limit} bytes")
-        return {"bytes": await inc.create_home(name, datastore, bytes(data))}
+        return {"bytes": await inc.create_home(name, datastore, bytes(data), source, None)}
 
     @app.post("/v1/incoming/{name}/disks", status_code=204, tags=["incoming"])
     async def incoming_disks(name: VmName, body: IncomingDisks) -> Response:
@@ -245,21 +249,79 @@ def create_app(agent: Agent) -> FastAPI:
         return await inc.pull(name, {n: (d.uri, d.size) for n, d in body.disks.items()})
 
     @app.put("/v1/incoming/{name}/plan", status_code=204, tags=["incoming"])
-    async def incoming_plan(name: VmName, body: IncomingPlan) -> Response:
-        """Where each disk comes from."""
+    async def incoming_plan(name: VmName, body: DiskPlan) -> Response:
+        """How each disk will be served."""
         await inc.save_plan(name, body)
-        return Response(status_code=204)
-
-    @app.delete("/v1/incoming/{name}/plan", status_code=204, tags=["incoming"])
-    async def incoming_drop_plan(name: VmName) -> Response:
-        """Every disk is local now."""
-        await inc.drop_plan(name)
         return Response(status_code=204)
 
     @app.post("/v1/incoming/{name}/start", tags=["incoming"])
     async def incoming_start(name: VmName, body: IncomingStart) -> dict[str, Any]:
-        """Start the incoming VM's supervisor."""
-        return await inc.start(name, body.accel)
+        """Start the incoming supervisor (or let this host's serving one take the VM back)."""
+        return await inc.start(name, body.accel, body.migration, body.source)
+
+    @app.post("/v1/incoming/{name}/stream", status_code=204, tags=["incoming"])
+    async def incoming_stream(name: VmName, body: StreamPrepare) -> Response:
+        """Prepare QEMU's side of the memory stream (with this host's TLS credentials if asked)."""
+        await inc.prepare_stream(name, body.postcopy, body.tls)
+        return Response(status_code=204)
+
+    @app.post("/v1/incoming/{name}/stream/listen", tags=["incoming"])
+    async def incoming_stream_listen(name: VmName) -> dict[str, Any]:
+        """QEMU listens for the stream on this host's migration address."""
+        host, port = await inc.listen_stream(name)
+        return {"host": host, "port": port}
+
+    @app.get("/v1/incoming/{name}/stream", tags=["incoming"])
+    async def incoming_stream_wait(
+        name: VmName, wait: Annotated[float, Query(ge=0, le=3600)] = 0.0
+    ) -> dict[str, Any]:
+        """The incoming migration (once it ended, or after ``wait`` seconds)."""
+        return await inc.wait_stream(name, wait)
+
+    @app.post("/v1/incoming/{name}/disk-listener", tags=["incoming"])
+    async def incoming_disk_listener(name: VmName) -> dict[str, str]:
+        """Precopy: the disk service listens on this host's migration address for the mirror."""
+        return {"address": await inc.listen_disks(name)}
+
+    @app.post("/v1/incoming/{name}/relocations/{disk}/{action}", tags=["incoming"])
+    async def incoming_relocation(
+        name: VmName, disk: VmName, action: Annotated[str, Path(pattern="^(pause|resume|invalidate)$")]
+    ) -> dict[str, Any]:
+        """Pause, resume or (the switchover) invalidate a disk's relocation."""
+        return await inc.relocation(name, disk, action)
+
+    @app.get("/v1/incoming/{name}/disk-status", tags=["incoming"])
+    async def incoming_disk_status(name: VmName) -> dict[str, Any]:
+        """How each disk is served there now."""
+        return await inc.disk_status(name)
+
+    @app.get("/v1/incoming/{name}/disk-stats", tags=["incoming"])
+    async def incoming_disk_stats(name: VmName) -> dict[str, Any]:
+        """The disk service's request statistics."""
+        return await inc.disk_stats(name)
+
+    @app.post("/v1/incoming/{name}/patience", status_code=204, tags=["incoming"])
+    async def incoming_patience(name: VmName, body: PatienceBody) -> Response:
+        """How long a disk request waits for a lost source."""
+        await inc.set_patience(name, body.seconds)
+        return Response(status_code=204)
+
+    @app.post("/v1/incoming/{name}/resume", status_code=204, tags=["incoming"])
+    async def incoming_resume(name: VmName) -> Response:
+        """The guest runs here (after the source committed)."""
+        await inc.resume(name)
+        return Response(status_code=204)
+
+    @app.post("/v1/incoming/{name}/announce", status_code=204, tags=["incoming"])
+    async def incoming_announce(name: VmName) -> Response:
+        """The VM's NICs announce their MACs from here."""
+        await inc.announce(name)
+        return Response(status_code=204)
+
+    @app.get("/v1/incoming/{name}/status", tags=["incoming"])
+    async def incoming_status(name: VmName) -> dict[str, Any]:
+        """The incoming VM's supervisor status."""
+        return await inc.status(name)
 
     @app.get("/v1/incoming/{name}/running", tags=["incoming"])
     async def incoming_running(name: VmName) -> dict[str, bool]:
@@ -271,21 +333,28 @@ def create_app(agent: Agent) -> FastAPI:
         """The incoming VM's spec (``vm.toml``)."""
         return {"toml": await inc.spec_toml(name)}
 
-    @app.post("/v1/incoming/{name}/control", response_model=ControlResult, tags=["incoming"])
-    async def incoming_control(name: VmName, body: IncomingControl) -> ControlResult:
-        """A control command to the incoming VM's supervisor, NBD service or relocation proxy."""
-        return ControlResult(result=await inc.control(name, body))
-
-    @app.post("/v1/incoming/{name}/adopt", status_code=204, tags=["incoming"])
-    async def incoming_adopt(name: VmName) -> Response:
+    @app.post("/v1/incoming/{name}/finish", status_code=204, tags=["incoming"])
+    async def incoming_finish(name: VmName) -> Response:
         """The migration is done: the VM is this host's."""
-        await inc.adopt(name)
+        await inc.finish(name)
+        return Response(status_code=204)
+
+    @app.post("/v1/incoming/{name}/stop-serving", status_code=204, tags=["incoming"])
+    async def incoming_stop_serving(name: VmName) -> Response:
+        """A powered-off VM came home: stop serving its disks; the home is the VM's again."""
+        await inc.stop_serving(name)
         return Response(status_code=204)
 
     @app.delete("/v1/incoming/{name}", status_code=204, tags=["incoming"])
     async def incoming_remove(name: VmName) -> Response:
-        """Roll back: kill the incoming VM and delete its home."""
+        """Roll back: the incoming VM goes with its home (a VM coming home serves its disks again)."""
         await inc.remove(name)
+        return Response(status_code=204)
+
+    @app.post("/v1/held/{name}/release", status_code=204, tags=["incoming"])
+    async def held_release(name: VmName, body: ReleaseBody) -> Response:
+        """The VM no longer needs its disks held here (shared storage): they go."""
+        await inc.release_held(name, body.migration)
         return Response(status_code=204)
 
     return app

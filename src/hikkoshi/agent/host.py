@@ -13,7 +13,7 @@ from hikkoshi import __version__
 from hikkoshi.agent.db import AgentDb
 from hikkoshi.agent.errors import Conflict, NotFound
 from hikkoshi.agent.models import DatastoreInfo, DiskInfo, HostInfo, NicInfo, VmCreate, VmInfo, VmStop
-from hikkoshi.vm import control
+from hikkoshi.daemons import supervisor_client as control
 from hikkoshi.vm.datastore import Datastore
 from hikkoshi.vm.errors import DatastoreError, VmError
 from hikkoshi.vm.guest_image import DEFAULT_QEMU, build_guest
@@ -41,7 +41,16 @@ class AgentConfig:
     tls_key: Path | None = None
     peer_ca: Path | None = None
     """CA that other agents' certificates are checked against (TLS between agents)."""
+    migration_host: str | None = None
+    """The address migration streams (memory, disks) use here (default: the API's)."""
+    migration_tls_dir: Path | None = None
+    """This host's x509 credentials for the memory stream, in QEMU's layout."""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def migration_address(self) -> str:
+        """Where this host's migration streams listen and connect from."""
+        return self.migration_host or self.host
 
     @property
     def runtime_dir(self) -> Path:

@@ -1,8 +1,13 @@
-"""Migration jobs of an agent: live migrations to other agents' hosts and storage migrations between
-its own datastores. Each runs as a task of the agent's task group, saves its record in the database
-at every phase change, keeps its latest progress and a timeline for the API, and leaves its report
-(JSON) and a plot of its timeline (PNG) in ``<state dir>/reports``. At start-up the agent takes over
-the migrations a dead agent left: rolled back before the commit point, finished after it.
+"""Migration jobs of an agent: live, quick and cold migrations to other agents' hosts and storage
+migrations between its own datastores. Each runs as a task of the agent's task group, saves its record
+in the database at every phase change, keeps its latest progress and a timeline for the API, and leaves
+its report (JSON) and a plot of its timeline (PNG) in ``<state dir>/reports``.
+
+Nothing a job was doing is left to a person when it can be finished by waiting: at start-up, and every
+few seconds after (:meth:`Jobs.maintain`), the agent takes over the migrations its records say are in
+flight (rolled back before the commit point, finished after it) and tries again, with a growing pause,
+those waiting for a peer that cannot be reached. It also cleans up VMs left here by migrations that
+ended elsewhere, and serves again the disks it holds for other hosts if their supervisor died.
 """
 
 from __future__ import annotations
@@ -17,23 +22,28 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from hikkoshi.agent.client import AgentClient, AgentError
 from hikkoshi.agent.db import AgentDb, DbMigrationStore
 from hikkoshi.agent.errors import Conflict, NotFound, Problem
 from hikkoshi.agent.host import Host
+from hikkoshi.agent.incoming import INCOMING, RUNNING, SERVING, Incoming
 from hikkoshi.agent.models import HostInfo, MigrateBody, MigrationInfo, StorageMigrateBody
-from hikkoshi.agent.remote_destination import RemoteDestination
+from hikkoshi.agent.remote_destination import RemoteDestination, side_error
 from hikkoshi.agent.timeline import render_timeline
 from hikkoshi.block.throttle import parse_rate
-from hikkoshi.migrate.cold_pull import PullMigration
-from hikkoshi.migrate.coordinator import Coordinator, MigrationRequest, Route
-from hikkoshi.migrate.job import Job, MigrationError
-from hikkoshi.migrate.phases import committed, recovery
-from hikkoshi.migrate.record import MigrationRecord
+from hikkoshi.daemons import supervisor_client
+from hikkoshi.migrate.cold import ColdMigration
+from hikkoshi.migrate.holders import release_holder_by_path
+from hikkoshi.migrate.job import Job, MigrationError, MigrationPending
+from hikkoshi.migrate.live import LiveMigration, LiveRequest
+from hikkoshi.migrate.phases import Phase, committed, recovery
+from hikkoshi.migrate.record import MigrationKind, MigrationRecord
 from hikkoshi.migrate.sides import SideError, VmSide
-from hikkoshi.migrate.storage_migrate import StorageMigration
-from hikkoshi.migrate.storage_modes import StorageMode
+from hikkoshi.migrate.storage import Route
+from hikkoshi.migrate.storage_move import StorageMigration
+from hikkoshi.vm.disk_serving import Holder
 from hikkoshi.vm.home import VmHome
 
 log = logging.getLogger("hikkoshi.agent")
@@ -41,6 +51,11 @@ log = logging.getLogger("hikkoshi.agent")
 RouteFactory = Callable[[str, str], AbstractAsyncContextManager[Route | None]]
 """``routes(source_site, destination_site)``: the route function a migration between two sites uses
 (e.g. through a WAN emulator), alive for the migration's duration; ``None``: direct."""
+
+#: How often the agent looks after its records, holders and incoming VMs.
+MAINTAIN_SECONDS = 2.0
+#: The longest pause between two attempts at a migration waiting for a peer.
+MAX_BACKOFF = 30.0
 
 
 @contextlib.asynccontextmanager
@@ -68,6 +83,9 @@ class JobState:
     samples: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     t0: float = field(default_factory=time.monotonic)
     running: bool = True
+    #: A job waiting for a peer: when to try again, and how long the pause after that.
+    retry_at: float | None = None
+    backoff: float = 1.0
 
     def on_progress(self, info: dict[str, Any]) -> None:
         """The job's progress callback: keep the latest, and every point for the timeline."""
@@ -78,9 +96,12 @@ class JobState:
 class Jobs:
     """The migration jobs of one agent."""
 
-    def __init__(self, host: Host, db: AgentDb, routes: RouteFactory | None = None) -> None:
+    def __init__(
+        self, host: Host, db: AgentDb, incoming: Incoming, routes: RouteFactory | None = None
+    ) -> None:
         self.host = host
         self.db = db
+        self.incoming = incoming
         self.routes = routes or direct_routes
         self.jobs: dict[str, JobState] = {}
         self._tg: asyncio.TaskGroup | None = None
@@ -103,6 +124,25 @@ class Jobs:
             if state.running and state.vm == vm:
                 raise Conflict(f"VM {vm!r} is being migrated already ({state.id})")
 
+    async def release_holder(self, vm: str, holder: Holder, migration: str) -> None:
+        """Tell the host that held ``vm``'s disks that they are no longer needed there."""
+        if holder.agent is None:
+            await release_holder_by_path(holder, migration)
+            return
+        async with self._client(holder.agent) as client:
+            try:
+                await client.request(
+                    "POST", f"/v1/held/{quote(vm, safe='')}/release", json={"migration": migration}
+                )
+            except AgentError as exc:
+                raise side_error(exc, f"the disks' holder {holder.host}") from None
+
+    def _release_for(self, vm: str) -> Callable[[Holder, str], Awaitable[None]]:
+        async def release(holder: Holder, migration: str) -> None:
+            await self.release_holder(vm, holder, migration)
+
+        return release
+
     # --- starting -----------------------------------------------------------------------------------------
 
     async def migrate(self, name: str, body: MigrateBody) -> str:
@@ -119,39 +159,48 @@ class Jobs:
                 raise Problem("the destination is this agent: use storage-migrate to change datastores")
             dest_ds = body.datastore or (peer.datastores[0].name if peer.datastores else "")
             path = next((d.path for d in peer.datastores if d.name == dest_ds), "/nonexistent")
-            target = RemoteDestination(client, name, dest_ds, Path(path))
-            request = MigrationRequest(
+            target = RemoteDestination(
+                client, name, dest_ds, Path(path), host=peer.name, source_agent=self.host.config.url
+            )
+            config = self.host.config
+            request = LiveRequest(
                 vm=name,
                 source_datastore=self.host.stores[ds].path,
-                dest_datastore=Path(path),
                 storage=body.storage,
-                source_address=self.host.config.host,
-                dest_address=peer.address,
+                source_address=config.migration_address,
+                source_host=config.name,
+                source_agent=config.url,
                 max_downtime_ms=body.max_downtime_ms,
                 bandwidth=int(parse_rate(body.bandwidth)) if body.bandwidth else None,
                 disk_bandwidth=body.disk_bandwidth,
                 auto_converge=body.auto_converge,
                 allow_postcopy=body.allow_postcopy,
-                qemu=self.host.config.qemu,
+                qemu=config.qemu,
                 paused=body.mode == "quick",
+                tls_dir=config.migration_tls_dir,
+                release_holder=self._release_for(name),
             )
         except BaseException:
             await client.aclose()
             raise
         store = DbMigrationStore(self.db, "source")
+        job: Job
         if body.mode == "offline":
-            cold = PullMigration(
-                name, request.source_datastore, target, store, source_address=self.host.config.host
+            job = ColdMigration(
+                name,
+                request.source_datastore,
+                target,
+                store,
+                source_address=request.source_address,
+                source_host=config.name,
+                release_holder=self._release_for(name),
             )
-            cold.record.settings["destination_datastore"] = dest_ds
-            state = self._register(cold, "source", body.to)
-            self._spawn(self._run_to_peer(state, cold, client, peer.site, home))
-            return state.id
-        coordinator = Coordinator(request, store, destination=target)
-        coordinator.record.settings["destination_datastore"] = dest_ds
-        coordinator.record.settings["destination_site"] = peer.site
-        state = self._register(coordinator, "source", body.to)
-        self._spawn(self._run_to_peer(state, coordinator, client, peer.site, home))
+        else:
+            job = LiveMigration(request, target, store)
+        job.record.settings.destination_datastore = dest_ds
+        job.record.settings.destination_site = peer.site
+        state = self._register(job, "source", body.to)
+        self._spawn(self._run_to_peer(state, job, client, peer.site, home))
         return state.id
 
     async def storage_migrate(self, name: str, body: StorageMigrateBody) -> str:
@@ -169,6 +218,7 @@ class Jobs:
             mode=body.mode,
             bandwidth=body.bandwidth,
             thick=body.thick,
+            release_holder=self._release_for(name),
         )
         state = self._register(job, "storage", None)
         self._spawn(self._run_job(state, job.run(), home))
@@ -206,32 +256,32 @@ class Jobs:
     # --- running ------------------------------------------------------------------------------------------
 
     async def _run_to_peer(
-        self,
-        state: JobState,
-        job: Coordinator | PullMigration,
-        client: AgentClient,
-        peer_site: str,
-        home: VmHome,
+        self, state: JobState, job: Job, client: AgentClient, peer_site: str, home: VmHome
     ) -> None:
         """Run a migration to another agent's host, through the routes between the two sites."""
         try:
             async with self.routes(self.host.config.site, peer_site) as route:
-                if isinstance(job, Coordinator):
+                if isinstance(job, LiveMigration):
                     job.request = replace(job.request, route=route)
-                else:
+                elif isinstance(job, ColdMigration):
                     job.route = route
                 await self._run_job(state, job.run(), home)
         finally:
             state.running = False  # also when the routes could not be set up
             await client.aclose()
 
-    async def _run_job(self, state: JobState, work: Any, home: VmHome) -> None:
-        """Run a job with its I/O-latency sampler; then its report and timeline."""
+    async def _run_job(
+        self, state: JobState, work: Awaitable[Any], home: VmHome, client: AgentClient | None = None
+    ) -> None:
+        """Run a job with its I/O-latency sampler; then its report, timeline and the host's records."""
         try:
             async with asyncio.TaskGroup() as tg:
                 sampler = tg.create_task(self._sample_latency(state, home))
                 try:
                     await work
+                except MigrationPending as exc:
+                    log.warning("migration %s waits: %s", state.id, exc)
+                    state.retry_at = time.monotonic() + state.backoff
                 except MigrationError as exc:
                     log.warning("migration %s: %s", state.id, exc)
                 except Exception:
@@ -240,11 +290,34 @@ class Jobs:
                     sampler.cancel()
         finally:
             state.running = False
+            if client is not None:
+                await client.aclose()
+            self._account(state.job.record)
             await self._leave_report(state)
+
+    def _account(self, record: MigrationRecord) -> None:
+        """Keep the host's VM records in line with how a migration ended."""
+        if record.phase != Phase.DONE:
+            return
+        source = VmHome(record.source.home)
+        if record.kind == MigrationKind.STORAGE:
+            ds = next(
+                (n for n, s in self.host.stores.items() if s.path == record.destination.datastore), None
+            )
+            row = self.db.vms().get(record.vm, {})
+            if ds is not None:
+                self.db.set_vm(record.vm, ds, row.get("uuid"), row.get("state", RUNNING))
+            return
+        row = self.db.vms().get(record.vm, {})
+        if source.path.exists() and source.read_state().get("state") == SERVING:
+            detail = json.dumps({"holding_for": record.destination.host, "migration": record.id})
+            self.db.set_vm(record.vm, row.get("datastore", ""), row.get("uuid"), SERVING, detail)
+        elif not source.path.exists() and row.get("state") != INCOMING:
+            self.db.forget_vm(record.vm)
 
     async def _sample_latency(self, state: JobState, home: VmHome) -> None:
         """Every half second, the mean latency of the guest's disk requests over the interval: at the
-        source's NBD service while it serves the guest, then at the destination's relocation proxies."""
+        source's disk service while it serves the guest, then at the destination's."""
         try:
             side = VmSide(home, home.load_spec(), "source")
         except (OSError, ValueError):
@@ -253,12 +326,12 @@ class Jobs:
         while True:
             await asyncio.sleep(0.5)
             await self._sample_cache(state)
-            where, stats, fresh = await _guest_io_stats(state.job, side)
+            where, stats = await _guest_io_stats(state.job, side)
             if not stats:
                 continue
             n = sum(int(sum(e["requests"].values())) for e in stats.values())
             total_us = sum(e["latency_us"]["mean"] * sum(e["requests"].values()) for e in stats.values())
-            before = last.get(where, (0, 0.0) if fresh else None)
+            before = last.get(where)
             if before is not None and n > before[0]:
                 mean_ms = (total_us - before[1]) / (n - before[0]) / 1000
                 sample = {"io_latency_ms": round(max(mean_ms, 0.0), 3), "io_at": where}
@@ -266,23 +339,26 @@ class Jobs:
             last[where] = (n, total_us)
 
     async def _sample_cache(self, state: JobState) -> None:
-        """The destination's relocation proxies: how much of the disks is there already (they copy in the
+        """The destination's relocations: how much of the disks is there already (they copy in the
         background while memory moves, in hybrid mode)."""
         job = state.job
-        if not isinstance(job, Coordinator) or job.dest is None or job.spec is None:
+        if not isinstance(job, LiveMigration) or job.spec is None:
             return
-        if job.request.storage not in (StorageMode.POSTCOPY, StorageMode.HYBRID):
-            return  # no relocation proxies
         if "disk_total" in state.progress and state.progress.get("phase") == "storage-post":
             return  # the job reports it itself now
+        if job.record.phase not in (Phase.STORAGE_PRE, Phase.MEMORY, Phase.SWITCHOVER, Phase.RESUME):
+            return
+        try:
+            disks = await job.target.disk_status()
+        except SideError:
+            return
         done = total = 0
-        for disk in job.spec.disks:
-            try:
-                st = await job.dest.proxy(disk.name, "status")
-            except SideError:
-                return  # no proxies (precopy, shared), or not started yet
-            done += int(st["present_bytes"])
-            total += int(st["size"])
+        for st in disks.values():
+            relocation = st.get("relocation")
+            if relocation is None:
+                return  # no relocations (precopy, shared)
+            done += int(relocation["present_bytes"])
+            total += int(relocation["size"])
         if total:
             state.samples.append(
                 (round(time.monotonic() - state.t0, 3), {"disk_done": done, "disk_total": total})
@@ -293,57 +369,118 @@ class Jobs:
         self.db.save_migration(record, state.role)
         for t, data in state.samples:
             self.db.add_sample(state.id, t, data)
+        state.samples.clear()
         self.reports_dir.mkdir(parents=True, exist_ok=True)
         report = self.reports_dir / f"{state.id}.json"
         report.write_text(json.dumps(json.loads(record.model_dump_json()), indent=2))
         try:
-            await asyncio.to_thread(
-                render_timeline, state.samples, record, self.reports_dir / f"{state.id}.png"
-            )
+            samples = self.db.samples(state.id)
+            await asyncio.to_thread(render_timeline, samples, record, self.reports_dir / f"{state.id}.png")
         except Exception:  # a plot never fails a migration
             log.exception("timeline of migration %s", state.id)
 
-    # --- after a restart ----------------------------------------------------------------------------------
+    # --- looking after what is in flight ------------------------------------------------------------------
 
-    async def recover_all(self) -> list[str]:
-        """Take over the migrations a dead agent left unfinished; their ids."""
-        taken = []
+    async def maintain(self) -> None:
+        """Every few seconds, for the agent's life: take over what needs it (see the module)."""
+        while True:
+            for attempt in (self._take_over_records, self._sweep_incoming, self._serve_holders):
+                try:
+                    await attempt()
+                except Exception:
+                    log.exception("maintenance: %s", attempt.__name__)
+            await asyncio.sleep(MAINTAIN_SECONDS)
+
+    async def _take_over_records(self) -> None:
+        now = time.monotonic()
         for record, role in self.db.migrations():
-            if recovery(record.phase) not in ("rollback", "finish") or record.id in self.jobs:
+            if recovery(record.phase) not in ("rollback", "finish"):
                 continue
-            job: Job
-            client: AgentClient | None = None
-            if record.kind in ("live", "quick", "cold") and record.destination.agent:
-                client = self._client(record.destination.agent)
-                target = RemoteDestination(
-                    client,
-                    record.vm,
-                    str(record.settings.get("destination_datastore", "")),
-                    record.destination.datastore,
-                )
-                store = DbMigrationStore(self.db, role)
-                if record.kind == "cold":
-                    job = PullMigration.from_record(record, store, target)
-                else:
-                    job = Coordinator.from_record(record, store, destination=target)
-            elif record.kind == "storage":
-                job = StorageMigration.from_record(record, DbMigrationStore(self.db, role))
-            else:
-                log.error("migration %s (%s) cannot be taken over by an agent", record.id, record.kind)
+            state = self.jobs.get(record.id)
+            if state is not None and (state.running or (state.retry_at is not None and state.retry_at > now)):
                 continue
-            state = self._register(job, role, record.destination.agent)
+            taken = self._job_for(record, role)
+            if taken is None:
+                continue
+            job, client = taken
+            new = self._register(job, role, record.destination.agent)
+            if state is not None:
+                new.backoff = min(state.backoff * 2, MAX_BACKOFF)
             log.info("taking over migration %s, left at %s", record.id, record.phase.value)
-            self._spawn(self._recover(state, job, client, VmHome(record.source.home)))
-            taken.append(record.id)
-        return taken
+            self._spawn(self._run_job(new, job.recover(), VmHome(record.source.home), client))
 
-    async def _recover(self, state: JobState, job: Job, client: AgentClient | None, home: VmHome) -> None:
+    def _job_for(self, record: MigrationRecord, role: str) -> tuple[Job, AgentClient | None] | None:
+        store = DbMigrationStore(self.db, role)
+        release = self._release_for(record.vm)
+        if record.kind == MigrationKind.STORAGE:
+            return StorageMigration.from_record(record, store, release_holder=release), None
+        if not record.destination.agent:
+            log.error("migration %s (%s) cannot be taken over by an agent", record.id, record.kind)
+            return None
+        client = self._client(record.destination.agent)
+        target = RemoteDestination(
+            client,
+            record.vm,
+            record.settings.destination_datastore or "",
+            record.destination.datastore,
+            host=record.destination.host,
+            source_agent=self.host.config.url,
+        )
+        job: Job
+        if record.kind == MigrationKind.COLD:
+            job = ColdMigration.from_record(record, store, target, release_holder=release)
+        else:
+            job = LiveMigration.from_record(
+                record, target, store, qemu=self.host.config.qemu, release_holder=release
+            )
+        return job, client
+
+    async def _sweep_incoming(self) -> None:
+        """VMs coming in whose migration ended elsewhere without a commit: gone, or serving again."""
+        for vm, row in self.db.vms().items():
+            if row.get("state") != INCOMING or any(s.running and s.vm == vm for s in self.jobs.values()):
+                continue
+            detail = Incoming.detail(row)
+            source, migration = detail.get("source"), detail.get("migration")
+            if not source or not migration:
+                continue
+            verdict = await self._source_says(source, migration)
+            if verdict == "over":
+                log.info(
+                    "VM %s came in for migration %s, which ended at its source: removing it", vm, migration
+                )
+                with contextlib.suppress(Problem, SideError, OSError):
+                    await self.incoming.remove(vm)
+
+    async def _source_says(self, source: str, migration: str) -> str:
+        """``over`` (ended without a commit, or unknown there), ``on`` (in flight or committed), or
+        ``unknown`` (the source does not answer)."""
         try:
-            assert isinstance(job, Coordinator | StorageMigration | PullMigration)
-            await self._run_job(state, job.recover(), home)
-        finally:
-            if client is not None:
-                await client.aclose()
+            async with self._client(source) as client:
+                info = MigrationInfo.model_validate(await client.get(f"/v1/migrations/{migration}"))
+        except AgentError as exc:
+            return "over" if exc.status == 404 else "unknown"
+        phase = Phase(info.phase)
+        record = MigrationRecord.model_validate(info.record) if info.record else None
+        was_committed = record is not None and (record.facts.committed or committed(phase))
+        if phase in (Phase.ROLLED_BACK, Phase.FAILED) and not was_committed:
+            return "over"
+        return "on"
+
+    async def _serve_holders(self) -> None:
+        """Disks this host holds for VMs running elsewhere are served again if their supervisor died."""
+        homes = self.host.homes()
+        for vm, row in self.db.vms().items():
+            if row.get("state") != SERVING or vm not in homes:
+                continue
+            _ds, home = homes[vm]
+            if home.is_running() or not supervisor_client.holds_for_another_host(home):
+                continue
+            log.warning("the supervisor serving VM %s's disks is gone; serving them again", vm)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(
+                    supervisor_client.start_vm, home, serving=True, runtime_dir=self.host.config.runtime_dir
+                )
 
     # --- reading ------------------------------------------------------------------------------------------
 
@@ -375,7 +512,7 @@ def _info(record: MigrationRecord, role: str, state: JobState | None) -> Migrati
     return MigrationInfo(
         id=record.id,
         vm=record.vm,
-        kind=record.kind,
+        kind=record.kind.value,
         role=role,
         phase=record.phase.value,
         storage=record.storage.value,
@@ -399,19 +536,10 @@ async def _stats(request: Awaitable[Any]) -> dict[str, Any] | None:
     return result if isinstance(result, dict) else None
 
 
-async def _guest_io_stats(job: Job, source: VmSide) -> tuple[str, dict[str, Any] | None, bool]:
-    """Where the guest's disk requests are served now, that service's ``stats``, and whether every
-    request it counted is the guest's (then the first sample needs no earlier one to compare with)."""
-    if isinstance(job, Coordinator) and job.dest and job.spec and committed(job.record.phase):
-        # The guest runs on the destination: its proxies serve it (postcopy, hybrid; they started with
-        # this migration and serve nobody else), else its own NBD service (precopy: it counted the
-        # mirror's writes too), else the source's export still (shared storage).
-        stats: dict[str, Any] = {}
-        for disk in job.spec.disks:
-            stats.update(await _stats(job.dest.proxy(disk.name, "stats")) or {})
+async def _guest_io_stats(job: Job, source: VmSide) -> tuple[str, dict[str, Any] | None]:
+    """Where the guest's disk requests are served now, and that disk service's ``stats``."""
+    if isinstance(job, LiveMigration) and job.spec and committed(job.record.phase):
+        stats = await _stats(job.target.disk_stats())
         if stats:
-            return "destination", stats, True
-        local = await _stats(job.dest.nbd("stats"))
-        if local:
-            return "destination", local, False
-    return "source", await _stats(source.nbd("stats")), False
+            return "destination", stats
+    return "source", await _stats(source.disks("stats"))

@@ -200,6 +200,12 @@ class IncomingFacts(BaseModel):
     hikkoshi_version: str
     facts: dict[str, Any]
     runtime_dir: str
+    holds_vm: bool = False
+    """This host holds the VM's disks (shared storage): the VM would come home."""
+    uuid: str | None = None
+    """The uuid of the VM of that name here, if there is one."""
+    host: str = ""
+    """This host's name."""
 
 
 class IncomingDisks(_Body):
@@ -222,21 +228,28 @@ class IncomingPull(_Body):
 
 
 class IncomingStart(_Body):
-    """Start the incoming supervisor."""
+    """Start the incoming supervisor (or take a VM whose disks are held here back)."""
 
     accel: Literal["kvm", "tcg"]
+    migration: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]
+    source: Annotated[str, Field(max_length=300, pattern=r"^https?://[^\s/]+(/.*)?$")] | None = None
+    """The source's agent (to ask, after a crash, how the migration ended)."""
 
 
-class IncomingControl(_Body):
-    """A control command to the incoming VM's supervisor, NBD service or a relocation proxy."""
+class StreamPrepare(_Body):
+    """The incoming QEMU's side of the memory stream."""
 
-    target: Literal["supervisor", "nbd", "proxy"]
-    disk: Annotated[str, Field(max_length=64)] | None = None
-    command: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9-]*$")]
-    args: dict[str, Any] = {}
+    postcopy: bool = False
+    tls: bool = False
 
 
-class ControlResult(BaseModel):
-    """What a control command answered."""
+class PatienceBody(_Body):
+    """How long a disk request waits for a lost source (``null``: as long as it takes)."""
 
-    result: Any = None
+    seconds: float | None = Field(default=None, ge=0, le=86400)
+
+
+class ReleaseBody(_Body):
+    """The migration after which a holder lets a VM's disks go."""
+
+    migration: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]

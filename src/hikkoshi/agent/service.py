@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 
 from hikkoshi.agent.db import AgentDb
 from hikkoshi.agent.host import AgentConfig, Host
-from hikkoshi.agent.incoming import Incoming
+from hikkoshi.agent.incoming import INCOMING, SERVING, Incoming
 from hikkoshi.agent.jobs import Jobs, RouteFactory
+from hikkoshi.daemons.supervisor_client import holds_for_another_host
 
 log = logging.getLogger("hikkoshi.agent")
 
@@ -27,9 +28,8 @@ class Agent:
         self.db = AgentDb(config.state_dir / "agent.sqlite3")
         self.host = Host(config, self.db)
         self.incoming = Incoming(self.host, self.db)
-        self.jobs = Jobs(self.host, self.db, routes)
+        self.jobs = Jobs(self.host, self.db, self.incoming, routes)
         self.adopted: list[str] = []
-        self.recovered: list[str] = []
 
     def adopt_running(self) -> list[str]:
         """Bring the database in line with the datastores: VMs that run (a restarted agent finds its
@@ -39,18 +39,21 @@ class Agent:
         running = []
         for name, (ds, home) in homes.items():
             row = known.get(name, {})
-            if row.get("state") == "incoming":
-                continue  # a migration's business: its source's agent ends it
+            if row.get("state") in (INCOMING, SERVING):
+                continue  # a migration's business, or disks held for a VM running elsewhere
             try:
                 uuid = str(home.load_spec().uuid)
             except (OSError, ValueError):
                 uuid = None
+            if holds_for_another_host(home):
+                self.db.set_vm(name, ds, uuid, SERVING)
+                continue
             state = "running" if home.is_running() else "stopped"
             if state == "running":
                 running.append(name)
             self.db.set_vm(name, ds, uuid, state)
         for name, row in known.items():
-            if name not in homes and row.get("state") != "incoming":
+            if name not in homes and row.get("state") != INCOMING:
                 self.db.forget_vm(name)
         return running
 
@@ -63,10 +66,12 @@ class Agent:
         try:
             async with asyncio.TaskGroup() as tg:
                 self.jobs.attach(tg)
-                self.recovered = await self.jobs.recover_all()
+                # Takes over migrations left in flight (at once, then whenever one can go on).
+                maintenance = tg.create_task(self.jobs.maintain())
                 try:
                     yield self
                 finally:
+                    maintenance.cancel()
                     self.jobs.cancel_all()  # each rolls back what it can, or leaves its record
         finally:
             self.db.close()

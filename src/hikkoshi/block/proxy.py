@@ -595,11 +595,22 @@ class ProxyDevice(BlockDevice):
                 "relocation complete: %d bytes local; upstream %s released", self.size, self.upstream.uri
             )
 
-    def close(self) -> None:
-        self._writer.close()  # nothing may use the cache's fd once it is closed
+    def retire(self) -> None:
+        """Complete, flushed and detached, the cache is served as a plain file by another layer now: stop
+        the writer, close the bitmap; the local file stays open for its new owner."""
+        self._writer.close()
         self._buffers.clear()
         self.bitmap.close(clean=True)
+
+    def stop(self, clean: bool) -> None:
+        """Release everything; ``clean``: the cache was flushed (the bitmap says so for the next run)."""
+        self._writer.close()  # nothing may use the cache's fd once it is closed
+        self._buffers.clear()
+        self.bitmap.close(clean=clean)
         self.local.close()
+
+    def close(self) -> None:
+        self.stop(clean=True)
 
 
 def _all_zero(data: bytearray, lo: int, hi: int) -> bool:

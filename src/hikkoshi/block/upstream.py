@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from dataclasses import replace
 from types import TracebackType
 
 from hikkoshi.nbd.client import NbdClient, Reconnect
@@ -147,6 +148,33 @@ class Upstream:
     async def read_into(self, offset: int, buffer: bytearray, demand: bool = False) -> bytearray:
         await self.wait_open()
         return await self._pick(demand).read_into(offset, buffer)
+
+    def set_deadline(self, deadline: float | None) -> None:
+        """How long a request waits for a lost source from now on (``None``: as long as it takes)."""
+        self.reconnect = replace(self.reconnect, deadline=deadline)
+        for client in self.clients:
+            client.reconnect = self.reconnect
+
+    # Writes go to the first connection with the demand reads: a pass-through's requests stay in one
+    # pipeline, and a flush there covers them (and, with multi-conn, every other connection's too).
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        await self.wait_open()
+        await self._pick(True).write(offset, data, fua)
+
+    async def flush(self) -> None:
+        await self.wait_open()
+        await self._pick(True).flush()
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        await self.wait_open()
+        await self._pick(True).trim(offset, length, fua)
+
+    async def write_zeroes(
+        self, offset: int, length: int, *, no_hole: bool = False, fua: bool = False
+    ) -> None:
+        await self.wait_open()
+        await self._pick(True).write_zeroes(offset, length, no_hole=no_hole, fua=fua)
 
     def has_context(self, name: str) -> bool:
         return bool(self.clients) and name in self.clients[0].contexts

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hikkoshi.cli.migrate import parse_wan, wan_routes
-from hikkoshi.cli.runtime import run
+from hikkoshi.daemons.process import run
 from hikkoshi.vm.guest_image import DEFAULT_QEMU
 
 if TYPE_CHECKING:  # the agent's modules (FastAPI, uvicorn, httpx) load only when an agent runs
     from hikkoshi.agent.jobs import RouteFactory
     from hikkoshi.lab.link_model import WanParams
-    from hikkoshi.migrate.coordinator import Route
+    from hikkoshi.migrate.storage import Route
 
 
 def add_parser(top: Any) -> None:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hikkoshi.vm import control
+from hikkoshi.daemons import supervisor_client as control
 from hikkoshi.vm.datastore import Datastore
 from hikkoshi.vm.diskwriter import verify_diskwriter_image
 from hikkoshi.vm.guest_image import GuestImageError, build_guest

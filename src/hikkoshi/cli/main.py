@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hikkoshi import __version__
 from hikkoshi.cli import nbd_move, nbd_proxy, nbd_serve, nbd_stats, nbd_status
-from hikkoshi.cli.runtime import setup_logging
+from hikkoshi.daemons.process import setup_logging
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:

@@ -19,17 +19,19 @@ from typing import Any
 
 from hikkoshi.block.throttle import parse_rate
 from hikkoshi.cli import remote
-from hikkoshi.cli.runtime import run
 from hikkoshi.cli.wan import parse_duration_ms, parse_rate_bps
+from hikkoshi.daemons.process import run
 from hikkoshi.lab.link_model import WanParams
 from hikkoshi.lab.wan import WanPath
-from hikkoshi.migrate.coordinator import Coordinator, MigrationRequest, Route
-from hikkoshi.migrate.job import MigrationError, MigrationRefused
-from hikkoshi.migrate.offline import OfflineMigration
+from hikkoshi.migrate.cold import ColdMigration
+from hikkoshi.migrate.destination import LocalDestination
+from hikkoshi.migrate.job import Job, MigrationError, MigrationPending, MigrationRefused
+from hikkoshi.migrate.live import LiveMigration, LiveRequest
 from hikkoshi.migrate.phases import recovery
-from hikkoshi.migrate.record import MigrationRecord, MigrationStore
-from hikkoshi.migrate.storage_migrate import StorageMigration
+from hikkoshi.migrate.record import MigrationKind, MigrationRecord, MigrationStore
+from hikkoshi.migrate.storage import Route
 from hikkoshi.migrate.storage_modes import StorageMode
+from hikkoshi.migrate.storage_move import StorageMigration
 
 
 def default_state_dir(datastore: Path) -> Path:
@@ -131,7 +133,7 @@ def add_parser(top: Any) -> None:
 def human_report(record: MigrationRecord) -> str:
     """The report for people."""
     r = record.report
-    how = f"storage {record.storage.value}" if record.kind == "live" else record.kind
+    how = f"storage {record.storage.value}" if record.kind == MigrationKind.LIVE else record.kind.value
     lines = [f"migration {record.id}: VM {record.vm}, {how}: {record.phase.value}"]
     if record.error:
         lines.append(f"  error: {record.error}")
@@ -213,26 +215,31 @@ async def _migrate(args: argparse.Namespace) -> int:
 
 
 async def _migrate_via(args: argparse.Namespace, route: Route | None) -> int:
-    request = MigrationRequest(
+    kind = "cold" if args.offline else "quick" if args.quick else "live"
+    request = LiveRequest(
         vm=args.name,
         source_datastore=args.datastore.absolute(),
-        dest_datastore=args.to_datastore.absolute(),
         storage=StorageMode(args.storage),
-        dest_runtime_dir=args.to_runtime_dir,
         source_address=args.address,
-        dest_address=args.to_address,
         max_downtime_ms=args.max_downtime,
         bandwidth=int(parse_rate(args.bandwidth)) if args.bandwidth else None,
         disk_bandwidth=args.disk_bandwidth,
         auto_converge=not args.no_auto_converge,
         allow_postcopy=args.allow_postcopy,
         route=route,
+        paused=kind == "quick",
+        tls_dir=args.tls_dir,
+    )
+    destination = LocalDestination(
+        args.name,
+        args.to_datastore.absolute(),
+        args.to_runtime_dir,
+        address=args.to_address,
         tls_dir=args.tls_dir,
     )
     store = MigrationStore(args.state_dir or default_state_dir(args.datastore.absolute()))
-    kind = "cold" if args.offline else "quick" if args.quick else "live"
     if args.json:
-        coordinator = _job(kind, request, store, None)
+        coordinator = _job(kind, request, destination, store, None)
         code = await _run(coordinator)
         print(json.dumps(json.loads(coordinator.record.model_dump_json()), indent=2))
         return code
@@ -262,7 +269,7 @@ async def _migrate_via(args: argparse.Namespace, route: Route | None) -> int:
                 fields["detail"] = "disks"
             progress.update(task, **fields)
 
-        coordinator = _job(kind, request, store, show)
+        coordinator = _job(kind, request, destination, store, show)
         code = await _run(coordinator)
     print(human_report(coordinator.record))
     return code
@@ -308,14 +315,26 @@ def storage_migrate_command(args: argparse.Namespace) -> int:
 
 
 def _job(
-    kind: str, request: MigrationRequest, store: MigrationStore, show: Callable[[dict[str, Any]], None] | None
-) -> Coordinator | OfflineMigration:
-    if kind == "live":
-        return Coordinator(request, store, show)
-    return OfflineMigration(request, store, kind, show)
+    kind: str,
+    request: LiveRequest,
+    destination: LocalDestination,
+    store: MigrationStore,
+    show: Callable[[dict[str, Any]], None] | None,
+) -> Job:
+    if kind == "cold":
+        return ColdMigration(
+            request.vm,
+            request.source_datastore,
+            destination,
+            store,
+            source_address=request.source_address,
+            route=request.route,
+            on_progress=show,
+        )
+    return LiveMigration(request, destination, store, show)
 
 
-async def _run(coordinator: Coordinator | OfflineMigration | StorageMigration) -> int:
+async def _run(coordinator: Job) -> int:
     try:
         await coordinator.run()
     except MigrationRefused as exc:
@@ -343,15 +362,25 @@ async def _recover(store: MigrationStore, ids: list[str], as_json: bool) -> int:
     code = 0
     for migration_id in ids:
         record = store.load(migration_id)
-        coordinator: Coordinator | OfflineMigration | StorageMigration
-        if record.kind == "live":
-            coordinator = Coordinator.from_record(record, store)
-        elif record.kind == "storage":
+        coordinator: Job
+        destination = LocalDestination(
+            record.vm,
+            record.destination.datastore,
+            record.destination.runtime_dir,
+            address=record.destination.address,
+            tls_dir=Path(record.settings.tls_dir) if record.settings.tls_dir else None,
+        )
+        if record.kind in (MigrationKind.LIVE, MigrationKind.QUICK):
+            coordinator = LiveMigration.from_record(record, destination, store)
+        elif record.kind == MigrationKind.STORAGE:
             coordinator = StorageMigration.from_record(record, store)
         else:
-            coordinator = OfflineMigration.from_record(record, store)
+            coordinator = ColdMigration.from_record(record, store, destination)
         try:
             record = await coordinator.recover()
+        except MigrationPending as exc:
+            print(f"hikkoshi migrations recover: {migration_id}: {exc} (run again later)", file=sys.stderr)
+            record, code = exc.record, 1
         except MigrationError as exc:
             print(f"hikkoshi migrations recover: {migration_id}: {exc}", file=sys.stderr)
             record, code = exc.record, 1

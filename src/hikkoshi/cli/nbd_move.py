@@ -100,7 +100,7 @@ async def _move(args: argparse.Namespace, path: Path) -> dict[str, Any]:
 
 
 def move_command(args: argparse.Namespace) -> int:
-    from hikkoshi.cli.runtime import run
+    from hikkoshi.daemons.process import run
 
     path = Path(args.control.removeprefix("unix:"))
     try:

@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hikkoshi.block.file import RawFile
-from hikkoshi.block.move_journal import MoveJournalError, recover
-from hikkoshi.block.tracking import TrackedDevice
-from hikkoshi.cli.serve_control import MoveService, register_commands
-from hikkoshi.nbd.control import ControlServer
-from hikkoshi.nbd.server import Export, ExportTable, ListenAddress, NbdServer
-from hikkoshi.nbd.tls import server_context
+if TYPE_CHECKING:
+    from hikkoshi.daemons.served_disk import ServedDisk
 
 
 def add_parser(sub: Any) -> None:
@@ -43,30 +36,31 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=serve_command)
 
 
-def build_exports(images: list[str], names: list[str], read_only: bool) -> ExportTable:
-    """Open every image as an export, on a dirty-tracking layer; first finish or undo interrupted moves."""
+def image_disks(images: list[str], names: list[str], read_only: bool) -> list[ServedDisk]:
+    """Every image as a file disk, named by ``names`` in order (else by its file name)."""
+    from hikkoshi.daemons.served_disk import ServedDisk
+    from hikkoshi.vm.disk_serving import DiskServing
+
     if len(names) > len(images):
         raise ValueError(f"{len(names)} export names for {len(images)} images")
-    table = ExportTable()
-    for i, image in enumerate(images):
-        name = names[i] if i < len(names) else Path(image).name
-        path = recover(Path(image))
-        device = TrackedDevice(RawFile(path, read_only=read_only))
-        table.add(Export(name, device, description=str(path.resolve())))
-    return table
-
-
-def announce(server: NbdServer) -> None:
-    """Print where the server listens, as URIs (tests and scripts wait for these lines)."""
-    scheme = "nbds" if server.tls else "nbd"
-    for addr in server.bound:
-        if addr.startswith("unix:"):
-            print(f"hikkoshi: serving {scheme}+unix:///?socket={addr[5:]}", flush=True)
-        else:
-            print(f"hikkoshi: serving {scheme}://{addr}/", flush=True)
+    return [
+        ServedDisk(
+            names[i] if i < len(names) else Path(image).name,
+            Path(image),
+            None,
+            DiskServing(),
+            read_only=read_only,
+            planned=False,
+        )
+        for i, image in enumerate(images)
+    ]
 
 
 async def serve(args: argparse.Namespace) -> int:
+    from hikkoshi.daemons.disk_service import DiskService
+    from hikkoshi.nbd.server import ListenAddress
+    from hikkoshi.nbd.tls import server_context
+
     tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
@@ -75,42 +69,17 @@ async def serve(args: argparse.Namespace) -> int:
     elif args.tls_ca:
         raise ValueError("--tls-ca needs --tls-cert and --tls-key")
     listen = [ListenAddress.parse(a) for a in (args.listen or ["127.0.0.1:10809"])]
-    control_path = None
+    control = None
     if args.control:
         if not args.control.startswith("unix:"):
             raise ValueError("--control takes unix:PATH")
-        control_path = Path(args.control[5:])
-    exports = build_exports(args.images, args.export, args.read_only)
-    server = NbdServer(exports, listen, tls=tls)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, server.stop)
-    control = ControlServer(control_path) if control_path else None
-    moves = MoveService()
-    try:
-        async with asyncio.TaskGroup() as tg:
-            serving = tg.create_task(server.serve())
-            tg.create_task(moves.run())
-            # Moves end (each undoing itself unless already switched) when the server stops.
-            serving.add_done_callback(lambda _t: moves.close())
-            ready = tg.create_task(server.ready.wait())
-            await asyncio.wait([serving, ready], return_when=asyncio.FIRST_COMPLETED)
-            if serving.done():
-                ready.cancel()
-                return 1
-            if control is not None:
-                register_commands(control, exports, server, moves)
-                await control.start()
-            announce(server)
-    finally:
-        if control is not None:
-            await control.close()
-        for export in exports:
-            export.device.close()
-    return 0
+        control = Path(args.control[5:])
+    service = DiskService(image_disks(args.images, args.export, args.read_only), listen, control, tls=tls)
+    return await service.serve()
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from hikkoshi.cli.runtime import run_reporting
+    from hikkoshi.block.move_journal import MoveJournalError
+    from hikkoshi.daemons.process import run_reporting
 
     return run_reporting(serve(args), "hikkoshi nbd serve", (OSError, ValueError, MoveJournalError))

@@ -21,7 +21,7 @@ def add_parser(sub: Any) -> None:
 
 
 def stats_command(args: argparse.Namespace) -> int:
-    from hikkoshi.cli.runtime import run
+    from hikkoshi.daemons.process import run
 
     path = Path(args.control.removeprefix("unix:"))
     extra: dict[str, Any] = {"regions": args.regions}

@@ -57,7 +57,7 @@ async def _watch(path: Path) -> dict[str, Any]:
 
 
 def status_command(args: argparse.Namespace) -> int:
-    from hikkoshi.cli.runtime import run
+    from hikkoshi.daemons.process import run
 
     path = Path(args.control.removeprefix("unix:"))
     try:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from hikkoshi.cli.runtime import run
+from hikkoshi.daemons.process import run
 from hikkoshi.migrate.record import MigrationRecord
 
 if TYPE_CHECKING:  # httpx loads only when a command goes to an agent

@@ -16,8 +16,8 @@ from typing import Any
 
 from hikkoshi.cli import remote
 from hikkoshi.cli.guest import parse_params
-from hikkoshi.cli.runtime import run
-from hikkoshi.vm import control
+from hikkoshi.daemons import supervisor_client as control
+from hikkoshi.daemons.process import run
 from hikkoshi.vm.datastore import Datastore
 from hikkoshi.vm.errors import VmError
 from hikkoshi.vm.guest_image import GuestImageError, build_guest

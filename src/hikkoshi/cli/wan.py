@@ -172,7 +172,7 @@ async def _report(link: WanLink, every: float) -> None:
 
 
 def wan_command(args: argparse.Namespace) -> int:
-    from hikkoshi.cli.runtime import run
+    from hikkoshi.daemons.process import run
 
     try:
         Endpoint.parse(args.to)

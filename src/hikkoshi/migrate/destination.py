@@ -1,9 +1,11 @@
-"""The destination of a live migration as the coordinator sees it: a datastore on some host, where the
-VM's home is made, its incoming supervisor started and driven, and everything removed on rollback.
+"""The destination of a migration as a job sees it: typed operations on a datastore of some host, where
+the VM's home is made, its incoming supervisor started and driven, and everything removed on rollback.
 
-:class:`LocalDestination` is a datastore this process reaches by path (two "hosts" on one machine, or
-the same host). A destination behind another host's agent implements the same class in the agent
-layer, over that agent's API; the coordinator does not know the difference.
+The operations are what a migration needs and no more: no QMP command, control verb, path or address is
+chosen by the caller (the destination listens on its own migration address, uses its own TLS
+credentials, and serves the disks of this VM only). :class:`LocalDestination` is a datastore this
+process reaches by path (two "hosts" on one machine, or the same host); a destination behind another
+host's agent implements the same class in the agent layer, over that agent's API.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from hikkoshi import __version__
+from hikkoshi.daemons import supervisor_client
+from hikkoshi.migrate import qmp_migration as qm
 from hikkoshi.migrate.disk_pull import pull_disk
 from hikkoshi.migrate.home_files import copy_home_files
 from hikkoshi.migrate.precheck import Side
-from hikkoshi.migrate.sides import ControlSide, SideError, VmSide
-from hikkoshi.vm import control
-from hikkoshi.vm.disk_plan import PLAN_FILE, IncomingPlan
+from hikkoshi.migrate.sides import SideError, VmSide
+from hikkoshi.vm.disk_serving import DiskPlan, Holder
 from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.host import host_facts, qemu_version, space
 from hikkoshi.vm.spec import VmSpec
@@ -35,25 +38,37 @@ class DestinationFacts:
     side: Side
     datastore_exists: bool
     home_exists: bool
+    holds_vm: bool = False
+    """The destination holds this VM's disks already (shared storage: the VM comes home)."""
+    uuid: str | None = None
+    """The uuid of the VM whose home is there, if one is."""
 
 
-class Destination(ControlSide):
+class Destination(abc.ABC):
     """Where a migration goes (see the module's docstring)."""
 
     label = "destination"
+    host = "local"
+    """The destination host's name."""
     datastore: Path
     """The destination datastore, in the destination host's terms (for the record)."""
     runtime_dir: Path | None = None
     agent: str | None = None
     """The URL of the destination host's agent, if it is reached through one (for the record)."""
 
+    def __init__(self, vm: str) -> None:
+        self.vm = vm
+
     @property
     def home_path(self) -> Path:
         """The VM's home there."""
         return self.datastore / self.vm
 
-    def __init__(self, vm: str) -> None:
-        self.vm = vm
+    # --- before the VM is there --------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def holds(self, holder: Holder) -> bool:
+        """Whether ``holder`` (of a shared disk) is this destination."""
 
     @abc.abstractmethod
     async def describe(self, accel: str, qemu: str) -> DestinationFacts:
@@ -70,8 +85,8 @@ class Destination(ControlSide):
         """Empty (sparse) disk files of these sizes, by file name, for a mirror to fill."""
 
     @abc.abstractmethod
-    async def save_plan(self, plan: IncomingPlan) -> None:
-        """Write the disk plan (``incoming.json``) into the home."""
+    async def save_plan(self, plan: DiskPlan) -> None:
+        """How each disk is served there (written before the supervisor starts)."""
 
     @abc.abstractmethod
     async def pull_disks(self, disks: dict[str, tuple[str, int]]) -> dict[str, dict[str, Any]]:
@@ -79,8 +94,60 @@ class Destination(ControlSide):
         source's read-only export into the home, flushed; what each copy fetched."""
 
     @abc.abstractmethod
-    async def start_incoming(self, accel: str, qemu: str | None) -> dict[str, Any]:
-        """Start the VM's supervisor in incoming mode; what it reported (pids, sockets)."""
+    async def start_incoming(self, accel: str, qemu: str | None, migration: str) -> dict[str, Any]:
+        """Start the VM's supervisor waiting for the stream (or, where the destination holds the VM's
+        disks, let its serving supervisor take QEMU up again); what it reported."""
+
+    # --- the memory stream -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def prepare_stream(self, *, postcopy: bool, tls: bool) -> None:
+        """QEMU's incoming side: events on, post-copy RAM if allowed, TLS with the host's credentials."""
+
+    @abc.abstractmethod
+    async def listen_stream(self) -> tuple[str, int]:
+        """QEMU listens for the stream on the destination's migration address; (host, port)."""
+
+    @abc.abstractmethod
+    async def wait_incoming(self, limit: float) -> qm.MigrationInfo:
+        """The incoming migration once it ended (or after ``limit`` seconds, ``timed_out``)."""
+
+    # --- the disks ---------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def listen_disks(self) -> str:
+        """Precopy: the VM's disk service listens on the migration address for the source's mirror;
+        ``host:port``."""
+
+    @abc.abstractmethod
+    async def relocation(self, disk: str, action: str) -> dict[str, Any]:
+        """``pause``, ``resume`` or ``invalidate`` (the switchover) the relocation of ``disk``."""
+
+    @abc.abstractmethod
+    async def disk_status(self) -> dict[str, dict[str, Any]]:
+        """How each disk is served there now, with a relocation's progress."""
+
+    @abc.abstractmethod
+    async def disk_stats(self) -> dict[str, Any]:
+        """The disk service's request statistics (the guest's I/O there)."""
+
+    @abc.abstractmethod
+    async def set_patience(self, seconds: float | None) -> None:
+        """How long a disk request there waits for a lost source (``None``: as long as it takes)."""
+
+    # --- the VM ------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def resume(self) -> None:
+        """The guest runs there (after the commit)."""
+
+    @abc.abstractmethod
+    async def announce(self) -> None:
+        """The VM's NICs announce their MACs from there."""
+
+    @abc.abstractmethod
+    async def vm_status(self) -> dict[str, Any]:
+        """The supervisor's status (``state``: QEMU's run state; ``supervisor``: its own)."""
 
     @abc.abstractmethod
     async def is_running(self) -> bool:
@@ -95,29 +162,46 @@ class Destination(ControlSide):
         """The VM's spec from the destination's home."""
 
     @abc.abstractmethod
-    async def drop_plan(self) -> None:
-        """Every disk is a complete local file: the home needs no disk plan any more."""
+    async def finish(self) -> None:
+        """The migration is done: the VM is the destination's (which may then refuse :meth:`remove`)."""
 
     @abc.abstractmethod
     async def remove(self) -> None:
-        """Rollback: kill the VM there if it runs and delete its home."""
+        """Roll back: the incoming VM there goes, with the home this migration made."""
 
-    async def adopt(self) -> None:
-        """The migration is done: the VM belongs to the destination (which may then refuse
-        :meth:`remove`). Nothing to do for a local datastore."""
+    @abc.abstractmethod
+    async def stop_serving(self) -> None:
+        """A powered-off VM came home to the host that holds its disks: its serving supervisor stops,
+        and the home there is the VM's again."""
+
+    @abc.abstractmethod
+    async def abort_take_back(self) -> None:
+        """Roll back a VM that was coming home to the host that holds its disks: its incoming QEMU goes,
+        its supervisor serves the disks again, nothing of the home is touched."""
 
 
 class LocalDestination(Destination):
     """A datastore this process reaches by path."""
 
-    def __init__(self, vm: str, datastore: Path, runtime_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        vm: str,
+        datastore: Path,
+        runtime_dir: Path | None = None,
+        *,
+        address: str = "127.0.0.1",
+        tls_dir: Path | None = None,
+    ) -> None:
         super().__init__(vm)
         self.datastore = datastore
         self.runtime_dir = runtime_dir
+        self.address = address
+        self.tls_dir = tls_dir
         self.home = VmHome(datastore / vm)
         self._side: VmSide | None = None
 
-    def _vm(self) -> VmSide:
+    def side(self) -> VmSide:
+        """The VM's supervisor there."""
         if self._side is None:
             try:
                 spec = self.home.load_spec()
@@ -126,35 +210,46 @@ class LocalDestination(Destination):
             self._side = VmSide(self.home, spec, self.label)
         return self._side
 
-    async def ctl(self, command: str, **args: Any) -> Any:
-        return await self._vm().ctl(command, **args)
+    def holds(self, holder: Holder) -> bool:
+        return holder.home is not None and Path(holder.home) == self.home.path
 
-    async def nbd(self, command: str, **args: Any) -> Any:
-        return await self._vm().nbd(command, **args)
-
-    async def proxy(self, disk: str, command: str, **args: Any) -> Any:
-        return await self._vm().proxy(disk, command, **args)
+    def _serving(self) -> bool:
+        state = self.home.read_state()
+        return self.home.path.exists() and self.home.is_running() and state.get("state") == "serving"
 
     async def describe(self, accel: str, qemu: str) -> DestinationFacts:
         facts = await asyncio.to_thread(host_facts)
         version = await asyncio.to_thread(qemu_version, qemu)
         exists = self.datastore.is_dir()
         free = space(self.datastore).free if exists else 0
+        uuid = None
+        if self.home.spec_file.exists():
+            try:
+                uuid = str(self.home.load_spec().uuid)
+            except (OSError, ValueError):
+                uuid = None
         return DestinationFacts(
-            Side(facts, accel, version, __version__, free), exists, self.home.path.exists()
+            Side(facts, accel, version, __version__, free),
+            exists,
+            self.home.path.exists(),
+            holds_vm=self._serving(),
+            uuid=uuid,
         )
 
     async def create_home(self, source_home: Path, disk_files: set[str]) -> int:
-        self.home.path.mkdir(mode=0o755)
+        self.home.path.mkdir(mode=0o700)
         return await asyncio.to_thread(copy_home_files, source_home, self.home.path, disk_files)
 
     async def create_disks(self, sizes: dict[str, int]) -> None:
         for name, size in sizes.items():
-            with (self.home.path / name).open("wb") as f:
-                f.truncate(size)
+            fd = os.open(self.home.path / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
 
-    async def save_plan(self, plan: IncomingPlan) -> None:
-        plan.save(self.home.path)
+    async def save_plan(self, plan: DiskPlan) -> None:
+        self.home.save_disk_plan(plan)
 
     async def pull_disks(self, disks: dict[str, tuple[str, int]]) -> dict[str, dict[str, Any]]:
         results: dict[str, dict[str, Any]] = {}
@@ -170,15 +265,70 @@ class LocalDestination(Destination):
         await asyncio.to_thread(fsync_dir, self.home.path)
         return results
 
-    async def start_incoming(self, accel: str, qemu: str | None) -> dict[str, Any]:
+    async def start_incoming(self, accel: str, qemu: str | None, migration: str) -> dict[str, Any]:
+        if self._serving():
+            result: dict[str, Any] = await self.side().ctl("start-incoming", migration=migration)
+            return result
         return await asyncio.to_thread(
-            control.start_vm,
+            supervisor_client.start_vm,
             self.home,
             accel=accel,
             qemu=qemu,
             incoming=True,
             runtime_dir=self.runtime_dir,
         )
+
+    async def prepare_stream(self, *, postcopy: bool, tls: bool) -> None:
+        side = self.side()
+        caps = {"events": True}
+        if postcopy:
+            caps["postcopy_ram"] = True
+        await qm.set_capabilities(side, **caps)
+        if tls:
+            if self.tls_dir is None:
+                raise SideError("destination: TLS asked for but no credentials directory given")
+            await qm.add_tls(side, str(self.tls_dir.absolute()), "server")
+            await qm.set_parameters(side, tls_creds=qm.TLS_ID)
+
+    async def listen_stream(self) -> tuple[str, int]:
+        host = self.address
+        target = f"[{host}]" if ":" in host else host
+        info = await qm.listen(self.side(), f"tcp:{target}:0")
+        if not info.listening:
+            raise SideError("the destination QEMU did not say where it listens for the stream")
+        return host, info.listening[0][1]
+
+    async def wait_incoming(self, limit: float) -> qm.MigrationInfo:
+        return await qm.wait(self.side(), qm.TERMINAL, limit)
+
+    async def listen_disks(self) -> str:
+        names = await self.side().disks("listen", address=f"{self.address}:0")
+        return str(names[0])
+
+    async def relocation(self, disk: str, action: str) -> dict[str, Any]:
+        if action not in ("pause", "resume", "invalidate"):
+            raise ValueError(f"no relocation action {action!r}")
+        result: dict[str, Any] = await self.side().disks(action, export=disk)
+        return result
+
+    async def disk_status(self) -> dict[str, dict[str, Any]]:
+        return await self.side().disk_status()
+
+    async def disk_stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.side().disks("stats")
+        return result
+
+    async def set_patience(self, seconds: float | None) -> None:
+        await self.side().disks("patience", seconds=seconds)
+
+    async def resume(self) -> None:
+        await self.side().ctl("resume")
+
+    async def announce(self) -> None:
+        await qm.announce(self.side())
+
+    async def vm_status(self) -> dict[str, Any]:
+        return await self.side().status()
 
     async def is_running(self) -> bool:
         return self.home.path.exists() and self.home.is_running()
@@ -189,14 +339,26 @@ class LocalDestination(Destination):
     async def load_spec(self) -> VmSpec:
         return self.home.load_spec()
 
-    async def drop_plan(self) -> None:
-        (self.home.path / PLAN_FILE).unlink(missing_ok=True)
+    async def finish(self) -> None:
+        # The start facts (geometry, migration) served their purpose; relocations keep their entries.
+        plan = self.home.load_disk_plan()
+        self.home.save_disk_plan(plan.model_copy(update={"geometry": {}, "migration": None}))
 
     async def remove(self) -> None:
         if self.home.path.exists() and self.home.is_running():
-            await asyncio.to_thread(control.kill_vm, self.home)
+            await asyncio.to_thread(supervisor_client.kill_vm, self.home)
         if self.home.path.exists():
             await asyncio.to_thread(shutil.rmtree, self.home.path)
+
+    async def stop_serving(self) -> None:
+        if self.home.path.exists() and self.home.is_running():
+            await self.side().ctl("stop-serving", migration="cold")
+            if not await asyncio.to_thread(supervisor_client.wait_stopped, self.home, 60):
+                raise SideError("the destination's serving supervisor did not stop")
+
+    async def abort_take_back(self) -> None:
+        if self.home.path.exists() and self.home.is_running():
+            await self.side().ctl("abort-incoming", migration="rollback")
 
 
 def fsync_dir(path: Path) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hikkoshi.daemons.entry import READY_PREFIX, image_service_argv, proxy_argv
 from hikkoshi.migrate.sides import SideError
 from hikkoshi.nbd.control import ControlError, control_request
 from hikkoshi.vm.procs import Child
@@ -26,17 +27,14 @@ async def serve_read_only(
 ) -> tuple[Child, str]:
     """Serve ``files`` (export name to path) read-only on ``address`` (``HOST:0``); the server and the
     base of its export URIs (``nbd://HOST:PORT``)."""
-    cmd = [python, "-m", "hikkoshi", "nbd", "serve", "--read-only", *map(str, files.values())]
-    cmd += ["--listen", address, "--control", f"unix:{control}"]
-    for name in files:
-        cmd += ["--export", name]
+    cmd = image_service_argv(files, address, control, read_only=True, python=python)
     with log.open("ab") as out:
         child = await Child.start("disk export", cmd, stdout=asyncio.subprocess.PIPE, stderr=out)
     try:
         line = await asyncio.wait_for(child.stdout_line(), 60)
     except TimeoutError:
         line = ""
-    if not line.startswith("hikkoshi: serving nbd://"):
+    if not line.startswith(f"{READY_PREFIX} nbd://"):
         await child.terminate(grace=5.0)
         tail = await asyncio.to_thread(log.read_text)
         raise SideError(f"the read-only export of the disks did not start: {line or tail[-1000:]}")
@@ -56,8 +54,7 @@ async def pull_disk(
     relocation proxy; return its last status. The file is flushed when this returns."""
     with tempfile.TemporaryDirectory(prefix="hk-pull-", dir="/tmp") as tmp:  # short: socket paths
         control = Path(tmp) / "control.sock"
-        cmd = [python, "-m", "hikkoshi", "nbd", "proxy", "--upstream", uri, "--cache", str(path)]
-        cmd += ["--size", str(size), "--listen", f"unix:{tmp}/nbd.sock", "--control", f"unix:{control}"]
+        cmd = proxy_argv(uri, path, size, f"unix:{tmp}/nbd.sock", control, python)
         with (log or Path("/dev/null")).open("ab") as out:
             child = await Child.start(f"pull of {path.name}", cmd, stdout=out, stderr=out)
         try:

@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from hikkoshi.vm.disk_plan import PLAN_FILE
+from hikkoshi.vm.disk_serving import PLAN_FILE
 
 #: Files of a home that belong to one run of the VM (or to a migration): never copied.
 RUN_FILES = frozenset({".lock", "supervisor.pid", "state.json", PLAN_FILE})

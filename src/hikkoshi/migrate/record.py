@@ -7,16 +7,98 @@ can list the history. Files: ``<state dir>/<id>.json``.
 
 from __future__ import annotations
 
+import enum
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hikkoshi.migrate.phases import Phase, move
 from hikkoshi.migrate.storage_modes import StorageMode
+from hikkoshi.vm.disk_serving import Holder
 from hikkoshi.vm.home import write_atomically
+
+
+class MigrationKind(enum.StrEnum):
+    """How the VM moves."""
+
+    LIVE = "live"
+    """It runs throughout."""
+    QUICK = "quick"
+    """Suspended, moved, resumed."""
+    COLD = "cold"
+    """Powered off."""
+    STORAGE = "storage"
+    """Its home and disks move to another datastore of the same host while it runs."""
+
+
+class MigrationSettings(BaseModel):
+    """What was asked for (a job taken over after a crash carries on with the same)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_downtime_ms: int = 300
+    bandwidth: int | None = None
+    """Memory stream limit, bytes/s (``None``: unlimited)."""
+    disk_bandwidth: str | None = None
+    """Background disk copy limit of a relocation, e.g. ``50M``."""
+    auto_converge: bool = True
+    allow_postcopy: bool = False
+    max_seconds: float = 600.0
+    tls_dir: str | None = None
+    """The source's TLS credentials directory (path mode; agents use their host certificates)."""
+    tls: bool = False
+    """Whether the memory stream is encrypted."""
+    destination_datastore: str | None = None
+    """The destination datastore's name on its agent."""
+    destination_site: str | None = None
+    source_host: str = "local"
+    source_agent: str | None = None
+    move_mode: str = "mirror"
+    """Storage migration: ``mirror`` or ``dbt``."""
+    move_bandwidth: str | None = None
+    thick: bool = False
+
+
+class MigrationFacts(BaseModel):
+    """What a migration learnt on its way that later phases, a rollback or a restarted job need."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    accel: str | None = None
+    """The source VM's accelerator (the destination gets the same)."""
+    destination_home_created: bool = False
+    """This migration made the destination's home (recorded first: a rollback removes only that)."""
+    destination_takes_back: bool = False
+    """The destination holds the VM's disks already (shared storage, the VM comes home): its serving
+    supervisor takes QEMU up again; no home is made there and none removed on rollback."""
+    destination_supervisor_pid: int | None = None
+    source_listen: str | None = None
+    """The extra address the source's disk service listens on for the destination."""
+    exports: dict[str, str] = {}
+    """Disk name: the source export URI the destination reaches."""
+    geometry: dict[str, tuple[int, int, int]] = {}
+    bitmap: str | None = None
+    """The source's dirty bitmap of a hybrid or postcopy migration."""
+    holders: list[Holder] = []
+    """Hosts that hold the VM's disks for the source (shared storage) and are released at the end."""
+    localized: list[str] = []
+    """Disks a storage migration pulled in from their holder first."""
+    dirty_rate_started: bool = False
+    mirror_nodes: list[str] = []
+    mirror_jobs: list[str] = []
+    stream: str | None = None
+    tls: bool = False
+    routes: dict[str, str] = {}
+    committed: bool = False
+    """The source supervisor agreed that the destination may run (the commit)."""
+    export_dir: str | None = None
+    """Cold migration: the runtime directory of the source's read-only export."""
+    moving: list[str] = []
+    moved: dict[str, tuple[str, str]] = {}
+    """Storage migration: disk name -> (old path, new path) of disks moved so far."""
 
 
 class PhaseTime(BaseModel):
@@ -32,6 +114,8 @@ class Endpoint(BaseModel):
 
     datastore: Path
     home: Path
+    host: str = "local"
+    """The host's name (its agent's; ``local`` by path)."""
     runtime_dir: Path | None = None
     address: str = "127.0.0.1"
     agent: str | None = None
@@ -43,20 +127,17 @@ class MigrationRecord(BaseModel):
 
     id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
     vm: str
-    kind: Literal["live", "cold", "quick", "storage"] = "live"
-    """live: the VM runs throughout; cold: it is powered off; quick: suspended, moved, resumed;
-    storage: its home and disks move to another datastore of the same host while it runs."""
+    kind: MigrationKind = MigrationKind.LIVE
     storage: StorageMode
     source: Endpoint
     destination: Endpoint
-    settings: dict[str, Any] = {}
+    settings: MigrationSettings = Field(default_factory=MigrationSettings)
     phase: Phase = Phase.PRECHECK
     phases: list[PhaseTime] = []
     created: float = Field(default_factory=time.time)
     finished: float | None = None
     error: str | None = None
-    #: Facts the coordinator learnt that a restarted one needs (export URIs, ports, job names).
-    facts: dict[str, Any] = {}
+    facts: MigrationFacts = Field(default_factory=MigrationFacts)
     report: dict[str, Any] = {}
 
     def enter(self, phase: Phase, *, now: float | None = None) -> None:

@@ -33,8 +33,10 @@ class Reconnect:
 
     initial_delay: float = 0.05
     max_delay: float = 5.0
-    #: A request that needs the server waits at most this long for a connection, then fails with EIO.
-    deadline: float = 30.0
+    #: A request that needs the server waits at most this long for a connection, then fails with EIO;
+    #: ``None``: it waits as long as it takes (a disk past a migration's commit point has nowhere else
+    #: to go, and a guest waiting on one request beats a guest paused on an error).
+    deadline: float | None = 30.0
 
 
 class _Lost(Exception):
@@ -230,7 +232,9 @@ class NbdClient:
     async def _reconnect_loop(self, policy: Reconnect) -> None:
         delay = policy.initial_delay
         # Back off, but never so long that a waiting request times out while the server is back.
-        max_delay = min(policy.max_delay, policy.deadline / 4)
+        max_delay = (
+            policy.max_delay if policy.deadline is None else min(policy.max_delay, policy.deadline / 4)
+        )
         try:
             while not self._closed:
                 try:

@@ -22,6 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from hikkoshi.vm.disk_serving import PLAN_FILE, DiskPlan
+from hikkoshi.vm.errors import VmStartError
 from hikkoshi.vm.spec import DiskSpec, VmSpec, load_spec
 
 SPEC_FILE = "vm.toml"
@@ -127,6 +131,33 @@ class VmHome:
     def load_spec(self) -> VmSpec:
         """Read and validate ``vm.toml``."""
         return load_spec(self.spec_file)
+
+    # --- how the disks are served ----------------------------------------------------------------------
+
+    @property
+    def disk_plan_file(self) -> Path:
+        """``disks.json``: how each disk is served on this host, if not all are plain files."""
+        return self.path / PLAN_FILE
+
+    def load_disk_plan(self) -> DiskPlan:
+        """The disk plan; every disk a plain file if there is none. A damaged plan is a clear error."""
+        try:
+            data = self.disk_plan_file.read_bytes()
+        except FileNotFoundError:
+            return DiskPlan()
+        except OSError as exc:
+            raise VmStartError(f"disk plan {self.disk_plan_file}: {exc.strerror}") from None
+        try:
+            return DiskPlan.model_validate_json(data)
+        except ValidationError as exc:
+            raise VmStartError(f"disk plan {self.disk_plan_file} is not valid: {exc}") from None
+
+    def save_disk_plan(self, plan: DiskPlan) -> None:
+        """Write the plan atomically; a plan of plain files without start facts is no plan at all."""
+        if plan.all_files and not plan.geometry and plan.migration is None:
+            self.disk_plan_file.unlink(missing_ok=True)
+            return
+        write_atomically(self.disk_plan_file, plan.model_dump_json(indent=2).encode(), mode=0o600)
 
     # --- run lock ----------------------------------------------------------------------------------------
 

@@ -88,11 +88,15 @@ def check_thick_space(spec: VmSpec, free: int) -> list[str]:
     return []
 
 
-def check_disks_present(spec: VmSpec, disks: Iterable[DiskState]) -> list[str]:
-    """Every disk file must be there, of the size the spec says."""
+def check_disks_present(spec: VmSpec, disks: Iterable[DiskState], elsewhere: Iterable[str] = ()) -> list[str]:
+    """Every disk file must be there, of the size the spec says (but the disks served from ``elsewhere``:
+    a relocation makes its own file, a remote disk has none here)."""
     found = {d.name: d for d in disks}
+    skip = set(elsewhere)
     problems = []
     for i, disk in enumerate(spec.disks):
+        if disk.name in skip:
+            continue
         state = found.get(disk.name)
         if state is None or not state.exists:
             problems.append(f"disks[{i}]: the file {disk.file_name} is missing from the VM's home")

@@ -15,12 +15,11 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 from hikkoshi.nbd.uri import NbdUri
-from hikkoshi.vm.disk_plan import DiskBackend, IncomingPlan
+from hikkoshi.vm.disk_serving import DiskPlan
 from hikkoshi.vm.guest_image import DEFAULT_QEMU, Accel
 from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.precheck import OVMF_CODE
@@ -28,6 +27,8 @@ from hikkoshi.vm.rundir import RunDir
 from hikkoshi.vm.spec import DiskSpec, NicSpec, VmSpec
 
 UEFI_VARS_FILE = "uefi-vars.fd"
+#: Seconds QEMU's disk requests wait for a restarting disk service before they fail.
+RECONNECT_DELAY = 15
 """The VM's own copy of the UEFI variable store, in its home."""
 
 
@@ -48,15 +49,15 @@ def nbd_server(uri: NbdUri) -> dict[str, str]:
     return {"type": "inet", "host": uri.host, "port": str(uri.port)}
 
 
-def disk_uri(disk: DiskSpec, rundir: RunDir, plan: IncomingPlan | None = None) -> NbdUri:
-    """Where QEMU finds ``disk``: the VM's NBD service, a relocation proxy, or a remote export."""
-    backend = plan.backend(disk.name) if plan is not None else None
-    if backend is None or backend.kind == "local":
-        return NbdUri(export=disk.name, socket=rundir.nbd_socket)
-    if backend.kind == "proxy":
-        return NbdUri(export=disk.name, socket=rundir.proxy_socket(disk.name))
-    assert backend.uri is not None
-    return NbdUri.parse(backend.uri)
+def disk_uri(disk: DiskSpec, rundir: RunDir) -> NbdUri:
+    """Where QEMU finds ``disk``: always the VM's own disk service, whatever serves the bytes (a file, a
+    relocation, the holder of a shared disk); see :mod:`hikkoshi.vm.disk_serving`."""
+    return NbdUri(export=disk.name, socket=rundir.nbd_socket)
+
+
+def disk_node(disk_name: str) -> str:
+    """The QEMU block node the guest's device of a disk reads and writes (a mirror's source)."""
+    return f"disk-{disk_name}"
 
 
 def disk_device_id(disk_name: str) -> str:
@@ -79,10 +80,13 @@ def nbd_disk_args(
         "server": nbd_server(uri),
         "export": uri.export,
         "discard": "unmap",
+        # A disk service that restarts (it keeps its state on disk) is reconnected to; requests wait
+        # this long for it before they fail (and pause the guest: werror/rerror=stop).
+        "reconnect-delay": RECONNECT_DELAY,
     }
-    fmt = {"driver": "raw", "node-name": f"disk-{disk.name}", "file": f"nbd-{disk.name}", "discard": "unmap"}
+    fmt = {"driver": "raw", "node-name": disk_node(disk.name), "file": f"nbd-{disk.name}", "discard": "unmap"}
     device = (
-        f"virtio-blk-pci,id={disk_device_id(disk.name)},drive=disk-{disk.name},serial={disk.name},"
+        f"virtio-blk-pci,id={disk_device_id(disk.name)},drive={disk_node(disk.name)},serial={disk.name},"
         "werror=stop,rerror=stop"
     )
     if geometry is not None:
@@ -113,13 +117,13 @@ def qemu_command(
     taps: Mapping[int, str] | None = None,
     qemu: str = DEFAULT_QEMU,
     ovmf_code: Path = OVMF_CODE,
-    plan: IncomingPlan | None = None,
+    plan: DiskPlan | None = None,
     incoming: bool = False,
 ) -> list[str]:
     """The QEMU command line running ``spec``; ``taps`` maps bridged NICs' indexes to tap names.
 
-    Disks are opened where ``plan`` says (all from the VM's NBD service without one). With
-    ``incoming``, QEMU waits for a migration stream (``migrate-incoming`` over QMP)."""
+    Every disk is opened at the VM's disk service; ``plan`` gives the disks' geometry of an incoming VM.
+    With ``incoming``, QEMU waits for a migration stream (``migrate-incoming`` over QMP)."""
     taps = taps or {}
     cmd = [
         qemu,
@@ -170,54 +174,11 @@ def qemu_command(
     boot_disk = spec.boot_disk
     for disk in spec.disks:
         geometry = plan.geometry.get(disk.name) if plan is not None else None
-        cmd += nbd_disk_args(disk, disk_uri(disk, rundir, plan), disk.name == boot_disk, geometry)
+        cmd += nbd_disk_args(disk, disk_uri(disk, rundir), disk.name == boot_disk, geometry)
     for index, nic in enumerate(spec.nics):
         cmd += _nic_args(index, nic, taps.get(index))
     if incoming:
         cmd += ["-incoming", "defer"]
-    return cmd
-
-
-def local_disks(spec: VmSpec, plan: IncomingPlan | None = None) -> list[DiskSpec]:
-    """The disks the VM's own NBD service serves from its home."""
-    return [d for d in spec.disks if plan is None or plan.backend(d.name).kind == "local"]
-
-
-def nbd_service_command(
-    spec: VmSpec,
-    home: VmHome,
-    rundir: RunDir,
-    python: str = sys.executable,
-    plan: IncomingPlan | None = None,
-) -> list[str]:
-    """The ``hikkoshi nbd serve`` command serving the VM's local disks, one export per disk."""
-    disks = local_disks(spec, plan)
-    cmd = [python, "-m", "hikkoshi", "nbd", "serve"]
-    cmd += [str(home.disk_path(d)) for d in disks]
-    cmd += ["--listen", f"unix:{rundir.nbd_socket}", "--control", f"unix:{rundir.nbd_control}"]
-    for disk in disks:
-        cmd += ["--export", disk.name]
-    return cmd
-
-
-def proxy_command(
-    disk: DiskSpec, backend: DiskBackend, home: VmHome, rundir: RunDir, python: str = sys.executable
-) -> list[str]:
-    """The ``hikkoshi nbd proxy`` serving one disk of an incoming VM from its upstream."""
-    assert backend.kind == "proxy" and backend.uri is not None
-    cmd = [python, "-m", "hikkoshi", "nbd", "proxy", "--upstream", backend.uri]
-    cmd += ["--cache", str(home.disk_path(disk)), "--export", disk.name]
-    cmd += ["--listen", f"unix:{rundir.proxy_socket(disk.name)}"]
-    cmd += ["--control", f"unix:{rundir.proxy_control(disk.name)}"]
-    # The spec's size is the source's (a VM starts only with disks of that size): the proxy serves
-    # at once and checks it once connected.
-    cmd += ["--size", str(disk.size)]
-    if backend.background == "paused":
-        cmd.append("--start-paused")
-    if backend.dirty_bitmap:
-        cmd += ["--dirty-bitmap", backend.dirty_bitmap]
-    if backend.bandwidth:
-        cmd += ["--bandwidth", backend.bandwidth]
     return cmd
 
 

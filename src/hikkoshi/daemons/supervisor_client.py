@@ -1,6 +1,6 @@
-"""Starting VMs and talking to their supervisors, from the command line or a test (no agent yet).
+"""Starting VMs and talking to their supervisors (the CLI, the agent, migrations, tests).
 
-:func:`start_vm` launches the supervisor (:mod:`hikkoshi.vm.supervisor`) and waits on its ready
+:func:`start_vm` launches the supervisor (:mod:`hikkoshi.daemons.supervisor`) and waits on its ready
 pipe; the others find the supervisor through the VM's run lock, pid file and control socket.
 """
 
@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hikkoshi.daemons.entry import SUPERVISOR, supervisor_argv
 from hikkoshi.nbd.control import ControlError, control_request
 from hikkoshi.vm.errors import RuntimeStateError, VmError, VmStartError
 from hikkoshi.vm.home import VmHome
@@ -42,6 +43,7 @@ def start_vm(
     timeout: float = DEFAULT_START_TIMEOUT,
     python: str = sys.executable,
     incoming: bool = False,
+    serving: bool = False,
     runtime_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Start the VM's supervisor in the background and wait until the VM runs (or failed to).
@@ -54,15 +56,15 @@ def start_vm(
         raise RuntimeStateError(
             f"VM {home.name!r} is running already (supervisor pid {home.supervisor_pid()})"
         )
+    if not serving and holds_for_another_host(home):
+        raise RuntimeStateError(
+            f"VM {home.name!r} runs on another host: this home only holds its disks (shared storage); "
+            "start it where it runs, or serve the disks again"
+        )
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    cmd = [python, "-m", "hikkoshi.vm.supervisor", str(home.path.absolute()), "--ready-fd", str(write_fd)]
-    cmd += ["--daemonize"]
-    if accel:
-        cmd += ["--accel", accel]
-    if qemu:
-        cmd += ["--qemu", qemu]
-    if incoming:
-        cmd += ["--incoming"]
+    cmd = supervisor_argv(
+        home, ready_fd=write_fd, accel=accel, qemu=qemu, incoming=incoming, serving=serving, python=python
+    )
     env = dict(os.environ)
     if runtime_dir is not None:
         env["HIKKOSHI_RUNTIME_DIR"] = str(runtime_dir)
@@ -112,6 +114,12 @@ def start_vm(
     return {k: v for k, v in report.items() if k != "ok"}
 
 
+def holds_for_another_host(home: VmHome) -> bool:
+    """Whether the home's VM runs elsewhere and this home only holds its disks (its supervisor said
+    so last: it serves them, or served them when it died)."""
+    return home.read_state().get("state") == "serving"
+
+
 def _read_line(fd: int, timeout: float) -> str | None:
     """One line from ``fd``: ``""`` at EOF without one, ``None`` on timeout."""
     deadline = time.monotonic() + timeout
@@ -136,7 +144,7 @@ def _is_supervisor(pid: int, home: VmHome) -> bool:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"hikkoshi.vm.supervisor" in argv and str(home.path.absolute()).encode() in argv
+    return SUPERVISOR.encode() in argv and str(home.path.absolute()).encode() in argv
 
 
 async def request(home: VmHome, spec: VmSpec, command: str, **args: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Running an asyncio main with uvloop, signal handling, and one-line logging."""
+"""Running a process's asyncio main: uvloop, one-line logging, expected errors as one line each."""
 
 from __future__ import annotations
 
@@ -54,3 +54,22 @@ def leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     for exc in group.exceptions:
         out += leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
     return out
+
+
+def dump_tasks(logger: logging.Logger) -> None:
+    """Log every asyncio task with the chain of awaits it is stopped in (wired to SIGUSR1 in the
+    daemons: a stuck process says what it is stuck on)."""
+    for task in asyncio.all_tasks():
+        chain: list[str] = []
+        awaited: Any = task.get_coro()
+        while awaited is not None and len(chain) < 20:
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+            if frame is None:
+                chain.append(type(awaited).__name__)
+                break
+            chain.append(
+                f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_code.co_name}:{frame.f_lineno}"
+            )
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+        name = getattr(task.get_coro(), "__qualname__", "?")
+        logger.warning("task %s (%s): %s", task.get_name(), name, " -> ".join(chain))

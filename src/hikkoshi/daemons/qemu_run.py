@@ -1,12 +1,12 @@
-"""One running VM: its NBD service, tap devices, QEMU process and QMP session, owned together.
+"""One run of a VM's QEMU: its tap devices, the QEMU process and its QMP session, owned together.
 
-:class:`VmRuntime` is an async context manager. Entering starts, in order, the NBD service that
-serves the VM's disks, the taps of bridged NICs, and QEMU (paused, until the QMP session is up);
-then it lets the guest run. Leaving tears everything down in reverse, by pid, whatever happened:
-QEMU is killed if it is still there, the NBD service is asked to finish (it flushes) and killed
-if it does not, taps and sockets are removed. Nothing is left running behind it.
+:class:`QemuRun` is an async context manager. Entering creates the taps of bridged NICs and starts
+QEMU (paused, until the QMP session is up); then it lets the guest run, or, for the destination of a
+migration, leaves it waiting for the stream. Leaving tears everything down, by pid, whatever happened:
+QEMU is killed if it is still there and the taps are removed. The disks are not QEMU's: the VM's
+disk service (owned by the supervisor beside this) serves them before, during and after a run.
 
-:meth:`VmRuntime.stop` is the orderly way out: ACPI power button, then QMP ``quit``, then SIGKILL,
+:meth:`QemuRun.stop` is the orderly way out: ACPI power button, then QMP ``quit``, then SIGKILL,
 each bounded in time.
 """
 
@@ -17,8 +17,6 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,21 +24,20 @@ from types import TracebackType
 from typing import Any, Literal
 
 from hikkoshi.vm import tap
-from hikkoshi.vm.disk_plan import DiskBackend, IncomingPlan
+from hikkoshi.vm.disk_serving import DiskPlan
 from hikkoshi.vm.errors import VmStartError
 from hikkoshi.vm.guest_image import DEFAULT_QEMU, Accel
 from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.precheck import OVMF_VARS
 from hikkoshi.vm.procs import Child
-from hikkoshi.vm.qemu import UEFI_VARS_FILE, local_disks, nbd_service_command, proxy_command, qemu_command
+from hikkoshi.vm.qemu import UEFI_VARS_FILE, qemu_command
 from hikkoshi.vm.qmp import QmpCommandError, QmpSession
 from hikkoshi.vm.rundir import RunDir
-from hikkoshi.vm.spec import DiskSpec, VmSpec
+from hikkoshi.vm.spec import VmSpec
 
 log = logging.getLogger("hikkoshi.vm.runtime")
 
 StopHow = Literal["guest", "acpi", "quit", "kill"]
-_NBD_READY = "hikkoshi: serving"
 
 
 @dataclass(frozen=True)
@@ -66,8 +63,8 @@ def _tail(path: Path, chars: int = 2000) -> str:
         return ""
 
 
-class VmRuntime:
-    """The processes of one running VM."""
+class QemuRun:
+    """One run of a VM's QEMU (see the module's docstring)."""
 
     def __init__(
         self,
@@ -77,13 +74,12 @@ class VmRuntime:
         accel: Accel,
         rundir: RunDir,
         qemu: str = DEFAULT_QEMU,
-        python: str = sys.executable,
         start_timeout: float = 60.0,
-        plan: IncomingPlan | None = None,
+        plan: DiskPlan | None = None,
         incoming: bool = False,
     ) -> None:
         self.home = home
-        #: Where the disks come from when not all are local files (a migration's destination).
+        #: An incoming VM's start facts (its disks' geometry on the source).
         self.plan = plan
         #: The destination of a migration: QEMU waits for the stream and stays paused.
         self.incoming = incoming
@@ -91,10 +87,7 @@ class VmRuntime:
         self.accel: Accel = accel
         self.rundir = rundir
         self._qemu_binary = qemu
-        self._python = python
         self._start_timeout = start_timeout
-        self.nbd: Child | None = None
-        self.proxies: dict[str, Child] = {}
         self.qemu: Child | None = None
         self.qmp: QmpSession | None = None
         self.taps: dict[int, str] = {}
@@ -105,32 +98,35 @@ class VmRuntime:
 
     # --- start ---------------------------------------------------------------------------------------------
 
-    async def __aenter__(self) -> VmRuntime:
+    async def start(self) -> None:
+        """Create the taps and start QEMU; on failure nothing is left behind."""
         try:
             await self._start()
         except BaseException:
             await self._teardown()
             raise
+
+    async def close(self) -> None:
+        """Kill QEMU if it is still there, remove the taps. Safe to repeat. A stop under way finishes
+        first: its QMP session must not go from under it."""
+        async with self._stop_lock:
+            await self._teardown()
+
+    async def __aenter__(self) -> QemuRun:
+        await self.start()
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self._teardown()
+        await self.close()
 
     async def _start(self) -> None:
-        self.rundir.create()
         self._rotate_console()
         if self.spec.firmware == "uefi":
             vars_file = self.home.path / UEFI_VARS_FILE
             if not vars_file.exists():
                 shutil.copyfile(OVMF_VARS, vars_file)
-        if local_disks(self.spec, self.plan):
-            await self._start_nbd()
-        for disk in self.spec.disks:
-            backend = self.plan.backend(disk.name) if self.plan is not None else None
-            if backend is not None and backend.kind == "proxy":
-                await self._start_proxy(disk, backend)
         for index, nic in enumerate(self.spec.nics):
             if nic.bridge is not None:
                 name = tap.tap_name(self.spec.uuid, index, str(self.rundir.path.parent))
@@ -144,56 +140,6 @@ class VmRuntime:
     def _rotate_console(self) -> None:
         if self.home.console_log.exists():
             os.replace(self.home.console_log, self.home.path / "console.log.1")
-
-    async def _start_nbd(self) -> None:
-        cmd = nbd_service_command(self.spec, self.home, self.rundir, self._python, self.plan)
-        self.nbd = await self._start_service("nbd", "the NBD service", cmd)
-
-    async def _start_proxy(self, disk: DiskSpec, backend: DiskBackend) -> None:
-        cmd = proxy_command(disk, backend, self.home, self.rundir, self._python)
-        self.proxies[disk.name] = await self._start_service(
-            f"proxy-{disk.name}", f"the relocation proxy of {disk.name}", cmd
-        )
-
-    async def restart_proxy(self, disk_name: str, resumed: bool) -> None:
-        """Start the relocation proxy of a disk again (after it died); the guest's I/O waits meanwhile.
-
-        ``resumed``: the guest has run here since the switchover. The copy then just goes on: no
-        waiting to be resumed, and no invalidation from the source's bitmap any more -- it would
-        drop blocks the guest has written here since."""
-        disk = next(d for d in self.spec.disks if d.name == disk_name)
-        assert self.plan is not None
-        backend = self.plan.backend(disk_name)
-        if resumed:
-            backend = backend.model_copy(update={"background": "run", "dirty_bitmap": None})
-        old = self.proxies.pop(disk_name, None)
-        if old is not None and old.running:
-            await old.kill()
-        await self._start_proxy(disk, backend)
-
-    async def _start_service(self, name: str, what: str, cmd: list[str]) -> Child:
-        """Start a disk service logging to ``nbd.log``; return once it says it serves."""
-        with self.home.nbd_log.open("ab") as out:
-            out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(cmd)}\n".encode())
-            out.flush()
-            start = out.tell()
-            child = await Child.start(name, cmd, stdout=out, stderr=out)
-        # The service prints one "serving" line per address once it listens.
-        deadline = time.monotonic() + self._start_timeout
-        try:
-            while True:
-                with self.home.nbd_log.open("rb") as f:
-                    f.seek(start)
-                    if _NBD_READY.encode() in f.read():
-                        return child
-                if not child.running:
-                    raise VmStartError(f"{what} exited at start:\n{_tail(self.home.nbd_log)}")
-                if time.monotonic() > deadline:
-                    raise VmStartError(f"{what} did not listen within {self._start_timeout:.0f} s")
-                await child.wait_for(0.02)
-        except BaseException:
-            await child.terminate(grace=5.0)
-            raise
 
     async def _start_qemu(self) -> None:
         cmd = qemu_command(
@@ -277,25 +223,6 @@ class VmRuntime:
             stop_seconds=None if requested is None else round(time.monotonic() - requested, 3),
         )
 
-    async def wait_nbd(self) -> tuple[str, int] | None:
-        """Wait until a disk service (NBD service or proxy) ends: its name and status; ``None`` at once
-        if the VM has none."""
-        services = self.services()
-        if not services:
-            return None
-        waits = {asyncio.ensure_future(c.wait()): c for c in services}
-        try:
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
-        first = next(iter(done))
-        return waits[first].name, first.result()
-
-    def services(self) -> list[Child]:
-        """The disk services this runtime owns (the NBD service, relocation proxies)."""
-        return [c for c in (self.nbd, *self.proxies.values()) if c is not None]
-
     async def stop(self, grace: float = 60.0, *, hard: bool = False) -> StopOutcome:
         """Power the VM off: ACPI power button for up to ``grace`` s, then ``quit``, then SIGKILL.
 
@@ -343,33 +270,19 @@ class VmRuntime:
             await self.qemu.kill()
         if self.qmp is not None:
             await self.qmp.close()
-        for service in self.services():
-            # SIGTERM: the service stops accepting, flushes and closes the images.
-            code = await service.terminate(grace=15.0)
-            if code not in (0, -signal.SIGTERM):
-                log.warning("%s ended with status %d", service.name, code)
         for name in self.taps.values():
             with contextlib.suppress(OSError):
                 await tap.delete_tap(name)
         self.taps.clear()
-        self.rundir.remove()
+        self.rundir.qmp_socket.unlink(missing_ok=True)
 
     # --- facts ---------------------------------------------------------------------------------------------
 
     def describe(self) -> dict[str, Any]:
-        """Pids, sockets and settings, for ``status``."""
+        """Pids and settings, for ``status``."""
         return {
-            "name": self.spec.name,
-            "uuid": str(self.spec.uuid),
             "accel": self.accel,
             "qemu_pid": None if self.qemu is None else self.qemu.pid,
-            "nbd_pid": None if self.nbd is None else self.nbd.pid,
-            "nbd_running": self.nbd is not None and self.nbd.running,
-            "nbd_socket": str(self.rundir.nbd_socket) if self.spec.disks else None,
-            "nbd_control": str(self.rundir.nbd_control) if self.spec.disks else None,
-            "proxy_pids": {name: c.pid for name, c in self.proxies.items()},
-            "proxy_controls": {name: str(self.rundir.proxy_control(name)) for name in self.proxies},
-            "rundir": str(self.rundir.path),
             "incoming": self.incoming,
             "taps": {str(k): v for k, v in self.taps.items()},
             "started_at": self.started_at,
