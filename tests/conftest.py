@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .servers import Served, hikkoshi_server
+from tests.support.servers import Served, hikkoshi_server
 
 
 def make_image(path: Path, size: int, seed: int = 1, data_every: int = 4 << 20) -> Path:
