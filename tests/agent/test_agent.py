@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import signal
 import sqlite3
 import time
@@ -15,52 +14,11 @@ import httpx
 import pytest
 
 from hikkoshi.vm.datastore import Datastore
-from hikkoshi.vm.diskwriter import verify_diskwriter_image
 from hikkoshi.vm.guest_image import GuestImage
+from tests.support.agent_vms import create_busy, stop_and_verify, vm_names, wait_console
 from tests.support.agents import AgentProc, agents
 from tests.support.vms import guest as guest
 from tests.support.vms import need_qemu_tools
-
-_DONE = re.compile(r"HIKKOSHI-DISKWRITER DONE run=(\d+) last=(\d+) written=\d+ records=\d+ OK")
-
-
-def wait_console(agent: AgentProc, vm: str, pattern: str, timeout: float = 180.0, after: int = 0) -> int:
-    """Wait (through the CLI) until the VM's console matches from character ``after``; the match's end."""
-    regex = re.compile(pattern, re.MULTILINE)
-    deadline = time.monotonic() + timeout
-    text = ""
-    while time.monotonic() < deadline:
-        text = agent.cli("vm", "console", vm).stdout
-        m = regex.search(text, after)
-        if m:
-            return m.end()
-        time.sleep(0.5)
-    raise AssertionError(f"no {pattern!r} on {vm}'s console:\n{text[-3000:]}")
-
-
-def create_busy(agent: AgentProc, vm: str, run: int) -> None:
-    agent.cli(
-        "vm", "create", vm, "--memory", "192", "--disk", "32M", "--guest", "busy", "--no-nic",
-        "--param", f"run={run}", "--param", "progress=4", "--param", "scrub=16", "--param", "rate=4",
-        "--param", "mb=24",
-    )  # fmt: skip
-    agent.cli("vm", "start", vm, timeout=300)
-    wait_console(agent, vm, rf"PROGRESS run={run} durable=([89]|\d\d+) ")
-
-
-def stop_and_verify(agent: AgentProc, vm: str, run: int, after: int) -> None:
-    """Power the guest off through the CLI: its own check passes, and the host verifies the disk."""
-    agent.cli("vm", "stop", vm, timeout=300)
-    text = agent.cli("vm", "console", vm).stdout
-    done = _DONE.search(text, after)
-    assert done is not None, text[-3000:]
-    last = int(done[2])
-    disk = agent.datastores["main"] / vm / "disk0.raw"
-    assert verify_diskwriter_image(disk, run=run, durable=last).last == last
-
-
-def vm_names(agent: AgentProc) -> dict[str, str]:
-    return {vm["name"]: vm["state"] for vm in agent.json("vm", "list", "--json")}
 
 
 @pytest.mark.slow

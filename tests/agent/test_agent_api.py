@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import status_code_conformance
 
-from tests.nbd.test_tls import Pki
-from tests.nbd.test_tls import pki as pki
 from tests.support.agents import AgentProc, agents
+from tests.support.pki import Pki
+from tests.support.pki import pki as pki
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ from hikkoshi.block.move_journal import Journal
 from hikkoshi.nbd.control import ControlError, control_request
 from hikkoshi.vm.guest_image import GuestImage
 from hikkoshi.vm.workloads import BLOCK_SIZE, console_result, verify_diskcheck_image
-from tests.conftest import make_image
-from tests.guest.test_guest_boot import guest, run_guest
+from tests.support.guests import guest, run_guest
+from tests.support.images import make_image
 from tests.support.servers import Served, hikkoshi_server, run_tool, stop
 
 __all__ = ["guest"]  # the fixture, shared with the boot tests

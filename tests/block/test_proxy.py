@@ -9,14 +9,12 @@ all interfaces. Each has a test here.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Coroutine, Iterator
-from contextlib import contextmanager
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +27,9 @@ from hikkoshi.nbd.client import NbdClient
 from hikkoshi.nbd.constants import Errno
 from hikkoshi.nbd.errors import CommandError
 from hikkoshi.nbd.server import Export, ExportTable, ListenAddress, NbdServer
+from tests.support.images import random_image
+from tests.support.proxies import proxy, proxy_args, status, wait_detached
 from tests.support.servers import (
-    Served,
     free_port,
     hikkoshi_server,
     run_tool,
@@ -38,62 +37,6 @@ from tests.support.servers import (
     stop,
     wait_port,
 )
-
-
-def proxy_args(upstream: str, tmp: Path, *extra: str) -> list[str]:
-    return [
-        "--upstream",
-        upstream,
-        "--cache",
-        str(tmp / "cache.raw"),
-        "--control",
-        f"unix:{tmp / 'px.sock'}",
-        *extra,
-    ]
-
-
-@contextmanager
-def proxy(upstream: str, tmp: Path, *extra: str) -> Iterator[Served]:
-    with hikkoshi_server(*proxy_args(upstream, tmp, *extra), command="proxy") as p:
-        yield p
-
-
-def status(tmp: Path) -> dict[str, object]:
-    out = subprocess.run(
-        [sys.executable, "-m", "hikkoshi", "nbd", "status", "--control", f"unix:{tmp / 'px.sock'}", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=True,
-    )
-    result: dict[str, object] = json.loads(out.stdout)
-    return result
-
-
-def wait_detached(tmp: Path, timeout: float = 120) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = status(tmp)
-        if s["upstream"] == "detached":
-            return s
-        time.sleep(0.2)
-    raise AssertionError(f"relocation did not finish: {status(tmp)}")
-
-
-def random_image(path: Path, size: int, seed: int = 3, zero_every: int = 0) -> bytes:
-    """Random data; with ``zero_every``, the first half of every such span is a hole (sparse, reads zero)."""
-    data = bytearray(random.Random(seed).randbytes(size))
-    if not zero_every:
-        path.write_bytes(data)
-        return bytes(data)
-    with path.open("wb") as f:
-        f.truncate(size)
-        for off in range(0, size, zero_every):
-            half = min(zero_every // 2, size - off)
-            data[off : off + half] = bytes(half)
-            f.seek(off + half)
-            f.write(data[off + half : off + zero_every])
-    return bytes(data)
 
 
 def test_parallel_cold_read_from_out_of_order_upstream(tmp_path: Path) -> None:

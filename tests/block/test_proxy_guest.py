@@ -11,8 +11,8 @@ import pytest
 from hikkoshi.nbd.control import control_request
 from hikkoshi.vm.guest_image import GuestImage
 from hikkoshi.vm.workloads import BLOCK_SIZE, console_result, verify_diskcheck_image
-from tests.block.test_proxy import proxy, status, wait_detached
-from tests.guest.test_guest_boot import guest, run_guest
+from tests.support.guests import guest, run_guest
+from tests.support.proxies import proxy, status, wait_detached
 from tests.support.servers import hikkoshi_server
 
 __all__ = ["guest"]  # the fixture, shared with the boot tests

@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from hikkoshi.vm.datastore import Datastore
 from tests.support import vms
+from tests.support.cli import hikkoshi
 
 short_runtime_dir = vms.short_runtime_dir
-
-
-def hikkoshi(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "hikkoshi", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def ok(*args: str) -> str:

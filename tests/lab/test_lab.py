@@ -14,9 +14,9 @@ import pytest
 
 from hikkoshi.lab.netns_lab import plan_lab, setup_commands, teardown_commands
 from hikkoshi.vm.guest_image import GuestImage
-from tests.agent.test_agent import create_busy, stop_and_verify, vm_names, wait_console
-from tests.cli.test_vm_cli import hikkoshi as hk
+from tests.support.agent_vms import create_busy, stop_and_verify, vm_names, wait_console
 from tests.support.agents import AgentProc
+from tests.support.cli import hikkoshi as hk
 from tests.support.vms import alive, need_qemu_tools
 from tests.support.vms import guest as guest
 

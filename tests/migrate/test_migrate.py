@@ -8,14 +8,11 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +23,7 @@ from hikkoshi.vm.datastore import Datastore
 from hikkoshi.vm.diskwriter import verify_diskwriter_image
 from hikkoshi.vm.guest_image import GuestImage
 from hikkoshi.vm.home import VmHome
+from tests.support.migrations import cleanup, hosts
 from tests.support.vms import (
     alive,
     console,
@@ -38,17 +36,9 @@ from tests.support.vms import (
     wait_dead,
 )
 
-__all__ = ["guest", "short_runtime_dir"]  # fixtures: the test guest; host A's private runtime directory
+__all__ = ["guest", "hosts", "short_runtime_dir"]  # fixtures: the test guest, two hosts, A's runtime dir
 
 _DONE = re.compile(r"HIKKOSHI-DISKWRITER DONE run=(\d+) last=(\d+) written=\d+ records=\d+ OK")
-
-
-@pytest.fixture
-def hosts(tmp_path: Path) -> Iterator[tuple[Datastore, Datastore, Path]]:
-    """Host A's datastore, host B's datastore and B's runtime directory (A's is the test default)."""
-    runtime_b = Path(tempfile.mkdtemp(prefix="hkb-", dir="/tmp"))
-    yield Datastore.init(tmp_path / "a"), Datastore.init(tmp_path / "b"), runtime_b
-    shutil.rmtree(runtime_b, ignore_errors=True)
 
 
 def migrate(
@@ -70,21 +60,6 @@ def migrate(
     except ValueError:
         pytest.fail(f"no JSON record (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
     return done.returncode, record
-
-
-@contextlib.contextmanager
-def cleanup(home: VmHome) -> Iterator[None]:
-    """Whatever happens, the VM at ``home`` (if it ever ran) is stopped and its processes are gone."""
-    try:
-        yield
-    finally:
-        pids = home.recorded_pids()
-        if home.path.exists() and home.is_running():
-            control.kill_vm(home)
-        for pid in wait_dead(pids, 20.0):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        assert wait_dead(pids, 10.0) == []
 
 
 def finish_and_verify(home: VmHome, run: int, after: int = 0) -> int:
@@ -521,18 +496,18 @@ def test_memory_stream_with_tls(
 
     from hikkoshi.migrate.coordinator import Coordinator, MigrationRequest
     from hikkoshi.migrate.record import MigrationStore
-    from tests.nbd.test_tls import _ca, _leaf, _pem_cert, _pem_key
+    from tests.support.pki import make_ca, make_leaf, pem_cert, pem_key
 
     tls = tmp_path / "tls"
     tls.mkdir()
-    ca = _ca("migration CA")
-    server, client = _leaf(ca, "127.0.0.1", server=True), _leaf(ca, "source", server=False)
+    ca = make_ca("migration CA")
+    server, client = make_leaf(ca, "127.0.0.1", server=True), make_leaf(ca, "source", server=False)
     for name, data in {
-        "ca-cert.pem": _pem_cert(ca[0]),
-        "server-cert.pem": _pem_cert(server[0]),
-        "server-key.pem": _pem_key(server[1]),
-        "client-cert.pem": _pem_cert(client[0]),
-        "client-key.pem": _pem_key(client[1]),
+        "ca-cert.pem": pem_cert(ca[0]),
+        "server-cert.pem": pem_cert(server[0]),
+        "server-key.pem": pem_key(server[1]),
+        "client-cert.pem": pem_cert(client[0]),
+        "client-key.pem": pem_key(client[1]),
     }.items():
         (tls / name).write_bytes(data)
     a, b, runtime_b = hosts

@@ -17,7 +17,8 @@ import pytest
 
 from hikkoshi.nbd.client import NbdClient
 from hikkoshi.nbd.control import ControlError, control_request
-from tests.block.test_proxy import proxy, random_image, wait_detached
+from tests.support.images import random_image
+from tests.support.proxies import proxy, wait_detached
 from tests.support.servers import Served, hikkoshi_server, run_tool, stop
 
 pytestmark = pytest.mark.skipif(

@@ -15,9 +15,9 @@ import pytest
 
 from hikkoshi.vm.datastore import Datastore
 from hikkoshi.vm.guest_image import GuestImage
-from tests.migrate.test_migrate import cleanup, hosts
+from tests.support.migrations import cleanup, hosts
+from tests.support.netns import BRIDGE, MAC, in_netns, ip, netns
 from tests.support.vms import guest, guest_vm, running, short_runtime_dir, wait_console
-from tests.vm.test_network import BRIDGE, MAC, in_netns, ip, netns
 
 __all__ = ["guest", "hosts", "netns", "short_runtime_dir"]
 

@@ -16,7 +16,7 @@ import pytest
 from hikkoshi.nbd.client import NbdClient, Reconnect, list_exports
 from hikkoshi.nbd.constants import Errno
 from hikkoshi.nbd.errors import CommandError, OptionError
-from tests.conftest import make_image
+from tests.support.images import make_image
 from tests.support.servers import (
     Served,
     free_port,

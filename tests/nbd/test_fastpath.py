@@ -29,7 +29,7 @@ from hikkoshi.nbd import fastpath, wire
 from hikkoshi.nbd.constants import Command
 from hikkoshi.nbd.device import BlockDevice
 from hikkoshi.nbd.fastpath import FastPath
-from tests.conftest import make_image
+from tests.support.images import make_image
 from tests.support.rawnbd import RawNbd
 from tests.support.servers import Served, hikkoshi_server, stop
 

@@ -19,7 +19,7 @@ import pytest
 from hikkoshi.nbd.client import NbdClient
 from hikkoshi.nbd.control import control_request
 from hikkoshi.nbd.errors import CommandError
-from tests.conftest import make_image
+from tests.support.images import make_image
 from tests.support.servers import Served, hikkoshi_server, run_tool
 
 MiB = 1 << 20

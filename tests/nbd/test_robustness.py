@@ -44,7 +44,7 @@ from hikkoshi.nbd.constants import (
     ReplyFlag,
     TransmissionFlag,
 )
-from tests.conftest import make_image
+from tests.support.images import make_image
 from tests.support.rawnbd import Closed, RawNbd, Reply, option_error
 from tests.support.servers import Served, hikkoshi_server
 

@@ -24,7 +24,7 @@ import pytest
 from hikkoshi.nbd.client import NbdClient
 from hikkoshi.nbd.control import ControlError, control_request
 from hikkoshi.nbd.errors import CommandError
-from tests.conftest import make_image
+from tests.support.images import make_image
 from tests.support.servers import Served, hikkoshi_server, stop
 from tests.support.servers import run_tool as run
 

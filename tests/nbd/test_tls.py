@@ -7,26 +7,21 @@ unrelated CA signs a client certificate that must be refused.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import shutil
 import ssl
 from collections.abc import Iterator
-from dataclasses import dataclass
-from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hikkoshi.nbd.client import NbdClient, list_exports
 from hikkoshi.nbd.constants import OptionReply
 from hikkoshi.nbd.errors import OptionError
 from hikkoshi.nbd.tls import client_context
-from tests.conftest import make_image
+from tests.support.images import make_image
+from tests.support.pki import Pki, make_ca, pem_cert
+from tests.support.pki import pki as pki
 from tests.support.servers import Served, hikkoshi_server
 from tests.support.servers import run_tool as run
 
@@ -37,165 +32,6 @@ pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("qemu-img", "qemu-io", "nbdinfo")),
     reason="needs qemu-utils and libnbd-bin",
 )
-
-
-# --- a small PKI -----------------------------------------------------------------------------------------
-
-
-def _key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def _pem_key(key: rsa.RSAPrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-
-
-def _pem_cert(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "hikkoshi tests"),
-            x509.NameAttribute(NameOID.COMMON_NAME, cn),
-        ]
-    )
-
-
-def _ca(cn: str) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
-    key = _key()
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(_name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def _leaf(
-    ca: tuple[x509.Certificate, rsa.RSAPrivateKey], cn: str, server: bool
-) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
-    ca_cert, ca_key = ca
-    key = _key()
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=True,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-    )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(IPv4Address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    return builder.sign(ca_key, hashes.SHA256()), key
-
-
-@dataclass
-class Pki:
-    ca: Path  # ca-cert.pem
-    server_cert: Path
-    server_key: Path
-    client_dir: Path  # ca-cert.pem, client-cert.pem, client-key.pem (qemu and libnbd layout)
-    anonymous_dir: Path  # ca-cert.pem only: a client without a certificate
-    rogue_dir: Path  # ca-cert.pem plus a client certificate signed by another CA
-
-    @property
-    def client_cert(self) -> Path:
-        return self.client_dir / "client-cert.pem"
-
-    @property
-    def client_key(self) -> Path:
-        return self.client_dir / "client-key.pem"
-
-
-def _write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    if path.name.endswith("key.pem"):
-        path.chmod(0o600)
-    return path
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    root = tmp_path_factory.mktemp("pki")
-    ca = _ca("hikkoshi test CA")
-    server = _leaf(ca, "127.0.0.1", server=True)
-    client = _leaf(ca, "client", server=False)
-    rogue = _leaf(_ca("some other CA"), "rogue", server=False)
-    ca_pem = _pem_cert(ca[0])
-    for sub in ("client", "anonymous", "rogue"):
-        _write(root / sub / "ca-cert.pem", ca_pem)
-    _write(root / "client" / "client-cert.pem", _pem_cert(client[0]))
-    _write(root / "client" / "client-key.pem", _pem_key(client[1]))
-    _write(root / "rogue" / "client-cert.pem", _pem_cert(rogue[0]))
-    _write(root / "rogue" / "client-key.pem", _pem_key(rogue[1]))
-    return Pki(
-        ca=_write(root / "server" / "ca-cert.pem", ca_pem),
-        server_cert=_write(root / "server" / "server-cert.pem", _pem_cert(server[0])),
-        server_key=_write(root / "server" / "server-key.pem", _pem_key(server[1])),
-        client_dir=root / "client",
-        anonymous_dir=root / "anonymous",
-        rogue_dir=root / "rogue",
-    )
 
 
 def _tls_args(pki: Pki, require_client_cert: bool) -> list[str]:
@@ -322,7 +158,7 @@ def test_client_with_wrong_ca_refuses_server(tls_served: Served, pki: Pki, tmp_p
     # The client trusts only another CA: it must not talk to our server.
     wrong = tmp_path / "wrong"
     wrong.mkdir()
-    (wrong / "ca-cert.pem").write_bytes(_pem_cert(_ca("unrelated CA")[0]))
+    (wrong / "ca-cert.pem").write_bytes(pem_cert(make_ca("unrelated CA")[0]))
     proc = run("nbdinfo", "--size", nbds(tls_served, wrong), check=False)
     assert proc.returncode != 0
     run("nbdinfo", "--size", nbds(tls_served, pki.client_dir))
@@ -396,7 +232,7 @@ def test_our_client_with_certificate(mtls_served: Served, pki: Pki, image: Path)
 
 def test_our_client_rejects_untrusted_server(tls_served: Served, tmp_path: Path) -> None:
     wrong_ca = tmp_path / "wrong-ca.pem"
-    wrong_ca.write_bytes(_pem_cert(_ca("unrelated CA")[0]))
+    wrong_ca.write_bytes(pem_cert(make_ca("unrelated CA")[0]))
 
     async def go() -> None:
         with pytest.raises(ssl.SSLCertVerificationError):

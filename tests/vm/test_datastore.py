@@ -12,22 +12,10 @@ import pytest
 
 from hikkoshi.vm.datastore import MARKER, Datastore
 from hikkoshi.vm.errors import DatastoreError, PrecheckError, RuntimeStateError
-from hikkoshi.vm.host import CpuFacts, HostFacts, MemoryFacts
 from hikkoshi.vm.spec import VmSpec, parse_spec
+from tests.support.facts import facts
 
 MIB = 1 << 20
-
-
-def facts(
-    total_mib: int = 16384, available_mib: int = 8192, bridges: frozenset[str] = frozenset()
-) -> HostFacts:
-    return HostFacts(
-        hostname="test",
-        memory=MemoryFacts(total=total_mib * MIB, available=available_mib * MIB),
-        cpu=CpuFacts(model="Test CPU", vendor="Test", flags=frozenset({"sse2"}), count=2),
-        kvm_device=False,
-        bridges=bridges,
-    )
 
 
 def spec(name: str = "vm1", **changes: Any) -> VmSpec:

@@ -9,7 +9,7 @@ import pytest
 from hikkoshi.vm import precheck
 from hikkoshi.vm.host import choose_accel, host_facts, parse_cpuinfo, parse_meminfo, read_bridges, space
 from hikkoshi.vm.spec import parse_spec
-from tests.vm.test_datastore import facts
+from tests.support.facts import facts
 
 MEMINFO = """MemTotal:       24684136 kB
 MemFree:        19759552 kB

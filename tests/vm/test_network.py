@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,8 @@ from hikkoshi.vm.datastore import Datastore
 from hikkoshi.vm.guest_image import GuestImage
 from hikkoshi.vm.tap import tap_mac, tap_name
 from tests.support import vms
+from tests.support.netns import BRIDGE, MAC, in_netns, ip
+from tests.support.netns import netns as netns
 from tests.support.vms import guest_vm, running, stop, wait_console
 
 guest = vms.guest
@@ -29,35 +30,6 @@ short_runtime_dir = vms.short_runtime_dir
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2 for network namespaces"
 )
-
-BRIDGE = "br-hk"
-MAC = "52:54:00:4b:00:02"
-
-
-def ip(*args: str, check: bool = True) -> str:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=check).stdout
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"hk-test-{os.getpid()}"
-    ip("netns", "add", name)
-    try:
-        ip("-n", name, "link", "set", "lo", "up")
-        ip("-n", name, "link", "add", BRIDGE, "type", "bridge")
-        ip("-n", name, "addr", "add", "10.99.0.1/24", "dev", BRIDGE)
-        ip("-n", name, "link", "set", BRIDGE, "up")
-        yield name
-    finally:
-        ip("netns", "del", name, check=False)
-
-
-def in_netns(tmp_path: Path, ns: str) -> str:
-    """A 'python' that runs inside the namespace, for the supervisor."""
-    wrapper = tmp_path / "python-in-netns"
-    wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {ns} {sys.executable} "$@"\n')
-    wrapper.chmod(0o755)
-    return str(wrapper)
 
 
 @pytest.mark.slow
