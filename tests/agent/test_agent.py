@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from hikkoshi.guest.guest_image import GuestImage
 from hikkoshi.vm.datastore import Datastore
-from hikkoshi.vm.guest_image import GuestImage
 from tests.support.agent_vms import create_busy, stop_and_verify, vm_names, wait_console
 from tests.support.agents import AgentProc, agents
 from tests.support.vms import guest as guest

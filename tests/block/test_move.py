@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from hikkoshi.block.move_journal import Journal
+from hikkoshi.guest.guest_image import GuestImage
+from hikkoshi.guest.workloads import BLOCK_SIZE, console_result, verify_diskcheck_image
 from hikkoshi.nbd.control import ControlError, control_request
-from hikkoshi.vm.guest_image import GuestImage
-from hikkoshi.vm.workloads import BLOCK_SIZE, console_result, verify_diskcheck_image
 from tests.support.guests import guest, run_guest
 from tests.support.images import make_image
 from tests.support.servers import Served, hikkoshi_server, run_tool, stop

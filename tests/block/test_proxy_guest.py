@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from hikkoshi.guest.guest_image import GuestImage
+from hikkoshi.guest.workloads import BLOCK_SIZE, console_result, verify_diskcheck_image
 from hikkoshi.nbd.control import control_request
-from hikkoshi.vm.guest_image import GuestImage
-from hikkoshi.vm.workloads import BLOCK_SIZE, console_result, verify_diskcheck_image
 from tests.support.guests import guest, run_guest
 from tests.support.proxies import proxy, status, wait_detached
 from tests.support.servers import hikkoshi_server

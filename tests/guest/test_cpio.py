@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hikkoshi.vm import cpio
+from hikkoshi.guest import cpio
 
 ENTRIES = [
     cpio.directory("bin"),

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from hikkoshi.vm import cpio
-from hikkoshi.vm.guest_image import GuestImage, kernel_cmdline, modinfo, qemu_command
-from hikkoshi.vm.workloads import (
+from hikkoshi.guest import cpio
+from hikkoshi.guest.guest_image import GuestImage, kernel_cmdline, modinfo, qemu_command
+from hikkoshi.guest.workloads import (
     BLOCK_SIZE,
     DiskcheckError,
     console_result,
@@ -203,14 +203,3 @@ def test_qemu_command(tmp_path: Path) -> None:
     assert cmd[cmd.index("-chardev") + 1] == f"file,id=console,path={tmp_path}/c,,1.log"
     assert "hikkoshi.workload=diskcheck" in cmd[cmd.index("-append") + 1]
     assert "-drive" not in qemu_command(fake, None, "idle", accel="kvm")
-
-
-def test_accel_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from hikkoshi.vm.guest_image import detect_accel
-
-    fake = GuestImage(tmp_path / "k", tmp_path / "i", "r", {}, (), "0" * 16)
-    monkeypatch.setenv("HIKKOSHI_ACCEL", "tcg")
-    assert detect_accel(fake) == "tcg"
-    monkeypatch.setenv("HIKKOSHI_ACCEL", "xen")
-    with pytest.raises(ValueError):
-        detect_accel(fake)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from hikkoshi.vm.ddbench import ddbench_results
-from hikkoshi.vm.diskwriter import (
+from hikkoshi.guest.ddbench import ddbench_results
+from hikkoshi.guest.diskwriter import (
     PAYLOAD_SIZE,
     RECORD_SIZE,
     DiskwriterError,
@@ -21,10 +21,10 @@ from hikkoshi.vm.diskwriter import (
     diskwriter_record,
     verify_diskwriter_image,
 )
-from hikkoshi.vm.guest_lib import LIB_SCRIPT
-from hikkoshi.vm.memdirty import memdirty_reports
-from hikkoshi.vm.tcpservice import TcpServiceClient, TcpServiceError
-from hikkoshi.vm.workloads import GUEST_FILES, INIT_SCRIPT, READY_TAGS, WORKLOADS
+from hikkoshi.guest.guest_lib import LIB_SCRIPT
+from hikkoshi.guest.memdirty import memdirty_reports
+from hikkoshi.guest.tcpservice import TcpServiceClient, TcpServiceError
+from hikkoshi.guest.workloads import GUEST_FILES, INIT_SCRIPT, READY_TAGS, WORKLOADS
 
 SLOTS = 8
 RUN = 4242

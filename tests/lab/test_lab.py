@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from hikkoshi.guest.guest_image import GuestImage
 from hikkoshi.lab.netns_lab import plan_lab, setup_commands, teardown_commands
-from hikkoshi.vm.guest_image import GuestImage
 from tests.support.agent_vms import create_busy, stop_and_verify, vm_names, wait_console
 from tests.support.agents import AgentProc
 from tests.support.cli import hikkoshi as hk

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
+from hikkoshi.guest.diskwriter import verify_diskwriter_image
+from hikkoshi.guest.guest_image import GuestImage
 from hikkoshi.vm import control
 from hikkoshi.vm.datastore import Datastore
-from hikkoshi.vm.diskwriter import verify_diskwriter_image
-from hikkoshi.vm.guest_image import GuestImage
 from hikkoshi.vm.home import VmHome
 from tests.support.migrations import cleanup, hosts
 from tests.support.vms import (

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from hikkoshi.guest.guest_image import GuestImage
 from hikkoshi.vm.datastore import Datastore
-from hikkoshi.vm.guest_image import GuestImage
 from tests.support.migrations import cleanup, hosts
 from tests.support.netns import BRIDGE, MAC, in_netns, ip, netns
 from tests.support.vms import guest, guest_vm, running, short_runtime_dir, wait_console
@@ -47,7 +47,7 @@ _SNIFFER = textwrap.dedent(
 _CLIENT = textwrap.dedent(
     """
     import sys
-    from hikkoshi.vm.tcpservice import TcpServiceClient
+    from hikkoshi.guest.tcpservice import TcpServiceClient
     with TcpServiceClient("10.99.0.2", 7777, timeout=60) as c:
         print(c.boot, c.echo("before"), flush=True)
         sys.stdin.readline()  # the migration happens here

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
+from hikkoshi.guest.diskwriter import verify_diskwriter_image
+from hikkoshi.guest.guest_image import GuestImage
 from hikkoshi.nbd.control import control_request
 from hikkoshi.vm import control
 from hikkoshi.vm.datastore import Datastore
-from hikkoshi.vm.diskwriter import verify_diskwriter_image
-from hikkoshi.vm.guest_image import GuestImage
 from hikkoshi.vm.home import VmHome
 from tests.support.vms import console, guest, guest_vm, running, short_runtime_dir, stop, wait_console
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import time
 
-from hikkoshi.vm.diskwriter import verify_diskwriter_image
+from hikkoshi.guest.diskwriter import verify_diskwriter_image
 from tests.support.agents import AgentProc
 
 _DONE = re.compile(r"HIKKOSHI-DISKWRITER DONE run=(\d+) last=(\d+) written=\d+ records=\d+ OK")

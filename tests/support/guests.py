@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hikkoshi.vm.guest_image import GuestImage, build_guest, qemu_command
+from hikkoshi.guest.guest_image import GuestImage, build_guest, qemu_command
 
 BOOT_TIMEOUT = 180.0
 

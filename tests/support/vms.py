@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
+from hikkoshi.guest.guest_image import GuestImage, build_guest
+from hikkoshi.guest.guest_vm import create_guest_vm
 from hikkoshi.vm import control
 from hikkoshi.vm.datastore import Datastore
-from hikkoshi.vm.guest_image import GuestImage, build_guest
-from hikkoshi.vm.guest_vm import create_guest_vm
 from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.procs import alive as alive
 

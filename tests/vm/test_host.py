@@ -1,4 +1,4 @@
-"""Host facts: /proc parsers on recorded samples, bridges, accelerator choice, prechecks."""
+"""Host facts: /proc parsers on recorded samples, bridges, prechecks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from hikkoshi.vm import precheck
-from hikkoshi.vm.host import choose_accel, host_facts, parse_cpuinfo, parse_meminfo, read_bridges, space
+from hikkoshi.vm.host import host_facts, parse_cpuinfo, parse_meminfo, read_bridges, space
 from hikkoshi.vm.spec import parse_spec
 from tests.support.facts import facts
 
@@ -62,16 +62,6 @@ def test_read_bridges(tmp_path: Path) -> None:
     (tmp_path / "eth0").mkdir()
     assert read_bridges(tmp_path) == {"br0"}
     assert read_bridges(tmp_path / "missing") == frozenset()
-
-
-def test_choose_accel_overrides() -> None:
-    assert choose_accel("tcg") == "tcg"
-    assert choose_accel("kvm") == "kvm"
-    assert choose_accel("auto", env={"HIKKOSHI_ACCEL": "tcg"}) == "tcg"
-    with pytest.raises(ValueError):
-        choose_accel("xen")
-    with pytest.raises(ValueError):
-        choose_accel("auto", env={"HIKKOSHI_ACCEL": "hvf"})
 
 
 def test_start_prechecks() -> None:

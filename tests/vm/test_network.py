@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from hikkoshi.guest.guest_image import GuestImage
 from hikkoshi.vm.datastore import Datastore
-from hikkoshi.vm.guest_image import GuestImage
 from hikkoshi.vm.tap import tap_mac, tap_name
 from tests.support import vms
 from tests.support.netns import BRIDGE, MAC, in_netns, ip
@@ -55,7 +55,7 @@ def test_bridged_nic_keeps_its_mac_and_serves(
         client = subprocess.run(
             [
                 "ip", "netns", "exec", netns, sys.executable, "-c",
-                "from hikkoshi.vm.tcpservice import TcpServiceClient\n"
+                "from hikkoshi.guest.tcpservice import TcpServiceClient\n"
                 "with TcpServiceClient('10.99.0.2', 7777, timeout=30) as c:\n"
                 "    print(c.boot, c.echo('over the bridge'), c.echo('again'))\n",
             ],

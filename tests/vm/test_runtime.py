@@ -17,16 +17,16 @@ from pathlib import Path
 
 import pytest
 
+from hikkoshi.guest.diskwriter import console_durable, verify_diskwriter_image
+from hikkoshi.guest.guest_image import GuestImage
+from hikkoshi.guest.memdirty import memdirty_reports
+from hikkoshi.guest.tcpservice import TcpServiceClient
 from hikkoshi.vm import control
 from hikkoshi.vm.datastore import Datastore
-from hikkoshi.vm.diskwriter import console_durable, verify_diskwriter_image
 from hikkoshi.vm.errors import RuntimeStateError, VmStartError
-from hikkoshi.vm.guest_image import GuestImage
 from hikkoshi.vm.host import host_facts
-from hikkoshi.vm.memdirty import memdirty_reports
 from hikkoshi.vm.rundir import RunDir
 from hikkoshi.vm.spec import parse_spec, spec_to_toml
-from hikkoshi.vm.tcpservice import TcpServiceClient
 from tests.support import vms
 from tests.support.vms import alive, console, guest_vm, request, running, stop, wait_console, wait_dead
 

@@ -21,8 +21,8 @@ from hikkoshi.agent.models import IncomingControl, IncomingFacts
 from hikkoshi.migrate.destination import LocalDestination
 from hikkoshi.migrate.home_archive import ArchiveError, unpack_home
 from hikkoshi.migrate.sides import SideError
+from hikkoshi.vm.accel import DEFAULT_QEMU
 from hikkoshi.vm.disk_plan import IncomingPlan
-from hikkoshi.vm.guest_image import DEFAULT_QEMU
 from hikkoshi.vm.host import host_facts, qemu_version, space
 
 _INCOMING = "incoming"

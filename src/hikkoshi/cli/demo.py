@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hikkoshi.guest.diskwriter import verify_diskwriter_image
+from hikkoshi.guest.guest_image import GuestImageError, build_guest
 from hikkoshi.vm import control
 from hikkoshi.vm.datastore import Datastore
-from hikkoshi.vm.diskwriter import verify_diskwriter_image
-from hikkoshi.vm.guest_image import GuestImageError, build_guest
 from hikkoshi.vm.home import VmHome
 
 _DONE = re.compile(r"HIKKOSHI-DISKWRITER DONE run=(\d+) last=(\d+) written=\d+ records=\d+ OK")

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hikkoshi.vm.guest_image import GuestImageError, build_guest, kernel_cmdline
-from hikkoshi.vm.workloads import WORKLOADS
+from hikkoshi.guest.guest_image import GuestImageError, build_guest, kernel_cmdline
+from hikkoshi.guest.workloads import WORKLOADS
 
 
 def add_parser(top: Any) -> None:

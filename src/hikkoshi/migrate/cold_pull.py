@@ -26,7 +26,7 @@ from hikkoshi.migrate.record import Endpoint, MigrationRecord, MigrationStore
 from hikkoshi.migrate.sides import SideError
 from hikkoshi.migrate.storage_modes import StorageMode
 from hikkoshi.nbd.control import ControlError, control_request
-from hikkoshi.vm.guest_image import DEFAULT_QEMU
+from hikkoshi.vm.accel import DEFAULT_QEMU
 from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.procs import Child
 from hikkoshi.vm.spec import VmSpec

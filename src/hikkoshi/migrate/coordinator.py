@@ -42,8 +42,8 @@ from hikkoshi.migrate.storage_modes import (
     moves_disks,
     uses_dirty_bitmap,
 )
+from hikkoshi.vm.accel import DEFAULT_QEMU
 from hikkoshi.vm.disk_plan import IncomingPlan
-from hikkoshi.vm.guest_image import DEFAULT_QEMU
 from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.host import host_facts, qemu_version, space
 from hikkoshi.vm.qemu import disk_device_id

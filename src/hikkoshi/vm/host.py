@@ -9,12 +9,11 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from hikkoshi.vm.guest_image import DEFAULT_QEMU, Accel, build_guest, detect_accel
+from hikkoshi.vm.accel import DEFAULT_QEMU, kvm_device_usable
 
 MIB = 1 << 20
 
@@ -55,7 +54,8 @@ class HostFacts:
     memory: MemoryFacts
     cpu: CpuFacts
     kvm_device: bool
-    """``/dev/kvm`` can be opened; whether KVM really runs guests is :func:`choose_accel`'s question."""
+    """``/dev/kvm`` can be opened; whether KVM really runs guests is
+    :func:`~hikkoshi.vm.accel.detect_accel`'s question."""
     bridges: frozenset[str]
 
     def as_dict(self) -> dict[str, Any]:
@@ -122,32 +122,9 @@ def host_facts() -> HostFacts:
         hostname=socket.gethostname(),
         memory=parse_meminfo(Path("/proc/meminfo").read_text()),
         cpu=parse_cpuinfo(Path("/proc/cpuinfo").read_text()),
-        kvm_device=os.access("/dev/kvm", os.R_OK | os.W_OK),
+        kvm_device=kvm_device_usable(),
         bridges=read_bridges(),
     )
-
-
-def choose_accel(
-    requested: str = "auto", *, qemu: str = DEFAULT_QEMU, env: Mapping[str, str] | None = None
-) -> Accel:
-    """The accelerator to run a VM with: ``requested`` unless it is ``auto``.
-
-    ``auto`` means ``$HIKKOSHI_ACCEL`` if set, TCG without a usable ``/dev/kvm``, and otherwise
-    whatever :func:`~hikkoshi.vm.guest_image.detect_accel` finds by booting the test guest under
-    KVM (built into the cache the first time; the answer is remembered per host boot).
-    """
-    if requested in ("kvm", "tcg"):
-        return "kvm" if requested == "kvm" else "tcg"
-    if requested != "auto":
-        raise ValueError(f"accelerator must be auto, kvm or tcg, not {requested!r}")
-    forced = (os.environ if env is None else env).get("HIKKOSHI_ACCEL")
-    if forced:
-        if forced not in ("kvm", "tcg"):
-            raise ValueError(f"HIKKOSHI_ACCEL must be kvm or tcg, not {forced!r}")
-        return "kvm" if forced == "kvm" else "tcg"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "tcg"
-    return detect_accel(build_guest(), qemu=qemu)
 
 
 def qemu_version(qemu: str = DEFAULT_QEMU) -> tuple[int, int, int]:

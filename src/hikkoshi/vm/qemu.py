@@ -20,8 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from hikkoshi.nbd.uri import NbdUri
+from hikkoshi.vm.accel import DEFAULT_QEMU, Accel
 from hikkoshi.vm.disk_plan import DiskBackend, IncomingPlan
-from hikkoshi.vm.guest_image import DEFAULT_QEMU, Accel
 from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.precheck import OVMF_CODE
 from hikkoshi.vm.rundir import RunDir

@@ -26,9 +26,9 @@ from types import TracebackType
 from typing import Any, Literal
 
 from hikkoshi.vm import tap
+from hikkoshi.vm.accel import DEFAULT_QEMU, Accel
 from hikkoshi.vm.disk_plan import DiskBackend, IncomingPlan
 from hikkoshi.vm.errors import VmStartError
-from hikkoshi.vm.guest_image import DEFAULT_QEMU, Accel
 from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.precheck import OVMF_VARS
 from hikkoshi.vm.procs import Child

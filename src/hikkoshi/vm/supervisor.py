@@ -26,11 +26,11 @@ from typing import Any
 
 from hikkoshi.nbd.control import ControlError, ControlServer
 from hikkoshi.vm import precheck
+from hikkoshi.vm.accel import DEFAULT_QEMU, choose_accel
 from hikkoshi.vm.disk_plan import IncomingPlan, has_plan
 from hikkoshi.vm.errors import PrecheckError, VmError
-from hikkoshi.vm.guest_image import DEFAULT_QEMU
 from hikkoshi.vm.home import VmHome, write_atomically
-from hikkoshi.vm.host import choose_accel, host_facts
+from hikkoshi.vm.host import host_facts
 from hikkoshi.vm.qmp import MigrationWaitTimeout, QmpCommandError
 from hikkoshi.vm.rundir import RunDir
 from hikkoshi.vm.runtime import StopOutcome, VmRuntime

@@ -32,7 +32,7 @@ while IFS= read -r line; do
 done
 """
 
-SCRIPT = r"""# tcpservice: TCP echo/counter service; see hikkoshi.vm.tcpservice.
+SCRIPT = r"""# tcpservice: TCP echo/counter service; see hikkoshi.guest.tcpservice.
 # Parameters: hikkoshi.port (7777), hikkoshi.ip (10.0.2.15/24), hikkoshi.gw (10.0.2.2 with the
 # default address, none otherwise).
 . /hikkoshi/lib.sh

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 TAG = "HIKKOSHI-DDBENCH"
 
-SCRIPT = r"""# ddbench: sequential write and read of the disk with dd; see hikkoshi.vm.ddbench.
+SCRIPT = r"""# ddbench: sequential write and read of the disk with dd; see hikkoshi.guest.ddbench.
 # Parameters: hikkoshi.disk (/dev/vda), hikkoshi.mib (64), hikkoshi.bs (KiB per request, 1024),
 # hikkoshi.rounds (2), hikkoshi.reads (read passes per round, 1).
 . /hikkoshi/lib.sh

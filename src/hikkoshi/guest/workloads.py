@@ -2,7 +2,7 @@
 
 The guest is busybox only, so workloads are shell scripts (plus helper files such as awk programs)
 placed under ``/hikkoshi`` in the initramfs, with shared helpers in ``/hikkoshi/lib.sh``
-(:mod:`hikkoshi.vm.guest_lib`). ``/init`` loads the kernel modules, turns every
+(:mod:`hikkoshi.guest.guest_lib`). ``/init`` loads the kernel modules, turns every
 ``hikkoshi.<key>=<value>`` on the kernel command line into ``HIKKOSHI_<KEY>=<value>`` in the
 environment, runs ``/hikkoshi/workloads/$HIKKOSHI_WORKLOAD`` and powers the guest off when the
 workload ends. Results are single lines on the serial console starting with ``HIKKOSHI-``.
@@ -12,11 +12,11 @@ Stopping: the ACPI power button (QMP ``system_powerdown``) reaches busybox ``acp
 at most, default 30, then SIGKILL) and powers off. Long-running workloads trap SIGTERM to finish
 cleanly and print a final line (diskwriter verifies everything it wrote first).
 
-Workloads: ``idle``, ``diskcheck`` (here), ``diskwriter`` (:mod:`hikkoshi.vm.diskwriter`),
-``memdirty`` (:mod:`hikkoshi.vm.memdirty`), ``tcpservice`` (:mod:`hikkoshi.vm.tcpservice`),
-``ddbench`` (:mod:`hikkoshi.vm.ddbench`). To add one, add a :class:`Workload` to
+Workloads: ``idle``, ``diskcheck`` (here), ``diskwriter`` (:mod:`hikkoshi.guest.diskwriter`),
+``memdirty`` (:mod:`hikkoshi.guest.memdirty`), ``tcpservice`` (:mod:`hikkoshi.guest.tcpservice`),
+``ddbench`` (:mod:`hikkoshi.guest.ddbench`). To add one, add a :class:`Workload` to
 :data:`WORKLOADS`; the guest image cache key covers every script, so the next
-:func:`hikkoshi.vm.guest_image.build_guest` rebuilds the initramfs.
+:func:`hikkoshi.guest.guest_image.build_guest` rebuilds the initramfs.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from hikkoshi.vm import ddbench, diskwriter, memdirty, tcpservice
-from hikkoshi.vm.guest_lib import LIB_PATH, LIB_SCRIPT
+from hikkoshi.guest import ddbench, diskwriter, memdirty, tcpservice
+from hikkoshi.guest.guest_lib import LIB_PATH, LIB_SCRIPT
 
 BLOCK_SIZE = 4096
 """Size of one diskcheck record: 64 lines of 63 characters and a newline."""
@@ -42,7 +42,7 @@ _MODULUS = 2**31 - 1  # Park-Miller "minimal standard" generator: exact in awk's
 _MULTIPLIER = 48271
 
 INIT_SCRIPT = r"""#!/bin/sh
-# PID 1 of the hikkoshi test guest (built by hikkoshi.vm.guest_image).
+# PID 1 of the hikkoshi test guest (built by hikkoshi.guest.guest_image).
 /bin/busybox mkdir -p /proc /sys /dev /tmp /sbin /usr/bin /usr/sbin /run /etc/acpi/PWRF
 /bin/busybox --install -s
 mount -t proc proc /proc

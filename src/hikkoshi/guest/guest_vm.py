@@ -1,4 +1,4 @@
-"""VMs that boot the test guest (:mod:`hikkoshi.vm.guest_image`) into one of its workloads.
+"""VMs that boot the test guest (:mod:`hikkoshi.guest.guest_image`) into one of its workloads.
 
 The guest's kernel and initramfs are linked into the VM's home (``vmlinux``, ``initrd.img``), so
 the VM keeps booting the same guest when the cache moves on, and the files travel with the VM.
@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hikkoshi.guest.guest_image import GuestImage, kernel_cmdline
 from hikkoshi.vm.datastore import Datastore
-from hikkoshi.vm.guest_image import GuestImage, kernel_cmdline
 from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.host import HostFacts, host_facts
 from hikkoshi.vm.spec import VmSpec, parse_spec

@@ -4,13 +4,14 @@
 ``busybox-static`` with ``apt-get download``, unpacks them with ``dpkg-deb -x`` into a scratch
 directory in the cache, and writes the kernel (the uncompressed PVH-bootable ``vmlinux`` taken out
 of the bzImage, see :func:`pvh_vmlinux`) plus a gzip-compressed newc initramfs holding busybox, the
-virtio kernel modules (dependencies first) and the scripts of :mod:`hikkoshi.vm.workloads`. The
+virtio kernel modules (dependencies first) and the scripts of :mod:`hikkoshi.guest.workloads`. The
 result lives in ``<cache>/guest-<release>-<key>/``, where the key hashes the package versions, the
 module list, the init and workload scripts and the cpio writer, so a change to any of them builds a
 new image while an unchanged one is reused at once.
 
 :func:`qemu_command` turns a :class:`GuestImage` into a QEMU command line running one workload,
-under KVM when KVM can really run this guest (see :func:`detect_accel`), otherwise under TCG.
+under KVM when KVM really runs guests here (see :func:`hikkoshi.vm.accel.detect_accel`), otherwise
+under TCG.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from hikkoshi.vm import cpio
-from hikkoshi.vm.workloads import GUEST_FILES, INIT_SCRIPT, WORKLOADS
+from hikkoshi.guest import cpio
+from hikkoshi.guest.workloads import GUEST_FILES, INIT_SCRIPT, WORKLOADS
+from hikkoshi.vm.accel import DEFAULT_QEMU, Accel, detect_accel
 
 KERNEL_METAPACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
@@ -42,13 +43,8 @@ DEFAULT_MODULES: tuple[str, ...] = ("virtio_pci", "virtio_blk", "virtio_net", "b
 """Modules loaded at boot (their dependencies are added): PCI transport, disks and network, and
 the ACPI power button with its event device, so that ``system_powerdown`` stops the guest cleanly."""
 
-DEFAULT_QEMU = "qemu-system-x86_64"
-Accel = Literal["kvm", "tcg"]
-
 _LAYOUT_VERSION = 1  # bump when the image layout changes in a way the key would not notice
-_PROBE_TIMEOUT = 10.0  # KVM that cannot boot this guest in 10 s is no better than TCG (~5 s)
 _STALE_SECONDS = 7 * 24 * 3600
-_accel_memo: dict[str, Accel] = {}
 
 
 class GuestImageError(RuntimeError):
@@ -515,12 +511,12 @@ def qemu_command(
 
     ``drive_uri`` (e.g. ``nbd://127.0.0.1:10809``) becomes the guest's ``/dev/vda``; ``None``
     boots without a disk. The serial console goes to ``console_log``, or to stdout if ``None``.
-    ``accel`` defaults to :func:`detect_accel`; ``cpu`` to ``host`` under KVM and QEMU's stable
-    ``qemu64`` under TCG (pass a named model for migrations between different hosts).
+    ``accel`` defaults to :func:`~hikkoshi.vm.accel.detect_accel`; ``cpu`` to ``host`` under KVM and
+    QEMU's stable ``qemu64`` under TCG (pass a named model for migrations between different hosts).
     ``extra_args`` are appended. QEMU exits when the workload ends (the guest powers off) or the
     guest panics.
     """
-    accel = accel or detect_accel(guest, qemu=qemu)
+    accel = accel or detect_accel(qemu=qemu)
     cmd = [
         qemu,
         "-accel",
@@ -556,76 +552,3 @@ def qemu_command(
         cmd += ["-drive", f"file={_qemu_opt(drive_uri)},format=raw,if=virtio,cache=none"]
     cmd += extra_args
     return cmd
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return "unknown"
-
-
-def detect_accel(guest: GuestImage, *, qemu: str = DEFAULT_QEMU) -> Accel:
-    """``"kvm"`` if KVM really runs this guest here, else ``"tcg"``; ``$HIKKOSHI_ACCEL`` overrides.
-
-    An openable ``/dev/kvm`` is not enough: some hosts (nested, e.g. under a PVM hypervisor) create
-    VMs and even run real-mode firmware, then abort on an MSR write with ``-cpu host`` or hang once
-    the kernel leaves its setup code. So the probe boots this guest under KVM (workload ``idle``,
-    ending at once) and checks that it reaches userspace in time. The answer is remembered per
-    host boot, QEMU binary and guest build, in memory and in the cache directory.
-    """
-    forced = os.environ.get("HIKKOSHI_ACCEL")
-    if forced:
-        if forced not in ("kvm", "tcg"):
-            raise ValueError(f"HIKKOSHI_ACCEL must be kvm or tcg, not {forced!r}")
-        return "kvm" if forced == "kvm" else "tcg"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "tcg"
-    qemu_path = shutil.which(qemu) or qemu
-    try:
-        qemu_stamp = str(os.stat(qemu_path).st_mtime_ns)
-    except OSError:
-        qemu_stamp = "missing"
-    memo_key = f"{_boot_id()} {qemu_path} {qemu_stamp} {guest.key}"
-    if memo_key in _accel_memo:
-        return _accel_memo[memo_key]
-    memo_file = guest.cache_dir / "accel.json"
-    try:
-        saved = json.loads(memo_file.read_text())
-    except (OSError, ValueError):
-        saved = {}
-    if not isinstance(saved, dict):
-        saved = {}
-    answer = saved.get(memo_key)
-    if answer not in ("kvm", "tcg"):
-        answer = "kvm" if _kvm_boots(guest, qemu) else "tcg"
-        # Only this boot's answers are worth keeping.
-        saved = {k: v for k, v in saved.items() if k.startswith(_boot_id() + " ")}
-        saved[memo_key] = answer
-        tmp = memo_file.with_name(f".accel.{os.getpid()}.json")
-        tmp.write_text(json.dumps(saved, indent=2) + "\n")
-        os.replace(tmp, memo_file)
-    result: Accel = "kvm" if answer == "kvm" else "tcg"
-    _accel_memo[memo_key] = result
-    return result
-
-
-def _kvm_boots(guest: GuestImage, qemu: str) -> bool:
-    with tempfile.TemporaryDirectory(prefix="hikkoshi-kvm-probe-") as tmp:
-        console = Path(tmp) / "console.log"
-        cmd = qemu_command(
-            guest, None, "idle", console_log=console, params={"seconds": 0}, accel="kvm", qemu=qemu
-        )
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        try:
-            code = proc.wait(timeout=_PROBE_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            code = None
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        text = console.read_text(errors="replace") if console.exists() else ""
-        return code == 0 and "HIKKOSHI-IDLE READY" in text

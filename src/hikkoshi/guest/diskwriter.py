@@ -40,7 +40,7 @@ _HEADER_RE = re.compile(
 )
 
 SCRIPT = r"""# diskwriter: write self-checking records to a ring on the disk until stopped; see
-# hikkoshi.vm.diskwriter for the format. Parameters: hikkoshi.disk (/dev/vda), hikkoshi.run,
+# hikkoshi.guest.diskwriter for the format. Parameters: hikkoshi.disk (/dev/vda), hikkoshi.run,
 # hikkoshi.slots, hikkoshi.records and hikkoshi.seconds (limits for this boot; 0: none),
 # hikkoshi.progress (records between PROGRESS lines), hikkoshi.scrub (records between full
 # comparisons), hikkoshi.resume (1: continue a run found on the disk, 0: start over).

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 TAG = "HIKKOSHI-MEMDIRTY"
 
-SCRIPT = r"""# memdirty: rewrite a tmpfs working set at a given rate; see hikkoshi.vm.memdirty.
+SCRIPT = r"""# memdirty: rewrite a tmpfs working set at a given rate; see hikkoshi.guest.memdirty.
 # Parameters: hikkoshi.rate (MiB/s, default 10), hikkoshi.mb (working set MiB, default 64),
 # hikkoshi.seconds (0: until stopped), hikkoshi.report (seconds between PROGRESS lines).
 . /hikkoshi/lib.sh
