@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 
 from hikkoshi.cli.runtime import run as run_uvloop
 from hikkoshi.cli.wan import parse_duration_ms, parse_loss, parse_rate_bps, parse_size
-from hikkoshi.lab import Endpoint, Flow, LinkDirection, WanLink, WanParams
-from hikkoshi.lab.link_model import QUEUE_SLACK
+from hikkoshi.lab.link_model import QUEUE_SLACK, Flow, LinkDirection, WanParams
+from hikkoshi.lab.wan import Endpoint, WanLink
 from hikkoshi.nbd.client import NbdClient
 from tests.support.servers import hikkoshi_server, stop
 

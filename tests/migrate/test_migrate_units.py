@@ -38,7 +38,8 @@ from hikkoshi.migrate.storage_modes import (
 )
 from hikkoshi.vm.disk_plan import PLAN_FILE, DiskBackend, IncomingPlan
 from hikkoshi.vm.errors import VmStartError
-from hikkoshi.vm.host import CpuFacts, HostFacts, MemoryFacts
+from hikkoshi.vm.facts import CpuFacts, HostFacts, MemoryFacts
+from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.precheck import QEMU_OVERHEAD
 from hikkoshi.vm.spec import VmSpec, parse_spec
 
@@ -794,9 +795,9 @@ def test_plan_round_trip(tmp_path: Path) -> None:
         },
         geometry={"disk0": (130, 16, 63)},
     )
-    plan.save(tmp_path)
+    VmHome(tmp_path).save_plan(plan)
     assert (tmp_path / PLAN_FILE).is_file()
-    loaded = IncomingPlan.load(tmp_path)
+    loaded = VmHome(tmp_path).load_plan()
     assert loaded == plan
     assert loaded.backend("disk0").dirty_bitmap == "migrate-m1"
     assert loaded.backend("not-named") == DiskBackend()  # disks not named are local
@@ -806,7 +807,7 @@ def test_plan_round_trip(tmp_path: Path) -> None:
 def test_plan_errors_name_the_file(tmp_path: Path) -> None:
     path = tmp_path / PLAN_FILE
     with pytest.raises(VmStartError, match=str(path)) as err:
-        IncomingPlan.load(tmp_path)
+        VmHome(tmp_path).load_plan()
     assert "No such file" in str(err.value)
     for text in (
         "{oops",
@@ -815,12 +816,12 @@ def test_plan_errors_name_the_file(tmp_path: Path) -> None:
     ):
         path.write_text(text)
         with pytest.raises(VmStartError, match=str(path)) as err:
-            IncomingPlan.load(tmp_path)
+            VmHome(tmp_path).load_plan()
         assert "not valid" in str(err.value)
     path.unlink()
     path.mkdir()  # not a file at all
     with pytest.raises(VmStartError, match=str(path)):
-        IncomingPlan.load(tmp_path)
+        VmHome(tmp_path).load_plan()
 
 
 # --- the proxy's source map after an invalidation ----------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hikkoshi.vm.host import CpuFacts, HostFacts, MemoryFacts
+from hikkoshi.vm.facts import CpuFacts, HostFacts, MemoryFacts
 
 MIB = 1 << 20
 

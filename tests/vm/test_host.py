@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 from hikkoshi.vm import precheck
-from hikkoshi.vm.host import host_facts, parse_cpuinfo, parse_meminfo, read_bridges, space
+from hikkoshi.vm.facts import parse_cpuinfo, parse_meminfo
+from hikkoshi.vm.host import host_facts, read_bridges, resolve_machine, space
 from hikkoshi.vm.spec import parse_spec
 from tests.support.facts import facts
 
@@ -62,6 +64,14 @@ def test_read_bridges(tmp_path: Path) -> None:
     (tmp_path / "eth0").mkdir()
     assert read_bridges(tmp_path) == {"br0"}
     assert read_bridges(tmp_path / "missing") == frozenset()
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU not installed")
+def test_resolve_machine() -> None:
+    assert resolve_machine("q35").startswith("pc-q35-")
+    assert resolve_machine("pc").startswith("pc-i440fx-")
+    assert resolve_machine("pc-q35-7.2") == "pc-q35-7.2"
+    assert resolve_machine("q35", qemu="/nonexistent/qemu") == "q35"
 
 
 def test_start_prechecks() -> None:

@@ -1,9 +1,8 @@
-"""QEMU, NBD service and tap command lines built from specs. Pure, except resolve_machine."""
+"""QEMU, NBD service and tap command lines built from specs (pure)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from hikkoshi.vm import tap
 from hikkoshi.vm.disk_plan import DiskBackend, IncomingPlan
 from hikkoshi.vm.errors import VmStartError
 from hikkoshi.vm.home import VmHome
-from hikkoshi.vm.qemu import cpu_model, nbd_service_command, proxy_command, qemu_command, resolve_machine
+from hikkoshi.vm.qemu import cpu_model, nbd_service_command, proxy_command, qemu_command
 from hikkoshi.vm.rundir import RunDir, runtime_root
 from hikkoshi.vm.spec import VmSpec, parse_spec
 
@@ -201,11 +200,3 @@ def test_rundir(tmp_path: Path) -> None:
     deep = RunDir.for_vm(UUID(UUID1), tmp_path / ("d" * 80))
     with pytest.raises(VmStartError, match="too deep for Unix sockets"):
         deep.create()
-
-
-@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU not installed")
-def test_resolve_machine() -> None:
-    assert resolve_machine("q35").startswith("pc-q35-")
-    assert resolve_machine("pc").startswith("pc-i440fx-")
-    assert resolve_machine("pc-q35-7.2") == "pc-q35-7.2"
-    assert resolve_machine("q35", qemu="/nonexistent/qemu") == "q35"

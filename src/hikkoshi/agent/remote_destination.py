@@ -15,7 +15,7 @@ from hikkoshi.migrate.home_archive import pack_home
 from hikkoshi.migrate.precheck import Side
 from hikkoshi.migrate.sides import SideError
 from hikkoshi.vm.disk_plan import IncomingPlan
-from hikkoshi.vm.host import CpuFacts, HostFacts, MemoryFacts
+from hikkoshi.vm.facts import CpuFacts, HostFacts, MemoryFacts
 from hikkoshi.vm.spec import VmSpec, spec_from_toml
 
 

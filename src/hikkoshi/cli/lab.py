@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hikkoshi.lab.netns_lab import LabError, LabPlan, plan_lab, run_ip, setup_commands, teardown_commands
+from hikkoshi.lab.netns_lab import LabError, LabPlan, plan_lab, setup_commands, teardown_commands
+from hikkoshi.lab.netns_run import run_ip
 from hikkoshi.vm import control
 from hikkoshi.vm.datastore import Datastore
 from hikkoshi.vm.home import write_atomically

@@ -24,8 +24,7 @@ from hikkoshi.vm import control
 from hikkoshi.vm.datastore import Datastore
 from hikkoshi.vm.errors import VmError
 from hikkoshi.vm.home import VmHome
-from hikkoshi.vm.host import host_facts
-from hikkoshi.vm.qemu import resolve_machine
+from hikkoshi.vm.host import host_facts, resolve_machine
 from hikkoshi.vm.spec import VmSpec, format_size, parse_spec
 
 

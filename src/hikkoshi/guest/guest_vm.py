@@ -12,8 +12,9 @@ from typing import Any
 
 from hikkoshi.guest.guest_image import GuestImage, kernel_cmdline
 from hikkoshi.vm.datastore import Datastore
+from hikkoshi.vm.facts import HostFacts
 from hikkoshi.vm.home import VmHome
-from hikkoshi.vm.host import HostFacts, host_facts
+from hikkoshi.vm.host import host_facts
 from hikkoshi.vm.spec import VmSpec, parse_spec
 
 

@@ -154,7 +154,7 @@ class LocalDestination(Destination):
                 f.truncate(size)
 
     async def save_plan(self, plan: IncomingPlan) -> None:
-        plan.save(self.home.path)
+        self.home.save_plan(plan)
 
     async def pull_disks(self, disks: dict[str, tuple[str, int]]) -> dict[str, dict[str, Any]]:
         results: dict[str, dict[str, Any]] = {}

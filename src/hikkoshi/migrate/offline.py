@@ -204,7 +204,7 @@ class OfflineMigration(Job):
 
     async def _load_destination(self) -> None:
         assert self.spec is not None
-        IncomingPlan(migration=self.record.id).save(self.dst_home.path)  # every disk local
+        self.dst_home.save_plan(IncomingPlan(migration=self.record.id))  # every disk local
         await asyncio.to_thread(
             control.start_vm, self.dst_home, incoming=True, runtime_dir=self.request.dest_runtime_dir
         )

@@ -12,18 +12,17 @@ The plan is written by the migration coordinator before it starts the destinatio
 as long as a disk is not a complete local file: a VM started again later (after a crash in the middle of
 the post-copy) still gets its disks from the proxies, which carry on where they stood, or from the
 remote export. A proxy whose cache is complete does not need its upstream any more.
+
+The plan is data (pure); :class:`~hikkoshi.vm.home.VmHome` writes and reads it.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, PositiveInt, model_validator
 
 from hikkoshi.nbd.uri import NbdUri
-from hikkoshi.vm.errors import VmStartError
-from hikkoshi.vm.home import write_atomically
 
 PLAN_FILE = "incoming.json"
 
@@ -81,23 +80,3 @@ class IncomingPlan(BaseModel):
             for name, b in self.disks.items()
         }
         return self.model_copy(update={"disks": disks})
-
-    def save(self, home: Path) -> None:
-        """Write ``incoming.json`` into the home."""
-        write_atomically(home / PLAN_FILE, self.model_dump_json(indent=2).encode())
-
-    @classmethod
-    def load(cls, home: Path) -> IncomingPlan:
-        """Read ``incoming.json``; a clear error if it is missing or wrong."""
-        path = home / PLAN_FILE
-        try:
-            return cls.model_validate_json(path.read_bytes())
-        except OSError as exc:
-            raise VmStartError(f"incoming plan {path}: {exc.strerror}") from None
-        except ValidationError as exc:
-            raise VmStartError(f"incoming plan {path} is not valid: {exc}") from None
-
-
-def has_plan(home: Path) -> bool:
-    """Whether a home has a disk plan (some disk is not, or not yet, a local file)."""
-    return (home / PLAN_FILE).exists()

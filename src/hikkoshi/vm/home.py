@@ -3,7 +3,8 @@
 ``<datastore>/<name>/`` holds ``vm.toml`` (the spec), ``<disk>.raw`` for every disk,
 ``console.log`` (the serial console of the current or last boot; the one before is
 ``console.log.1``), ``qemu.log``, ``nbd.log``, ``supervisor.log``, ``supervisor.pid``,
-``state.json`` (what the supervisor last said about the VM) and ``.lock``.
+``state.json`` (what the supervisor last said about the VM), ``.lock``, and for a VM that came by
+migration with disks not yet all local, ``incoming.json`` (its :mod:`disk plan <hikkoshi.vm.disk_plan>`).
 
 The lock is the one truth about whether the VM runs: the supervisor holds an exclusive ``flock``
 on ``.lock`` for as long as it owns the VM's processes, and the kernel drops it when the supervisor
@@ -22,6 +23,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from hikkoshi.vm.disk_plan import PLAN_FILE, IncomingPlan
+from hikkoshi.vm.errors import VmStartError
 from hikkoshi.vm.spec import DiskSpec, VmSpec, load_spec
 
 SPEC_FILE = "vm.toml"
@@ -101,6 +106,11 @@ class VmHome:
     def lock_file(self) -> Path:
         """Locked by the supervisor while it runs."""
         return self.path / ".lock"
+
+    @property
+    def plan_file(self) -> Path:
+        """``incoming.json``: where each disk of an incoming VM comes from."""
+        return self.path / PLAN_FILE
 
     def disk_path(self, disk: DiskSpec) -> Path:
         """The raw file of ``disk``."""
@@ -195,3 +205,23 @@ class VmHome:
     def write_state(self, state: dict[str, Any]) -> None:
         """Replace ``state.json``."""
         write_atomically(self.state_file, (json.dumps(state, indent=2, sort_keys=True) + "\n").encode())
+
+    # --- disk plan ---------------------------------------------------------------------------------------
+
+    def has_plan(self) -> bool:
+        """Whether the VM has a disk plan (some disk is not, or not yet, a local file)."""
+        return self.plan_file.exists()
+
+    def save_plan(self, plan: IncomingPlan) -> None:
+        """Write ``incoming.json``."""
+        write_atomically(self.plan_file, plan.model_dump_json(indent=2).encode())
+
+    def load_plan(self) -> IncomingPlan:
+        """Read ``incoming.json``; a clear error if it is missing or wrong."""
+        path = self.plan_file
+        try:
+            return IncomingPlan.model_validate_json(path.read_bytes())
+        except OSError as exc:
+            raise VmStartError(f"incoming plan {path}: {exc.strerror}") from None
+        except ValidationError as exc:
+            raise VmStartError(f"incoming plan {path} is not valid: {exc}") from None

@@ -27,7 +27,7 @@ from typing import Any
 from hikkoshi.nbd.control import ControlError, ControlServer
 from hikkoshi.vm import precheck
 from hikkoshi.vm.accel import DEFAULT_QEMU, choose_accel
-from hikkoshi.vm.disk_plan import IncomingPlan, has_plan
+from hikkoshi.vm.disk_plan import IncomingPlan
 from hikkoshi.vm.errors import PrecheckError, VmError
 from hikkoshi.vm.home import VmHome, write_atomically
 from hikkoshi.vm.host import host_facts
@@ -147,7 +147,7 @@ class Supervisor:
         self.state = {"state": "starting", "supervisor_pid": os.getpid(), "since": time.time()}
         try:
             spec = self.home.load_spec()
-            plan = IncomingPlan.load(self.home.path) if self.incoming or has_plan(self.home.path) else None
+            plan = self.home.load_plan() if self.incoming or self.home.has_plan() else None
             if plan is not None and not self.incoming:
                 plan = plan.resumed()
             _start_prechecks(spec, self.home, plan)
