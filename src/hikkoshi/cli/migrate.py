@@ -19,6 +19,7 @@ from typing import Any
 
 from hikkoshi.block.throttle import parse_rate
 from hikkoshi.cli import remote
+from hikkoshi.cli.report import human_report
 from hikkoshi.cli.runtime import run
 from hikkoshi.cli.wan import parse_duration_ms, parse_rate_bps
 from hikkoshi.lab.link_model import WanParams
@@ -27,7 +28,7 @@ from hikkoshi.migrate.coordinator import Coordinator, MigrationRequest, Route
 from hikkoshi.migrate.job import MigrationError, MigrationRefused
 from hikkoshi.migrate.offline import OfflineMigration
 from hikkoshi.migrate.phases import recovery
-from hikkoshi.migrate.record import MigrationRecord, MigrationStore
+from hikkoshi.migrate.record import MigrationStore
 from hikkoshi.migrate.storage_migrate import StorageMigration
 from hikkoshi.migrate.storage_modes import StorageMode
 
@@ -126,50 +127,6 @@ def add_parser(top: Any) -> None:
     h.add_argument("--state-dir", type=Path, metavar="DIR")
     h.add_argument("--json", action="store_true")
     h.set_defaults(func=migrations_command, local_requires=("datastore",), remote=remote.migrations)
-
-
-def human_report(record: MigrationRecord) -> str:
-    """The report for people."""
-    r = record.report
-    how = f"storage {record.storage.value}" if record.kind == "live" else record.kind
-    lines = [f"migration {record.id}: VM {record.vm}, {how}: {record.phase.value}"]
-    if record.error:
-        lines.append(f"  error: {record.error}")
-
-    def add(label: str, value: Any, unit: str = "") -> None:
-        if value is not None:
-            lines.append(f"  {label:<28} {value}{unit}")
-
-    add("downtime (QEMU)", r.get("downtime_ms"), " ms")
-    sw = r.get("switchover") or {}
-    add("guest gap (stop -> resumed)", sw.get("gap_ms"), " ms")
-    add("storage at switchover", sw.get("storage_ms"), " ms")
-    add("on the destination after", r.get("time_to_destination_s"), " s")
-    add("source released after", r.get("source_released_s"), " s")
-    mem = r.get("memory_bytes")
-    add("memory sent", f"{mem / 2**20:.1f} MiB" if mem else None)
-    add("memory iterations", r.get("memory_iterations"))
-    add("dirty rate before", r.get("dirty_rate_mib_s"), " MiB/s")
-    for disk, f in (r.get("disk_fetch") or {}).items():
-        add(
-            f"disk {disk}",
-            f"{f['demand_bytes'] / 2**20:.1f} MiB on demand, "
-            f"{f['background_bytes'] / 2**20:.1f} MiB background",
-        )
-    for disk, d in (r.get("disks") or {}).items():
-        passes = len(d["passes"])
-        add(
-            f"disk {disk} moved",
-            f"{d['copied_bytes'] / 2**20:.1f} MiB copied, {d['zero_bytes'] / 2**20:.1f} MiB holes, "
-            f"{passes} pass{'es' * (passes != 1)}, writes held {d['hold_ms']} ms",
-        )
-    for disk, s in (sw.get("storage") or {}).items():
-        add(f"disk {disk} invalidated", f"{s['dropped_bytes'] / 2**20:.2f} MiB")
-    for a in r.get("actions") or []:
-        add("convergence", f"{a['action']} {a['value'] or ''} ({a['reason']})")
-    for phase, seconds in (r.get("phases_s") or {}).items():
-        add(f"phase {phase}", seconds, " s")
-    return "\n".join(lines)
 
 
 def parse_wan(text: str) -> WanParams:

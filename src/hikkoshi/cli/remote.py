@@ -17,6 +17,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from hikkoshi.cli.params import parse_params
+from hikkoshi.cli.report import human_report
 from hikkoshi.cli.runtime import run
 from hikkoshi.migrate.record import MigrationRecord
 
@@ -69,8 +71,6 @@ def _vm_line(vm: dict[str, Any]) -> str:
 
 
 def vm_create(args: argparse.Namespace) -> int:
-    from hikkoshi.cli.guest import parse_params  # cli modules import this one
-
     if args.no_nic and (args.nic or args.mac):
         print("hikkoshi vm create: --no-nic contradicts --nic and --mac", file=sys.stderr)
         return 2
@@ -290,8 +290,6 @@ async def follow(client: AgentClient, migration_id: str, as_json: bool) -> int:
 
 
 def _report(info: dict[str, Any]) -> str:
-    from hikkoshi.cli.migrate import human_report  # cli modules import this one
-
     return human_report(MigrationRecord.model_validate(info["record"]))
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hikkoshi.cli import remote
-from hikkoshi.cli.guest import parse_params
+from hikkoshi.cli.params import parse_params
 from hikkoshi.cli.runtime import run
 from hikkoshi.guest.guest_image import GuestImageError, build_guest
 from hikkoshi.guest.guest_vm import create_guest_vm
