@@ -19,6 +19,7 @@ from typing import Any
 
 from hikkoshi.block.throttle import parse_rate
 from hikkoshi.cli import remote
+from hikkoshi.cli.progress import progress
 from hikkoshi.cli.report import human_report
 from hikkoshi.cli.runtime import run
 from hikkoshi.cli.wan import parse_duration_ms, parse_rate_bps
@@ -84,7 +85,7 @@ def add_parser(top: Any) -> None:
     how = p.add_mutually_exclusive_group()
     how.add_argument("--offline", action="store_true", help="cold migration of a powered-off VM")
     how.add_argument("--quick", action="store_true", help="suspend, move memory state and disks, resume")
-    p.add_argument("--json", action="store_true", help="print the record as JSON, no progress bar")
+    p.add_argument("--json", action="store_true", help="print the record as JSON, no progress")
     p.set_defaults(func=migrate_command, local_requires=("datastore", "to_datastore"), remote=remote.migrate)
 
     sm = top.add_parser(
@@ -108,7 +109,7 @@ def add_parser(top: Any) -> None:
     sm.add_argument("--bandwidth", metavar="RATE", help="limit the copy, e.g. 200M")
     sm.add_argument("--thick", action="store_true", help="preallocate the new disks (default: sparse)")
     sm.add_argument("--state-dir", type=Path, metavar="DIR", help="records (default: in DATASTORE)")
-    sm.add_argument("--json", action="store_true", help="print the record as JSON, no progress bar")
+    sm.add_argument("--json", action="store_true", help="print the record as JSON, no progress")
     sm.set_defaults(
         func=storage_migrate_command,
         local_requires=("datastore", "to_datastore"),
@@ -193,31 +194,25 @@ async def _migrate_via(args: argparse.Namespace, route: Route | None) -> int:
         code = await _run(coordinator)
         print(json.dumps(json.loads(coordinator.record.model_dump_json()), indent=2))
         return code
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (
-        TextColumn("[bold]{task.fields[phase]:<20}"),
-        BarColumn(),
-        DownloadColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, TextColumn("{task.fields[detail]}")) as progress:
-        task = progress.add_task("migrate", total=None, phase="precheck", detail="")
+    with progress("migrate") as report:
 
         def show(info: dict[str, Any]) -> None:
-            fields: dict[str, Any] = {"phase": info["phase"]}
-            if info.get("disk_total", 0) is None:
-                fields["completed"] = info["disk_done"]
-                fields["detail"] = "disks"
+            phase = info["phase"]
+            if info.get("disk_total", 0) is None:  # a cold copy: the size is known at the end
+                report.update(phase, info["disk_done"], None, detail="disks")
             elif "memory_done" in info:
-                fields["completed"] = info["memory_done"]
-                fields["total"] = info["memory_done"] + info["memory_remaining"]
-                fields["detail"] = f"iteration {info['iteration']} · {info.get('mbps') or 0:.0f} Mbit/s"
+                mbps = info.get("mbps")
+                report.update(
+                    phase,
+                    info["memory_done"],
+                    info["memory_done"] + info["memory_remaining"],
+                    rate=mbps * 1e6 / 8 if mbps else None,  # QEMU's measure of the stream
+                    detail=f"memory, iteration {info['iteration']}",
+                )
             elif "disk_done" in info:
-                fields["completed"] = info["disk_done"]
-                fields["total"] = info["disk_total"]
-                fields["detail"] = "disks"
-            progress.update(task, **fields)
+                report.update(phase, info["disk_done"], info["disk_total"], detail="disks")
+            else:
+                report.update(phase)
 
         coordinator = _job(kind, request, store, show)
         code = await _run(coordinator)
@@ -234,19 +229,15 @@ async def _storage_migrate(args: argparse.Namespace) -> int:
         code = await _run(job)
         print(job.record.model_dump_json(indent=2))
         return code
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    phase = TextColumn("[bold]{task.fields[phase]:<14}")
-    with Progress(
-        phase, BarColumn(), DownloadColumn(), TimeRemainingColumn(), TextColumn("{task.fields[detail]}")
-    ) as bar:
-        task = bar.add_task("storage", total=None, phase="precheck", detail="")
+    with progress("storage-migrate") as report:
 
         def show(info: dict[str, Any]) -> None:
-            fields: dict[str, Any] = {"phase": info["phase"]}
             if "disk_done" in info:
-                fields.update(completed=info["disk_done"], total=info["disk_total"], detail=info["disk"])
-            bar.update(task, **fields)
+                report.update(
+                    info["phase"], info["disk_done"], info["disk_total"], detail=f"disk {info['disk']}"
+                )
+            else:
+                report.update(info["phase"])
 
         job = StorageMigration(args.name, src, dst, store, on_progress=show, **kwargs)
         code = await _run(job)
