@@ -83,10 +83,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from hikkoshi.block.partitions import Partition, parse_gpt_entries, parse_gpt_header, parse_mbr
+from hikkoshi.block.ranges import Span, complement, intersect, merge, subtract, to_ranges, total
 
 Range = tuple[int, int]  # (byte offset, byte length) on the whole disk
 ReadFn = Callable[[int, int], Awaitable[bytes]]
-_Span = tuple[int, int]  # [start, end) — internal interval form
 
 log = logging.getLogger("hikkoshi.block.fs_used")
 
@@ -169,59 +169,6 @@ async def fs_used_hint(read: ReadFn, disk_size: int) -> list[Range] | None:
     not cleanly unmounted (and tolerates group free counts that lag their bitmaps). For ordering a copy
     only: a guest may use blocks that these bitmaps do not show yet."""
     return await _scan(read, disk_size, strict=False)
-
-
-# --- intervals --------------------------------------------------------------------------------------------
-
-
-def _merge(spans: Iterable[_Span]) -> list[_Span]:
-    out: list[_Span] = []
-    for start, end in sorted(s for s in spans if s[1] > s[0]):
-        if out and start <= out[-1][1]:
-            if end > out[-1][1]:
-                out[-1] = (out[-1][0], end)
-        else:
-            out.append((start, end))
-    return out
-
-
-def _complement(spans: Sequence[_Span], lo: int, hi: int) -> list[_Span]:
-    """[lo, hi) minus merged ``spans``."""
-    out: list[_Span] = []
-    pos = lo
-    for start, end in spans:
-        if end <= pos:
-            continue
-        if start >= hi:
-            break
-        if start > pos:
-            out.append((pos, start))
-        pos = max(pos, end)
-    if pos < hi:
-        out.append((pos, hi))
-    return out
-
-
-def _intersect(a: Sequence[_Span], b: Sequence[_Span]) -> list[_Span]:
-    """Intersection of two merged span lists."""
-    out: list[_Span] = []
-    i = j = 0
-    while i < len(a) and j < len(b):
-        start = max(a[i][0], b[j][0])
-        end = min(a[i][1], b[j][1])
-        if start < end:
-            out.append((start, end))
-        if a[i][1] < b[j][1]:
-            i += 1
-        else:
-            j += 1
-    return out
-
-
-def _subtract(a: Sequence[_Span], b: Sequence[_Span]) -> list[_Span]:
-    if not a:
-        return []
-    return _intersect(a, _complement(b, a[0][0], a[-1][1]))
 
 
 # --- reading ----------------------------------------------------------------------------------------------
@@ -383,7 +330,7 @@ class _Ext:
             extra += 1  # 1 KiB blocks with bigalloc: block 1 holds the superblock
         return self.group_first(g) + extra
 
-    def base_meta(self, g: int) -> list[_Span]:
+    def base_meta(self, g: int) -> list[Span]:
         """Blocks at the start of group ``g`` for the superblock and descriptor copies (as the kernel
         counts them for an uninitialised group)."""
         first = self.group_first(g)
@@ -395,7 +342,7 @@ class _Ext:
                 return []
             old_desc = self.first_meta_bg if self.meta_bg else self.desc_blocks
             return [(first, sb_end + old_desc + self.reserved_gdt)]
-        out: list[_Span] = [(first, sb_end)] if has_super else []
+        out: list[Span] = [(first, sb_end)] if has_super else []
         if index in (0, 1, self.desc_per_block - 1):
             blk = self.desc_block(meta_group) if index == 0 else first + int(has_super)
             out.append((blk, blk + 1))
@@ -524,7 +471,7 @@ def _bit_positions(value: int, nbytes: int) -> list[int]:
     return out
 
 
-def _runs(x: int, nbits: int, budget: int) -> list[_Span]:
+def _runs(x: int, nbits: int, budget: int) -> list[Span]:
     """Runs [first, end) of the set bits of ``x`` (no bit at or above ``nbits``): exact when there are at
     most ``budget`` of them, else runs of whole granules with any bit set (a superset)."""
     if x == 0:
@@ -545,7 +492,7 @@ def _runs(x: int, nbits: int, budget: int) -> list[_Span]:
     data = x.to_bytes(nbytes, "little")
     step = granule // 8
     empty = bytes(step)
-    out: list[_Span] = []
+    out: list[Span] = []
     for i in range(0, nbytes, step):
         chunk = data[i : i + step]
         if chunk != empty[: len(chunk)]:
@@ -605,13 +552,13 @@ async def _descriptors(reader: _Reader, ext: _Ext) -> list[_Group]:
     return groups
 
 
-def _group_metadata(ext: _Ext, groups: Sequence[_Group]) -> list[list[_Span]]:
+def _group_metadata(ext: _Ext, groups: Sequence[_Group]) -> list[list[Span]]:
     """For each group, the block extents of metadata known to lie in it; checks every location: inside
     the file system (and its own group without flex_bg), and overlapping no other metadata, superblock or
     descriptor copy."""
     flex = bool(ext.incompat & _INCOMPAT_FLEX_BG)
-    inside: list[list[_Span]] = [ext.base_meta(g) for g in range(len(groups))]
-    extents: list[_Span] = [span for spans in inside for span in spans]
+    inside: list[list[Span]] = [ext.base_meta(g) for g in range(len(groups))]
+    extents: list[Span] = [span for spans in inside for span in spans]
     for g, grp in enumerate(groups):
         lo, hi = (ext.first_data_block, ext.blocks_count) if flex else (ext.group_first(g), ext.group_end(g))
         for start, length, what in (
@@ -637,7 +584,7 @@ def _group_metadata(ext: _Ext, groups: Sequence[_Group]) -> list[list[_Span]]:
     return inside
 
 
-async def _ext_used_blocks(reader: _Reader, ext: _Ext, strict: bool) -> list[_Span]:
+async def _ext_used_blocks(reader: _Reader, ext: _Ext, strict: bool) -> list[Span]:
     """The used blocks [start, end) of ``ext`` (merged), from its bitmaps; :class:`_Malformed` on doubt.
     Strict: less the body of a clean journal and the never-used ends of inode tables, where they check
     out (else they stay used and a warning is logged)."""
@@ -650,7 +597,7 @@ async def _ext_used_blocks(reader: _Reader, ext: _Ext, strict: bool) -> list[_Sp
         wanted += [ext.offset + grp.inode_bitmap * bs for grp in groups if not grp.inode_uninit]
     bitmaps = await reader.blocks(wanted, bs)
     budget = max(16, MAX_RUNS // len(groups))
-    used: list[_Span] = []
+    used: list[Span] = []
     for g, grp in enumerate(groups):
         first, end = ext.group_first(g), ext.group_end(g)
         nbits = -(-(end - first) // ratio)
@@ -671,10 +618,10 @@ async def _ext_used_blocks(reader: _Reader, ext: _Ext, strict: bool) -> list[_Sp
             raise _Malformed(f"group {g}: {nbits - x.bit_count()} free clusters, descriptor says {grp.free}")
         for c0, c1 in _runs(x, nbits, budget):
             used.append((first + c0 * ratio, min(first + c1 * ratio, end)))
-    used = _merge(used)
+    used = merge(used)
     if not strict:
         return used
-    spare: list[_Span] = []
+    spare: list[Span] = []
     marks: list[int] | None = None
     if itables:
         try:
@@ -687,7 +634,7 @@ async def _ext_used_blocks(reader: _Reader, ext: _Ext, strict: bool) -> list[_Sp
         spare += await _journal_body(reader, ext, groups, meta, used, marks)
     except _Malformed as exc:
         log.warning("ext file system at byte %d: %s; keeping its journal", ext.offset, exc)
-    return _subtract(used, _merge(spare)) if spare else used
+    return subtract(used, merge(spare)) if spare else used
 
 
 # --- never-used inode table blocks ------------------------------------------------------------------------
@@ -725,9 +672,9 @@ def _itable_marks(ext: _Ext, groups: Sequence[_Group], bitmaps: dict[int, bytes]
     return marks
 
 
-def _unused_itable_blocks(ext: _Ext, groups: Sequence[_Group], marks: Sequence[int]) -> list[_Span]:
+def _unused_itable_blocks(ext: _Ext, groups: Sequence[_Group], marks: Sequence[int]) -> list[Span]:
     """The blocks of each inode table that hold no inode below its group's mark."""
-    out: list[_Span] = []
+    out: list[Span] = []
     for grp, mark in zip(groups, marks, strict=True):
         first = -(-(mark * ext.inode_size) // ext.block_size)
         if first < ext.inode_table_blocks:
@@ -749,10 +696,10 @@ async def _journal_body(
     reader: _Reader,
     ext: _Ext,
     groups: Sequence[_Group],
-    meta: Sequence[Sequence[_Span]],
-    used: Sequence[_Span],
+    meta: Sequence[Sequence[Span]],
+    used: Sequence[Span],
     marks: Sequence[int] | None,
-) -> list[_Span]:
+) -> list[Span]:
     """The blocks of the internal journal after its superblock, when the journal is empty (its
     superblock's ``s_start`` is 0): jbd2 reads none of them on mount, only writes them (nor does e2fsck).
     [] without an internal journal. Checked: the journal inode (a regular file in use, mapped by an extent
@@ -798,7 +745,7 @@ async def _journal_body(
         raise _Malformed(f"the journal is not empty (start {jstart}, errno {errno})")
     # Every block of the journal mapped, once; jbd2 uses no block at or beyond maxlen.
     pos = 0
-    blocks: list[_Span] = []
+    blocks: list[Span] = []
     for logical, physical, count in data:
         if logical >= maxlen:
             break
@@ -813,26 +760,24 @@ async def _journal_body(
         pos = logical + count
     if pos != maxlen:
         raise _Malformed(f"journal block {pos} is unmapped")
-    merged = _merge(blocks)
-    if sum(b - a for a, b in merged) != maxlen:
+    merged = merge(blocks)
+    if total(merged) != maxlen:
         raise _Malformed("a block holds two journal blocks")
-    if _intersect(merged, _merge(span for spans in meta for span in spans)) or _intersect(
-        merged, _merge(tree)
-    ):
+    if intersect(merged, merge(span for spans in meta for span in spans)) or intersect(merged, merge(tree)):
         raise _Malformed("a journal block lies on file system metadata")
-    if _subtract(merged, used):
+    if subtract(merged, used):
         raise _Malformed("a journal block is free in the block bitmap")
     superblock = data[0][1]
-    return _subtract(merged, [(superblock, superblock + 1)])
+    return subtract(merged, [(superblock, superblock + 1)])
 
 
 async def _extent_map(
     reader: _Reader, ext: _Ext, root: bytes, length: int
-) -> tuple[list[_Mapping], list[_Span]]:
+) -> tuple[list[_Mapping], list[Span]]:
     """The extents (sorted by logical block) and tree blocks of an inode's extent tree."""
     bs = ext.block_size
     data: list[_Mapping] = []
-    tree: list[_Span] = []
+    tree: list[Span] = []
     level: list[tuple[bytes, int]] = [(root, -1)]  # (node, the depth its parent says it has)
     while level:
         children: list[tuple[int, int]] = []  # (block, depth)
@@ -863,7 +808,7 @@ async def _extent_map(
 
 async def _block_map(
     reader: _Reader, ext: _Ext, root: bytes, length: int
-) -> tuple[list[_Mapping], list[_Span]]:
+) -> tuple[list[_Mapping], list[Span]]:
     """The mapped runs (sorted by logical block) and indirect blocks of an inode's block map (ext2/3),
     below logical block ``length``."""
     bs = ext.block_size
@@ -876,7 +821,7 @@ async def _block_map(
         if p and base < length:
             level.append((p, height, base))
         base += per**height
-    tree: list[_Span] = []
+    tree: list[Span] = []
     while level:
         if len(tree) + len(level) > length + 1:
             raise _Malformed("journal block map larger than the journal")
@@ -906,7 +851,7 @@ async def _block_map(
     return runs, tree
 
 
-async def _analyse(reader: _Reader, part: Partition, strict: bool) -> list[_Span] | None:
+async def _analyse(reader: _Reader, part: Partition, strict: bool) -> list[Span] | None:
     """The free byte spans of the ext file system at the start of ``part``; None if there is none; []
     (fully used) if there is one that does not check out."""
     if part.length < 2048:
@@ -934,7 +879,7 @@ async def _analyse(reader: _Reader, part: Partition, strict: bool) -> list[_Span
     except _Malformed as exc:
         log.warning("ext file system at byte %d: %s; treating it as fully used", part.start, exc)
         return []
-    free_blocks = _complement(used, ext.first_data_block, ext.blocks_count)
+    free_blocks = complement(used, ext.first_data_block, ext.blocks_count)
     bs = ext.block_size
     return [(ext.offset + a * bs, ext.offset + b * bs) for a, b in free_blocks]
 
@@ -994,12 +939,12 @@ async def _scan(read: ReadFn, disk_size: int, strict: bool) -> list[Range] | Non
         return None
     reader = _Reader(read, disk_size)
     layouts = await _layouts(reader)
-    cache: dict[tuple[int, int], list[_Span] | None] = {}
+    cache: dict[tuple[int, int], list[Span] | None] = {}
     found = False
-    free: list[_Span] | None = None
+    free: list[Span] | None = None
     for parts in layouts:
-        frees: list[_Span] = []
-        doubtful: list[_Span] = []  # bytes of a partition its file system does not show free
+        frees: list[Span] = []
+        doubtful: list[Span] = []  # bytes of a partition its file system does not show free
         for part in parts:
             key = (part.start, part.length)
             if key not in cache:
@@ -1008,16 +953,16 @@ async def _scan(read: ReadFn, disk_size: int, strict: bool) -> list[Range] | Non
             found = found or part_free is not None
             part_free = part_free or []
             frees.extend(part_free)
-            doubtful.extend(_subtract([(part.start, part.end)], part_free))
+            doubtful.extend(subtract([(part.start, part.end)], part_free))
         # Overlapping partitions: a byte is free only if no partition covering it has a use for it.
-        layout_free = _subtract(_merge(frees), _merge(doubtful))
-        free = layout_free if free is None else _intersect(free, layout_free)
+        layout_free = subtract(merge(frees), merge(doubtful))
+        free = layout_free if free is None else intersect(free, layout_free)
     if not found:
         return None
-    used = _complement(free or [], 0, disk_size)
+    used = complement(free or [], 0, disk_size)
     log.debug(
         "file systems leave %d bytes free in %d reads",
-        disk_size - sum(b - a for a, b in used),
+        disk_size - total(used),
         reader.requests,
     )
-    return [(a, b - a) for a, b in used]
+    return to_ranges(used)
