@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from hikkoshi.block import fs_used as fsu
 from hikkoshi.block.fs_used import Range, fs_used_hint, fs_used_ranges
-from hikkoshi.block.fs_used.disk import _runs
+from hikkoshi.block.fs_used.bit_runs import set_bit_runs
 from hikkoshi.block.partitions import parse_gpt_header, parse_mbr
 from hikkoshi.block.ranges import complement, intersect, merge, subtract
 
@@ -1016,7 +1016,7 @@ def test_relocated_image_mounts_and_recovers(tmp_path: Path) -> None:
 def test_runs_are_exact_or_cover(nbits: int, data: st.DataObject) -> None:
     x = data.draw(st.integers(min_value=0, max_value=(1 << nbits) - 1))
     budget = data.draw(st.integers(min_value=1, max_value=64))
-    runs = _runs(x, nbits, budget)
+    runs = set_bit_runs(x, nbits, budget)
     covered = sum(((1 << (b - a)) - 1) << a for a, b in runs)
     assert all(0 <= a < b <= nbits for a, b in runs)
     assert all(b1 < a2 for (_, b1), (a2, _) in itertools.pairwise(runs))
