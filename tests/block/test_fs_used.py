@@ -29,7 +29,9 @@ from hypothesis import strategies as st
 
 from hikkoshi.block import fs_used as fsu
 from hikkoshi.block.fs_used import Range, fs_used_hint, fs_used_ranges
+from hikkoshi.block.fs_used.bit_runs import set_bit_runs
 from hikkoshi.block.partitions import parse_gpt_header, parse_mbr
+from hikkoshi.block.ranges import complement, intersect, merge, subtract
 
 SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/sbin", "/usr/sbin"])
 
@@ -140,7 +142,7 @@ class Truth:
         """[start, end) blocks that the strict scan calls free on top of the bitmaps' free blocks: the
         body of a clean journal, the never-used ends of inode tables."""
         body = [(b, b + 1) for b in self.journal[1:]] if self.journal_clean else []
-        return fsu._merge(body + self.itable_spare)
+        return merge(body + self.itable_spare)
 
     def used_map(self, strict: bool = True) -> bytearray:
         """One byte per block of the file system: 1 if used (for the strict scan, or for the hint)."""
@@ -250,7 +252,7 @@ def assert_matches(ranges: list[Range] | None, truth: Truth, offset: int = 0, st
 
 def free_outside(ranges: list[Range], disk_size: int, lo: int, hi: int) -> list[tuple[int, int]]:
     """The free bytes (as [start, end)) that are not inside [lo, hi)."""
-    free = fsu._complement([(o, o + n) for o, n in ranges], 0, disk_size)
+    free = complement([(o, o + n) for o, n in ranges], 0, disk_size)
     return [(a, b) for a, b in free if a < lo or b > hi]
 
 
@@ -292,7 +294,7 @@ def test_whole_disk_matches_dumpe2fs(tmp_path: Path, case: str) -> None:
     assert_matches(ranges, truth)
     assert_matches(hint, truth, strict=False)
     assert ranges is not None and hint is not None
-    assert fsu._subtract([(o, o + n) for o, n in ranges], [(o, o + n) for o, n in hint]) == []
+    assert subtract([(o, o + n) for o, n in ranges], [(o, o + n) for o, n in hint]) == []
     assert (ranges == hint) == (not truth.spare)
     assert not free_outside(ranges, size, 0, truth.blocks * truth.block_size)
     # Files of known sizes are inside the used part.
@@ -465,7 +467,7 @@ def test_gpt_disk(tmp_path: Path) -> None:
     for (a, _), truth in zip(parts, truths, strict=True):
         assert_matches(ranges, truth, a * 512)
     assert ranges is not None
-    free = fsu._complement([(o, o + n) for o, n in ranges], 0, size)
+    free = complement([(o, o + n) for o, n in ranges], 0, size)
     assert all(any(a * 512 <= s and e <= (b + 1) * 512 for a, b in parts) for s, e in free)
 
     data[512 + 40] ^= 0xFF  # primary header CRC fails: the backup serves
@@ -513,9 +515,9 @@ def test_overlapping_partitions(tmp_path: Path) -> None:
     data[:512] = mbr([(0x83, 2048, 64 * MiB // 512), (0x83, 33 * MiB // 512, 64 * MiB // 512)])
     both = scan(data)
     assert alone is not None and both is not None
-    free_alone = fsu._complement([(o, o + n) for o, n in alone], 0, size)
-    free_both = fsu._complement([(o, o + n) for o, n in both], 0, size)
-    assert free_both == fsu._subtract(free_alone, [(33 * MiB, 97 * MiB)])
+    free_alone = complement([(o, o + n) for o, n in alone], 0, size)
+    free_both = complement([(o, o + n) for o, n in both], 0, size)
+    assert free_both == subtract(free_alone, [(33 * MiB, 97 * MiB)])
 
 
 def test_partition_parsers() -> None:
@@ -1013,7 +1015,7 @@ def test_relocated_image_mounts_and_recovers(tmp_path: Path) -> None:
 def test_runs_are_exact_or_cover(nbits: int, data: st.DataObject) -> None:
     x = data.draw(st.integers(min_value=0, max_value=(1 << nbits) - 1))
     budget = data.draw(st.integers(min_value=1, max_value=64))
-    runs = fsu._runs(x, nbits, budget)
+    runs = set_bit_runs(x, nbits, budget)
     covered = sum(((1 << (b - a)) - 1) << a for a, b in runs)
     assert all(0 <= a < b <= nbits for a, b in runs)
     assert all(b1 < a2 for (_, b1), (a2, _) in itertools.pairwise(runs))
@@ -1032,11 +1034,11 @@ def test_interval_algebra(a: list[tuple[int, int]], b: list[tuple[int, int]]) ->
     def points(s: list[tuple[int, int]]) -> set[int]:
         return {p for x, y in s for p in range(x, y)}
 
-    ma, mb = fsu._merge(a), fsu._merge(b)
+    ma, mb = merge(a), merge(b)
     assert points(ma) == points(a)
-    assert points(fsu._intersect(ma, mb)) == points(a) & points(b)
-    assert points(fsu._subtract(ma, mb)) == points(a) - points(b)
-    assert points(fsu._complement(ma, 10, 90)) == set(range(10, 90)) - points(a)
+    assert points(intersect(ma, mb)) == points(a) & points(b)
+    assert points(subtract(ma, mb)) == points(a) - points(b)
+    assert points(complement(ma, 10, 90)) == set(range(10, 90)) - points(a)
 
 
 @settings(max_examples=200, deadline=None)
