@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from hikkoshi.drs import load
 from hikkoshi.drs.model import Host, HostState, Snapshot, Vm
 from hikkoshi.drs.policy import Policy
-from hikkoshi.drs.rules import Rule, RuleKind, Strength, allows, broken
+from hikkoshi.drs.rules import Rule, RuleKind, Strength, allows
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,13 @@ memory, 1/memory, load."""
 
 
 class State:
-    """Mutable, internal to one planning call."""
+    """Mutable, internal to one planning call.
+
+    A host's load is what it measured over the window (its VMs and its own overhead), or without
+    samples the sum of its VMs' demand; a move shifts it by the VM's own mean demand. Normalised: CPU
+    busy over cores, active memory over memory, whichever is higher. Capacity is checked on configured
+    memory (no overcommit by default) and CPU demand.
+    """
 
     def __init__(self, snap: Snapshot, policy: Policy) -> None:
         self.snap = snap
@@ -143,13 +149,7 @@ class State:
             )
         return out
 
-    def gains(
-        self,
-        src: str | None,
-        cpu: float,
-        mem: float,
-        dsts: Sequence[tuple[float, float, float, float, float]],
-    ) -> list[float]:
+    def gains(self, src: str | None, cpu: float, mem: float, dsts: Sequence[Target]) -> list[float]:
         """:meth:`gain` for each destination (as :meth:`targets` gives them). The hot loop of balancing,
         a few thousand candidates per move: the source's part is computed once, the rest is arithmetic."""
         if self.n == 0:
@@ -372,18 +372,6 @@ class State:
             i = bisect.bisect_left(self.by_load, (old, h))
             del self.by_load[i]
             bisect.insort(self.by_load, (new, h))
-
-    # --- rules ------------------------------------------------------------------------------------------
-
-    def broken(self, strength: Strength) -> list[tuple[Rule, list[str]]]:
-        """Rules of ``strength`` broken where the VMs are now, with how."""
-        out = []
-        for r in self.snap.rules:
-            if r.strength is strength:
-                how = broken(r, self.host_of)
-                if how:
-                    out.append((r, how))
-        return out
 
 
 def _affinity_groups(rules: tuple[Rule, ...]) -> dict[str, tuple[str, ...]]:
