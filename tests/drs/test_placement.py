@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -80,3 +82,16 @@ def test_a_placement_always_fits(s: Snapshot, cpus: int, gib: int, with_rule: bo
     assert state.cpu[p.host] + cpus * 0.5 <= h.cpu_cores
     assert p.datastore in h.datastores
     assert all(allows(r, "new", p.host, state.host_of) for r in rules if "new" in r.vms)
+
+
+def test_should_rules_are_kept_when_possible_and_broken_only_when_not() -> None:
+    s = snapshot([host("a"), host("b")], [vm("x", "a", cpu=1)])
+    keep = Rule("near-x", RuleKind.AFFINITY, frozenset({"new", "x"}), strength=Strength.SHOULD)
+    p = place(snapshot(s.hosts, s.vms, rules=[keep]), NewVm("new", GIB, 1))
+    assert p.host == "a" and "breaks" not in p.reason  # b is emptier, but the rule wants a
+    full = snapshot([host("a", memory=4 * GIB), host("b")], [vm("x", "a", cpu=1)], rules=[keep])
+    p = place(full, NewVm("new", 2 * GIB, 1))
+    assert p.host == "b" and "breaks a should rule" in p.reason
+    must = snapshot(full.hosts, full.vms, rules=[replace(keep, strength=Strength.MUST)])
+    p = place(must, NewVm("new", 2 * GIB, 1))
+    assert p.host is None and "a lacks memory" in p.reason and "b is excluded by must affinity" in p.reason

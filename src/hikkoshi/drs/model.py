@@ -64,8 +64,12 @@ class Demand:
     memory: tuple[float, ...] = ()
     """Active memory, bytes."""
     disk_read: tuple[float, ...] = ()
+    """Bytes per second (Storage DRS: the VM's share of a slow datastore's I/O)."""
     disk_write: tuple[float, ...] = ()
+    """Bytes per second (also what a disk copy must catch up with)."""
     network: tuple[float, ...] = ()
+    """Bytes per second on the guest's own network; carried for the service, not weighed yet
+    (migrations use the hosts' migration network, which the guests do not share)."""
 
 
 @dataclass(frozen=True)

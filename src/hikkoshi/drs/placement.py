@@ -184,7 +184,7 @@ def place(snap: Snapshot, new: NewVm, policy: Policy | None = None) -> Placement
         if state.room_for(need, [new.datastore]) is None:
             return Placement(new.name, None, None, f"datastore {new.datastore} has no room for {need} bytes")
         exclude = {h for h in state.hosts if new.datastore not in state.hosts[h].datastores}
-    got = choose(state, unit, None, exclude=frozenset(exclude))
+    got = choose(state, unit, None, exclude=frozenset(exclude), may_break_should=True)
     if not isinstance(got, Choice):
         refused = {h: f"does not see datastore {new.datastore}" for h in exclude}
         refused.update(got)
@@ -195,4 +195,6 @@ def place(snap: Snapshot, new: NewVm, policy: Policy | None = None) -> Placement
         f"{got.host} fits {new.name} and is the least loaded that does "
         f"({got.load_after:.0%} once it runs){where}"
     )
+    if got.breaks_should:
+        reason += "; it breaks a should rule: no host keeping it fits"
     return Placement(new.name, got.host, store, reason)

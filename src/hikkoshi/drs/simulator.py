@@ -73,7 +73,10 @@ class Timeline:
 
 
 def timeline(moves: Sequence[Move], limits: Limits) -> Timeline:
-    """Moves run in order, each when its hosts both have a free slot, for its predicted total time."""
+    """Moves run in order, each when its hosts both have a free slot, for its predicted total time.
+
+    Each migration is taken to get the bandwidth its prediction used (the link as measured for one
+    stream): ``concurrent_per_host`` should be what a host's migration network carries at that rate."""
     slots: dict[str, list[float]] = {}  # per host, a heap of the times its slots come free
     spans = []
     nbytes = 0
