@@ -156,3 +156,17 @@ def test_an_inconsistent_snapshot_is_refused() -> None:
     s = snapshot([host("a")], [vm("v", "nowhere")])
     with pytest.raises(ValueError, match="unknown host nowhere"):
         plan(s)
+
+
+def test_a_must_repair_may_break_a_should_rule_a_should_repair_never_does() -> None:
+    hosts = [host("a"), host("b")]
+    vms = [vm("x", "a"), vm("y", "a"), vm("z", "b")]
+    must = Rule("x-off-a", RuleKind.NOT_RUN_ON, frozenset({"x"}), frozenset({"a"}))
+    should = Rule("x-from-z", RuleKind.ANTI_AFFINITY, frozenset({"x", "z"}), strength=Strength.SHOULD)
+    (m,) = plan(snapshot(hosts, vms, rules=[must, should]), Policy(level=1)).moves
+    assert (m.vm, m.target) == ("x", "b") and "breaking a should rule" in m.reason
+    must_apart = Rule("y-from-z", RuleKind.ANTI_AFFINITY, frozenset({"y", "z"}))
+    y_to_b = Rule("y-on-b", RuleKind.RUN_ON, frozenset({"y"}), frozenset({"b"}), Strength.SHOULD)
+    p = plan(snapshot(hosts, vms, rules=[must_apart, y_to_b]), Policy(level=5))
+    assert "y" not in {m.vm for m in p.moves}
+    assert any("y-on-b" in n for n in p.notes)

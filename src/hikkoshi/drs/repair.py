@@ -6,7 +6,8 @@
   the best host for all of them.
 
 Must rules are repaired at every level (mandatory); should rules from level 2 on. A repair never breaks
-another rule; a rule that cannot be repaired is noted with the reason.
+a must rule; repairing a must rule may break a should rule when nothing else fits (and says so),
+repairing a should rule never does. A rule that cannot be repaired is noted with the reason.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def repair(
     moves: list[Move] = []
     notes: list[str] = []
     why = Why.RULE if strength is Strength.MUST else Why.SHOULD_RULE
+    loose = strength is Strength.MUST  # a must rule outranks should rules, never the other way
     for rule in sorted(state.snap.rules, key=lambda r: r.name):
         if rule.strength is not strength or not broken(rule, state.host_of):
             continue
@@ -42,9 +44,9 @@ def repair(
                 notes.append(f"{rule.describe()}: {unit.name} is on {', '.join(down)}, not up")
                 continue
             if rule.kind is RuleKind.AFFINITY:
-                unit, got = _gathering(state, rule, unit)
+                unit, got = _gathering(state, rule, unit, loose)
             else:
-                got = choose(state, unit, src)
+                got = choose(state, unit, src, may_break_should=loose)
             if not isinstance(got, Choice):
                 notes.append(f"{rule.describe()}: {unit.name} cannot move: {summarise(got)}")
                 continue
@@ -53,6 +55,8 @@ def repair(
                 notes.append(f"{rule.describe()}: {unit.name} cannot move: {priced}")
                 continue
             reason = f"{' '.join(how)}; {got.host} keeps it"
+            if got.breaks_should:
+                reason += ", breaking a should rule: no host keeping every rule fits"
             moves += commit(state, unit, got.host, got.stores, priced, why, reason)
     return moves, notes
 
@@ -97,16 +101,17 @@ def _units(state: State, names: list[str]) -> Unit:
     )
 
 
-def _gathering(state: State, rule: Rule, strays: Unit) -> tuple[Unit, Choice | dict[str, str]]:
+def _gathering(state: State, rule: Rule, strays: Unit, loose: bool) -> tuple[Unit, Choice | dict[str, str]]:
     """For an affinity rule: the host that has most of its VMs, if the others (``strays``) fit there;
     else the best host for all of them. Returns who moves, and where."""
     home = _home(state, rule)
-    why = state.refusal(strays, home)
+    why = state.refusal(strays, home, should=not loose)
     stores = state.storage_for(strays, home) if why is None else None
     if why is None and stores is not None:
-        return strays, Choice(home, stores, False, state.load_after(home, strays))
+        breaks = loose and state.refusal(strays, home) is not None
+        return strays, Choice(home, stores, breaks, state.load_after(home, strays))
     everyone = _units(state, sorted(n for n in rule.vms if n in state.host_of))
-    got = choose(state, everyone, None)
+    got = choose(state, everyone, None, may_break_should=loose)
     if isinstance(got, Choice):
         return everyone, got
     return strays, {home: why or "sees no datastore with room for its disks", **got}
