@@ -2,8 +2,8 @@
 
 The model replays the migration the way the coordinator runs it:
 
-1. A fixed start (:class:`Calibration`): prechecks, the dirty-rate sample and the destination's start
-   (supervisor, disk services, QEMU), which run side by side, plus round trips to reach the destination.
+1. A fixed start (:class:`Calibration`): prechecks and the destination's start (supervisor, disk
+   services, QEMU), which run side by side, plus round trips to reach the destination.
 2. Storage before memory (``precopy`` only): the disk mirror copies the allocated bytes while the guest's
    writes are mirrored too (they add to the copy and share the link).
 3. Memory pre-copy, pass after pass: the first pass sends the guest's memory, each later one what the
@@ -127,14 +127,15 @@ class Migration:
 class Calibration:
     """The fixed costs around the data a migration moves, and how the link is shared.
 
-    The defaults come from ``docs/BENCHMARKS.md`` (live migration, loopback and a 150 ms WAN); fit your
-    own with :func:`calibrate`.
+    The defaults come from ``docs/BENCHMARKS.md`` (live migration: on loopback the guest runs on the
+    destination 0.6-0.9 s after the start, across a 150 ms WAN the stream starts after 0.4-1.2 s); fit
+    your own with :func:`calibrate`.
     """
 
-    setup_ms: float = 1100.0
-    """From the request to the first memory byte on the source's side: prechecks and the 1 s
-    dirty-rate sample."""
-    destination_start_ms: float = 700.0
+    setup_ms: float = 300.0
+    """From the request to the first memory byte on the source's side: prechecks, capabilities (the
+    dirty-rate sample runs beside the stream)."""
+    destination_start_ms: float = 500.0
     """Starting the destination (supervisor, disk services or proxies, QEMU); runs beside
     ``setup_ms``: the stream starts after the longer of the two."""
     start_rtts: float = 2.0
