@@ -90,9 +90,7 @@ class MemberSpec:
 
 def etcd_binary() -> str:
     """The ``etcd`` executable, or :class:`EtcdNotInstalled`."""
-    path = shutil.which("etcd") or next(
-        (p for p in ("/usr/bin/etcd", "/usr/sbin/etcd") if os.access(p, os.X_OK)), None
-    )
+    path = shutil.which("etcd")
     if path is None:
         raise EtcdNotInstalled(f"no etcd binary on this machine; {INSTALL_HINT}")
     return path

@@ -292,16 +292,24 @@ class Store:
         resp = await self._call(f"get {key}", lambda to: kv.get(key.encode(), timeout=to))
         return _kv(resp.kvs[0]) if resp.kvs else None
 
-    async def get_prefix(self, prefix: str, *, limit: int = 0, keys_only: bool = False) -> Snapshot:
+    async def get_prefix(
+        self, prefix: str, *, limit: int = 0, keys_only: bool = False, revision: int = 0
+    ) -> Snapshot:
         """Every key under ``prefix`` (at most ``limit`` when not 0), in key order, at one revision.
 
         Read in pages; later pages are read at the first page's revision, so the whole is one snapshot
-        (as long as etcd has not compacted that revision away meanwhile).
+        (as long as etcd has not compacted that revision away meanwhile). ``revision``: read as of that
+        revision (another read's, to see both at once), 0 for now.
         """
-        kv, _, _ = self._services()
         start = prefix.encode()
-        end = prefix_range_end(start)
-        revision = 0
+        return await self._range(start, prefix_range_end(start), limit, keys_only, revision)
+
+    async def get_range(self, first: str, last: str, *, revision: int = 0) -> Snapshot:
+        """Every key from ``first`` to ``last`` (both included), in key order, at one revision."""
+        return await self._range(first.encode(), last.encode() + b"\0", 0, False, revision)
+
+    async def _range(self, start: bytes, end: bytes, limit: int, keys_only: bool, revision: int) -> Snapshot:
+        kv, _, _ = self._services()
         out: list[KeyValue] = []
         while True:
             page = _PAGE if limit == 0 else min(_PAGE, limit - len(out))
@@ -309,7 +317,7 @@ class Store:
             async def read(to: float, s: bytes = start, r: int = revision, n: int = page) -> Any:
                 return await kv.get(s, end, revision=r, limit=n, keys_only=keys_only, timeout=to)
 
-            resp = await self._call(f"range {prefix}", read)
+            resp = await self._call(f"range {start.decode(errors='replace')}", read)
             if revision == 0:
                 revision = int(resp.header.revision)
             out.extend(_kv(x) for x in resp.kvs)
@@ -358,6 +366,11 @@ class Store:
             if isinstance(a, t.Get)
         )
         return TxnResult(bool(resp.succeeded), int(resp.header.revision), reads)
+
+    async def compact(self, revision: int) -> None:
+        """Drop the history before ``revision`` (watches from earlier get :class:`WatchCompacted`)."""
+        kv, _, _ = self._services()
+        await self._call("compact", lambda to: kv.compact(revision, physical=True, timeout=to))
 
     # -- leases -------------------------------------------------------------------------------------
 
