@@ -26,6 +26,7 @@ from hikkoshi.cluster.keys import Keys
 from hikkoshi.cluster.lease import KeptLease, LeaseState, kept_lease
 from hikkoshi.cluster.models import HostInfo, HostStatus, Maintenance, now
 from hikkoshi.cluster.store import Store
+from hikkoshi.cluster.tasks import background
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +167,9 @@ async def register_host(
     """
     reg = Registration(store, keys or Keys(), info, status, ttl=ttl, publish_every=publish_every)
     first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    async with asyncio.TaskGroup() as tg:
-        runner = tg.create_task(reg.run(first), name=f"host-registration-{info.name}")
-        try:
-            await first
-            yield reg
-        finally:
-            runner.cancel()
+    async with background(reg.run(first), f"host-registration-{info.name}"):
+        await first
+        yield reg
 
 
 async def list_hosts(store: Store, keys: Keys | None = None) -> list[HostView]:

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 
 from hikkoshi.cluster.errors import ClusterError, EtcdUnavailable, LeaseLost
 from hikkoshi.cluster.store import Store
+from hikkoshi.cluster.tasks import background
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ class KeptLease:
 async def kept_lease(store: Store, ttl: int, *, revoke: bool = True) -> AsyncIterator[KeptLease]:
     """Grant a lease and keep it alive while the block runs; revoke it after (its keys go with it).
 
-    The keep-alive task belongs to a TaskGroup of this block, cancelled when it ends. A lost lease
+    The keep-alive task belongs to a TaskGroup of this block (:func:`~hikkoshi.cluster.tasks.background`),
+    cancelled when it ends. A lost lease
     does not interrupt the block: watch :attr:`KeptLease.lost` or call :meth:`KeptLease.check`.
     """
     loop = asyncio.get_running_loop()
@@ -98,12 +100,8 @@ async def kept_lease(store: Store, ttl: int, *, revoke: bool = True) -> AsyncIte
     lease_id, granted = await store.grant(ttl)
     kept = KeptLease(store, lease_id, granted, asked)
     try:
-        async with asyncio.TaskGroup() as tg:
-            keeper = tg.create_task(kept.run(), name=f"lease-keepalive-{lease_id:x}")
-            try:
-                yield kept
-            finally:
-                keeper.cancel()
+        async with background(kept.run(), f"lease-keepalive-{lease_id:x}"):
+            yield kept
     finally:
         if revoke:
             with contextlib.suppress(ClusterError):

@@ -69,9 +69,7 @@ class HostLoad(Record):
 class HostStatus(Record):
     """How a host is doing now: under its lease, so it vanishes when the host stops renewing it."""
 
-    agent: str = Field(
-        description="a nonce of the registering agent process: tells two agents of one name apart"
-    )
+    agent: str = Field(default="", description="a nonce of the agent process (two agents of one name differ)")
     memory_free: int = Field(ge=0, description="bytes")
     datastores_free: dict[str, int] = Field(default_factory=dict, description="datastore uuid -> free bytes")
     load: HostLoad = HostLoad()

@@ -5,11 +5,12 @@ outgoing migrations, the destination's incoming ones, each datastore it reads or
 between two sites, and the cluster as a whole. A resource has a limit (:func:`limit_of`). Waiting
 migrations form one queue, oldest first.
 
-The rule (:func:`decide`): a migration may start when every one of its resources has a free slot
-and no migration ahead of it in the queue waits for any of those resources. So a slot that frees
-goes to the first waiter that needs it (nobody behind it can take it), the head of the queue is
-never starved, and a waiter behind a blocked head still starts if it shares nothing with those
-ahead of it (no head-of-line blocking on unrelated hosts).
+The rule (:func:`decide`): a migration may start when each of its resources has a free slot that
+is not reserved for a migration ahead of it in the queue: ``holders + waiters ahead needing it <
+limit``. So a slot that frees goes to the first waiter that needs it (nobody behind it can take a
+slot it is owed, even while it still waits for another resource), the head of the queue is never
+starved, and a waiter behind a blocked head still starts when there are slots enough for both (no
+head-of-line blocking on unrelated hosts, nor on the cluster-wide limit while it has room).
 """
 
 from __future__ import annotations
@@ -104,11 +105,11 @@ class Blocked:
     limit: int
     holders: tuple[str, ...]
     ahead: tuple[str, ...]
-    """Migrations earlier in the queue that wait for this resource too."""
+    """Migrations earlier in the queue that wait for this resource too: the free slots are theirs."""
 
     def reason(self) -> str:
         parts = []
-        if len(self.holders) >= self.limit:
+        if self.holders:
             parts.append(f"{len(self.holders)}/{self.limit} slots held by {', '.join(self.holders)}")
         if self.ahead:
             parts.append(f"{', '.join(self.ahead)} queued ahead")
@@ -137,7 +138,7 @@ def decide(table: SlotTable, waiter: Waiter) -> Decision:
         holders = tuple(sorted(table.holders.get(r, frozenset()) - {waiter.job}))
         limit = limit_of(table.limits, r)
         waiting = tuple(w.job for w in ahead if r in w.resources)
-        if len(holders) >= limit or waiting:
+        if len(holders) + len(waiting) >= limit:
             blocked.append(Blocked(r, limit, holders, waiting))
     return Decision(not blocked, position, tuple(blocked))
 
