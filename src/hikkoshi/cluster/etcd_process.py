@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Sequence
@@ -44,7 +45,9 @@ INSTALL_HINT = "install it: apt-get install etcd-server"
 class MemberTls:
     """TLS for a member's clients (PEM files).
 
-    ``cert_file``/``key_file``: the member's server certificate (its SAN names the listen address);
+    ``cert_file``/``key_file``: the member's server certificate (its SAN names the listen address;
+    its extended key usage must allow *client* auth too: etcd's HTTP gateway dials the member's own
+    gRPC port with it);
     ``client_ca_file``: the CA clients' certificates must chain to; ``ca_file``: the CA of the server
     certificate; ``probe_cert_file``/``probe_key_file``: a client certificate for this supervisor's
     health probes.
@@ -138,6 +141,7 @@ class EtcdMember:
         self.cluster_token = cluster_token
         self.log_path = spec.data_dir.with_name(spec.data_dir.name + ".log")
         self._proc: subprocess.Popen[bytes] | None = None
+        self.last_probe = "none yet"
 
     @classmethod
     def single(cls, state_dir: Path, *, client_port: int = 2379, peer_port: int = 2380) -> EtcdMember:
@@ -229,20 +233,19 @@ class EtcdMember:
         tls = self.spec.tls
         if tls is None:
             return httpx.AsyncClient(timeout=2.0, trust_env=False)
-        return httpx.AsyncClient(
-            timeout=2.0,
-            trust_env=False,
-            verify=str(tls.ca_file),
-            cert=(str(tls.probe_cert_file), str(tls.probe_key_file)),
-        )
+        context = ssl.create_default_context(cafile=str(tls.ca_file))
+        context.load_cert_chain(str(tls.probe_cert_file), str(tls.probe_key_file))
+        return httpx.AsyncClient(timeout=2.0, trust_env=False, verify=context)
 
     async def healthy(self) -> bool:
         """Whether the member answers ``/health`` with true (it has a leader and serves reads)."""
         try:
             async with self._http() as http:
                 r = await http.get(f"{self.spec.client_url}/health")
+            self.last_probe = f"HTTP {r.status_code} {r.text.strip()[:200]}"
             return r.status_code == 200 and r.json().get("health") == "true"
-        except (httpx.HTTPError, ValueError):
+        except (httpx.HTTPError, ValueError, ssl.SSLError) as e:
+            self.last_probe = f"{type(e).__name__}: {e}"
             return False
 
     async def wait_healthy(self, within: float = 30.0) -> None:
@@ -255,7 +258,8 @@ class EtcdMember:
                 return
             if time.monotonic() > end:
                 raise EtcdProcessError(
-                    f"etcd {self.spec.name} not healthy after {within:.0f} s:\n{self.log_tail()}"
+                    f"etcd {self.spec.name} not healthy after {within:.0f} s"
+                    f" (last probe: {self.last_probe}):\n{self.log_tail()}"
                 )
             await asyncio.sleep(0.1)
 

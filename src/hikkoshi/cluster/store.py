@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import ipaddress
+import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from hikkoshi.cluster.config import EtcdConfig
 from hikkoshi.cluster.errors import ClusterError, EtcdUnavailable, WatchCompacted
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _RECONNECT_MAX_MS = 1000
 _PAGE = 2000
@@ -181,6 +183,8 @@ class Store:
         self._kv: KVService | None = None
         self._lease: LeaseService | None = None
         self._watch: WatchService | None = None
+        self.retries = 0
+        """Attempts that failed and were retried (a figure for reports and tests)."""
 
     @property
     def endpoints(self) -> tuple[str, ...]:
@@ -275,6 +279,8 @@ class Store:
                 raise ClusterError(f"etcd refused {operation}: {e}") from e
             if loop.time() + pause >= end:
                 raise EtcdUnavailable(self.config.endpoints, operation, _short(reason))
+            self.retries += 1
+            log.debug("etcd %s: %s; retrying in %.2f s", operation, reason, pause)
             await asyncio.sleep(pause)
             pause = min(pause * 2, most)
 
