@@ -132,3 +132,23 @@ def test_registration_publishes_and_recovers(config: EtcdConfig, keys: Keys) -> 
             assert (await list_hosts(store, keys))[0].state is HostState.DOWN
 
     run(main())
+
+
+def test_registration_with_etcd_unreachable_is_one_clear_error(keys: Keys) -> None:
+    from hikkoshi.cluster.errors import EtcdUnavailable
+    from hikkoshi.cluster.etcd_process import free_ports
+
+    (port,) = free_ports(1)
+    config = EtcdConfig((f"127.0.0.1:{port}",), attempt_timeout=0.3, deadline=1.0)
+
+    async def main() -> None:
+        store = Store(config)
+        await store.connect(check=False)
+        try:
+            with pytest.raises(EtcdUnavailable, match=f"127.0.0.1:{port}"):
+                async with register_host(store, info("x"), lambda: HostStatus(memory_free=0), keys=keys):
+                    pass
+        finally:
+            await store.close()
+
+    run(main())

@@ -120,33 +120,45 @@ class Registration:
             lease.check()
 
     async def run(self, first: asyncio.Future[None]) -> None:
-        """Register, stay registered, register again after a lapse. Sets ``first`` after the first try."""
+        """Register, stay registered, register again after a lapse. ``first``: the first attempt's outcome."""
+        try:
+            await self._run(first)
+        except Exception as e:
+            if first.done():
+                raise
+            first.set_exception(e)  # raised by register_host itself, not as a TaskGroup's group
+
+    async def _run(self, first: asyncio.Future[None]) -> None:
         while True:
-            async with kept_lease(self.store, self.ttl) as lease:
-                self.lease = lease
-                try:
-                    await self._register(lease)
-                except BaseException as e:
-                    if not first.done():
-                        first.set_exception(e)
-                        return
-                    raise
+            try:
+                await self._hold(first)
+            except EtcdUnavailable:
                 if not first.done():
-                    first.set_result(None)
-                while lease.alive():
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(self.publish_every):
-                            await lease.lost.wait()
-                    if lease.state is LeaseState.UNCERTAIN:
-                        self.state = RegistrationState.CUT_OFF
-                        continue
-                    with contextlib.suppress(ClusterError):
-                        await self.publish()
+                    raise
+                # Cut off while registering again: keep trying (listed down meanwhile); the agent
+                # and its VMs go on.
             self.lease = None
             self.state = RegistrationState.LAPSED
             self.registered.clear()
             log.warning("host %s: lease lost; registering again", self.info.name)
             await asyncio.sleep(min(1.0, self.publish_every))
+
+    async def _hold(self, first: asyncio.Future[None]) -> None:
+        """One registration: under one lease, until the lease is lost."""
+        async with kept_lease(self.store, self.ttl) as lease:
+            self.lease = lease
+            await self._register(lease)
+            if not first.done():
+                first.set_result(None)
+            while lease.alive():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.publish_every):
+                        await lease.lost.wait()
+                if lease.state is LeaseState.UNCERTAIN:
+                    self.state = RegistrationState.CUT_OFF
+                    continue
+                with contextlib.suppress(ClusterError):
+                    await self.publish()
 
 
 @contextlib.asynccontextmanager
