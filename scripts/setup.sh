@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(qemu-utils qemu-system-x86 libnbd-bin nbdkit fio busybox-static openssl iproute2 e2fsprogs
-    python3-venv)
+    python3-venv etcd-server)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
