@@ -12,7 +12,18 @@ SRC = Path(hikkoshi.__file__).parent
 TESTS = Path(__file__).parent
 PACKAGES = {d.name for d in SRC.iterdir() if d.is_dir() and any(d.glob("*.py"))}
 
-LAYER = {"nbd": 0, "block": 1, "vm": 2, "migrate": 3, "agent": 4, "cli": 5, "lab": 5, "web": 5}
+LAYER = {
+    "nbd": 0,
+    "block": 1,
+    "vm": 2,
+    "migrate": 3,
+    "cluster": 4,
+    "drs": 4,
+    "agent": 5,
+    "cli": 6,
+    "lab": 6,
+    "web": 6,
+}
 """Each package imports only those of a lower number, and itself."""
 ALSO_ALLOWED = {("cli", "lab")}
 GUEST_USERS = {"agent", "cli"}

@@ -2,50 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
 import uuid
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
 from hikkoshi.cluster.config import EtcdConfig
-from hikkoshi.cluster.etcd_process import EtcdMember, LocalCluster, MemberSpec, free_ports
+from hikkoshi.cluster.etcd_process import EtcdMember, LocalCluster
 from hikkoshi.cluster.keys import Keys
-
-T = TypeVar("T")
-
-
-def run(coro: Awaitable[T]) -> T:
-    """Run a test's coroutine in a fresh event loop."""
-
-    async def main() -> T:
-        return await coro
-
-    return asyncio.run(main())
-
-
-def gone(pid: int) -> bool:
-    """Whether no process ``pid`` exists (zombies reaped)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
-def start_member(base: Path, name: str = "solo") -> EtcdMember:
-    client, peer = free_ports(2)
-    member = EtcdMember(MemberSpec(name, base / name, client, peer))
-    member.start()
-    try:
-        run(member.wait_healthy())
-    except BaseException:
-        member.stop_sync()
-        raise
-    return member
+from tests.support.etcd import gone, run, start_member
 
 
 @pytest.fixture(scope="module")

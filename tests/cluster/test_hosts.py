@@ -14,8 +14,8 @@ import pytest
 
 from hikkoshi.cluster.config import EtcdConfig
 from hikkoshi.cluster.errors import HostNameInUse
+from hikkoshi.cluster.host_view import HostState
 from hikkoshi.cluster.hosts import (
-    HostState,
     RegistrationState,
     clear_maintenance,
     list_hosts,
@@ -26,8 +26,7 @@ from hikkoshi.cluster.hosts import (
 from hikkoshi.cluster.keys import Keys
 from hikkoshi.cluster.models import DatastoreInfo, HostInfo, HostLoad, HostStatus
 from hikkoshi.cluster.store import Store
-
-from .conftest import gone, run
+from tests.support.etcd import gone, run
 
 
 def info(name: str) -> HostInfo:

@@ -17,8 +17,7 @@ from hikkoshi.cluster.models import JobRecord, VmRecord
 from hikkoshi.cluster.ownership import Ownership
 from hikkoshi.cluster.store import Store
 from hikkoshi.migrate.phases import Phase, PhaseError
-
-from .conftest import run
+from tests.support.etcd import run
 
 
 async def unkept(store: Store, ttl: int) -> KeptLease:

@@ -15,8 +15,7 @@ from hikkoshi.cluster.lease import KeptLease, kept_lease
 from hikkoshi.cluster.limits import Slots
 from hikkoshi.cluster.models import Limits
 from hikkoshi.cluster.store import Store
-
-from .conftest import run
+from tests.support.etcd import run
 
 
 def test_limit_one_runs_one_at_a_time_in_order(config: EtcdConfig, keys: Keys) -> None:

@@ -13,8 +13,7 @@ from hikkoshi.cluster.keys import Keys
 from hikkoshi.cluster.models import VmRecord
 from hikkoshi.cluster.ownership import Claim, Ownership, OwnerState
 from hikkoshi.cluster.store import Store
-
-from .conftest import run
+from tests.support.etcd import run
 
 
 def vm(name: str) -> VmRecord:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hikkoshi.cluster.hosts import HostState, HostView
+from hikkoshi.cluster.host_view import HostState, HostView
 from hikkoshi.cluster.models import HostInfo, HostLoad, HostStatus, Maintenance, VmRecord
 from hikkoshi.cluster.placement import least_loaded
 

@@ -15,8 +15,7 @@ from hikkoshi.cluster.etcd_process import EtcdMember, free_ports
 from hikkoshi.cluster.keys import Keys
 from hikkoshi.cluster.lease import LeaseState, kept_lease
 from hikkoshi.cluster.store import EventKind, Store, WatchEvent
-
-from .conftest import run, start_member
+from tests.support.etcd import run, start_member
 
 
 def test_keys_prefixes_and_pages(config: EtcdConfig, keys: Keys) -> None:

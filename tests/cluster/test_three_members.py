@@ -13,8 +13,7 @@ from hikkoshi.cluster.lease import LeaseState, kept_lease
 from hikkoshi.cluster.models import VmRecord
 from hikkoshi.cluster.ownership import Claim, Ownership
 from hikkoshi.cluster.store import Store
-
-from .conftest import run
+from tests.support.etcd import run
 
 
 def config_of(cluster: LocalCluster) -> EtcdConfig:

@@ -10,9 +10,8 @@ from hikkoshi.cluster.config import EtcdConfig, EtcdTls
 from hikkoshi.cluster.errors import ClusterError
 from hikkoshi.cluster.etcd_process import EtcdMember, MemberSpec, MemberTls, free_ports
 from hikkoshi.cluster.store import Store
-
-from .certs import Ca
-from .conftest import gone, run
+from tests.support.etcd import gone, run
+from tests.support.etcd_certs import Ca
 
 
 def test_client_certificates(tmp_path: Path) -> None:

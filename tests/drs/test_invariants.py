@@ -18,7 +18,7 @@ from hikkoshi.drs.planner import plan
 from hikkoshi.drs.policy import LEVELS, Policy
 from hikkoshi.drs.rules import Strength, broken
 from hikkoshi.drs.simulator import apply
-from tests.drs.clusters import GIB, clusters, host, loads, snapshot, vm
+from tests.support.drs_clusters import GIB, clusters, host, loads, snapshot, vm
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 levels = st.integers(1, 5)

@@ -7,7 +7,7 @@ import pytest
 from hikkoshi.drs.maintenance import evacuate
 from hikkoshi.drs.model import HostState
 from hikkoshi.drs.rules import Rule, RuleKind, Strength
-from tests.drs.clusters import GIB, MIB, host, snapshot, vm
+from tests.support.drs_clusters import GIB, MIB, host, snapshot, vm
 
 
 def test_vms_spread_over_the_other_hosts() -> None:

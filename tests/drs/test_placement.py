@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hikkoshi.drs.model import HostState, Snapshot
 from hikkoshi.drs.placement import NewDisk, NewVm, place
 from hikkoshi.drs.rules import Rule, RuleKind, Strength, allows
-from tests.drs.clusters import GIB, clusters, host, loads, snapshot, vm
+from tests.support.drs_clusters import GIB, clusters, host, loads, snapshot, vm
 
 
 def test_the_least_loaded_host_that_fits() -> None:

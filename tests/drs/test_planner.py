@@ -13,7 +13,7 @@ from hikkoshi.drs.policy import Policy
 from hikkoshi.drs.rules import Rule, RuleKind, Strength
 from hikkoshi.drs.simulator import apply
 from hikkoshi.migrate.predict import Link as PredictLink
-from tests.drs.clusters import GIB, MIB, host, loads, measured, snapshot, vm
+from tests.support.drs_clusters import GIB, MIB, host, loads, measured, snapshot, vm
 
 
 def three_hosts() -> list[Host]:

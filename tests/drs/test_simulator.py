@@ -11,7 +11,7 @@ from hikkoshi.drs.policy import LEVELS, Policy
 from hikkoshi.drs.simulator import apply, run, timeline
 from hikkoshi.drs.synthetic import Shape, cluster
 from hikkoshi.migrate.predict import Finish, Prediction
-from tests.drs.clusters import loads
+from tests.support.drs_clusters import loads
 
 
 def _p(seconds: float) -> Prediction:

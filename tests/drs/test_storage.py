@@ -10,7 +10,7 @@ from hikkoshi.drs.planner import plan
 from hikkoshi.drs.policy import Policy
 from hikkoshi.drs.simulator import apply
 from hikkoshi.drs.storage import storage_plan
-from tests.drs.clusters import GIB, SAMPLES, TIB, host, snapshot, vm
+from tests.support.drs_clusters import GIB, SAMPLES, TIB, host, snapshot, vm
 
 STORES = ("fast", "slow", "big")
 

@@ -18,10 +18,10 @@ import enum
 import logging
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 
 from hikkoshi.cluster import txn as t
 from hikkoshi.cluster.errors import ClusterError, EtcdUnavailable, HostNameInUse
+from hikkoshi.cluster.host_view import HostState, HostView
 from hikkoshi.cluster.keys import Keys
 from hikkoshi.cluster.lease import KeptLease, LeaseState, kept_lease
 from hikkoshi.cluster.models import HostInfo, HostStatus, Maintenance, now
@@ -29,26 +29,6 @@ from hikkoshi.cluster.store import Store
 from hikkoshi.cluster.tasks import background
 
 log = logging.getLogger(__name__)
-
-
-class HostState(enum.Enum):
-    """How a host stands in the cluster."""
-
-    UP = "up"
-    DOWN = "down"
-    """Its lease lapsed: it stopped renewing (dead, or cut off from etcd)."""
-    MAINTENANCE = "maintenance"
-    """Up, but nothing is to be placed on it (see :attr:`HostView.maintenance`)."""
-
-
-@dataclass(frozen=True)
-class HostView:
-    """A host as listed: what it is, how it is doing (None when down) and its state."""
-
-    info: HostInfo
-    status: HostStatus | None
-    maintenance: Maintenance | None
-    state: HostState
 
 
 class RegistrationState(enum.Enum):

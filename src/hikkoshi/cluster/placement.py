@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from hikkoshi.cluster.hosts import HostState, HostView
+from hikkoshi.cluster.host_view import HostState, HostView
 from hikkoshi.cluster.models import VmRecord
 
 

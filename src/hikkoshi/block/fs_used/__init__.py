@@ -33,10 +33,37 @@ Intervals are :mod:`hikkoshi.block.ranges`'s. The tunables (:data:`MAX_READ`, :d
 defined.
 """
 
-from hikkoshi.block.fs_used.disk import fs_used_hint, fs_used_ranges
-from hikkoshi.block.fs_used.filesystem import MAX_RUNS
-from hikkoshi.block.fs_used.reader import CONCURRENCY, MAX_GAP, MAX_READ, ReadFn
-from hikkoshi.block.ranges import Range
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hikkoshi.block.fs_used.disk import fs_used_hint, fs_used_ranges
+    from hikkoshi.block.fs_used.filesystem import MAX_RUNS
+    from hikkoshi.block.fs_used.reader import CONCURRENCY, MAX_GAP, MAX_READ, ReadFn
+    from hikkoshi.block.ranges import Range
+
+#: Where each public name lives. Loaded when first asked for, so that importing one of the pure
+#: modules (which imports this package first) does not load the reader and its asyncio with it.
+_HOMES = {
+    "fs_used_hint": "hikkoshi.block.fs_used.disk",
+    "fs_used_ranges": "hikkoshi.block.fs_used.disk",
+    "MAX_RUNS": "hikkoshi.block.fs_used.filesystem",
+    "CONCURRENCY": "hikkoshi.block.fs_used.reader",
+    "MAX_GAP": "hikkoshi.block.fs_used.reader",
+    "MAX_READ": "hikkoshi.block.fs_used.reader",
+    "ReadFn": "hikkoshi.block.fs_used.reader",
+    "Range": "hikkoshi.block.ranges",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(home), name)
+
 
 __all__ = [
     "CONCURRENCY",
