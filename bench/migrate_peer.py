@@ -41,10 +41,10 @@ from typing import Any
 from qemu.qmp import EventListener, Message, QMPClient, QMPError
 
 from bench.nbd_servers import free_port, spawn_logged, stop_pid
+from hikkoshi.guest.diskwriter import DiskwriterError, verify_diskwriter_image
 from hikkoshi.lab.link_model import WanParams
 from hikkoshi.lab.wan import WanPath
-from hikkoshi.vm.diskwriter import DiskwriterError, verify_diskwriter_image
-from hikkoshi.vm.guest_image import Accel
+from hikkoshi.vm.accel import Accel
 from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.qemu import qemu_command as vm_qemu_command
 from hikkoshi.vm.rundir import RunDir

@@ -3,7 +3,7 @@
     flock /tmp/hikkoshi-bench.lock .venv/bin/python -m bench.run_migrate [--quick] [--repeat N] \
         [--only loopback,wan]
 
-The same guest for everyone: the test guest (`hikkoshi.vm.guest_image.build_guest()`), a VM of 256 MiB and
+The same guest for everyone: the test guest (`hikkoshi.guest.guest_image.build_guest()`), a VM of 256 MiB and
 one vCPU with one 64 MiB disk (thin), booted into ``idle`` or ``busy`` (the disk writer, which verifies
 every record it writes, plus memdirty rewriting a tmpfs working set). Each migration boots a fresh VM,
 waits for the workload's READY lines (and ``--settle`` seconds), migrates it, lets a busy guest go on on
@@ -75,13 +75,13 @@ from bench.run_nbd import (
     write_results,
 )
 from hikkoshi.cli.migrate import parse_wan
-from hikkoshi.lab.link_model import WanParams
 from hikkoshi.daemons import supervisor_client as control
+from hikkoshi.guest.guest_image import GuestImage, build_guest
+from hikkoshi.guest.guest_vm import create_guest_vm
+from hikkoshi.lab.link_model import WanParams
+from hikkoshi.vm.accel import choose_accel
 from hikkoshi.vm.datastore import Datastore
-from hikkoshi.vm.guest_image import GuestImage, build_guest
-from hikkoshi.vm.guest_vm import create_guest_vm
 from hikkoshi.vm.home import VmHome
-from hikkoshi.vm.host import choose_accel
 from hikkoshi.vm.procs import alive
 
 SECTIONS: tuple[str, ...] = ("loopback", "wan")

@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.run_vm [--repeat N] [--mib M] [--rounds R] [--configs a,b,...] [--quick]
 
 Boots the test guest into the ``ddbench`` workload (sequential ``O_DIRECT`` dd in the guest, see
-:mod:`hikkoshi.vm.ddbench`) with the same QEMU command line except for how its disk is attached:
+:mod:`hikkoshi.guest.ddbench`) with the same QEMU command line except for how its disk is attached:
 
 - ``hikkoshi``: our NBD service (``hikkoshi nbd serve``, Unix socket) under QEMU's nbd client, with
   the ``-blockdev``/``-device`` arguments the VM runtime uses;
@@ -40,11 +40,12 @@ from typing import Any
 
 from bench.nbd_servers import stop_pid
 from hikkoshi.daemons import supervisor_client as control
+from hikkoshi.guest.ddbench import TAG, ddbench_results
+from hikkoshi.guest.guest_image import GuestImage, build_guest, qemu_command
+from hikkoshi.guest.guest_vm import create_guest_vm
+from hikkoshi.vm.accel import choose_accel
 from hikkoshi.vm.datastore import Datastore
-from hikkoshi.vm.ddbench import TAG, ddbench_results
-from hikkoshi.vm.guest_image import GuestImage, build_guest, qemu_command
-from hikkoshi.vm.guest_vm import create_guest_vm
-from hikkoshi.vm.host import choose_accel, host_facts
+from hikkoshi.vm.host import host_facts
 from hikkoshi.vm.qemu import nbd_disk_args
 from hikkoshi.vm.qemu import qemu_command as vm_qemu_command
 from hikkoshi.vm.rundir import RunDir

@@ -8,20 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from .servers import Served, hikkoshi_server
-
-
-def make_image(path: Path, size: int, seed: int = 1, data_every: int = 4 << 20) -> Path:
-    """A sparse raw image with 1 MiB of pseudo-random data every ``data_every`` bytes."""
-    import random
-
-    rng = random.Random(seed)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for off in range(0, size, data_every):
-            f.seek(off)
-            f.write(rng.randbytes(min(1 << 20, size - off)))
-    return path
+from tests.support.images import make_image
+from tests.support.servers import Served, hikkoshi_server
 
 
 @pytest.fixture

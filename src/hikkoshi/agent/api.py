@@ -34,10 +34,10 @@ from hikkoshi.agent.models import (
     VmStop,
 )
 from hikkoshi.agent.service import Agent
+from hikkoshi.guest.guest_image import GuestImageError, build_guest
 from hikkoshi.migrate.home_archive import MAX_ARCHIVE_BYTES
 from hikkoshi.vm.disk_serving import DiskPlan
 from hikkoshi.vm.errors import VmError
-from hikkoshi.vm.guest_image import GuestImageError, build_guest
 
 VmName = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 MigrationId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]

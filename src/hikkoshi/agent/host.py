@@ -14,14 +14,15 @@ from hikkoshi.agent.db import AgentDb
 from hikkoshi.agent.errors import Conflict, NotFound
 from hikkoshi.agent.models import DatastoreInfo, DiskInfo, HostInfo, NicInfo, VmCreate, VmInfo, VmStop
 from hikkoshi.daemons import supervisor_client as control
+from hikkoshi.guest.guest_image import build_guest
+from hikkoshi.guest.guest_vm import create_guest_vm
+from hikkoshi.guest.workloads import WORKLOADS
+from hikkoshi.vm.accel import DEFAULT_QEMU, choose_accel
 from hikkoshi.vm.datastore import Datastore
 from hikkoshi.vm.errors import DatastoreError, VmError
-from hikkoshi.vm.guest_image import DEFAULT_QEMU, build_guest
-from hikkoshi.vm.guest_vm import create_guest_vm
 from hikkoshi.vm.home import VmHome
-from hikkoshi.vm.host import choose_accel, host_facts, qemu_version, space
+from hikkoshi.vm.host import host_facts, qemu_version, space
 from hikkoshi.vm.spec import VmSpec, parse_spec
-from hikkoshi.vm.workloads import WORKLOADS
 
 
 @dataclass

@@ -21,7 +21,7 @@ from hikkoshi.migrate.home_archive import pack_home
 from hikkoshi.migrate.precheck import Side
 from hikkoshi.migrate.sides import SideError
 from hikkoshi.vm.disk_serving import DiskPlan, Holder
-from hikkoshi.vm.host import CpuFacts, HostFacts, MemoryFacts
+from hikkoshi.vm.facts import CpuFacts, HostFacts, MemoryFacts
 from hikkoshi.vm.spec import VmSpec, spec_from_toml
 
 #: One request to a peer; a peer silent for longer is taken for unreachable (and asked again later).

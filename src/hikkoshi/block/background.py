@@ -10,9 +10,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from hikkoshi.block.copy_plan import CopyPlan, Range, plan_copy
+from hikkoshi.block.copy_plan import CopyPlan, plan_copy
 from hikkoshi.block.dirty_bitmap import DIRTY_FLAG
 from hikkoshi.block.proxy import ProxyDevice
+from hikkoshi.block.ranges import Range
 from hikkoshi.block.throttle import Throttle
 from hikkoshi.nbd.constants import BASE_ALLOCATION, HIKKOSHI_HEAT
 from hikkoshi.nbd.errors import CommandError

@@ -7,12 +7,11 @@ and the rest of the data in disk order.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from hikkoshi.block.ranges import Range, Span, align_in, align_out, clip, complement, runs, to_spans
 from hikkoshi.nbd.constants import AllocationFlag
-
-Range = tuple[int, int]  # (offset, length) in bytes
 
 
 @dataclass(frozen=True)
@@ -44,25 +43,17 @@ def plan_copy(
     """
     blocks = (disk_size + block_size - 1) // block_size
     state = bytearray(blocks)  # 0 unplanned data, 1 zero, 2 planned
-    zero_runs: list[tuple[int, int]] = []
-    for offset, length, flags in source_map:
-        if flags & AllocationFlag.ZERO:
-            # Only blocks entirely inside a zero extent may be skipped.
-            first = -(-offset // block_size)
-            end = min(offset + length, disk_size)
-            last = end // block_size if end < disk_size else blocks
-            for b in range(first, last):
-                state[b] = 1
-    used_mask: bytearray | None = None
+    zero = [(offset, offset + length) for offset, length, flags in source_map if flags & AllocationFlag.ZERO]
+    # Only blocks entirely inside a zero extent may be skipped (the disk's short last block counts).
+    for first, end in clip(align_in(zero, block_size, limit=disk_size), 0, blocks):
+        state[first:end] = b"\x01" * (end - first)
+    used: list[Span] | None = None
     if fs_used is not None:
-        used_mask = bytearray(blocks)
-        for b in _blocks_of(fs_used, block_size, blocks):
-            used_mask[b] = 1
+        used = _blocks_of(fs_used, block_size, blocks)
         if skip_fs_free:
-            for b in range(blocks):
-                if not used_mask[b]:
-                    state[b] = 1
-    zero_runs = _runs(b for b in range(blocks) if state[b] == 1)
+            for first, end in complement(used, 0, blocks):
+                state[first:end] = b"\x01" * (end - first)
+    zero_runs = runs(b for b in range(blocks) if state[b] == 1)
 
     order: list[int] = []
 
@@ -74,28 +65,18 @@ def plan_copy(
 
     for offset, length, _count in sorted(heat, key=lambda h: (-h[2], h[0])):
         if _count > 0:
-            take(_blocks_of([(offset, length)], block_size, blocks))
-    if used_mask is not None:
-        take(b for b in range(blocks) if used_mask[b])
+            take(_each(_blocks_of([(offset, length)], block_size, blocks)))
+    if used is not None:
+        take(_each(used))
     take(range(blocks))
-    return CopyPlan(zero_runs, _runs(order))
+    return CopyPlan(zero_runs, runs(order))
 
 
-def _blocks_of(ranges: Iterable[Range], block_size: int, blocks: int) -> Iterable[int]:
-    for offset, length in ranges:
-        if length <= 0:
-            continue
-        first = max(0, offset // block_size)
-        last = min(blocks, (offset + length - 1) // block_size + 1)
-        yield from range(first, last)
+def _blocks_of(ranges: Iterable[Range], block_size: int, blocks: int) -> list[Span]:
+    """The blocks of the disk that byte ``ranges`` touch, merged."""
+    return clip(align_out(to_spans(ranges), block_size), 0, blocks)
 
 
-def _runs(blocks: Iterable[int]) -> list[tuple[int, int]]:
-    """Group consecutive block numbers (in the given order) into runs."""
-    out: list[tuple[int, int]] = []
-    for b in blocks:
-        if out and out[-1][0] + out[-1][1] == b:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((b, 1))
-    return out
+def _each(spans: Iterable[Span]) -> Iterator[int]:
+    for first, end in spans:
+        yield from range(first, end)

@@ -33,6 +33,17 @@ from hikkoshi.block.buffers import BufferPool
 from hikkoshi.block.cache_writer import CacheWriter, Op, Punch, Write
 from hikkoshi.block.file import RawFile
 from hikkoshi.block.presence import PresenceMap
+from hikkoshi.block.ranges import (
+    Labelled,
+    Range,
+    clip,
+    coalesce,
+    extents_in,
+    merge,
+    relabel,
+    to_ranges,
+    to_spans,
+)
 from hikkoshi.block.upstream import Upstream
 from hikkoshi.nbd.constants import BASE_ALLOCATION, AllocationFlag
 from hikkoshi.nbd.device import BlockDevice, Buffer, Capabilities, MaybeAwaitable
@@ -533,27 +544,11 @@ class ProxyDevice(BlockDevice):
             else:
                 out += self._source_extents(pos, run_end - pos)
             pos = run_end
-        return _merge(out)
+        return coalesce(out)
 
     def _source_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Allocation of missing ranges as the source reported it at start (data if unknown)."""
-        out: list[tuple[int, int]] = []
-        pos = offset
-        end = offset + length
-        for s_off, s_len, flags in self.source_map:
-            if s_off + s_len <= pos:
-                continue
-            if s_off >= end:
-                break
-            if s_off > pos:
-                out.append((s_off - pos, 0))
-                pos = s_off
-            n = min(s_off + s_len, end) - pos
-            out.append((n, flags & _HOLE))
-            pos += n
-        if pos < end:
-            out.append((end - pos, 0))
-        return out
+        return [(n, flags & _HOLE) for n, flags in extents_in(self.source_map, offset, offset + length, 0)]
 
     # --- invalidation -------------------------------------------------------------------------------------
 
@@ -567,7 +562,7 @@ class ProxyDevice(BlockDevice):
         """
         if self.detached:
             raise OSError(errno.ESHUTDOWN, "the upstream is released; nothing can be fetched again")
-        ranges = [(o, min(n, self.size - o)) for o, n in ranges if 0 <= o < self.size and n > 0]
+        ranges = to_ranges(clip(merge(to_spans(ranges)), 0, self.size))
         while waits := [b for o, n in ranges for b in self._inflight_in(o, n)]:
             await self.ensure(waits, True)
         dropped = 0
@@ -621,45 +616,9 @@ def _all_zero(data: bytearray, lo: int, hi: int) -> bool:
     return data.count(0, lo, hi) == hi - lo
 
 
-def _overlay_data(
-    source_map: list[tuple[int, int, int]], ranges: list[tuple[int, int]]
-) -> list[tuple[int, int, int]]:
+def _overlay_data(source_map: list[Labelled], ranges: list[Range]) -> list[Labelled]:
     """``source_map`` with ``ranges`` turned into plain data (flags 0)."""
-    out: list[tuple[int, int, int]] = []
-    for offset, length, flags in source_map:
-        pieces = [(offset, offset + length)]
-        for r_off, r_len in ranges:
-            next_pieces = []
-            for lo, hi in pieces:
-                if r_off + r_len <= lo or r_off >= hi:
-                    next_pieces.append((lo, hi))
-                    continue
-                if lo < r_off:
-                    next_pieces.append((lo, r_off))
-                if r_off + r_len < hi:
-                    next_pieces.append((r_off + r_len, hi))
-            pieces = next_pieces
-        covered = offset
-        for lo, hi in pieces:
-            if lo > covered:
-                out.append((covered, lo - covered, 0))
-            out.append((lo, hi - lo, flags))
-            covered = hi
-        if covered < offset + length:
-            out.append((covered, offset + length - covered, 0))
-    return out
-
-
-def _merge(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for n, f in extents:
-        if n <= 0:
-            continue
-        if out and out[-1][1] == f:
-            out[-1] = (out[-1][0] + n, f)
-        else:
-            out.append((n, f))
-    return out
+    return relabel(source_map, merge(to_spans(ranges)), 0)
 
 
 def _retrieve(fut: asyncio.Future[None]) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from hikkoshi.cli.migrate import parse_wan, wan_routes
 from hikkoshi.daemons.process import run
-from hikkoshi.vm.guest_image import DEFAULT_QEMU
+from hikkoshi.vm.accel import DEFAULT_QEMU
 
 if TYPE_CHECKING:  # the agent's modules (FastAPI, uvicorn, httpx) load only when an agent runs
     from hikkoshi.agent.jobs import RouteFactory

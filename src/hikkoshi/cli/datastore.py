@@ -9,9 +9,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from hikkoshi.vm.accel import choose_accel
 from hikkoshi.vm.datastore import Datastore
 from hikkoshi.vm.errors import VmError
-from hikkoshi.vm.host import choose_accel, host_facts
+from hikkoshi.vm.host import host_facts
 from hikkoshi.vm.spec import format_size
 
 

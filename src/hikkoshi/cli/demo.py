@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from hikkoshi.daemons import supervisor_client as control
+from hikkoshi.guest.diskwriter import verify_diskwriter_image
+from hikkoshi.guest.guest_image import GuestImageError, build_guest
 from hikkoshi.vm.datastore import Datastore
-from hikkoshi.vm.diskwriter import verify_diskwriter_image
-from hikkoshi.vm.guest_image import GuestImageError, build_guest
 from hikkoshi.vm.home import VmHome
 
 _DONE = re.compile(r"HIKKOSHI-DISKWRITER DONE run=(\d+) last=(\d+) written=\d+ records=\d+ OK")

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hikkoshi.vm.guest_image import GuestImageError, build_guest, kernel_cmdline
-from hikkoshi.vm.workloads import WORKLOADS
+from hikkoshi.cli import remote
+from hikkoshi.cli.params import parse_params
+from hikkoshi.guest.guest_image import GuestImageError, build_guest, kernel_cmdline
+from hikkoshi.guest.workloads import WORKLOADS
 
 
 def add_parser(top: Any) -> None:
@@ -21,8 +23,6 @@ def add_parser(top: Any) -> None:
         "--cache", type=Path, metavar="DIR", help="cache directory (default: $HIKKOSHI_CACHE or ~/.cache)"
     )
     p.add_argument("--json", action="store_true", help="print JSON")
-    from hikkoshi.cli import remote
-
     p.set_defaults(func=build_command, remote=remote.guest_build)
     p = group.add_parser("cmdline", help="print the kernel command line running a workload")
     p.add_argument("workload", choices=sorted(WORKLOADS))
@@ -30,17 +30,6 @@ def add_parser(top: Any) -> None:
     p.set_defaults(func=cmdline_command)
     p = group.add_parser("workloads", help="list the workloads the guest carries")
     p.set_defaults(func=workloads_command)
-
-
-def parse_params(items: list[str]) -> dict[str, str]:
-    """``KEY=VALUE`` items as a dict."""
-    params = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"expected KEY=VALUE, got {item!r}")
-        params[key] = value
-    return params
 
 
 def build_command(args: argparse.Namespace) -> int:

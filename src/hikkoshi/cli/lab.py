@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from hikkoshi.daemons import supervisor_client as control
-from hikkoshi.lab.netns_lab import LabError, LabPlan, plan_lab, run_ip, setup_commands, teardown_commands
+from hikkoshi.lab.netns_lab import LabError, LabPlan, plan_lab, setup_commands, teardown_commands
+from hikkoshi.lab.netns_run import run_ip
 from hikkoshi.vm.datastore import Datastore
 from hikkoshi.vm.home import write_atomically
 from hikkoshi.vm.procs import alive

@@ -19,6 +19,8 @@ from typing import Any
 
 from hikkoshi.block.throttle import parse_rate
 from hikkoshi.cli import remote
+from hikkoshi.cli.progress import progress
+from hikkoshi.cli.report import human_report
 from hikkoshi.cli.wan import parse_duration_ms, parse_rate_bps
 from hikkoshi.daemons.process import run
 from hikkoshi.lab.link_model import WanParams
@@ -28,7 +30,7 @@ from hikkoshi.migrate.destination import LocalDestination
 from hikkoshi.migrate.job import Job, MigrationError, MigrationPending, MigrationRefused
 from hikkoshi.migrate.live import LiveMigration, LiveRequest
 from hikkoshi.migrate.phases import recovery
-from hikkoshi.migrate.record import MigrationKind, MigrationRecord, MigrationStore
+from hikkoshi.migrate.record import MigrationKind, MigrationStore
 from hikkoshi.migrate.storage import Route
 from hikkoshi.migrate.storage_modes import StorageMode
 from hikkoshi.migrate.storage_move import StorageMigration
@@ -85,7 +87,7 @@ def add_parser(top: Any) -> None:
     how = p.add_mutually_exclusive_group()
     how.add_argument("--offline", action="store_true", help="cold migration of a powered-off VM")
     how.add_argument("--quick", action="store_true", help="suspend, move memory state and disks, resume")
-    p.add_argument("--json", action="store_true", help="print the record as JSON, no progress bar")
+    p.add_argument("--json", action="store_true", help="print the record as JSON, no progress")
     p.set_defaults(func=migrate_command, local_requires=("datastore", "to_datastore"), remote=remote.migrate)
 
     sm = top.add_parser(
@@ -109,7 +111,7 @@ def add_parser(top: Any) -> None:
     sm.add_argument("--bandwidth", metavar="RATE", help="limit the copy, e.g. 200M")
     sm.add_argument("--thick", action="store_true", help="preallocate the new disks (default: sparse)")
     sm.add_argument("--state-dir", type=Path, metavar="DIR", help="records (default: in DATASTORE)")
-    sm.add_argument("--json", action="store_true", help="print the record as JSON, no progress bar")
+    sm.add_argument("--json", action="store_true", help="print the record as JSON, no progress")
     sm.set_defaults(
         func=storage_migrate_command,
         local_requires=("datastore", "to_datastore"),
@@ -128,50 +130,6 @@ def add_parser(top: Any) -> None:
     h.add_argument("--state-dir", type=Path, metavar="DIR")
     h.add_argument("--json", action="store_true")
     h.set_defaults(func=migrations_command, local_requires=("datastore",), remote=remote.migrations)
-
-
-def human_report(record: MigrationRecord) -> str:
-    """The report for people."""
-    r = record.report
-    how = f"storage {record.storage.value}" if record.kind == MigrationKind.LIVE else record.kind.value
-    lines = [f"migration {record.id}: VM {record.vm}, {how}: {record.phase.value}"]
-    if record.error:
-        lines.append(f"  error: {record.error}")
-
-    def add(label: str, value: Any, unit: str = "") -> None:
-        if value is not None:
-            lines.append(f"  {label:<28} {value}{unit}")
-
-    add("downtime (QEMU)", r.get("downtime_ms"), " ms")
-    sw = r.get("switchover") or {}
-    add("guest gap (stop -> resumed)", sw.get("gap_ms"), " ms")
-    add("storage at switchover", sw.get("storage_ms"), " ms")
-    add("on the destination after", r.get("time_to_destination_s"), " s")
-    add("source released after", r.get("source_released_s"), " s")
-    mem = r.get("memory_bytes")
-    add("memory sent", f"{mem / 2**20:.1f} MiB" if mem else None)
-    add("memory iterations", r.get("memory_iterations"))
-    add("dirty rate before", r.get("dirty_rate_mib_s"), " MiB/s")
-    for disk, f in (r.get("disk_fetch") or {}).items():
-        add(
-            f"disk {disk}",
-            f"{f['demand_bytes'] / 2**20:.1f} MiB on demand, "
-            f"{f['background_bytes'] / 2**20:.1f} MiB background",
-        )
-    for disk, d in (r.get("disks") or {}).items():
-        passes = len(d["passes"])
-        add(
-            f"disk {disk} moved",
-            f"{d['copied_bytes'] / 2**20:.1f} MiB copied, {d['zero_bytes'] / 2**20:.1f} MiB holes, "
-            f"{passes} pass{'es' * (passes != 1)}, writes held {d['hold_ms']} ms",
-        )
-    for disk, s in (sw.get("storage") or {}).items():
-        add(f"disk {disk} invalidated", f"{s['dropped_bytes'] / 2**20:.2f} MiB")
-    for a in r.get("actions") or []:
-        add("convergence", f"{a['action']} {a['value'] or ''} ({a['reason']})")
-    for phase, seconds in (r.get("phases_s") or {}).items():
-        add(f"phase {phase}", seconds, " s")
-    return "\n".join(lines)
 
 
 def parse_wan(text: str) -> WanParams:
@@ -243,31 +201,25 @@ async def _migrate_via(args: argparse.Namespace, route: Route | None) -> int:
         code = await _run(coordinator)
         print(json.dumps(json.loads(coordinator.record.model_dump_json()), indent=2))
         return code
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (
-        TextColumn("[bold]{task.fields[phase]:<20}"),
-        BarColumn(),
-        DownloadColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, TextColumn("{task.fields[detail]}")) as progress:
-        task = progress.add_task("migrate", total=None, phase="precheck", detail="")
+    with progress("migrate") as report:
 
         def show(info: dict[str, Any]) -> None:
-            fields: dict[str, Any] = {"phase": info["phase"]}
-            if info.get("disk_total", 0) is None:
-                fields["completed"] = info["disk_done"]
-                fields["detail"] = "disks"
+            phase = info["phase"]
+            if info.get("disk_total", 0) is None:  # a cold copy: the size is known at the end
+                report.update(phase, info["disk_done"], None, detail="disks")
             elif "memory_done" in info:
-                fields["completed"] = info["memory_done"]
-                fields["total"] = info["memory_done"] + info["memory_remaining"]
-                fields["detail"] = f"iteration {info['iteration']} · {info.get('mbps') or 0:.0f} Mbit/s"
+                mbps = info.get("mbps")
+                report.update(
+                    phase,
+                    info["memory_done"],
+                    info["memory_done"] + info["memory_remaining"],
+                    rate=mbps * 1e6 / 8 if mbps else None,  # QEMU's measure of the stream
+                    detail=f"memory, iteration {info['iteration']}",
+                )
             elif "disk_done" in info:
-                fields["completed"] = info["disk_done"]
-                fields["total"] = info["disk_total"]
-                fields["detail"] = "disks"
-            progress.update(task, **fields)
+                report.update(phase, info["disk_done"], info["disk_total"], detail="disks")
+            else:
+                report.update(phase)
 
         coordinator = _job(kind, request, destination, store, show)
         code = await _run(coordinator)
@@ -284,19 +236,15 @@ async def _storage_migrate(args: argparse.Namespace) -> int:
         code = await _run(job)
         print(job.record.model_dump_json(indent=2))
         return code
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    phase = TextColumn("[bold]{task.fields[phase]:<14}")
-    with Progress(
-        phase, BarColumn(), DownloadColumn(), TimeRemainingColumn(), TextColumn("{task.fields[detail]}")
-    ) as bar:
-        task = bar.add_task("storage", total=None, phase="precheck", detail="")
+    with progress("storage-migrate") as report:
 
         def show(info: dict[str, Any]) -> None:
-            fields: dict[str, Any] = {"phase": info["phase"]}
             if "disk_done" in info:
-                fields.update(completed=info["disk_done"], total=info["disk_total"], detail=info["disk"])
-            bar.update(task, **fields)
+                report.update(
+                    info["phase"], info["disk_done"], info["disk_total"], detail=f"disk {info['disk']}"
+                )
+            else:
+                report.update(info["phase"])
 
         job = StorageMigration(args.name, src, dst, store, on_progress=show, **kwargs)
         code = await _run(job)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hikkoshi.cli.progress import ProgressReport, progress
 from hikkoshi.nbd.control import ControlError, control_request
 
 _END = ("done", "failed", "cancelled")
@@ -33,7 +34,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--bandwidth", metavar="RATE", help="limit the copy, e.g. 200M, 1G, 500Mbit")
     p.add_argument("--thick", action="store_true", help="preallocate the new file (default: sparse)")
-    p.add_argument("--json", action="store_true", help="print the final status as JSON, no progress bar")
+    p.add_argument("--json", action="store_true", help="print the final status as JSON, no progress")
     p.set_defaults(func=move_command)
 
 
@@ -53,32 +54,21 @@ def summary(s: dict[str, Any]) -> str:
     )
 
 
-async def _follow(path: Path, export: dict[str, Any], bar: bool) -> dict[str, Any]:
-    if not bar:
-        while True:
-            status: dict[str, Any] = await control_request(path, "move-status", **export)
-            if status["phase"] in _END:
-                return status
-            await asyncio.sleep(0.2)
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("[bold]{task.fields[phase]}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
-    with Progress(*columns, TextColumn("{task.fields[detail]}")) as progress:
-        task = progress.add_task("move", total=None, phase="preparing", detail="")
-        while True:
-            status = await control_request(path, "move-status", **export)
+async def _follow(path: Path, export: dict[str, Any], report: ProgressReport | None) -> dict[str, Any]:
+    while True:
+        status: dict[str, Any] = await control_request(path, "move-status", **export)
+        if report is not None:
             done = status["copied_bytes"] + status["zero_bytes"]
-            detail = f"pass {len(status['passes']) + 1} · {status['rate'] / 1e6:.0f} MB/s"
-            progress.update(
-                task,
-                completed=done,
-                total=done + status["pending_bytes"],
-                phase=status["phase"],
-                detail=detail,
+            report.update(
+                status["phase"],
+                done,
+                done + status["pending_bytes"],
+                rate=status["rate"],
+                detail=f"pass {len(status['passes']) + 1}",
             )
-            if status["phase"] in _END:
-                return status
-            await asyncio.sleep(0.2)
+        if status["phase"] in _END:
+            return status
+        await asyncio.sleep(0.2)
 
 
 async def _move(args: argparse.Namespace, path: Path) -> dict[str, Any]:
@@ -93,7 +83,10 @@ async def _move(args: argparse.Namespace, path: Path) -> dict[str, Any]:
         request["bandwidth"] = args.bandwidth
     await control_request(path, "move", **request)
     try:
-        return await _follow(path, export, bar=not args.json and sys.stderr.isatty())
+        if args.json:
+            return await _follow(path, export, None)
+        with progress("nbd move") as report:
+            return await _follow(path, export, report)
     except asyncio.CancelledError:
         await control_request(path, "move-cancel", **export)
         raise

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hikkoshi.cli.progress import progress
 from hikkoshi.nbd.control import ControlError, control_request
 
 
@@ -32,25 +33,17 @@ def _line(s: dict[str, Any]) -> str:
 
 
 async def _watch(path: Path) -> dict[str, Any]:
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
-    status: dict[str, Any] = await control_request(path, "status")
-    columns = (
-        TextColumn("[bold]relocation"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[detail]}"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, transient=False) as progress:
-        task = progress.add_task("relocation", total=status["size"], detail="")
+    with progress("nbd status") as report:
         while True:
-            status = await control_request(path, "status")
-            detail = (
-                f"upstream {status['upstream']} · {status['rate_bytes_s'] / 1e6:.1f} MB/s"
-                f"{' · paused' if status['paused'] else ''}"
+            status: dict[str, Any] = await control_request(path, "status")
+            detail = f"upstream {status['upstream']}{' · paused' if status['paused'] else ''}"
+            report.update(
+                status["phase"],
+                status["present_bytes"],
+                status["size"],
+                rate=status["rate_bytes_s"],
+                detail=detail,
             )
-            progress.update(task, completed=status["present_bytes"], detail=detail)
             if status["upstream"] == "detached":
                 return status
             await asyncio.sleep(0.5)

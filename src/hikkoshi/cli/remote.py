@@ -13,10 +13,12 @@ import asyncio
 import json
 import os
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from hikkoshi.cli.params import parse_params
+from hikkoshi.cli.progress import progress
+from hikkoshi.cli.report import human_report
 from hikkoshi.daemons.process import run
 from hikkoshi.migrate.record import MigrationRecord
 
@@ -69,8 +71,6 @@ def _vm_line(vm: dict[str, Any]) -> str:
 
 
 def vm_create(args: argparse.Namespace) -> int:
-    from hikkoshi.cli.guest import parse_params  # cli modules import this one
-
     if args.no_nic and (args.nic or args.mac):
         print("hikkoshi vm create: --no-nic contradicts --nic and --mac", file=sys.stderr)
         return 2
@@ -204,7 +204,7 @@ def migrate(args: argparse.Namespace) -> int:
 
     async def go(client: AgentClient) -> int:
         accepted = await client.post(f"/v1/vms/{args.name}/migrate", body)
-        return await follow(client, accepted["id"], args.json)
+        return await follow(client, accepted["id"], args.json, "migrate")
 
     return call(args, go)
 
@@ -219,7 +219,7 @@ def storage_migrate(args: argparse.Namespace) -> int:
 
     async def go(client: AgentClient) -> int:
         accepted = await client.post(f"/v1/vms/{args.name}/storage-migrate", body)
-        return await follow(client, accepted["id"], args.json)
+        return await follow(client, accepted["id"], args.json, "storage-migrate")
 
     return call(args, go)
 
@@ -231,8 +231,8 @@ def outcome(info: dict[str, Any]) -> int:
     return 2 if str(info.get("error") or "").startswith("refused") else 1
 
 
-async def follow(client: AgentClient, migration_id: str, as_json: bool) -> int:
-    """Show a migration's progress until it ends; then its report."""
+async def follow(client: AgentClient, migration_id: str, as_json: bool, title: str) -> int:
+    """Show a migration's progress until it ends (as ``title``); then its report."""
     path = f"/v1/migrations/{migration_id}"
     if as_json:
         info = await client.get(path)
@@ -241,47 +241,21 @@ async def follow(client: AgentClient, migration_id: str, as_json: bool) -> int:
             info = await client.get(path)
         _print_json(info)
         return outcome(info)
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (
-        TextColumn("[bold]{task.fields[phase]:<16}"),
-        BarColumn(),
-        DownloadColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-        TimeElapsedColumn(),
-    )
-    t0 = time.monotonic()
-    last = (t0, 0)
-    with Progress(*columns, TextColumn("{task.fields[detail]}")) as bar:
-        task = bar.add_task("migration", total=None, phase="precheck", rate="", detail="")
+    with progress(title) as report:
         while True:
             info = await client.get(path)
             p = info.get("progress") or {}
-            fields: dict[str, Any] = {"phase": info["phase"]}
-            done = total = None
-            detail = ""
-            if "memory_done" in p and info["phase"] in ("memory-precopy", "switchover"):
-                done, total = p["memory_done"], p["memory_done"] + p.get("memory_remaining", 0)
+            phase = info["phase"]
+            if "memory_done" in p and phase in ("memory-precopy", "switchover"):
                 dirty = (p.get("dirty_pages_rate") or 0) * 4096 / _MIB
+                total = p["memory_done"] + p.get("memory_remaining", 0)
                 detail = f"memory, iteration {p.get('iteration', 0)} · dirty {dirty:.1f} MiB/s"
+                report.update(phase, p["memory_done"], total, detail=detail)
             elif p.get("disk_total"):
                 done, total = p["disk_done"], p["disk_total"]
-                detail = f"disks · {100 * done / total:.1f} % local" if total else "disks"
-            if done is not None:
-                now = time.monotonic()
-                rate = (done - last[1]) / max(now - last[0], 1e-3)
-                last = (now, done)
-                fields.update(completed=done, total=total, rate=f"{max(rate, 0) / _MIB:6.1f} MiB/s")
-            fields["detail"] = detail
-            bar.update(task, **fields)
+                report.update(phase, done, total, detail=f"disks · {100 * done / total:.1f} % local")
+            else:
+                report.update(phase)
             if not info["running"]:
                 break
             await asyncio.sleep(0.25)
@@ -290,8 +264,6 @@ async def follow(client: AgentClient, migration_id: str, as_json: bool) -> int:
 
 
 def _report(info: dict[str, Any]) -> str:
-    from hikkoshi.cli.migrate import human_report  # cli modules import this one
-
     return human_report(MigrationRecord.model_validate(info["record"]))
 
 

@@ -15,18 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from hikkoshi.cli import remote
-from hikkoshi.cli.guest import parse_params
+from hikkoshi.cli.params import parse_params
 from hikkoshi.daemons import supervisor_client as control
 from hikkoshi.daemons.process import run
+from hikkoshi.guest.guest_image import GuestImageError, build_guest
+from hikkoshi.guest.guest_vm import create_guest_vm
+from hikkoshi.guest.workloads import WORKLOADS
 from hikkoshi.vm.datastore import Datastore
 from hikkoshi.vm.errors import VmError
-from hikkoshi.vm.guest_image import GuestImageError, build_guest
-from hikkoshi.vm.guest_vm import create_guest_vm
 from hikkoshi.vm.home import VmHome
-from hikkoshi.vm.host import host_facts
-from hikkoshi.vm.qemu import resolve_machine
+from hikkoshi.vm.host import host_facts, resolve_machine
 from hikkoshi.vm.spec import VmSpec, format_size, parse_spec
-from hikkoshi.vm.workloads import WORKLOADS
 
 
 def add_parser(top: Any) -> None:

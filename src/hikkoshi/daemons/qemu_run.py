@@ -24,9 +24,9 @@ from types import TracebackType
 from typing import Any, Literal
 
 from hikkoshi.vm import tap
+from hikkoshi.vm.accel import DEFAULT_QEMU, Accel
 from hikkoshi.vm.disk_serving import DiskPlan
 from hikkoshi.vm.errors import VmStartError
-from hikkoshi.vm.guest_image import DEFAULT_QEMU, Accel
 from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.precheck import OVMF_VARS
 from hikkoshi.vm.procs import Child
@@ -35,7 +35,7 @@ from hikkoshi.vm.qmp import QmpCommandError, QmpSession
 from hikkoshi.vm.rundir import RunDir
 from hikkoshi.vm.spec import VmSpec
 
-log = logging.getLogger("hikkoshi.vm.runtime")
+log = logging.getLogger("hikkoshi.daemons.qemu")
 
 StopHow = Literal["guest", "acpi", "quit", "kill"]
 

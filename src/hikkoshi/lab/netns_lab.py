@@ -2,14 +2,13 @@
 others by a bridge in the root namespace (which gets an address too, so the command line reaches every
 agent). Hosts are in sites; migrations between sites cross the WAN emulator (the agents' ``--wan-link``).
 
-The plan is pure (names, addresses, the ``ip`` commands that make and unmake it); :func:`run_ip` carries
-commands out. Names are short (interface names have at most 15 characters) and carry the lab's number,
-so several labs can exist side by side.
+The plan is pure (names, addresses, the ``ip`` commands that make and unmake it);
+:func:`hikkoshi.lab.netns_run.run_ip` carries commands out. Names are short (interface names have at
+most 15 characters) and carry the lab's number, so several labs can exist side by side.
 """
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass
 
 #: Addresses are 10.203.LAB.HOST/24; the bridge is .254.
@@ -97,19 +96,3 @@ def teardown_commands(plan: LabPlan) -> list[list[str]]:
 
 class LabError(RuntimeError):
     """The lab cannot be made (not root, no ``ip``, names in use)."""
-
-
-def run_ip(cmds: list[list[str]], *, check: bool = True) -> list[str]:
-    """Run the commands in order; the errors of those that failed (``check``: raise at the first)."""
-    errors = []
-    for cmd in cmds:
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
-        except OSError as exc:
-            raise LabError(f"{cmd[0]}: {exc.strerror}") from None
-        if done.returncode != 0:
-            error = f"{' '.join(cmd)}: {done.stderr.strip()}"
-            if check:
-                raise LabError(error)
-            errors.append(error)
-    return errors

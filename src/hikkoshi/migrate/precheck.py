@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hikkoshi.vm.host import HostFacts
+from hikkoshi.vm.facts import HostFacts
 from hikkoshi.vm.precheck import check_memory_available, check_networks
 from hikkoshi.vm.spec import VmSpec
 

@@ -1,1 +1,1 @@
-"""Virtual machines: specs, datastores, QEMU processes, and guest images for tests and demos."""
+"""Virtual machines: specs, datastores, host facts, QEMU processes under a supervisor: the runtime."""

@@ -23,8 +23,9 @@ import tomli_w
 from hikkoshi.vm import precheck
 from hikkoshi.vm.disks import allocated_bytes, create_disk, image_info, import_image
 from hikkoshi.vm.errors import DatastoreError, PrecheckError, RuntimeStateError, SpecError
+from hikkoshi.vm.facts import HostFacts
 from hikkoshi.vm.home import SPEC_FILE, VmHome, write_atomically
-from hikkoshi.vm.host import HostFacts, space
+from hikkoshi.vm.host import space
 from hikkoshi.vm.spec import SECTOR, VmSpec, spec_to_toml
 
 MARKER = "hikkoshi-datastore.toml"

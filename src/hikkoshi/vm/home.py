@@ -3,7 +3,9 @@
 ``<datastore>/<name>/`` holds ``vm.toml`` (the spec), ``<disk>.raw`` for every disk,
 ``console.log`` (the serial console of the current or last boot; the one before is
 ``console.log.1``), ``qemu.log``, ``nbd.log``, ``supervisor.log``, ``supervisor.pid``,
-``state.json`` (what the supervisor last said about the VM) and ``.lock``.
+``state.json`` (what the supervisor last said about the VM), ``.lock``, and for a VM whose disks are not
+all plain files (a relocation under way, a disk held by another host), ``disks.json`` (its :mod:`disk plan
+<hikkoshi.vm.disk_serving>`).
 
 The lock is the one truth about whether the VM runs: the supervisor holds an exclusive ``flock``
 on ``.lock`` for as long as it owns the VM's processes, and the kernel drops it when the supervisor

@@ -1,105 +1,18 @@
-"""Facts about this host that prechecks need: memory, CPU, datastore space, KVM, bridges.
+"""This host's facts, read live: memory and CPU (``/proc``), datastore space, KVM, bridges, QEMU.
 
-The parsers take the text of ``/proc`` files so they can be tested on recorded samples; the
-``read_*`` functions read the live files.
+What the facts are, and the parsers of the ``/proc`` files, are in :mod:`hikkoshi.vm.facts`.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
-from hikkoshi.vm.guest_image import DEFAULT_QEMU, Accel, build_guest, detect_accel
-
-MIB = 1 << 20
-
-
-@dataclass(frozen=True)
-class MemoryFacts:
-    """From ``/proc/meminfo``, in bytes."""
-
-    total: int
-    available: int
-    """``MemAvailable``: what can be given to new work without swapping."""
-
-
-@dataclass(frozen=True)
-class CpuFacts:
-    """From ``/proc/cpuinfo``: what a guest CPU model can be checked against."""
-
-    model: str
-    vendor: str
-    flags: frozenset[str]
-    count: int
-
-
-@dataclass(frozen=True)
-class SpaceFacts:
-    """From ``statvfs`` of a directory's file system, in bytes."""
-
-    total: int
-    free: int
-    """Free for an unprivileged user (``f_bavail``), which is what a VM's files may count on."""
-
-
-@dataclass(frozen=True)
-class HostFacts:
-    """Everything a precheck asks about this host."""
-
-    hostname: str
-    memory: MemoryFacts
-    cpu: CpuFacts
-    kvm_device: bool
-    """``/dev/kvm`` can be opened; whether KVM really runs guests is :func:`choose_accel`'s question."""
-    bridges: frozenset[str]
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly form (flags sorted)."""
-        data = asdict(self)
-        data["cpu"]["flags"] = sorted(self.cpu.flags)
-        data["bridges"] = sorted(self.bridges)
-        return data
-
-
-def parse_meminfo(text: str) -> MemoryFacts:
-    """Parse ``/proc/meminfo`` (values in kB)."""
-    values: dict[str, int] = {}
-    for line in text.splitlines():
-        key, sep, rest = line.partition(":")
-        parts = rest.split()
-        if sep and parts and parts[0].isdigit():
-            values[key.strip()] = int(parts[0]) * 1024
-    if "MemTotal" not in values:
-        raise ValueError("no MemTotal in /proc/meminfo")
-    # Kernels before 3.14 have no MemAvailable; free memory is the cautious stand-in.
-    available = values.get("MemAvailable", values.get("MemFree", 0))
-    return MemoryFacts(total=values["MemTotal"], available=available)
-
-
-def parse_cpuinfo(text: str) -> CpuFacts:
-    """Parse ``/proc/cpuinfo`` (x86 layout; other architectures give empty model and flags)."""
-    model = vendor = ""
-    flags: frozenset[str] = frozenset()
-    count = 0
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if not sep:
-            continue
-        key, value = key.strip(), value.strip()
-        if key == "processor":
-            count += 1
-        elif key == "model name" and not model:
-            model = value
-        elif key == "vendor_id" and not vendor:
-            vendor = value
-        elif key == "flags" and not flags:
-            flags = frozenset(value.split())
-    return CpuFacts(model=model, vendor=vendor, flags=flags, count=max(count, 1))
+from hikkoshi.vm.accel import DEFAULT_QEMU, kvm_device_usable
+from hikkoshi.vm.facts import HostFacts, SpaceFacts, parse_cpuinfo, parse_meminfo
 
 
 def space(path: Path) -> SpaceFacts:
@@ -122,32 +35,9 @@ def host_facts() -> HostFacts:
         hostname=socket.gethostname(),
         memory=parse_meminfo(Path("/proc/meminfo").read_text()),
         cpu=parse_cpuinfo(Path("/proc/cpuinfo").read_text()),
-        kvm_device=os.access("/dev/kvm", os.R_OK | os.W_OK),
+        kvm_device=kvm_device_usable(),
         bridges=read_bridges(),
     )
-
-
-def choose_accel(
-    requested: str = "auto", *, qemu: str = DEFAULT_QEMU, env: Mapping[str, str] | None = None
-) -> Accel:
-    """The accelerator to run a VM with: ``requested`` unless it is ``auto``.
-
-    ``auto`` means ``$HIKKOSHI_ACCEL`` if set, TCG without a usable ``/dev/kvm``, and otherwise
-    whatever :func:`~hikkoshi.vm.guest_image.detect_accel` finds by booting the test guest under
-    KVM (built into the cache the first time; the answer is remembered per host boot).
-    """
-    if requested in ("kvm", "tcg"):
-        return "kvm" if requested == "kvm" else "tcg"
-    if requested != "auto":
-        raise ValueError(f"accelerator must be auto, kvm or tcg, not {requested!r}")
-    forced = (os.environ if env is None else env).get("HIKKOSHI_ACCEL")
-    if forced:
-        if forced not in ("kvm", "tcg"):
-            raise ValueError(f"HIKKOSHI_ACCEL must be kvm or tcg, not {forced!r}")
-        return "kvm" if forced == "kvm" else "tcg"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "tcg"
-    return detect_accel(build_guest(), qemu=qemu)
 
 
 def qemu_version(qemu: str = DEFAULT_QEMU) -> tuple[int, int, int]:
@@ -161,3 +51,26 @@ def qemu_version(qemu: str = DEFAULT_QEMU) -> tuple[int, int, int]:
         return major, minor, micro
     except (OSError, IndexError, ValueError, subprocess.TimeoutExpired):
         return 0, 0, 0
+
+
+_ALIAS_RE = re.compile(r"^(\S+)\s.*\(alias of (\S+)\)")
+
+
+def resolve_machine(machine: str, qemu: str = DEFAULT_QEMU) -> str:
+    """The versioned machine type an alias stands for (``q35`` -> ``pc-q35-7.2``) on this QEMU.
+
+    A VM keeps the versioned type from its creation on, so its virtual hardware stays the same
+    when a newer QEMU (or a migration to a host with one) changes what the alias means.
+    Unknown names and errors leave ``machine`` as it is; QEMU will say what is wrong at start.
+    """
+    try:
+        out = subprocess.run(
+            [qemu, "-machine", "help"], capture_output=True, text=True, check=False, timeout=30
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return machine
+    for line in out.splitlines():
+        m = _ALIAS_RE.match(line)
+        if m and m[1] == machine:
+            return m[2]
+    return machine

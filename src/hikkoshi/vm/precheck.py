@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hikkoshi.vm.host import HostFacts
+from hikkoshi.vm.facts import HostFacts
 from hikkoshi.vm.spec import VmSpec, format_size
 
 MIB = 1 << 20

@@ -13,18 +13,19 @@ hardware, in the same order, on any host: what a migration needs.
 from __future__ import annotations
 
 import json
-import re
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hikkoshi.nbd.uri import NbdUri
+from hikkoshi.vm.accel import DEFAULT_QEMU, Accel
 from hikkoshi.vm.disk_serving import DiskPlan
-from hikkoshi.vm.guest_image import DEFAULT_QEMU, Accel
-from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.precheck import OVMF_CODE
 from hikkoshi.vm.rundir import RunDir
 from hikkoshi.vm.spec import DiskSpec, NicSpec, VmSpec
+
+if TYPE_CHECKING:  # only its paths are asked for: the home's locks and files stay out of here
+    from hikkoshi.vm.home import VmHome
 
 UEFI_VARS_FILE = "uefi-vars.fd"
 #: Seconds QEMU's disk requests wait for a restarting disk service before they fail.
@@ -180,26 +181,3 @@ def qemu_command(
     if incoming:
         cmd += ["-incoming", "defer"]
     return cmd
-
-
-_ALIAS_RE = re.compile(r"^(\S+)\s.*\(alias of (\S+)\)")
-
-
-def resolve_machine(machine: str, qemu: str = DEFAULT_QEMU) -> str:
-    """The versioned machine type an alias stands for (``q35`` -> ``pc-q35-7.2``) on this QEMU.
-
-    A VM keeps the versioned type from its creation on, so its virtual hardware stays the same
-    when a newer QEMU (or a migration to a host with one) changes what the alias means.
-    Unknown names and errors leave ``machine`` as it is; QEMU will say what is wrong at start.
-    """
-    try:
-        out = subprocess.run(
-            [qemu, "-machine", "help"], capture_output=True, text=True, check=False, timeout=30
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return machine
-    for line in out.splitlines():
-        m = _ALIAS_RE.match(line)
-        if m and m[1] == machine:
-            return m[2]
-    return machine

@@ -74,9 +74,10 @@ class Relocating(StorageStrategy):
             if not await ctx.destination.is_running():
                 # The guest runs nowhere until it is started there again (its disks carry on then); the
                 # job waits for that rather than ending: the source serves the disks meanwhile.
+                where = ctx.destination.home_path
                 raise SideError(
                     "the destination VM is not running and its disks are not complete; the source keeps "
-                    f"serving them: start it again on the destination ({ctx.destination.home_path}) to carry on",
+                    f"serving them: start it again on the destination ({where}) to carry on",
                     transient=True,
                 )
             try:

@@ -1,0 +1,161 @@
+"""The values stored under the keys of :mod:`hikkoshi.cluster.keys`: JSON checked by pydantic.
+
+Unknown fields are refused on purpose: a record written by a newer agent that this one cannot read
+fails loudly (:class:`pydantic.ValidationError`) rather than being silently stripped on the next write.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hikkoshi.migrate.phases import Phase
+
+
+class Record(BaseModel):
+    """A JSON value in etcd."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def to_bytes(self) -> bytes:
+        """The bytes stored in etcd."""
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Self:
+        """Parse and check the bytes read from etcd."""
+        return cls.model_validate_json(raw)
+
+
+def now() -> float:
+    return time.time()
+
+
+# -- hosts ------------------------------------------------------------------------------------------
+
+
+class DatastoreInfo(Record):
+    """A datastore a host serves: its stable uuid (the same store seen from two hosts has one uuid)."""
+
+    name: str
+    uuid: str
+    capacity: int = Field(ge=0, description="bytes")
+
+
+class HostInfo(Record):
+    """What a host is: written when it registers, kept when it goes down."""
+
+    name: str
+    api_address: str
+    migration_addresses: tuple[str, ...] = ()
+    site: str = "default"
+    cpu_model: str = ""
+    memory_total: int = Field(ge=0, description="bytes")
+    datastores: tuple[DatastoreInfo, ...] = ()
+    registered_at: float = Field(default_factory=now)
+
+
+class HostLoad(Record):
+    """Load figures a host publishes (moving averages are the host's business)."""
+
+    cpu: float = Field(default=0.0, ge=0.0, description="busy fraction of all cores, 0..1")
+    vms: int = Field(default=0, ge=0)
+    migrations_out: int = Field(default=0, ge=0)
+    migrations_in: int = Field(default=0, ge=0)
+
+
+class HostStatus(Record):
+    """How a host is doing now: under its lease, so it vanishes when the host stops renewing it."""
+
+    agent: str = Field(default="", description="a nonce of the agent process (two agents of one name differ)")
+    memory_free: int = Field(ge=0, description="bytes")
+    datastores_free: dict[str, int] = Field(default_factory=dict, description="datastore uuid -> free bytes")
+    load: HostLoad = HostLoad()
+    updated_at: float = Field(default_factory=now)
+
+
+class Maintenance(Record):
+    """A host put in maintenance: no VM is placed on it, its VMs are to be moved away."""
+
+    reason: str = ""
+    since: float = Field(default_factory=now)
+
+
+# -- VMs --------------------------------------------------------------------------------------------
+
+
+class VmRecord(Record):
+    """A VM the cluster knows: what placement needs of it, not its whole spec (that stays in its home)."""
+
+    uuid: str
+    name: str
+    memory: int = Field(ge=0, description="bytes")
+    vcpus: int = Field(default=1, ge=1)
+    disk_bytes: int = Field(default=0, ge=0)
+    datastore: str | None = Field(default=None, description="uuid of the datastore of its home")
+    created_at: float = Field(default_factory=now)
+
+
+class Owner(Record):
+    """Who runs a VM. The key's mod revision is the fencing token, not anything in here."""
+
+    host: str
+    claim: str = Field(description="a nonce of the write, so a writer recognises its own write after a retry")
+    since: float = Field(default_factory=now)
+
+
+# -- migrations -------------------------------------------------------------------------------------
+
+
+class JobRecord(Record):
+    """A migration as the cluster sees it: any agent can read where it stands."""
+
+    id: str
+    vm: str = Field(description="VM uuid")
+    source: str
+    destination: str
+    phase: Phase = Phase.PRECHECK
+    resources: tuple[str, ...] = Field(default=(), description="the limited resources it takes slots of")
+    created_at: float = Field(default_factory=now)
+    updated_at: float = Field(default_factory=now)
+    history: tuple[tuple[str, float], ...] = Field(default=(), description="(phase, time) as entered")
+    error: str | None = None
+
+
+class Coordinator(Record):
+    """The host coordinating a migration, under the migration's lease."""
+
+    host: str
+    claim: str
+    since: float = Field(default_factory=now)
+
+
+# -- limits -----------------------------------------------------------------------------------------
+
+
+class SlotHolder(Record):
+    """A migration holding a slot of a resource."""
+
+    job: str
+    since: float = Field(default_factory=now)
+
+
+class QueueEntry(Record):
+    """A migration waiting for slots of these resources."""
+
+    job: str
+    resources: tuple[str, ...]
+    since: float = Field(default_factory=now)
+
+
+class Limits(Record):
+    """How many migrations may hold a slot of a resource at once, by kind; ``overrides`` by resource name."""
+
+    host_out: int = Field(default=2, ge=1)
+    host_in: int = Field(default=2, ge=1)
+    datastore: int = Field(default=4, ge=1)
+    link: int = Field(default=1, ge=1, description="per pair of sites")
+    cluster: int = Field(default=8, ge=1)
+    overrides: dict[str, int] = Field(default_factory=dict)
