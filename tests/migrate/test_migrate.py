@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -22,8 +21,7 @@ from hikkoshi.daemons import supervisor_client as control
 from hikkoshi.guest.diskwriter import verify_diskwriter_image
 from hikkoshi.guest.guest_image import GuestImage
 from hikkoshi.vm.datastore import Datastore
-from hikkoshi.vm.home import VmHome
-from tests.support.migrations import cleanup, hosts
+from tests.support.migrations import DONE, asyncio_request, cleanup, finish_and_verify, hosts, migrate
 from tests.support.vms import (
     alive,
     console,
@@ -37,41 +35,6 @@ from tests.support.vms import (
 )
 
 __all__ = ["guest", "hosts", "short_runtime_dir"]  # fixtures: the test guest, two hosts, A's runtime dir
-
-_DONE = re.compile(r"HIKKOSHI-DISKWRITER DONE run=(\d+) last=(\d+) written=\d+ records=\d+ OK")
-
-
-def migrate(
-    a: Datastore, b: Datastore, runtime_b: Path, name: str, *extra: str, crash_at: str | None = None
-) -> tuple[int, dict[str, Any]]:
-    """Run `hikkoshi migrate --json`; its exit status and the record it printed (none if it was
-    made to crash at ``crash_at``)."""
-    cmd = [sys.executable, "-m", "hikkoshi", "migrate", name, "--datastore", str(a.path)]
-    cmd += ["--to-datastore", str(b.path), "--to-runtime-dir", str(runtime_b), "--json", *extra]
-    env = dict(os.environ)
-    if crash_at is not None:
-        env["HIKKOSHI_CRASH_AT"] = crash_at
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    if crash_at is not None:
-        assert done.returncode == -signal.SIGKILL, (done.returncode, done.stdout, done.stderr)
-        return done.returncode, {}
-    try:
-        record = json.loads(done.stdout)
-    except ValueError:
-        pytest.fail(f"no JSON record (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
-    return done.returncode, record
-
-
-def finish_and_verify(home: VmHome, run: int, after: int = 0) -> int:
-    """Stop the guest with the power button; its own final check must pass; the image verifies too."""
-    state = stop(home)
-    assert state["exit"]["how"] == "acpi", state
-    text = console(home)
-    done = _DONE.search(text, after)
-    assert done is not None, text[-3000:]
-    last = int(done[2])
-    assert verify_diskwriter_image(home.path / "disk0.raw", run=run, durable=last).last == last
-    return last
 
 
 @pytest.mark.slow
@@ -112,7 +75,7 @@ def test_busy_guest_migrates(
         if storage == "shared":
             stop(dest)
             text = console(dest)
-            done = _DONE.search(text)
+            done = DONE.search(text)
             assert done is not None, text[-3000:]
             # the disk is still the source's file, served by the source host
             assert verify_diskwriter_image(home.path / "disk0.raw", run=run, durable=int(done[2]))
@@ -153,12 +116,6 @@ def test_idle_guest_migrates(
         assert record["facts"]["geometry"] == {"disk0": chs} and min(chs) > 0
         assert ",cyls={},heads={},secs={}".format(*chs) in (dest.path / "qemu.log").read_text()
         stop(dest)
-
-
-def asyncio_request(home: VmHome, command: str, **args: Any) -> Any:
-    import asyncio
-
-    return asyncio.run(control.request(home, home.load_spec(), command, **args))
 
 
 @pytest.mark.slow

@@ -40,18 +40,21 @@ class Guard:
     state: GuardState = GuardState.IDLE
     deadline: float | None = None
     migration: str | None = None
+    cancelled: frozenset[str] = frozenset()
+    """Every migration the guard fired for: none of them may ever commit (a coordinator that was only
+    stalled, not dead, must not take one up again, even after another migration came in between)."""
 
     def arm(self, migration: str, now: float, timeout: float) -> Guard:
         """The coordinator of ``migration`` is alive: fire unless renewed within ``timeout`` seconds."""
         if timeout <= 0:
             raise GuardRefused("the guard's timeout must be positive")
-        if self.state == GuardState.FIRED and self.migration == migration:
+        if migration in self.cancelled:
             raise GuardRefused(f"migration {migration} was cancelled here when its coordinator went silent")
         if self.state == GuardState.COMMITTED and self.migration == migration:
             return self  # renewals after the commit change nothing
         if self.state == GuardState.COMMITTED:
             raise GuardRefused(f"migration {self.migration} committed: this VM runs elsewhere now")
-        return Guard(GuardState.ARMED, now + timeout, migration)
+        return Guard(GuardState.ARMED, now + timeout, migration, self.cancelled)
 
     def commit(self, migration: str) -> Guard:
         """The coordinator lets the destination run: from now on the source never runs again."""
@@ -59,9 +62,9 @@ class Guard:
             if self.migration != migration:
                 raise GuardRefused(f"migration {self.migration} committed already")
             return self
-        if self.state == GuardState.FIRED and self.migration == migration:
+        if migration in self.cancelled:
             raise GuardRefused(f"migration {migration} was cancelled here when its coordinator went silent")
-        return Guard(GuardState.COMMITTED, None, migration)
+        return Guard(GuardState.COMMITTED, None, migration, self.cancelled)
 
     def disarm(self, migration: str) -> Guard:
         """The migration ended without a commit (rolled back by its coordinator): stand down."""
@@ -69,7 +72,7 @@ class Guard:
             raise GuardRefused(f"migration {self.migration} committed: it cannot be undone here")
         if self.migration not in (None, migration):
             return self  # someone else's: leave it
-        return Guard()
+        return Guard(cancelled=self.cancelled)
 
     def due(self, now: float) -> bool:
         """Whether the guard must fire now."""
@@ -77,7 +80,10 @@ class Guard:
 
     def fired(self) -> Guard:
         """The supervisor cancelled the migration and let the guest run here."""
-        return replace(self, state=GuardState.FIRED, deadline=None)
+        assert self.migration is not None
+        return replace(
+            self, state=GuardState.FIRED, deadline=None, cancelled=self.cancelled | {self.migration}
+        )
 
     @property
     def may_resume_source(self) -> bool:

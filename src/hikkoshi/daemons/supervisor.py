@@ -642,7 +642,7 @@ class Supervisor:
                 await self._start_qemu(incoming=True)
             except VmError as exc:
                 raise ControlError(str(exc)) from None
-            self.guard = Guard()
+            self.guard = Guard(cancelled=self.guard.cancelled)
             self._enter(State.INCOMING, error=None, **self._describe())
             return {"supervisor_pid": os.getpid(), **self._describe()}
 
