@@ -576,10 +576,14 @@ class ServerConnection(asyncio.BufferedProtocol):
                 if not want:
                     return False  # the next bytes are not here yet
                 size = self.limits.piece_size(want)
-                if not self._reserve(size):
+                # A longer buffer replaces an outgrown one (whose bytes it takes over): only the difference
+                # is new memory.
+                if not self._reserve(size - w.piece):
                     return False
-                w.piece += size
-                reader.attach_piece(self.mem.memory.take(size))
+                old = reader.attach_piece(self.mem.memory.take(size))
+                if old is not None:
+                    self.mem.memory.give(old)
+                w.piece = size
                 continue
             n = len(view)
             try:

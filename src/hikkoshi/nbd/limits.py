@@ -107,27 +107,34 @@ class Admission:
     def __init__(self, limits: ServerLimits) -> None:
         self.limits = limits
         self.total = 0
+        self.tcp = 0
         self.by_address: Counter[str] = Counter()
 
     def refusal(self, key: str | None, unix: bool) -> str | None:
         """Why a connection from ``key`` may not come in now, or None (then call :meth:`enter`)."""
         limits = self.limits
-        if unix:
-            return "server full" if self.total >= limits.max_connections else None
-        if self.total >= limits.max_connections - limits.reserved_for_unix:
+        if self.total >= limits.max_connections:
             return "server full"
+        if unix:
+            return None
+        if self.tcp >= limits.max_connections - limits.reserved_for_unix:
+            return "server full for TCP clients"
         cap = limits.max_connections_per_address
         if key is not None and cap and self.by_address[key] >= cap:
             return f"{cap} connections from {key} already"
         return None
 
-    def enter(self, key: str | None) -> None:
+    def enter(self, key: str | None, unix: bool) -> None:
         self.total += 1
+        if not unix:
+            self.tcp += 1
         if key is not None:
             self.by_address[key] += 1
 
-    def leave(self, key: str | None) -> None:
+    def leave(self, key: str | None, unix: bool) -> None:
         self.total -= 1
+        if not unix:
+            self.tcp -= 1
         if key is not None:
             self.by_address[key] -= 1
             if self.by_address[key] <= 0:

@@ -12,8 +12,10 @@ header is parsed, with no payload, and the reader waits for the caller's decisio
 (:meth:`skip_payload`: its bytes are discarded as they come) or take it (:meth:`stream_payload`). A taken
 payload comes out in pieces (:meth:`next_piece`): straight from the reader's buffer when a whole piece is
 already there, or else through a piece buffer the caller attaches once the payload's first bytes have
-arrived (:meth:`piece_wanted`, :meth:`attach_piece`), which later bytes are received into. The caller
-sizes that buffer within its memory budget; a payload longer than one piece reuses it piece after piece.
+arrived (:meth:`piece_wanted`, :meth:`attach_piece`), which later bytes are received into. That buffer is
+sized by what has arrived (at most ``GROWTH`` times as much, and replaced by a longer one as more comes),
+never by what the header declares; the caller takes it within its memory budget. A payload longer than one
+piece reuses the buffer piece after piece.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ _BASE_MAX = 256 * 1024
 _MIN_FREE = 16 * 1024
 #: Payloads up to this long are awaited whole in the reader's own buffer.
 INLINE_MAX = 64 * 1024
+#: A piece buffer is at most this many times the payload bytes received so far.
+GROWTH = 16
 _WRITE = int(Command.WRITE)
 _NO_LIMIT = 1 << 32
 
@@ -227,20 +231,36 @@ class RequestReader:
         self._skip_buffered()
 
     def piece_wanted(self) -> int:
-        """The size of piece buffer to attach now, or 0: none needed (one is attached, or no byte of the
-        payload has arrived yet, or a whole piece is already in the reader's buffer)."""
-        if not self._stream_left or self._piece is not None:
+        """How many bytes of piece buffer to attach now, or 0: none needed (no byte of the payload is here
+        yet, or a whole piece already is, or the attached buffer has room left).
+
+        Never more than :data:`GROWTH` times the payload bytes received so far: a client that declares a
+        long payload and sends little of it makes us hold little. A full buffer too short for the piece
+        is replaced by a longer one (:meth:`attach_piece` moves its bytes over).
+        """
+        if not self._stream_left:
             return 0
-        want = min(self._stream_left, self._piece_max)
-        if 0 < self._end - self._start < want:
-            return want
+        target = min(self._stream_left, self._piece_max)
+        piece = self._piece
+        if piece is None:
+            arrived = self._end - self._start
+            return min(target, GROWTH * arrived) if 0 < arrived < target else 0
+        if self._fill == len(piece) < target:
+            return min(target, GROWTH * self._fill)
         return 0
 
-    def attach_piece(self, buf: bytearray) -> None:
-        """Receive the payload into ``buf`` (at least as long as :meth:`piece_wanted` said) from now on."""
-        assert self._piece is None and len(buf) >= min(self._stream_left, self._piece_max)
+    def attach_piece(self, buf: bytearray) -> bytearray | None:
+        """Receive the payload into ``buf`` (at least as long as :meth:`piece_wanted` said) from now on;
+        returns the buffer it replaces (its bytes are copied over), if any."""
+        old = self._piece
+        assert len(buf) >= self.piece_wanted() > 0 and len(buf) > (len(old) if old is not None else 0)
+        if old is not None:
+            buf[: self._fill] = old[: self._fill]
         self._piece = buf
-        self._fill = 0
+        if old is None:
+            self._fill = 0
+        self._refill()
+        return old
 
     def detach_piece(self) -> bytearray | None:
         """Take back the attached piece buffer once the payload is over (streamed or skipped)."""
@@ -265,17 +285,22 @@ class RequestReader:
             self._start += want
             self._stream_left -= want
             return memoryview(self._buf)[start : start + want]
-        target = min(len(piece), left)
+        target = min(left, self._piece_max)
         if self._fill < target:
-            # Payload bytes that landed in our own buffer (before the piece was attached, or since it was
-            # last handed out) go first.
-            n = min(self._end - self._start, target - self._fill)
-            if n:
-                piece[self._fill : self._fill + n] = self._buf[self._start : self._start + n]
-                self._start += n
-                self._fill += n
+            self._refill()
             if self._fill < target:
-                return None
+                return None  # more bytes to come, or a longer buffer (piece_wanted)
         self._stream_left -= target
         self._fill = 0
         return memoryview(piece)[:target]
+
+    def _refill(self) -> None:
+        # Payload bytes that landed in our own buffer (before the piece was attached, or since it was last
+        # handed out) go into the piece first: later bytes are received into the piece itself.
+        piece = self._piece
+        assert piece is not None
+        n = min(self._end - self._start, min(len(piece), self._stream_left) - self._fill)
+        if n > 0:
+            piece[self._fill : self._fill + n] = self._buf[self._start : self._start + n]
+            self._start += n
+            self._fill += n

@@ -31,6 +31,9 @@ log = logging.getLogger("hikkoshi.nbd.server")
 #: File descriptors a connection may use: its socket, and the fast path's own descriptor of it.
 _FDS_PER_CONNECTION = 2
 _SPARE_FDS = 256
+#: Connections the kernel may complete before we accept them (asyncio's default, 100, drops a burst of
+#: clients' handshakes: they retry a second later); the kernel caps it at net.core.somaxconn.
+_BACKLOG = 1024
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,7 @@ class NbdServer:
                 conn.transport.abort()
             return False
         assert self._tg is not None
-        self.admission.enter(conn.key)
+        self.admission.enter(conn.key, conn.unix)
         self.connections.add(conn)
         task = self._tg.create_task(conn.run())
         task.add_done_callback(lambda _t: self._forget(conn))
@@ -96,7 +99,7 @@ class NbdServer:
     def _forget(self, conn: ServerConnection) -> None:
         if conn in self.connections:
             self.connections.discard(conn)
-            self.admission.leave(conn.key)
+            self.admission.leave(conn.key, conn.unix)
         self._drained.set()
 
     def _log_refusal(self, peer: str, reason: str) -> None:
@@ -177,11 +180,17 @@ class NbdServer:
     async def _bind(self, loop: asyncio.AbstractEventLoop, addr: ListenAddress) -> list[str]:
         if addr.unix is not None:
             _remove_stale_socket(addr.unix)
-            server = await loop.create_unix_server(lambda: ServerConnection(self), path=str(addr.unix))
+            server = await loop.create_unix_server(
+                lambda: ServerConnection(self), path=str(addr.unix), backlog=_BACKLOG
+            )
             names = [f"unix:{addr.unix}"]
         else:
             server = await loop.create_server(
-                lambda: ServerConnection(self), host=addr.host, port=addr.port, reuse_address=True
+                lambda: ServerConnection(self),
+                host=addr.host,
+                port=addr.port,
+                reuse_address=True,
+                backlog=_BACKLOG,
             )
             names = []
             for sock in server.sockets:
