@@ -418,6 +418,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         """
         if self._tg is None or self._busy or self.mem.waiting:
             return  # run() has not started yet, or we wait: whoever we wait for calls us again
+        if self.transport is None or self.transport.is_closing():
+            return  # a call scheduled before the connection ended
         reader = self.reader
         rules = self.rules
         export = self.export
