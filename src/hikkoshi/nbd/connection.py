@@ -13,8 +13,8 @@ more than it has left waits for its own earlier replies to drain, and one that n
 has left waits its turn in the server's queue. Either way the connection stops reading meanwhile: the
 client's further requests wait in its socket. Payloads longer than the connection's memory are streamed
 in pieces of it: a WRITE's to the device as each piece is complete, a READ's reply as the client takes
-the previous piece. The transport pauses us as soon as it holds bytes it could not send (its high-water
-mark is 1), which is also when reply memory is released: once it is empty again.
+the previous piece. The transport pauses us as soon as it holds a byte it could not send, and resumes us
+once it is empty again: that is when reply memory is released.
 """
 
 from __future__ import annotations
@@ -351,10 +351,11 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.handshake = None
         self._hs_buf = bytearray()
         self.reader = RequestReader(initial=trailing, piece_max=self.limits.connection_memory)
-        # Paused as soon as the transport holds what it could not send, resumed once it is empty: the
+        # Paused as soon as the transport holds a byte it could not send, resumed once it is empty: the
         # moment reply memory can be released (and a client that does not read gets nothing more made).
-        # High-water 1, not 0: TLS transports pause at "size >= high", which 0 would mean always.
-        self.transport.set_write_buffer_limits(high=1, low=0)
+        # TLS transports pause at "size >= high" (0 would mean always), plain ones at "size > high".
+        tls = self.transport.get_extra_info("sslcontext") is not None
+        self.transport.set_write_buffer_limits(high=1 if tls else 0, low=0)
         self._last_activity = self._loop.time()
         if self.limits.idle_timeout is not None and not self.unix:
             self._idle_timer = self._loop.call_later(self.limits.idle_timeout, self._check_idle)
