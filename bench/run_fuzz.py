@@ -25,6 +25,7 @@ import datetime as dt
 import os
 import platform
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -240,6 +241,17 @@ def make_image(path: Path, seed: int) -> None:
             f.write(rng.randbytes(1 << 20))
 
 
+def _revision() -> dict[str, Any]:
+    """The commit under test, and whether src/ differs from it."""
+
+    def git(*args: str) -> str | None:
+        proc = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--", "src")
+    return {"git_rev": git("rev-parse", "HEAD"), "src_dirty": bool(status) if status is not None else None}
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run_fuzz", description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", type=int, default=100_000, help="how many cases (default 100000)")
@@ -251,6 +263,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp/hikkoshi-bench"), help="image and log")
     p.add_argument("--output-dir", type=Path, default=REPO_ROOT / "bench" / "results")
     p.add_argument("--hikkoshi", type=Path, default=DEFAULT_HIKKOSHI, help="the hikkoshi CLI to test")
+    p.add_argument(
+        "--server-args",
+        default="",
+        metavar="ARGS",
+        help="more options for nbd serve, e.g. '--memory-budget 1M --connection-memory 256K' (tight "
+        "memory: requests wait for it and payload buffers grow and are reused under the fuzz)",
+    )
     return p.parse_args(argv)
 
 
@@ -262,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     image = args.workdir / "fuzz-image.raw"
     make_image(image, seed)
-    target = Target([str(args.hikkoshi)], image, args.workdir)
+    target = Target([str(args.hikkoshi)], image, args.workdir, shlex.split(args.server_args))
     print(f"fuzz: seed {seed}, cases {args.first}..{args.first + args.cases - 1}", file=sys.stderr)
     t0 = time.monotonic()
     interrupted = False
@@ -299,8 +318,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cases_per_s": round(tally.cases / elapsed, 1) if elapsed else None,
         "by_family": dict(sorted(tally.by_family.items())),
         "examples": tally.examples,
-        "settings": {"workers": args.workers, "timeout_s": args.timeout, "check_every": args.check_every},
+        "settings": {
+            "workers": args.workers,
+            "timeout_s": args.timeout,
+            "check_every": args.check_every,
+            "server_args": args.server_args,
+        },
         "server_log": str(target.log),
+        "hikkoshi": _revision(),
         "machine": {
             "nproc": os.cpu_count(),
             "kernel": platform.release(),
