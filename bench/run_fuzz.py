@@ -305,7 +305,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "schema": 1,
         "kind": "nbd-fuzz",
         "started_utc": now.isoformat(timespec="seconds"),
-        "command": " ".join(["python -m bench.run_fuzz", *(argv if argv is not None else sys.argv[1:])]),
+        "command": shlex.join(
+            ["python", "-m", "bench.run_fuzz", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "seed": seed,
         "first_case": args.first,
         "cases": tally.cases,

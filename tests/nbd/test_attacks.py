@@ -481,3 +481,40 @@ def test_limit_flags_are_checked(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert proc.returncode != 0 and "power of two" in proc.stderr
+
+
+def test_the_proxy_names_no_upstream_socket_and_takes_the_limits(tmp_path: Path) -> None:
+    with serve(tmp_path / "source") as source:
+        args = ["--upstream", source.unix_uri, "--cache", str(tmp_path / "cache.raw"), "--no-background"]
+        args += ["--max-connections-per-address", "2", "--connection-memory", "1M"]
+        with hikkoshi_server(*args, command="proxy") as proxy:
+            assert proxy.port is not None
+            uri = f"nbd://127.0.0.1:{proxy.port}/disk"
+            info = run_tool("nbdinfo", "--json", uri, timeout=30).stdout
+            assert str(source.sock) not in info and str(tmp_path) not in info
+            # Its limits apply: a third connection from one address is refused.
+            held = [negotiated_port(proxy.port) for _ in range(3)]
+            try:
+                assert [s is not None for s in held] == [True, True, False]
+            finally:
+                for s in held:
+                    if s is not None:
+                        s.close()
+            # A read longer than its connection memory is streamed, and right.
+            with RawNbd(proxy.port, timeout=60).handshake("disk", structured=True) as c:
+                r = c.read(0, 3 * MiB)
+                assert r.error == 0 and r.data == source.file_bytes(0, 3 * MiB) and len(r.chunks) == 3
+
+
+def negotiated_port(port: int, source: str = "127.0.0.2") -> socket.socket | None:
+    """A negotiated connection to export "disk" on ``port`` from ``source``, or None if refused."""
+    s = socket.socket()
+    s.settimeout(10)
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    with contextlib.suppress(OSError):
+        s.sendall(GO)
+    if finish_go(s):
+        return s
+    s.close()
+    return None
