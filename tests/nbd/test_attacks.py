@@ -16,6 +16,7 @@ per-address cap can be told from the rest) and on a Unix socket; each is stopped
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -35,7 +36,9 @@ from typing import IO
 import pytest
 
 from hikkoshi.nbd import wire
+from hikkoshi.nbd.client import NbdClient
 from hikkoshi.nbd.constants import ClientFlag, Command, CommandFlag, Errno, Option, OptionReply
+from hikkoshi.nbd.tls import client_context
 from tests.conftest import make_image
 from tests.rawnbd import RawNbd
 from tests.servers import Served, hikkoshi_server, run_tool
@@ -518,3 +521,30 @@ def negotiated_port(port: int, source: str = "127.0.0.2") -> socket.socket | Non
         return s
     s.close()
     return None
+
+
+def test_long_payloads_are_streamed_over_tls_too(tmp_path: Path) -> None:
+    """Over TLS every reply goes through the transport (no sendfile): pieces wait for it to drain."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    with serve(
+        tmp_path, "--tls-cert", str(cert), "--tls-key", str(key), "--connection-memory", "1M"
+    ) as server:
+        data = random.Random(24).randbytes(24 * MiB)
+
+        async def go() -> None:
+            uri = f"nbds://127.0.0.1:{server.port}/disk"
+            async with NbdClient(uri, tls=client_context(ca=cert)) as c:
+                await c.write(MiB + 512, data)
+                assert await c.read(MiB + 512, len(data)) == data
+                # Several at once: each connection streams one at a time, in order of arrival.
+                reads = [c.read(i * 8 * MiB, 8 * MiB) for i in range(4)]
+                got = await asyncio.gather(*reads)
+                assert b"".join(got) == server.file_bytes(0, 32 * MiB)
+
+        asyncio.run(go())
+        assert server.file_bytes(MiB + 512, len(data)) == data
