@@ -12,9 +12,9 @@ before it is read. A connection holds at most ``limits.connection_memory`` at on
 more than it has left waits for its own earlier replies to drain, and one that needs more than the server
 has left waits its turn in the server's queue. Either way the connection stops reading meanwhile: the
 client's further requests wait in its socket. Payloads longer than the connection's memory are streamed
-in pieces of it: a WRITE's to the device as each piece is complete, a READ's reply as the client takes
-the previous piece. The transport pauses us as soon as it holds a byte it could not send, and resumes us
-once it is empty again: that is when reply memory is released.
+in pieces of it (:mod:`hikkoshi.nbd.payload_streams`): a WRITE's to the device as each piece is complete,
+a READ's reply as the client takes the previous piece. The transport pauses us as soon as it holds a
+byte it could not send, and resumes us once it is empty again: that is when reply memory is released.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from hikkoshi.nbd.constants import (
@@ -44,6 +43,7 @@ from hikkoshi.nbd.exports import Export
 from hikkoshi.nbd.fastpath import BIG_READ, FastPath
 from hikkoshi.nbd.limits import UNNEGOTIATED_MAX_PAYLOAD, client_key
 from hikkoshi.nbd.memory import ConnectionMemory
+from hikkoshi.nbd.payload_streams import Out, PayloadStreams, StreamedWrite
 from hikkoshi.nbd.request_reader import Request, RequestReader
 from hikkoshi.nbd.server_handshake import NEED_DATA, Aborted, Negotiated, ServerHandshake, StartTLS, TLSMode
 from hikkoshi.nbd.server_transmission import (
@@ -54,7 +54,6 @@ from hikkoshi.nbd.server_transmission import (
     chunk_header,
     error_reply,
     offset_data_header,
-    read_reply_pieces,
     simple_reply,
 )
 
@@ -69,7 +68,6 @@ _HANDSHAKE_BUFFER = 16 * 1024
 _FLUSH_BYTES = 256 * 1024
 _READ = int(Command.READ)
 _WRITE = int(Command.WRITE)
-_DF = int(CommandFlag.DF)
 _ERRNO_MAP = {
     errno.EPERM: Errno.EPERM,
     errno.EACCES: Errno.EPERM,
@@ -85,8 +83,6 @@ _ERRNO_MAP = {
     errno.ESHUTDOWN: Errno.ESHUTDOWN,
 }
 
-Out = list[bytes | bytearray | memoryview]
-
 
 def nbd_errno(exc: BaseException) -> int:
     """The NBD error value for an exception raised by a device."""
@@ -95,20 +91,7 @@ def nbd_errno(exc: BaseException) -> int:
     return Errno.EIO
 
 
-@dataclass(slots=True)
-class _StreamedWrite:
-    """A WRITE whose payload is being received in pieces."""
-
-    handle: int
-    offset: int
-    length: int
-    fua: bool
-    t0: int
-    done: int = 0  # payload bytes written to the device
-    piece: int = 0  # bytes reserved for the piece buffer
-
-
-class ServerConnection(asyncio.BufferedProtocol):
+class ServerConnection(PayloadStreams, asyncio.BufferedProtocol):
     """One client connection: negotiation, then requests."""
 
     #: Reused buffers for large reads of a plain file, made by ``_process`` for each transport.
@@ -141,7 +124,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._holds: set[str] = set()  # why reading is paused (it resumes when there is no reason left)
         self.mem = ConnectionMemory(server.memory, self.limits.connection_memory, self._wake_soon)
         self._stash: Request | None = None  # a request that waits for memory
-        self._write: _StreamedWrite | None = None
+        self._write: StreamedWrite | None = None
         self._busy = False  # a task has the request stream: a streamed READ, a WRITE piece at the device
         self._progress = asyncio.Event()  # a grant, a release or a drain: a waiting task looks again
         # Idleness (after negotiation, TCP clients, when limits.idle_timeout is set).
@@ -525,7 +508,7 @@ class ServerConnection(asyncio.BufferedProtocol):
                     if payload is None:
                         # A long payload, still to come: taken in pieces as it arrives.
                         reader.stream_payload()
-                        self._write = _StreamedWrite(handle, offset, length, bool(flags & FLAG_FUA), t0)
+                        self._write = StreamedWrite(handle, offset, length, bool(flags & FLAG_FUA), t0)
                         continue
                     result: Any = device.write(offset, payload, bool(flags & FLAG_FUA))
                 elif command == Command.FLUSH:
@@ -564,159 +547,6 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._settle_drain()
         fast.settle()
 
-    # --- a WRITE payload streamed in pieces --------------------------------------------------------------
-
-    def _pump_write(self, out: Out) -> bool:
-        """Write the streamed payload's pieces that are complete; True once the WRITE is answered."""
-        w = self._write
-        reader = self.reader
-        assert w is not None and reader is not None and self.export is not None
-        device = self.export.device
-        while True:
-            view = reader.next_piece()
-            if view is None:
-                want = reader.piece_wanted()
-                if not want:
-                    return False  # the next bytes are not here yet
-                size = self.limits.piece_size(want)
-                # A longer buffer replaces an outgrown one (whose bytes it takes over): only the difference
-                # is new memory.
-                if not self._reserve(size - w.piece):
-                    return False
-                old = reader.attach_piece(self.mem.memory.take(size))
-                if old is not None:
-                    self.mem.memory.give(old)
-                w.piece = size
-                continue
-            n = len(view)
-            try:
-                # The view is valid until the next bytes arrive (the piece buffer is reused): a device that
-                # finishes later copies it first (BlockDevice.write).
-                result = device.write(w.offset + w.done, view, w.fua)
-            except Exception as exc:
-                out += self._end_write(self._device_error(exc, _WRITE), str(exc))
-                return True
-            w.done += n
-            if result is not None:
-                # The device finishes later (it has copied the piece): take no more of the payload until it
-                # has, so one connection never has more than one piece at a device.
-                self._busy = True
-                self._hold("device")
-                self._spawn(self._await_piece(result))
-                return False
-            if w.done == w.length:
-                out += self._end_write(0, "")
-                return True
-
-    async def _await_piece(self, result: Awaitable[None]) -> None:
-        w = self._write
-        assert w is not None
-        reply: Out = []
-        self._device_waits += 1
-        try:
-            await result
-        except Exception as exc:
-            reply = self._end_write(self._device_error(exc, _WRITE), str(exc))
-        else:
-            if w.done == w.length:
-                reply = self._end_write(0, "")
-        finally:
-            self._device_waits -= 1
-            self._busy = False
-            self._unhold("device")
-        self._send(reply)
-        self._loop.call_soon(self._process_safely)
-
-    def _end_write(self, error: int, message: str) -> Out:
-        """The streamed WRITE is over: give back its piece, discard what is still to come; its reply."""
-        w = self._write
-        reader = self.reader
-        assert w is not None and reader is not None and self.export is not None
-        self._write = None
-        if reader.streaming:
-            reader.skip_rest()
-        piece = reader.detach_piece()
-        self.mem.release(w.piece)
-        if piece is not None:
-            self.mem.memory.give(piece)
-        self.export.stats.record(_WRITE, w.offset, w.length, time.perf_counter_ns() - w.t0, error)
-        return self._error_reply(w.handle, error, message) if error else [simple_reply(w.handle)]
-
-    # --- a READ reply streamed in pieces -----------------------------------------------------------------
-
-    def _stream_read(self, handle: int, offset: int, length: int, flags: int, t0: int) -> None:
-        """Answer a READ longer than the connection's memory, piece by piece, in a task that has the
-        request stream until the reply is out."""
-        self._busy = True
-        self._hold("stream")
-        self._spawn(self._stream_read_task(handle, offset, length, flags, t0))
-
-    async def _stream_read_task(self, handle: int, offset: int, length: int, flags: int, t0: int) -> None:
-        assert self.rules is not None and self.export is not None
-        export = self.export
-        structured = self.rules.structured
-        error = 0
-        try:
-            pieces = read_reply_pieces(
-                handle, offset, length, structured, bool(flags & _DF), self.limits.connection_memory
-            )
-            for header, start, n in pieces:
-                continued = not header  # the data continues a header already sent: no error reply possible
-                size = self.limits.piece_size(n)
-                while not self.mem.try_reserve(size):
-                    if self.transport is None or self.transport.is_closing():
-                        return
-                    self._progress.clear()
-                    await self._progress.wait()
-                self.mem.drain += size
-                try:
-                    if not await self._send_piece(header, start, n):
-                        return  # the connection broke off part-way
-                except Exception as exc:
-                    error = self._device_error(exc, _READ)
-                    if continued:
-                        log.error("client %s: a read failed part-way through its reply (%s)", self.peer, exc)
-                        self._abort()
-                        return
-                    self._send(self._error_reply(handle, error, str(exc)))
-                    return
-                self._settle_drain()
-                while self.transport is not None and self.transport.get_write_buffer_size():
-                    # The client has not taken this piece yet: the next one waits for it.
-                    if self.transport.is_closing():
-                        return
-                    self._progress.clear()
-                    await self._progress.wait()
-        finally:
-            export.stats.record(_READ, offset, length, time.perf_counter_ns() - t0, error)
-            self._busy = False
-            self._unhold("stream")
-            self._loop.call_soon(self._process_safely)
-
-    async def _send_piece(self, header: bytes, offset: int, length: int) -> bool:
-        """Send ``header`` and the export's bytes at [offset, offset+length); False if the connection broke
-        off part-way. Raises if the bytes cannot be read, before anything of this piece went out."""
-        assert self.export is not None and self.transport is not None
-        device = self.export.device
-        fast = self._fast
-        if fast is not None and fast.transport is self.transport:
-            fast.use(device)
-            if fast.file_fd >= 0:
-                if fast.send_read([], header, offset, length) is not None:
-                    self._abort()
-                    return False
-                fast.settle()
-                return True
-        data = device.read(offset, length)
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            self._device_waits += 1
-            try:
-                data = await data
-            finally:
-                self._device_waits -= 1
-        self._send([header, data] if header else [data])
-        return True
-
     # --- replies -----------------------------------------------------------------------------------------
 
     def _send(self, out: Out) -> None:
@@ -724,7 +554,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.transport.writelines(out)
             self._settle_drain()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         assert self._tg is not None
         task = self._tg.create_task(coro)
         self._slow.add(task)
