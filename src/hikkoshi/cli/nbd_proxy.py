@@ -21,6 +21,7 @@ from hikkoshi.block.proxy import ProxyDevice
 from hikkoshi.block.throttle import parse_rate
 from hikkoshi.block.tracking import DIRTY_CONTEXT_PREFIX
 from hikkoshi.block.upstream import Upstream
+from hikkoshi.cli.nbd_limits import add_limit_arguments, limits_from_args
 from hikkoshi.cli.nbd_serve import announce
 from hikkoshi.nbd.client import Reconnect
 from hikkoshi.nbd.control import ControlError, ControlServer
@@ -76,6 +77,7 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="do not copy blocks an ext2/3/4 file system on the disk reports free (they become zeroes)",
     )
+    add_limit_arguments(p)
     p.set_defaults(func=proxy_command)
 
 
@@ -258,6 +260,7 @@ async def run_proxy(args: argparse.Namespace) -> int:
     if block_size < 4096 or block_size > 1 << 20 or block_size & (block_size - 1):
         raise ValueError("--block-size must be a power of two from 4K to 1M")
     uri = NbdUri.parse(args.upstream)
+    limits = limits_from_args(args)
     extra = (DIRTY_CONTEXT_PREFIX + args.dirty_bitmap,) if args.dirty_bitmap else ()
     proxy = await open_proxy(
         uri, args.cache, block_size, args.connections, args.upstream_timeout, extra, args.size
@@ -283,11 +286,13 @@ async def run_proxy(args: argparse.Namespace) -> int:
         proxy.readahead = False
     exports = ExportTable()
     export = Export(
-        args.export if args.export is not None else uri.export, proxy, description=f"cache of {uri}"
+        args.export if args.export is not None else uri.export,
+        proxy,
+        description=f"cache of {uri}" if args.describe_paths else "",
     )
     exports.add(export)
     listen = [ListenAddress.parse(a) for a in (args.listen or ["127.0.0.1:10809"])]
-    server = NbdServer(exports, listen)
+    server = NbdServer(exports, listen, limits=limits)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop)

@@ -11,6 +11,7 @@ from typing import Any
 from hikkoshi.block.file import RawFile
 from hikkoshi.block.move_journal import MoveJournalError, recover
 from hikkoshi.block.tracking import TrackedDevice
+from hikkoshi.cli.nbd_limits import add_limit_arguments, limits_from_args
 from hikkoshi.cli.serve_control import MoveService, register_commands
 from hikkoshi.nbd.control import ControlServer
 from hikkoshi.nbd.server import Export, ExportTable, ListenAddress, NbdServer
@@ -40,11 +41,17 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--tls-key", type=Path, metavar="F", help="server private key (PEM)")
     p.add_argument("--tls-ca", type=Path, metavar="F", help="CA that client certificates must be signed by")
+    add_limit_arguments(p)
     p.set_defaults(func=serve_command)
 
 
-def build_exports(images: list[str], names: list[str], read_only: bool) -> ExportTable:
-    """Open every image as an export, on a dirty-tracking layer; first finish or undo interrupted moves."""
+def build_exports(
+    images: list[str], names: list[str], read_only: bool, describe_paths: bool = False
+) -> ExportTable:
+    """Open every image as an export, on a dirty-tracking layer; first finish or undo interrupted moves.
+
+    Clients see an image's host path (as the export's description) only with ``describe_paths``.
+    """
     if len(names) > len(images):
         raise ValueError(f"{len(names)} export names for {len(images)} images")
     table = ExportTable()
@@ -52,7 +59,7 @@ def build_exports(images: list[str], names: list[str], read_only: bool) -> Expor
         name = names[i] if i < len(names) else Path(image).name
         path = recover(Path(image))
         device = TrackedDevice(RawFile(path, read_only=read_only))
-        table.add(Export(name, device, description=str(path.resolve())))
+        table.add(Export(name, device, description=str(path.resolve()) if describe_paths else ""))
     return table
 
 
@@ -80,8 +87,9 @@ async def serve(args: argparse.Namespace) -> int:
         if not args.control.startswith("unix:"):
             raise ValueError("--control takes unix:PATH")
         control_path = Path(args.control[5:])
-    exports = build_exports(args.images, args.export, args.read_only)
-    server = NbdServer(exports, listen, tls=tls)
+    limits = limits_from_args(args)
+    exports = build_exports(args.images, args.export, args.read_only, args.describe_paths)
+    server = NbdServer(exports, listen, tls=tls, limits=limits)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop)
