@@ -31,6 +31,7 @@ _NOT_CLAIMS = {
     # Docstrings that speak of other modules' purity.
     "hikkoshi.migrate.coordinator": "the I/O around the pure modules it names",
     "hikkoshi.nbd.server": "the asyncio shell around the sans-I/O state machines",
+    "hikkoshi.nbd.connection": "the asyncio shell of one client around the sans-I/O handshake",
 }
 
 # In the fresh interpreter: load the libraries, then the module, watching every import a hikkoshi

@@ -1,0 +1,1 @@
+"""Tests of the NBD server's limits, streaming and robustness (new layout: tests/nbd/)."""

@@ -324,7 +324,8 @@ def test_nbdinfo_totals(served: Served) -> None:
 
 def test_nbdinfo_list_shows_every_export(tmp_path: Path) -> None:
     imgs = [make_image(tmp_path / f"{n}.raw", (i + 1) * 8 * MiB, seed=i) for i, n in enumerate("abc")]
-    with hikkoshi_server(*map(str, imgs), "--export", "alpha", "--export", "beta", "--export", "gamma") as s:
+    names = ["--export", "alpha", "--export", "beta", "--export", "gamma"]
+    with hikkoshi_server(*map(str, imgs), *names, "--describe-paths") as s:
         info = json.loads(run("nbdinfo", "--list", "--json", s.uri).stdout)
     exports = {e["export-name"]: e for e in info["exports"]}
     assert set(exports) == {"alpha", "beta", "gamma"}

@@ -125,11 +125,12 @@ class Server:
     def connect(self, timeout: float = 5.0) -> RawNbd:
         return RawNbd(self.port, timeout)
 
-    def session(self, *, structured: bool = False, meta: bool = False) -> RawNbd:
+    def session(self, *, structured: bool = False, meta: bool = False, block_size: bool = False) -> RawNbd:
         """A connection that has negotiated export "disk" with NBD_OPT_GO."""
         c = self.connect()
         try:
-            return c.handshake("disk", structured=structured, meta=(BASE_ALLOCATION,) if meta else ())
+            meta_contexts = (BASE_ALLOCATION,) if meta else ()
+            return c.handshake("disk", structured=structured, meta=meta_contexts, block_size=block_size)
         except BaseException:
             c.close()
             raise
@@ -648,7 +649,8 @@ def test_zero_length_read_and_write_succeed(server: Server, structured: bool) ->
 
 @STRUCTURED
 def test_read_longer_than_32mib_is_refused(server: Server, structured: bool) -> None:
-    with server.session(structured=structured) as c:
+    # A client that asked for the size constraints is bound by them (one that did not is served).
+    with server.session(structured=structured, block_size=True) as c:
         for length in (MAX_PAYLOAD + 1, MAX_PAYLOAD + 4096, 0xFFFFFFFF):
             assert_error(c.read(0, length), Errno.EINVAL, structured)
             assert_reads_ok(server, c)
@@ -663,7 +665,7 @@ def test_read_longer_than_32mib_is_refused(server: Server, structured: bool) -> 
 @STRUCTURED
 def test_write_of_64mib_is_refused_after_its_payload(server: Server, structured: bool) -> None:
     before = server.file_hash()
-    with server.session(structured=structured) as c:
+    with server.session(structured=structured, block_size=True) as c:
         big = c.send_request(Command.WRITE, 0, 64 * MiB)
         block = b"\xa5" * MiB
         for _ in range(64):

@@ -24,6 +24,7 @@ from hikkoshi.nbd.constants import (
     STRUCTURED_REPLY_MAGIC,
     ClientFlag,
     Command,
+    Info,
     Option,
     OptionReply,
     ReplyFlag,
@@ -202,9 +203,15 @@ class RawNbd:
         return replies
 
     def handshake(
-        self, name: str = "disk", *, structured: bool = False, meta: tuple[str, ...] = ()
+        self,
+        name: str = "disk",
+        *,
+        structured: bool = False,
+        meta: tuple[str, ...] = (),
+        block_size: bool = False,
     ) -> RawNbd:
-        """A complete, well-behaved negotiation ending in NBD_OPT_GO."""
+        """A complete, well-behaved negotiation ending in NBD_OPT_GO (asking for NBD_INFO_BLOCK_SIZE, which
+        binds the client to the server's size constraints, if ``block_size``)."""
         self.start()
         if structured:
             replies = self.option(Option.STRUCTURED_REPLY)
@@ -217,7 +224,7 @@ class RawNbd:
             for r in replies[:-1]:
                 ctx = wire.decode_meta_context(r.data)
                 self.contexts[ctx.context_id] = ctx.name
-        replies = self.go(name)
+        replies = self.go(name, (Info.BLOCK_SIZE,) if block_size else ())
         if replies[-1].reply_type != OptionReply.ACK:
             raise ProtocolError(f"NBD_OPT_GO refused: {replies[-1]}")
         return self

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hikkoshi.cli.nbd_limits import add_limit_arguments, limits_from_args
+
 if TYPE_CHECKING:  # the daemon's modules load only when a proxy runs: parsing stays quick
     from hikkoshi.daemons.proxy_service import ProxySettings
 
@@ -58,6 +60,7 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="do not copy blocks an ext2/3/4 file system on the disk reports free (they become zeroes)",
     )
+    add_limit_arguments(p)
     p.set_defaults(func=proxy_command)
 
 
@@ -86,6 +89,8 @@ def proxy_settings(args: argparse.Namespace) -> ProxySettings:
         export=args.export,
         control=Path(args.control.removeprefix("unix:")) if args.control else None,
         size=args.size,
+        limits=limits_from_args(args),
+        describe_upstream=args.describe_paths,
         options=RelocationOptions(
             block_size=parse_size(args.block_size),
             connections=args.connections,

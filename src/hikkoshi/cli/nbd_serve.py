@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hikkoshi.cli.nbd_limits import add_limit_arguments, limits_from_args
+
 if TYPE_CHECKING:
     from hikkoshi.daemons.served_disk import ServedDisk
 
@@ -33,11 +35,15 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--tls-key", type=Path, metavar="F", help="server private key (PEM)")
     p.add_argument("--tls-ca", type=Path, metavar="F", help="CA that client certificates must be signed by")
+    add_limit_arguments(p)
     p.set_defaults(func=serve_command)
 
 
-def image_disks(images: list[str], names: list[str], read_only: bool) -> list[ServedDisk]:
-    """Every image as a file disk, named by ``names`` in order (else by its file name)."""
+def image_disks(
+    images: list[str], names: list[str], read_only: bool, describe_paths: bool = False
+) -> list[ServedDisk]:
+    """Every image as a file disk, named by ``names`` in order (else by its file name); clients see an
+    image's host path (as the export's description) only with ``describe_paths``."""
     from hikkoshi.daemons.served_disk import ServedDisk
     from hikkoshi.vm.disk_serving import DiskServing
 
@@ -51,6 +57,7 @@ def image_disks(images: list[str], names: list[str], read_only: bool) -> list[Se
             DiskServing(),
             read_only=read_only,
             planned=False,
+            describe_path=describe_paths,
         )
         for i, image in enumerate(images)
     ]
@@ -74,7 +81,8 @@ async def serve(args: argparse.Namespace) -> int:
         if not args.control.startswith("unix:"):
             raise ValueError("--control takes unix:PATH")
         control = Path(args.control[5:])
-    service = DiskService(image_disks(args.images, args.export, args.read_only), listen, control, tls=tls)
+    disks = image_disks(args.images, args.export, args.read_only, args.describe_paths)
+    service = DiskService(disks, listen, control, tls=tls, limits=limits_from_args(args))
     return await service.serve()
 
 

@@ -39,6 +39,7 @@ from hikkoshi.daemons.relocation import BitmapMismatch
 from hikkoshi.daemons.served_disk import ServedDisk
 from hikkoshi.daemons.verbs import Args, NoArgs, Verbs
 from hikkoshi.nbd.control import ControlError, ControlServer
+from hikkoshi.nbd.limits import ServerLimits
 from hikkoshi.nbd.server import Export, ExportTable, ListenAddress, NbdServer
 from hikkoshi.vm.disk_serving import DiskServing, Serving
 from hikkoshi.vm.home import VmHome
@@ -111,6 +112,7 @@ class DiskService:
         *,
         tls: ssl.SSLContext | None = None,
         home: VmHome | None = None,
+        limits: ServerLimits | None = None,
     ) -> None:
         if not disks:
             raise ValueError("a disk service needs at least one disk")
@@ -122,6 +124,7 @@ class DiskService:
         self.listen = listen
         self.control_path = control
         self.tls = tls
+        self.limits = limits or ServerLimits()
         #: The VM's home, whose disk plan this service keeps true (``None``: images served by hand).
         self.home = home
         self.exports = ExportTable()
@@ -145,7 +148,7 @@ class DiskService:
             for disk in self.disks.values():
                 device = await disk.open()
                 self.exports.add(Export(disk.name, device, description=disk.description))
-            server = self.server = NbdServer(self.exports, self.listen, tls=self.tls)
+            server = self.server = NbdServer(self.exports, self.listen, tls=self.tls, limits=self.limits)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, server.stop)

@@ -21,6 +21,7 @@ from hikkoshi.daemons.disk_service import OneExport, Rate, Stats, announce
 from hikkoshi.daemons.relocation import Relocation, RelocationOptions
 from hikkoshi.daemons.verbs import NoArgs, Verbs
 from hikkoshi.nbd.control import ControlServer
+from hikkoshi.nbd.limits import ServerLimits
 from hikkoshi.nbd.server import Export, ExportTable, ListenAddress, NbdServer
 from hikkoshi.nbd.uri import NbdUri
 
@@ -37,6 +38,9 @@ class ProxySettings:
     size: int | None = None
     """The source's size, if known: serve at once and connect meanwhile."""
     options: RelocationOptions = field(default_factory=RelocationOptions)
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    describe_upstream: bool = False
+    """Whether clients see the source's URI (the export's description)."""
 
 
 def proxy_verbs(relocation: Relocation, export: Export) -> Verbs:
@@ -82,10 +86,10 @@ async def run_proxy(settings: ProxySettings) -> int:
     export = Export(
         settings.export if settings.export is not None else settings.upstream.export,
         relocation.proxy,
-        description=f"cache of {settings.upstream}",
+        description=f"cache of {settings.upstream}" if settings.describe_upstream else "",
     )
     exports.add(export)
-    server = NbdServer(exports, settings.listen)
+    server = NbdServer(exports, settings.listen, limits=settings.limits)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop)

@@ -58,6 +58,7 @@ class ServedDisk:
         read_only: bool = False,
         relocation_options: RelocationOptions | None = None,
         planned: bool = True,
+        describe_path: bool = False,
     ) -> None:
         self.name = name
         self.path = path
@@ -66,6 +67,7 @@ class ServedDisk:
         self.read_only = read_only
         #: The disk plan is this disk's truth (a VM's disk, not an image served by hand).
         self.planned = planned
+        self._describe_path = describe_path
         #: Makes a change of how the disk is served durable (the disk service's disk plan).
         self.record: Record = lambda _name, _serving: None
         self._options = relocation_options or RelocationOptions()
@@ -209,8 +211,10 @@ class ServedDisk:
 
     @property
     def description(self) -> str:
-        """What the export's description says (an image served by hand: its path)."""
-        return f"disk {self.name}" if self.planned else str(self.path.resolve())
+        """What the export's description says (a host path only if asked)."""
+        if self._describe_path:
+            return str(self.path.resolve())
+        return f"disk {self.name}" if self.planned else ""
 
     @property
     def served_path(self) -> Path | None:

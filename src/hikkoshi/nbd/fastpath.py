@@ -3,7 +3,8 @@
 Answering a 1 MiB read with ``os.pread`` costs a fresh 1 MiB ``bytes`` every time: the allocator maps (or
 grows the heap by) a megabyte, the kernel faults in and zeroes 256 pages, and freeing it trims the heap
 again, several times the cost of the copy itself. When the device reads straight from a file
-(its ``read_fd``) the server reads into buffers it reuses instead.
+(its ``read_fd``) the server reads into buffers it reuses instead: they come from, and go back to, the
+server's payload memory (:mod:`hikkoshi.nbd.memory`), whose reservation the caller holds for each reply.
 
 A buffer handed to the transport may still be referred to by it until its bytes are sent (uvloop keeps
 views of unsent data), so it is reused only once the transport reports an empty write buffer.
@@ -40,6 +41,7 @@ import socket
 from typing import Any
 
 from hikkoshi.nbd.device import BlockDevice
+from hikkoshi.nbd.memory import PayloadMemory
 
 log = logging.getLogger("hikkoshi.nbd.server")
 
@@ -47,7 +49,7 @@ log = logging.getLogger("hikkoshi.nbd.server")
 #: ``bytes`` in a batched write.
 BIG_READ = 64 * 1024
 _MIN_BUFFER = 64 * 1024
-#: The most reusable bytes one connection keeps.
+#: The most reusable bytes a FastPath keeps when it is given no server memory to share.
 _MAX_KEPT = 16 * 1024 * 1024
 #: Send buffer asked for (the kernel doubles it): a queue depth of 1 MiB replies.
 _SNDBUF = 4 * 1024 * 1024
@@ -112,9 +114,8 @@ class FastPath:
 
     __slots__ = (
         "_batch",
-        "_free",
         "_held",
-        "_kept",
+        "_memory",
         "_sock",
         "_sock_tried",
         "_widened",
@@ -122,13 +123,14 @@ class FastPath:
         "transport",
     )
 
-    def __init__(self, transport: asyncio.Transport, device: BlockDevice) -> None:
+    def __init__(
+        self, transport: asyncio.Transport, device: BlockDevice, memory: PayloadMemory | None = None
+    ) -> None:
         self.transport = transport
         #: The file to read from, or -1 when reads must go through ``device.read``; see :meth:`use`.
         self.file_fd = device.read_fd()
         self._widened = False
-        self._free: dict[int, list[bytearray]] = {}
-        self._kept = 0
+        self._memory = memory if memory is not None else PayloadMemory(_MAX_KEPT)
         self._batch: list[bytearray] = []  # taken, not yet handed to the transport
         self._held: list[bytearray] = []  # handed to the transport, maybe not sent yet
         # Our own descriptor of the transport's socket, for sendmsg flags and sendfile: made on first use,
@@ -150,10 +152,7 @@ class FastPath:
 
     def _give_back(self, bufs: list[bytearray]) -> None:
         for buf in bufs:
-            size = len(buf)
-            if self._kept + size <= _MAX_KEPT:
-                self._free.setdefault(size, []).append(buf)
-                self._kept += size
+            self._memory.give(buf)
         bufs.clear()
 
     def _drained(self) -> bool:
@@ -169,6 +168,11 @@ class FastPath:
         if self._held and self._drained():
             self._give_back(self._held)
 
+    @property
+    def holding(self) -> bool:
+        """Buffers of replies are still with the transport (or not yet handed to it)."""
+        return bool(self._held or self._batch)
+
     def settle(self) -> None:
         """Call after handing everything taken so far to the transport."""
         if not self._batch:
@@ -182,15 +186,10 @@ class FastPath:
     def pread(self, offset: int, length: int) -> memoryview:
         """``length`` bytes at ``offset`` in a reused buffer, zero-padded past the end of the file.
 
+        The buffer is the power of two from 64 KiB that holds ``length``: the caller's reservation covers it.
         The view must be handed to the transport before the next :meth:`settle`.
         """
-        size = max(_MIN_BUFFER, 1 << (length - 1).bit_length())
-        free = self._free.get(size)
-        if free:
-            buf = free.pop()
-            self._kept -= size
-        else:
-            buf = bytearray(size)
+        buf = self._memory.take(max(_MIN_BUFFER, 1 << (length - 1).bit_length()))
         self._batch.append(buf)
         view = memoryview(buf)[:length]
         done = 0

@@ -50,6 +50,9 @@ class Negotiated:
     export: ExportInfo
     structured_replies: bool
     meta_contexts: dict[int, str] = field(default_factory=dict)
+    #: The client asked for NBD_INFO_BLOCK_SIZE with the NBD_OPT_GO that ended negotiation: it MUST then
+    #: abide by the size constraints it was sent (proto.md, "Size constraints").
+    block_size: bool = False
 
 
 Event = NeedData | StartTLS | Aborted | Negotiated
@@ -72,8 +75,13 @@ class _State(enum.Enum):
 class ServerHandshake:
     """Negotiation of one connection, from the server's side."""
 
-    def __init__(self, catalogue: Catalogue, tls: TLSMode = TLSMode.NONE) -> None:
+    def __init__(
+        self, catalogue: Catalogue, tls: TLSMode = TLSMode.NONE, max_payload: int | None = None
+    ) -> None:
         self._catalogue = catalogue
+        #: The maximum payload to advertise instead of each export's own.
+        self._max_payload = max_payload
+        self._block_size = False
         self._tls = tls
         self._tls_active = False
         self._state = _State.CLIENT_FLAGS
@@ -263,7 +271,7 @@ class ServerHandshake:
     def _finish(self, export: ExportInfo, name: str) -> None:
         contexts = dict(self._meta) if self._meta_export == name else {}
         self._state = _State.DONE
-        self._events.append(Negotiated(export, self.structured, contexts))
+        self._events.append(Negotiated(export, self.structured, contexts, self._block_size))
 
     def _info_or_go(self, option: int, data: bytes) -> None:
         try:
@@ -280,12 +288,16 @@ class ServerHandshake:
             infos.append(wire.InfoName(export.name))
         if Info.DESCRIPTION in request.infos and export.description:
             infos.append(wire.InfoDescription(export.description))
-        # Sent even when not asked for: our minimum is 1, so clients that ignore it lose nothing.
-        infos.append(wire.InfoBlockSize(export.min_block, export.preferred_block, export.max_block))
+        # Sent even when not asked for: our minimum is 1, so clients that ignore it lose nothing; and a
+        # client that did not ask may exceed the maximum (it is then served, streamed).
+        max_block = export.max_block if self._max_payload is None else self._max_payload
+        infos.append(wire.InfoBlockSize(export.min_block, export.preferred_block, max_block))
         for info in infos:
             self._reply(OptionReply.INFO, wire.encode_info(info))
         self._reply(OptionReply.ACK)
         if option == Option.GO:
+            # Only a GO that asked binds the client to the constraints (an earlier INFO does not).
+            self._block_size = Info.BLOCK_SIZE in request.infos
             self._finish(export, request.name)
 
     def _meta_context(self, option: int, data: bytes) -> None:

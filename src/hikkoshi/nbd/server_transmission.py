@@ -1,134 +1,29 @@
-"""Server side of the transmission phase, sans I/O: parse requests, validate them, encode replies.
+"""Server side of the transmission phase, sans I/O: validate requests, frame and encode replies.
 
-:class:`RequestReader` owns a preallocated receive buffer that an asyncio ``BufferedProtocol`` fills
-directly (``recv_into``), so request headers and write payloads are never copied on the way in.
+Requests and their payloads are parsed by :class:`~hikkoshi.nbd.request_reader.RequestReader`.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from hikkoshi.nbd.constants import (
     ALLOWED_FLAGS,
     MAX_PAYLOAD,
-    REQUEST_MAGIC,
-    REQUEST_SIZE,
+    ChunkType,
     Command,
     CommandFlag,
     Errno,
     ReplyFlag,
     TransmissionFlag,
 )
-from hikkoshi.nbd.errors import ProtocolError
-from hikkoshi.nbd.wire import CHUNK_HEADER, REQUEST, SIMPLE_REPLY, U64
+from hikkoshi.nbd.request_reader import RequestReader as RequestReader
+from hikkoshi.nbd.wire import CHUNK_HEADER, ERROR_HEAD, EXTENT, SIMPLE_REPLY, U32, U64
 
-_INITIAL_BUFFER = 256 * 1024
-_MIN_FREE = 64 * 1024
-
-
-class RequestReader:
-    """Incremental parser of requests from a zero-copy receive buffer.
-
-    ``next_request`` returns ``(flags, command, handle, offset, length, payload)``; ``payload`` is a view
-    into the buffer, valid only until the next call to ``get_buffer``. A WRITE whose payload exceeds
-    ``max_payload`` is returned with ``payload=None`` and its bytes are discarded, so the connection stays
-    in sync and the request can be answered with an error.
-    """
-
-    __slots__ = ("_buf", "_end", "_pending", "_skip", "_start", "max_payload")
-
-    def __init__(self, max_payload: int = MAX_PAYLOAD, initial: bytes = b"") -> None:
-        self.max_payload = max_payload
-        self._buf = bytearray(max(_INITIAL_BUFFER, len(initial)))
-        self._buf[: len(initial)] = initial
-        self._start = 0
-        self._end = len(initial)
-        self._skip = 0
-        self._pending: tuple[int, int, int, int, int] | None = None
-
-    def get_buffer(self, sizehint: int = -1) -> memoryview:
-        """A writable view where received bytes go."""
-        need = _MIN_FREE
-        if self._pending is not None:
-            need = max(need, self._pending[4] - (self._end - self._start))
-        if self._start == self._end:
-            self._start = self._end = 0
-        if len(self._buf) - self._end < need:
-            used = self._end - self._start
-            if len(self._buf) - used >= need and used < len(self._buf) // 2:
-                self._buf[:used] = self._buf[self._start : self._end]
-            else:
-                # A fresh array: the old one may still be exported to a payload view.
-                new = bytearray(max(2 * len(self._buf), used + need))
-                new[:used] = self._buf[self._start : self._end]
-                self._buf = new
-            self._start, self._end = 0, used
-        return memoryview(self._buf)[self._end :]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        """``nbytes`` were written into the view from ``get_buffer``."""
-        self._end += nbytes
-
-    def feed(self, data: bytes | memoryview) -> None:
-        """Copy bytes in (for tests and for bytes left over from negotiation)."""
-        view = self.get_buffer(len(data))
-        while len(view) < len(data):
-            self._pending = None
-            self._buf += bytes(len(data))
-            view = memoryview(self._buf)[self._end :]
-        view[: len(data)] = data
-        self.buffer_updated(len(data))
-
-    def next_request(self) -> tuple[int, int, int, int, int, memoryview | None] | None:
-        """The next complete request, or None if more bytes are needed."""
-        if self._skip:
-            n = min(self._skip, self._end - self._start)
-            self._start += n
-            self._skip -= n
-            if self._skip:
-                return None
-        header = self._pending
-        if header is None:
-            if self._end - self._start < REQUEST_SIZE:
-                return None
-            magic, flags, command, handle, offset, length = REQUEST.unpack_from(self._buf, self._start)
-            if magic != REQUEST_MAGIC:
-                raise ProtocolError(f"bad request magic {magic:#x}")
-            self._start += REQUEST_SIZE
-            if command != Command.WRITE:
-                return flags, command, handle, offset, length, None
-            if length > self.max_payload:
-                self._skip = length
-                self.next_request_skip()
-                return flags, command, handle, offset, length, None
-            header = (flags, command, handle, offset, length)
-        length = header[4]
-        if self._end - self._start < length:
-            self._pending = header
-            return None
-        self._pending = None
-        start = self._start
-        self._start += length
-        return (
-            header[0],
-            header[1],
-            header[2],
-            header[3],
-            length,
-            memoryview(self._buf)[start : start + length],
-        )
-
-    def next_request_skip(self) -> None:
-        """Discard as much of an oversize payload as is already buffered."""
-        n = min(self._skip, self._end - self._start)
-        self._start += n
-        self._skip -= n
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received and not yet parsed."""
-        return self._end - self._start
+#: The most data one OFFSET_DATA chunk can carry (its 32-bit length also counts the 8-byte offset).
+MAX_CHUNK_DATA = 0xFFFFFFFF - 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +34,9 @@ class SessionRules:
     export_flags: int
     structured: bool
     meta_contexts: dict[int, str]
+    #: The longest READ or WRITE this client may ask for: the maximum payload we advertised, if it asked for
+    #: our size constraints (proto.md: it then MUST abide by them); anything otherwise (it may assume the
+    #: 32 MiB default, and older clients send more: we stream such payloads).
     max_payload: int = MAX_PAYLOAD
     min_block: int = 1
 
@@ -209,6 +107,8 @@ def check_request(rules: SessionRules, flags: int, command: int, offset: int, le
             return _EINVAL
     if command in _DATA and length > rules.max_payload:
         return Errno.EOVERFLOW if flags & _DF else _EINVAL
+    if flags & _DF and length > MAX_CHUNK_DATA:
+        return Errno.EOVERFLOW  # one chunk cannot carry it, and DF forbids more than one
     if offset + length > rules.size:
         return Errno.ENOSPC if command in _ENOSPC_ON_OVERRUN else _EINVAL
     if rules.min_block > 1 and (offset % rules.min_block or length % rules.min_block):
@@ -217,6 +117,11 @@ def check_request(rules: SessionRules, flags: int, command: int, offset: int, le
 
 
 # --- replies (hot path: plain functions over precompiled structs) ---------------------------------------
+
+
+_DONE = int(ReplyFlag.DONE)
+_REQ_ONE = int(CommandFlag.REQ_ONE)
+_BLOCK_STATUS_CHUNK = int(ChunkType.BLOCK_STATUS)
 
 
 def simple_reply(handle: int, error: int = 0) -> bytes:
@@ -229,10 +134,55 @@ def chunk_header(flags: int, chunk_type: int, handle: int, length: int) -> bytes
     return CHUNK_HEADER.pack(0x668E33EF, flags, chunk_type, handle, length)
 
 
+def error_reply(handle: int, error: int, message: str, structured: bool) -> list[bytes]:
+    """The reply reporting ``error``: an error chunk with a message if structured replies are on."""
+    if not structured:
+        return [simple_reply(handle, error)]
+    msg = message.encode()[:4096]
+    body = ERROR_HEAD.pack(error, len(msg)) + msg
+    return [chunk_header(_DONE, ChunkType.ERROR, handle, len(body)), body]
+
+
+def block_status_reply(
+    handle: int, length: int, flags: int, results: list[tuple[int, list[tuple[int, int]]]]
+) -> list[bytes]:
+    """A BLOCK_STATUS reply: one chunk per meta context, from its id and extents ``(length, flags)``."""
+    out: list[bytes] = []
+    for i, (cid, extents) in enumerate(results):
+        if not extents:
+            extents = [(length, 0)]
+        if flags & _REQ_ONE:
+            extents = [(min(extents[0][0], length), extents[0][1])]
+        body = U32.pack(cid) + b"".join(EXTENT.pack(n, f) for n, f in extents)
+        done = _DONE if i == len(results) - 1 else 0
+        out += [chunk_header(done, _BLOCK_STATUS_CHUNK, handle, len(body)), body]
+    return out
+
+
 _OFFSET_DATA_HEADER = struct.Struct(CHUNK_HEADER.format + U64.format.lstrip(">"))
-_DONE = int(ReplyFlag.DONE)
 
 
 def offset_data_header(handle: int, offset: int, length: int, done: bool = True) -> bytes:
     """Header and offset of an OFFSET_DATA chunk; ``length`` data bytes must follow."""
     return _OFFSET_DATA_HEADER.pack(0x668E33EF, _DONE if done else 0, 1, handle, length + 8, offset)
+
+
+def read_reply_pieces(
+    handle: int, offset: int, length: int, structured: bool, df: bool, piece: int
+) -> Iterator[tuple[bytes, int, int]]:
+    """How the reply to a READ longer than one buffer goes out, piece by piece.
+
+    Yields ``(header, offset, length)``: a header to send, then that piece of the export's data. With
+    structured replies each piece is a chunk of its own, so a failure part-way can still be reported in an
+    error chunk; under DF, or with simple replies, one header announces all the data and later pieces
+    continue it (header ``b""``), so a failure part-way can only end the connection.
+    """
+    end = offset + length
+    if structured and not df:
+        for start in range(offset, end, piece):
+            n = min(piece, end - start)
+            yield offset_data_header(handle, start, n, done=start + n == end), start, n
+        return
+    first = offset_data_header(handle, offset, length) if structured else simple_reply(handle)
+    for start in range(offset, end, piece):
+        yield first if start == offset else b"", start, min(piece, end - start)
