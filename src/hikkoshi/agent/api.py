@@ -27,6 +27,7 @@ from hikkoshi.agent.models import (
     MigrationInfo,
     PatienceBody,
     ReleaseBody,
+    ResumeBody,
     StorageMigrateBody,
     StreamPrepare,
     VmCreate,
@@ -307,9 +308,9 @@ def create_app(agent: Agent) -> FastAPI:
         return Response(status_code=204)
 
     @app.post("/v1/incoming/{name}/resume", status_code=204, tags=["incoming"])
-    async def incoming_resume(name: VmName) -> Response:
-        """The guest runs here (after the source committed)."""
-        await inc.resume(name)
+    async def incoming_resume(name: VmName, body: ResumeBody | None = None) -> Response:
+        """The guest runs here (after the source committed; in a cluster, with the owner key's token)."""
+        await inc.resume(name, body.token if body else None)
         return Response(status_code=204)
 
     @app.post("/v1/incoming/{name}/announce", status_code=204, tags=["incoming"])

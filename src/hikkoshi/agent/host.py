@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hikkoshi import __version__
 from hikkoshi.agent.db import AgentDb
@@ -23,6 +23,9 @@ from hikkoshi.vm.errors import DatastoreError, VmError
 from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.host import host_facts, qemu_version, space
 from hikkoshi.vm.spec import VmSpec, parse_spec
+
+if TYPE_CHECKING:
+    from hikkoshi.agent.cluster_member import ClusterMember, ClusterSettings
 
 
 @dataclass
@@ -46,6 +49,8 @@ class AgentConfig:
     """The address migration streams (memory, disks) use here (default: the API's)."""
     migration_tls_dir: Path | None = None
     """This host's x509 credentials for the memory stream, in QEMU's layout."""
+    cluster: ClusterSettings | None = None
+    """The etcd cluster this host joins (``None``: the agent works alone)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -104,6 +109,8 @@ class Host:
         self._accel_lock = asyncio.Lock()
         #: VMs being created, started, stopped or destroyed now: one operation per VM at a time.
         self._busy: set[str] = set()
+        #: The cluster this host is a member of (set by the agent once it joined).
+        self.cluster: ClusterMember | None = None
 
     # --- host ---------------------------------------------------------------------------------------------
 
@@ -230,6 +237,14 @@ class Host:
                 image = Path(body.image) if body.image else None
                 spec = parse_spec(data)
                 await asyncio.to_thread(store.create_vm, spec, host_facts(), image=image)
+            if self.cluster is not None:
+                # Owned here, under a name unique in the cluster: or not created at all.
+                _ds, _home, spec = self.find(body.name)
+                try:
+                    await self.cluster.create(spec, str(store.uuid))
+                except BaseException:
+                    await asyncio.to_thread(store.destroy_vm, body.name)
+                    raise
         info = await self.vm(body.name)
         self.db.set_vm(body.name, ds, info.uuid, "created")
         return info
@@ -238,6 +253,8 @@ class Host:
         """Start a VM (its supervisor owns QEMU and the NBD service)."""
         ds, home, spec = self.find(name)
         with self.busy(name):
+            if self.cluster is not None:
+                await self.cluster.ensure_owner(spec)  # owned here, by the current token
             await asyncio.to_thread(
                 control.start_vm,
                 home,
@@ -273,11 +290,13 @@ class Host:
 
     async def destroy(self, name: str) -> None:
         """Delete a stopped VM with its disks."""
-        ds, home, _spec = self.find(name)
+        ds, home, spec = self.find(name)
         if home.is_running():
             raise Conflict(f"VM {name!r} is running: stop it first")
         with self.busy(name):
             await asyncio.to_thread(self.stores[ds].destroy_vm, name)
+            if self.cluster is not None:
+                await self.cluster.forget(spec)
         self.db.forget_vm(name)
 
 

@@ -167,6 +167,8 @@ class Incoming:
 
     async def start(self, vm: str, accel: str, migration: str, source: str | None) -> dict[str, Any]:
         """Start the incoming supervisor (this host's QEMU binary), or let a serving one take the VM back."""
+        if self.host.cluster is not None:
+            self.host.cluster.need_online("accepts")  # cut off from etcd: no VM comes in
         row = self._row(vm)
         if row.get("state") == SERVING:
             target = self._target(vm, SERVING)
@@ -228,9 +230,12 @@ class Incoming:
         """How long a disk request waits for a lost source."""
         await self._side(self._target(vm, INCOMING, RUNNING).set_patience(seconds))
 
-    async def resume(self, vm: str) -> None:
-        """The guest runs here."""
-        await self._side(self._coming(vm).resume())
+    async def resume(self, vm: str, token: int | None = None) -> None:
+        """The guest runs here; in a cluster only once the owner key names this host with ``token``."""
+        target = self._coming(vm)
+        if self.host.cluster is not None:
+            await self.host.cluster.check_token(target.home.load_spec(), token)
+        await self._side(target.resume(token))
 
     async def announce(self, vm: str) -> None:
         """The VM's NICs announce their MACs from here."""

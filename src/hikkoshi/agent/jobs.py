@@ -25,6 +25,8 @@ from typing import Any
 from urllib.parse import quote
 
 from hikkoshi.agent.client import AgentClient, AgentError
+from hikkoshi.agent.cluster_jobs import ClusterRun, cluster_job
+from hikkoshi.agent.cluster_member import ClusterUnavailable
 from hikkoshi.agent.db import AgentDb, DbMigrationStore
 from hikkoshi.agent.errors import Conflict, NotFound, Problem
 from hikkoshi.agent.host import Host
@@ -33,6 +35,9 @@ from hikkoshi.agent.models import HostInfo, MigrateBody, MigrationInfo, StorageM
 from hikkoshi.agent.remote_destination import RemoteDestination, side_error
 from hikkoshi.agent.timeline import render_timeline
 from hikkoshi.block.throttle import parse_rate
+from hikkoshi.cluster.errors import EtcdUnavailable, LimitReached
+from hikkoshi.cluster.ownership import Claim
+from hikkoshi.cluster.slots import Decision
 from hikkoshi.daemons import supervisor_client
 from hikkoshi.migrate.cold import ColdMigration
 from hikkoshi.migrate.holders import release_holder_by_path
@@ -64,6 +69,17 @@ async def direct_routes(_src: str, _dst: str) -> AsyncIterator[Route | None]:
     yield None
 
 
+@dataclass(frozen=True)
+class _Clustered:
+    """What a migration needs to run as a cluster job."""
+
+    claim: Claim
+    destination: str
+    site: str
+    datastores: tuple[str, ...]
+    no_wait: bool
+
+
 class BadPeer(Problem):
     """The destination agent does not answer, or refuses."""
 
@@ -87,10 +103,16 @@ class JobState:
     retry_at: float | None = None
     backoff: float = 1.0
 
+    #: Told of every phase the job enters (a cluster job mirrors them to etcd).
+    on_phase: Callable[[Phase], None] | None = None
+
     def on_progress(self, info: dict[str, Any]) -> None:
         """The job's progress callback: keep the latest, and every point for the timeline."""
         self.progress.update(info)
         self.samples.append((round(time.monotonic() - self.t0, 3), dict(info)))
+        phase = info.get("phase")
+        if self.on_phase is not None and isinstance(phase, str) and phase in Phase.__members__.values():
+            self.on_phase(Phase(phase))
 
 
 class Jobs:
@@ -148,13 +170,21 @@ class Jobs:
     async def migrate(self, name: str, body: MigrateBody) -> str:
         """Start a migration of ``name`` (live, quick or offline) to the agent at ``body.to``; its id."""
         self._busy_vm(name)
-        ds, home, _spec = self.host.find(name)
-        client = self._client(body.to)
+        ds, home, spec = self.host.find(name)
+        cluster = self.host.cluster
+        url, claim = body.to, None
+        if cluster is not None:
+            if not body.to.startswith(("http://", "https://")):
+                url = (await cluster.resolve(body.to)).api_address
+            claim = await cluster.ensure_owner(spec)  # this host owns it, as of this token
+        elif not body.to.startswith(("http://", "https://")):
+            raise Problem(f"--to {body.to!r}: a host name needs a cluster (agent --etcd); give a URL")
+        client = self._client(url)
         try:
             try:
                 peer = HostInfo.model_validate(await client.get("/v1/host"))
             except AgentError as exc:
-                raise BadPeer(f"destination agent {body.to}: {exc.detail}") from None
+                raise BadPeer(f"destination agent {url}: {exc.detail}") from None
             if peer.name == self.host.config.name:
                 raise Problem("the destination is this agent: use storage-migrate to change datastores")
             dest_ds = body.datastore or (peer.datastores[0].name if peer.datastores else "")
@@ -199,8 +229,12 @@ class Jobs:
             job = LiveMigration(request, target, store)
         job.record.settings.destination_datastore = dest_ds
         job.record.settings.destination_site = peer.site
-        state = self._register(job, "source", body.to)
-        self._spawn(self._run_to_peer(state, job, client, peer.site, home))
+        state = self._register(job, "source", url)
+        clustered = None
+        if cluster is not None and claim is not None:
+            datastores = (str(self.host.stores[ds].uuid),)
+            clustered = _Clustered(claim, peer.name, peer.site, datastores, body.no_wait)
+        self._spawn(self._run_to_peer(state, job, client, peer.site, home, clustered))
         return state.id
 
     async def storage_migrate(self, name: str, body: StorageMigrateBody) -> str:
@@ -256,11 +290,28 @@ class Jobs:
     # --- running ------------------------------------------------------------------------------------------
 
     async def _run_to_peer(
-        self, state: JobState, job: Job, client: AgentClient, peer_site: str, home: VmHome
+        self,
+        state: JobState,
+        job: Job,
+        client: AgentClient,
+        peer_site: str,
+        home: VmHome,
+        clustered: _Clustered | None = None,
     ) -> None:
-        """Run a migration to another agent's host, through the routes between the two sites."""
+        """Run a migration to another agent's host, through the routes between the two sites (and, in
+        a cluster, as a cluster job)."""
         try:
-            async with self.routes(self.host.config.site, peer_site) as route:
+            async with contextlib.AsyncExitStack() as stack:
+                if clustered is not None:
+                    run = await stack.enter_async_context(self._cluster_job(state, job, clustered))
+                    if run is None:
+                        return  # refused by a limit: recorded
+                    state.on_phase = run.entered
+                    if isinstance(job, LiveMigration):
+                        job.request = replace(job.request, ledger=run.ledger)
+                    elif isinstance(job, ColdMigration):
+                        job.ledger = run.ledger
+                route = await stack.enter_async_context(self.routes(self.host.config.site, peer_site))
                 if isinstance(job, LiveMigration):
                     job.request = replace(job.request, route=route)
                 elif isinstance(job, ColdMigration):
@@ -269,6 +320,39 @@ class Jobs:
         finally:
             state.running = False  # also when the routes could not be set up
             await client.aclose()
+
+    @contextlib.asynccontextmanager
+    async def _cluster_job(
+        self, state: JobState, job: Job, c: _Clustered
+    ) -> AsyncIterator[ClusterRun | None]:
+        """The migration as a cluster job (queued while a limit is reached); ``None`` if it was refused."""
+        member = self.host.cluster
+        assert member is not None
+
+        def queued(decision: Decision) -> None:
+            state.on_progress(
+                {"phase": "queued", "place": decision.position + 1, "reasons": decision.reasons()}
+            )
+
+        try:
+            async with cluster_job(
+                member,
+                job.record.id,
+                c.claim,
+                c.destination,
+                datastores=c.datastores,
+                source_site=self.host.config.site,
+                destination_site=c.site,
+                no_wait=c.no_wait,
+                on_queue=queued,
+            ) as run:
+                yield run
+        except (LimitReached, ClusterUnavailable, EtcdUnavailable) as exc:
+            job.record.error = f"refused: {exc}"
+            job.record.enter(Phase.FAILED)
+            self.db.save_migration(job.record, state.role)
+            state.running = False
+            yield None
 
     async def _run_job(
         self, state: JobState, work: Awaitable[Any], home: VmHome, client: AgentClient | None = None

@@ -94,6 +94,8 @@ class MigrationFacts(BaseModel):
     routes: dict[str, str] = {}
     committed: bool = False
     """The source supervisor agreed that the destination may run (the commit)."""
+    fencing_token: int | None = None
+    """The token the destination resumes the VM with (a cluster's owner key revision)."""
     export_dir: str | None = None
     """Cold migration: the runtime directory of the source's read-only export."""
     moving: list[str] = []
