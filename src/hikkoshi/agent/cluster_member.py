@@ -25,6 +25,7 @@ from typing import Any
 
 from hikkoshi.agent.errors import Conflict, Problem
 from hikkoshi.agent.host import Host
+from hikkoshi.agent.vm_rows import RowState
 from hikkoshi.cluster.config import EtcdConfig
 from hikkoshi.cluster.errors import ClusterError, EtcdUnavailable, NameTaken, OwnedElsewhere
 from hikkoshi.cluster.hosts import Registration, RegistrationState, register_host
@@ -128,6 +129,7 @@ class ClusterMember:
         )
 
     def _status(self) -> HostStatus:
+        vms = self._vm_states()
         with open("/proc/meminfo") as f:
             memory = parse_meminfo(f.read())
         try:
@@ -139,11 +141,26 @@ class ClusterMember:
             datastores_free={str(s.uuid): space(s.path).free for s in self.host.stores.values()},
             load=HostLoad(
                 cpu=min(1.0, load1),
-                vms=sum(1 for _ds, home in self.host.homes().values() if home.is_running()),
+                vms=sum(1 for state in vms.values() if state == RowState.RUNNING),
                 migrations_out=self.migrations_out,
                 migrations_in=self.migrations_in,
             ),
+            vms=vms,
         )
+
+    def _vm_states(self) -> dict[str, str]:
+        """uuid -> state of every VM in this host's datastores that the cluster may know."""
+        rows = self.host.db.vms()
+        out: dict[str, str] = {}
+        for name, (_ds, home) in self.host.homes().items():
+            row = rows.get(name, {})
+            uuid, state = row.get("uuid"), row.get("state")
+            if not uuid:
+                continue
+            if state not in (RowState.INCOMING, RowState.SERVING, RowState.FENCED):
+                state = RowState.RUNNING if home.is_running() else RowState.STOPPED
+            out[str(uuid)] = str(state)
+        return out
 
     # --- ownership -----------------------------------------------------------------------------------------
 

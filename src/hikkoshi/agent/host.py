@@ -13,6 +13,7 @@ from hikkoshi import __version__
 from hikkoshi.agent.db import AgentDb
 from hikkoshi.agent.errors import Conflict, NotFound
 from hikkoshi.agent.models import DatastoreInfo, DiskInfo, HostInfo, NicInfo, VmCreate, VmInfo, VmStop
+from hikkoshi.agent.vm_rows import RowState
 from hikkoshi.daemons import supervisor_client as control
 from hikkoshi.guest.guest_image import build_guest
 from hikkoshi.guest.guest_vm import create_guest_vm
@@ -246,7 +247,7 @@ class Host:
                     await asyncio.to_thread(store.destroy_vm, body.name)
                     raise
         info = await self.vm(body.name)
-        self.db.set_vm(body.name, ds, info.uuid, "created")
+        self.db.set_vm(body.name, ds, info.uuid, RowState.CREATED)
         return info
 
     async def start(self, name: str) -> VmInfo:
@@ -261,7 +262,7 @@ class Host:
                 qemu=self.config.qemu if self.config.qemu != DEFAULT_QEMU else None,
                 runtime_dir=self.config.runtime_dir,
             )
-        self.db.set_vm(name, ds, str(spec.uuid), "running")
+        self.db.set_vm(name, ds, str(spec.uuid), RowState.RUNNING)
         return await self.vm(name)
 
     async def stop(self, name: str, body: VmStop) -> VmInfo:
@@ -274,7 +275,7 @@ class Host:
                 await asyncio.to_thread(control.kill_vm, home)
             else:
                 await control.stop_vm(home, spec, grace=body.timeout, hard=body.hard)
-        self.db.set_vm(name, ds, str(spec.uuid), "stopped")
+        self.db.set_vm(name, ds, str(spec.uuid), RowState.STOPPED)
         return await self.vm(name)
 
     def console(self, name: str, offset: int) -> tuple[bytes, int, bool]:

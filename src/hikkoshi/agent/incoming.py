@@ -27,6 +27,7 @@ from hikkoshi.agent.db import AgentDb
 from hikkoshi.agent.errors import Conflict, NotFound
 from hikkoshi.agent.host import Host
 from hikkoshi.agent.models import IncomingFacts
+from hikkoshi.agent.vm_rows import RowState
 from hikkoshi.migrate import qmp_migration as qm
 from hikkoshi.migrate.destination import LocalDestination
 from hikkoshi.migrate.holders import release_holder_by_path
@@ -38,10 +39,10 @@ from hikkoshi.vm.host import host_facts, qemu_version, space
 
 log = logging.getLogger("hikkoshi.agent.incoming")
 
-INCOMING = "incoming"
-SERVING = "serving"
-RUNNING = "running"
-STOPPED = "stopped"
+INCOMING = RowState.INCOMING
+SERVING = RowState.SERVING
+RUNNING = RowState.RUNNING
+STOPPED = RowState.STOPPED
 
 
 class Incoming:

@@ -126,7 +126,8 @@ class MigrateBody(_Body):
     """``POST /v1/vms/{name}/migrate``: move the VM to another agent's host."""
 
     to: Annotated[
-        str, Field(min_length=1, max_length=300, pattern=r"^(https?://[^\s/]+(/.*)?|[A-Za-z0-9][A-Za-z0-9_.-]*)$")
+        str,
+        Field(min_length=1, max_length=300, pattern=r"^(https?://[^\s/]+(/.*)?|[A-Za-z0-9][A-Za-z0-9_.-]*)$"),
     ]
     """The destination agent's URL, or (in a cluster) the destination host's name."""
     datastore: Name | None = None
