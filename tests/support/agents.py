@@ -163,11 +163,13 @@ class AgentProc:
 
 
 @contextlib.contextmanager
-def agents(tmp: Path, *names: str, datastores: tuple[str, ...] = ("main",)) -> Iterator[list[AgentProc]]:
-    """Started agents sharing one token, each with these datastores (the first is the default); stopped
-    and their VMs killed (by pid) afterwards, whatever happens."""
+def agents(
+    tmp: Path, *names: str, datastores: tuple[str, ...] = ("main",), extra: tuple[str, ...] = ()
+) -> Iterator[list[AgentProc]]:
+    """Started agents sharing one token, each with these datastores (the first is the default) and
+    ``extra`` arguments; stopped and their VMs killed (by pid) afterwards, whatever happens."""
     token = tmp / "token"
-    procs = [AgentProc(n, tmp / n, token, {d: tmp / n / d for d in datastores}) for n in names]
+    procs = [AgentProc(n, tmp / n, token, {d: tmp / n / d for d in datastores}, list(extra)) for n in names]
     try:
         for p in procs:
             p.start()

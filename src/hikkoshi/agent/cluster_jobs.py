@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 from hikkoshi.agent.cluster_member import ClusterLedger, ClusterMember
 from hikkoshi.aio import background
-from hikkoshi.cluster.errors import ClusterError, NotCoordinator
+from hikkoshi.cluster.errors import ClusterError, NoSuchJob, NotCoordinator
 from hikkoshi.cluster.jobs import Coordination
 from hikkoshi.cluster.lease import kept_lease
 from hikkoshi.cluster.models import JobRecord
-from hikkoshi.cluster.ownership import Claim
+from hikkoshi.cluster.ownership import Claim, Ownership
 from hikkoshi.cluster.slots import Decision, resources_for
 from hikkoshi.migrate.phases import FINAL, FORWARD, Phase, PhaseError
 
@@ -32,7 +32,8 @@ JOB_LEASE_TTL = 10
 class ClusterRun:
     """A running cluster job: its coordination, its ledger, and the phases to mirror."""
 
-    coordination: Coordination
+    coordination: Coordination | None
+    """``None``: etcd has no record of the job any more (its phases are not mirrored)."""
     ledger: ClusterLedger
     phases: asyncio.Queue[tuple[Phase, str | None]]
 
@@ -43,11 +44,12 @@ class ClusterRun:
 
 async def _mirror(member: ClusterMember, run: ClusterRun) -> None:
     """Advance the etcd record as the job goes; ``resume-destination`` is the commit's own write."""
+    job_id = run.coordination.job_id if run.coordination else "?"
     last = Phase.PRECHECK
     while True:
         phase, error = await run.phases.get()
         try:
-            if phase == Phase.RESUME or phase == last:
+            if run.coordination is None or phase == Phase.RESUME or phase == last:
                 last = phase
                 continue
             behind = phase in FORWARD and last in FORWARD and FORWARD.index(phase) < FORWARD.index(last)
@@ -56,9 +58,9 @@ async def _mirror(member: ClusterMember, run: ClusterRun) -> None:
             await member.jobs().advance(run.coordination, phase, error=error)
             last = phase
         except NotCoordinator as exc:
-            log.error("migration %s: %s", run.coordination.job_id, exc)
+            log.error("migration %s: %s", job_id, exc)
         except (ClusterError, PhaseError) as exc:  # recorded late or not at all: not worth failing for
-            log.warning("migration %s: phase %s not in etcd: %s", run.coordination.job_id, phase, exc)
+            log.warning("migration %s: phase %s not in etcd: %s", job_id, phase, exc)
         finally:
             run.phases.task_done()
 
@@ -101,3 +103,29 @@ async def cluster_job(
                         await run.phases.join()
         finally:
             member.migrations_out -= 1
+
+
+@contextlib.asynccontextmanager
+async def taken_over(member: ClusterMember, job_id: str, vm_uuid: str | None) -> AsyncIterator[ClusterRun]:
+    """This agent coordinates again a cluster job it left (it restarted): under a new lease, with the
+    VM's ownership as it stands. :class:`~hikkoshi.cluster.errors.CoordinatorAlive` while the old
+    coordinator's lease has not lapsed yet; a job etcd no longer has gets a read-only ledger."""
+    store = member.need_online("takes over")
+    me = member.host.config.name
+    async with kept_lease(store, ttl=JOB_LEASE_TTL) as lease:
+        coordination: Coordination | None
+        try:
+            coordination, view = await member.jobs().take_over(job_id, me, lease)
+            vm_uuid = view.record.vm
+        except NoSuchJob:
+            coordination = None
+        if vm_uuid is None:
+            raise ClusterError(f"migration {job_id}: neither etcd nor the source's home names its VM")
+        current = await Ownership(store, member.keys).owner(vm_uuid)
+        claim = current if current is not None else Claim(vm_uuid, me, 0)
+        run = ClusterRun(coordination, ClusterLedger(member, coordination, claim), asyncio.Queue())
+        async with background(_mirror(member, run), f"mirror {job_id}"):
+            yield run
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await run.phases.join()

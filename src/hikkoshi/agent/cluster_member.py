@@ -21,7 +21,6 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 from hikkoshi.agent.errors import Conflict, Problem
 from hikkoshi.agent.host import Host
@@ -29,12 +28,14 @@ from hikkoshi.agent.vm_rows import RowState
 from hikkoshi.cluster.config import EtcdConfig
 from hikkoshi.cluster.errors import ClusterError, EtcdUnavailable, NameTaken, OwnedElsewhere
 from hikkoshi.cluster.hosts import Registration, RegistrationState, register_host
+from hikkoshi.cluster.jobs import Coordination
 from hikkoshi.cluster.jobs import Jobs as ClusterJobs
 from hikkoshi.cluster.keys import Keys
 from hikkoshi.cluster.limits import Slots
 from hikkoshi.cluster.models import DatastoreInfo, HostInfo, HostLoad, HostStatus, VmRecord
 from hikkoshi.cluster.ownership import Claim, Ownership
 from hikkoshi.cluster.store import Store
+from hikkoshi.migrate.phases import PhaseError
 from hikkoshi.migrate.record import MigrationRecord
 from hikkoshi.migrate.sides import SideError
 from hikkoshi.vm.facts import parse_meminfo
@@ -50,12 +51,19 @@ class ClusterUnavailable(Problem):
     status = 503
 
 
+def unavailable(what: str, exc: Exception) -> ClusterUnavailable:
+    """The error of an operation refused because etcd did not answer."""
+    return ClusterUnavailable(f"etcd does not answer this host ({exc}): it {what} nothing until it does")
+
+
 @dataclass
 class ClusterSettings:
     """How the agent reaches etcd."""
 
     etcd: EtcdConfig
     lease_ttl: int = 6
+    takeover_after: float = 60.0
+    """How long a migration's source host must be down before this host, its destination, settles it."""
 
 
 def vm_record(spec: VmSpec, datastore_uuid: str | None) -> VmRecord:
@@ -176,7 +184,7 @@ class ClusterMember:
         except OwnedElsewhere as exc:
             raise Conflict(f"VM {spec.name!r} is owned by host {exc.holder!r}") from None
         except EtcdUnavailable as exc:
-            raise ClusterUnavailable(str(exc)) from None
+            raise unavailable("creates", exc) from None
         self.claims[claim.uuid] = claim
         return claim
 
@@ -195,7 +203,7 @@ class ClusterMember:
                 raise Conflict(f"VM {spec.name!r} is owned by host {holder!r}, not this one: start it there")
             check = await own.check_owner(uuid, name, current.token)
         except EtcdUnavailable as exc:
-            raise ClusterUnavailable(str(exc)) from None
+            raise unavailable("starts", exc) from None
         except (NameTaken, OwnedElsewhere) as exc:
             raise Conflict(f"VM {spec.name!r}: {exc}") from None
         if not check.ok:
@@ -211,7 +219,7 @@ class ClusterMember:
         try:
             check = await own.check_owner(uuid, name, token)
         except EtcdUnavailable as exc:
-            raise ClusterUnavailable(str(exc)) from None
+            raise unavailable("resumes", exc) from None
         if not check.ok:
             raise Conflict(f"VM {spec.name!r}: the owner key names {check.holder!r} (token {check.token})")
         claim = Claim(uuid, name, token)
@@ -253,17 +261,39 @@ class ClusterMember:
 
 class ClusterLedger:
     """The commit of one migration in the cluster (see :mod:`hikkoshi.migrate.ledger`): the owner key
-    moves to the destination with the record's commit, in one transaction."""
+    moves to the destination with the record's commit, in one transaction.
 
-    def __init__(self, member: ClusterMember, job: Any, claim: Claim) -> None:
+    ``coordination`` is ``None`` when this agent could not become the job's coordinator (the cluster
+    record is gone or another host settled it): then the ledger only reads, and a commit that is not
+    in etcd already is refused."""
+
+    def __init__(self, member: ClusterMember, coordination: Coordination | None, claim: Claim) -> None:
         self.member = member
-        self.coordination = job
+        self.coordination = coordination
         self.claim = claim
         self.moved: Claim | None = None
+
+    def _ownership(self, what: str) -> Ownership:
+        return Ownership(self.member.need_online(what), self.member.keys)
+
+    async def prepare(self, record: MigrationRecord) -> None:
+        try:
+            if self.coordination is None:
+                raise Problem("this agent does not coordinate the migration in the cluster")
+            self.coordination.lease.check()
+            check = await self._ownership("commits").check_owner(
+                self.claim.uuid, self.claim.host, self.claim.token
+            )
+        except (ClusterError, Problem) as exc:
+            raise SideError(f"the cluster cannot take the commit now: {exc}") from None
+        if not check.ok:
+            raise SideError(f"the owner key moved since the migration began (now {check.holder!r})")
 
     async def record_commit(self, record: MigrationRecord) -> int | None:
         try:
             return await self._record_commit(record)
+        except OwnedElsewhere as exc:
+            raise SideError(f"the owner key moved to {exc.holder!r}: the commit cannot be recorded") from None
         except (ClusterError, Problem) as exc:
             # After the supervisor's commit: the job waits for etcd and goes on, never back.
             raise SideError(f"the commit is not in etcd yet: {exc}", transient=True) from None
@@ -271,16 +301,19 @@ class ClusterLedger:
     async def _record_commit(self, record: MigrationRecord) -> int | None:
         if self.moved is not None:
             return self.moved.token
-        own = Ownership(self.member.need_online("commits"), self.member.keys)
-        current = await own.owner(self.claim.uuid)
+        current = await self._ownership("commits").owner(self.claim.uuid)
         if current is not None and current.host == record.destination.host:
-            self.moved = current  # moved before (a repeated step)
+            self.moved = current  # moved before (a repeated step, or by the destination's agent)
             return current.token
+        if self.coordination is None:
+            raise OwnedElsewhere(self.claim.uuid, current.host if current else None, 0)
         jobs = self.member.jobs()
         for attempt in range(5):
             try:
                 self.moved = await jobs.commit(self.coordination, self.claim)
                 return self.moved.token
+            except PhaseError:  # settled (rolled back) by another host while this one was away
+                raise OwnedElsewhere(self.claim.uuid, current.host if current else None, 0) from None
             except EtcdUnavailable:
                 if attempt == 4:
                     raise
@@ -289,8 +322,7 @@ class ClusterLedger:
 
     async def is_committed(self, record: MigrationRecord) -> bool:
         try:
-            own = Ownership(self.member.need_online("reads"), self.member.keys)
-            current = await own.owner(self.claim.uuid)
+            current = await self._ownership("reads").owner(self.claim.uuid)
         except (ClusterError, Problem):
             return False
         return current is not None and current.host == record.destination.host

@@ -197,9 +197,13 @@ class Host:
             status = await control.vm_status(home, spec)
         except VmError as exc:
             status = {"running": home.is_running(), "state": "unknown", "error": str(exc)}
-        incoming = remembered.get(name, {}).get("state") == "incoming"
-        if incoming and status.get("state") in ("running", "paused", "inmigrate"):
-            status = {**status, "state": "incoming"}
+        row = remembered.get(name, {}).get("state")
+        if row in (RowState.INCOMING, RowState.FENCED) and status.get("state") in (
+            "running",
+            "paused",
+            "inmigrate",
+        ):
+            status = {**status, "state": row}  # the host's word: not to be run here
         return _vm_info(name, ds, home, spec, status)
 
     @contextlib.contextmanager

@@ -25,17 +25,18 @@ from typing import Any
 from urllib.parse import quote
 
 from hikkoshi.agent.client import AgentClient, AgentError
-from hikkoshi.agent.cluster_jobs import ClusterRun, cluster_job
-from hikkoshi.agent.cluster_member import ClusterUnavailable
+from hikkoshi.agent.cluster_jobs import ClusterRun, cluster_job, taken_over
+from hikkoshi.agent.cluster_member import ClusterLedger, ClusterUnavailable
 from hikkoshi.agent.db import AgentDb, DbMigrationStore
 from hikkoshi.agent.errors import Conflict, NotFound, Problem
 from hikkoshi.agent.host import Host
 from hikkoshi.agent.incoming import INCOMING, RUNNING, SERVING, Incoming
 from hikkoshi.agent.models import HostInfo, MigrateBody, MigrationInfo, StorageMigrateBody
+from hikkoshi.agent.orphans import OrphanSettler, settle_quietly
 from hikkoshi.agent.remote_destination import RemoteDestination, side_error
 from hikkoshi.agent.timeline import render_timeline
 from hikkoshi.block.throttle import parse_rate
-from hikkoshi.cluster.errors import EtcdUnavailable, LimitReached
+from hikkoshi.cluster.errors import ClusterError, CoordinatorAlive, EtcdUnavailable, LimitReached
 from hikkoshi.cluster.ownership import Claim
 from hikkoshi.cluster.slots import Decision
 from hikkoshi.daemons import supervisor_client
@@ -128,6 +129,7 @@ class Jobs:
         self.jobs: dict[str, JobState] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._settler: OrphanSettler | None = None
 
     def attach(self, tg: asyncio.TaskGroup) -> None:
         """The task group that owns the jobs (the agent's lifetime)."""
@@ -232,6 +234,7 @@ class Jobs:
         state = self._register(job, "source", url)
         clustered = None
         if cluster is not None and claim is not None:
+            job.record.settings.cluster_job = True
             datastores = (str(self.host.stores[ds].uuid),)
             clustered = _Clustered(claim, peer.name, peer.site, datastores, body.no_wait)
         self._spawn(self._run_to_peer(state, job, client, peer.site, home, clustered))
@@ -307,10 +310,7 @@ class Jobs:
                     if run is None:
                         return  # refused by a limit: recorded
                     state.on_phase = run.entered
-                    if isinstance(job, LiveMigration):
-                        job.request = replace(job.request, ledger=run.ledger)
-                    elif isinstance(job, ColdMigration):
-                        job.ledger = run.ledger
+                    self._use_ledger(job, run.ledger)
                 route = await stack.enter_async_context(self.routes(self.host.config.site, peer_site))
                 if isinstance(job, LiveMigration):
                     job.request = replace(job.request, route=route)
@@ -487,11 +487,52 @@ class Jobs:
             if taken is None:
                 continue
             job, client = taken
+            if record.settings.cluster_job and not self._cluster_ready(record):
+                if client is not None:
+                    await client.aclose()
+                continue
             new = self._register(job, role, record.destination.agent)
             if state is not None:
                 new.backoff = min(state.backoff * 2, MAX_BACKOFF)
             log.info("taking over migration %s, left at %s", record.id, record.phase.value)
-            self._spawn(self._run_job(new, job.recover(), VmHome(record.source.home), client))
+            work = self._recover_clustered(new, job) if record.settings.cluster_job else job.recover()
+            self._spawn(self._run_job(new, work, VmHome(record.source.home), client))
+
+    def _cluster_ready(self, record: MigrationRecord) -> bool:
+        """Whether a cluster job can be taken over now (this agent is in the cluster, and etcd answers)."""
+        member = self.host.cluster
+        if member is None:
+            log.error(
+                "migration %s is a cluster job: start the agent with --etcd to go on with it", record.id
+            )
+            return False
+        return member.online
+
+    async def _recover_clustered(self, state: JobState, job: Job) -> MigrationRecord:
+        """Recover a cluster job as its coordinator again (a new lease; waits while the old one lives)."""
+        member = self.host.cluster
+        assert member is not None
+        vm_uuid = None
+        with contextlib.suppress(OSError, ValueError):
+            vm_uuid = str(VmHome(job.record.source.home).load_spec().uuid)
+        try:
+            async with taken_over(member, job.record.id, vm_uuid) as run:
+                state.on_phase = run.entered
+                self._use_ledger(job, run.ledger)
+                return await job.recover()
+        except CoordinatorAlive as exc:
+            raise MigrationPending(
+                f"its coordinator's lease lives on (host {exc.host})", job.record
+            ) from None
+        except (ClusterError, ClusterUnavailable) as exc:
+            raise MigrationPending(f"the cluster: {exc}", job.record) from None
+
+    @staticmethod
+    def _use_ledger(job: Job, ledger: ClusterLedger) -> None:
+        if isinstance(job, LiveMigration):
+            job.request = replace(job.request, ledger=ledger)
+        elif isinstance(job, ColdMigration):
+            job.ledger = ledger
 
     def _job_for(self, record: MigrationRecord, role: str) -> tuple[Job, AgentClient | None] | None:
         store = DbMigrationStore(self.db, role)
@@ -529,6 +570,12 @@ class Jobs:
             if not source or not migration:
                 continue
             verdict = await self._source_says(source, migration)
+            member = self.host.cluster
+            if verdict == "unknown" and member is not None:
+                if self._settler is None or self._settler.member is not member:
+                    self._settler = OrphanSettler(member, self.incoming, member.settings.takeover_after)
+                await settle_quietly(self._settler, vm, migration)
+                continue
             if verdict == "over":
                 log.info(
                     "VM %s came in for migration %s, which ended at its source: removing it", vm, migration

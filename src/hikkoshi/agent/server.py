@@ -3,8 +3,11 @@ or SIGINT; then its jobs are cancelled (each rolls back or leaves its record for
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -18,6 +21,7 @@ from hikkoshi.agent.service import Agent
 from hikkoshi.cluster.config import EtcdConfig
 from hikkoshi.cluster.keys import Keys
 from hikkoshi.cluster.store import Store
+from hikkoshi.daemons.process import dump_tasks
 from hikkoshi.vm.home import write_atomically
 
 
@@ -56,6 +60,10 @@ async def serve(config: AgentConfig, routes: RouteFactory | None = None) -> int:
     )
     info = {"name": config.name, "url": config.url, "pid": os.getpid(), "site": config.site}
     write_atomically(Path(config.state_dir) / "agent.json", json.dumps(info).encode())
+    # A stuck agent says what it waits on: kill -USR1 <pid> logs every task's chain of awaits.
+    asyncio.get_running_loop().add_signal_handler(
+        signal.SIGUSR1, dump_tasks, logging.getLogger("hikkoshi.agent")
+    )
     print(f"hikkoshi agent {config.name} listening on {config.url}", flush=True)
     await server.serve(sockets=[sock])
     return 0 if server.started else 1

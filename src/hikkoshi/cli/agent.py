@@ -64,6 +64,13 @@ def add_parser(top: Any) -> None:
         help="etcd client URLs (default: $HIKKOSHI_ETCD; none: the agent works alone)",
     )
     add_etcd_tls_arguments(etcd)
+    etcd.add_argument(
+        "--takeover-after",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="settle a migration into this host once its source host is down this long (default 60)",
+    )
     p.set_defaults(func=agent_command)
 
 
@@ -147,7 +154,7 @@ def agent_command(args: argparse.Namespace) -> int:
             peer_ca=args.peer_ca,
         )
         if args.etcd:
-            config.cluster = ClusterSettings(etcd_config(args))
+            config.cluster = ClusterSettings(etcd_config(args), takeover_after=args.takeover_after)
         if (args.tls_cert is None) != (args.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         routes = site_routes(parse_wan_links(args.wan_link), host)

@@ -231,8 +231,9 @@ class ColdMigration(Job):
             shutil.rmtree(self.record.facts.export_dir, ignore_errors=True)
 
     async def commit(self) -> None:
-        """The destination holds every disk, complete and flushed (or holds them already)."""
-        return None
+        """The destination holds every disk, complete and flushed (or holds them already); the ledger
+        can take the commit (recorded first thing after it)."""
+        await self.ledger.prepare(self.record)
 
     # --- after the commit --------------------------------------------------------------------------------
 

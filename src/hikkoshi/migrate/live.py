@@ -31,6 +31,7 @@ from typing import Any
 
 from hikkoshi import __version__
 from hikkoshi.aio import background, unwrapped
+from hikkoshi.block import crashpoints
 from hikkoshi.migrate import qmp_migration as qm
 from hikkoshi.migrate.arbiter import DestinationView, SourceView, Way, decide
 from hikkoshi.migrate.convergence import Observation, Progress, Schedule, build_schedule
@@ -550,6 +551,7 @@ class LiveMigration(Job):
         """The source supervisor commits: from now on the source never runs again (the guard refuses if
         it fired meanwhile: then the job rolls back)."""
         assert self.source is not None
+        await self.request.ledger.prepare(self.record)  # etcd answers and the VM is still the source's
         await self.source.ctl("migration-commit", migration=self.record.id)
         self.record.facts.committed = True
         self._save()
@@ -573,6 +575,7 @@ class LiveMigration(Job):
         if token is not None and self.record.facts.fencing_token != token:
             self.record.facts.fencing_token = token
             self._save()
+            crashpoints.reached("migrate-ledger-committed")  # tests: committed everywhere, not resumed
         if (await self.target.vm_status()).get("state") == "running":
             return  # resumed before a job died
         await self.target.resume(self.record.facts.fencing_token)

@@ -56,6 +56,8 @@ class MigrationSettings(BaseModel):
     destination_site: str | None = None
     source_host: str = "local"
     source_agent: str | None = None
+    cluster_job: bool = False
+    """The migration is a cluster job: etcd has its record, and its commit moves the owner key."""
     move_mode: str = "mirror"
     """Storage migration: ``mirror`` or ``dbt``."""
     move_bandwidth: str | None = None
