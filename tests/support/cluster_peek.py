@@ -59,7 +59,7 @@ class ClusterPeek:
         return self._run(body)
 
     def set_limits(self, **limits: int) -> None:
-        self._run(lambda s: Slots(s).set_limits(Limits(**limits)))
+        self._run(lambda s: Slots(s).set_limits(Limits.model_validate(limits)))
 
     def wait(self, what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
         """Poll ``check`` until it holds (AssertionError naming ``what`` after ``timeout``)."""

@@ -59,7 +59,9 @@ async def _mirror(member: ClusterMember, run: ClusterRun) -> None:
             last = phase
         except NotCoordinator as exc:
             log.error("migration %s: %s", job_id, exc)
-        except (ClusterError, PhaseError) as exc:  # recorded late or not at all: not worth failing for
+        except PhaseError as exc:  # settled in etcd by another host meanwhile: its word stands
+            log.info("migration %s: phase %s not recorded: %s", job_id, phase, exc)
+        except ClusterError as exc:  # recorded late or not at all: not worth failing for
             log.warning("migration %s: phase %s not in etcd: %s", job_id, phase, exc)
         finally:
             run.phases.task_done()

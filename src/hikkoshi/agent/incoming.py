@@ -17,6 +17,7 @@ source says so (:meth:`Incoming.sweep`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
@@ -180,6 +181,16 @@ class Incoming:
         target = self._coming(vm)
         if await target.is_running():
             raise Conflict(f"VM {vm!r} runs already")
+        # Remembered with the VM: the sweep asks the source about this migration if it goes silent.
+        detail = {
+            **self.detail(row),
+            "migration": migration,
+            "source": source or self.detail(row).get("source"),
+        }
+        uuid = row.get("uuid")
+        with contextlib.suppress(OSError, ValueError):
+            uuid = str(target.home.load_spec().uuid)
+        self.db.set_vm(vm, row["datastore"], uuid, INCOMING, json.dumps(detail))
         qemu = self.host.config.qemu
         return await target.start_incoming(accel, qemu if qemu != DEFAULT_QEMU else None, migration)
 
@@ -277,6 +288,8 @@ class Incoming:
         row = self._row(vm)
         if row.get("state") == SERVING:
             return  # rolled back before (a take-back whose abort was repeated)
+        if not row and vm not in self.host.homes():
+            return  # removed before (a repeated rollback, or this host settled the migration itself)
         target = self._coming(vm)
         if self.detail(row).get("takes_back"):
             await self._side(target.abort_take_back())
