@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hikkoshi.cli.cluster_tables import age, host_details, host_table, queue_table, table
@@ -52,6 +52,7 @@ def test_queue_table() -> None:
     assert lines[1].split(None, 4) == ["1", "m1", "web", "1m", "host-out:a: 1/1 slots held by m0"]
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.lists(st.text("ab", max_size=6), min_size=3, max_size=3), max_size=5))
 def test_columns_line_up(rows: list[list[str]]) -> None:
     lines = table(("A", "BB", "C"), rows)

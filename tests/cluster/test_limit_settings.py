@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hikkoshi.cluster import slots as s
@@ -55,6 +55,7 @@ def test_bad_settings_say_why(settings: list[str], says: str) -> None:
     assert says in str(e.value)
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(
         st.tuples(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hikkoshi.cluster import views
@@ -118,6 +118,7 @@ def test_vm_rows_join_owner_and_published_state() -> None:
 STATES = st.sampled_from(["running", "stopped", "incoming", "serving", "fenced"])
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.dictionaries(
         st.sampled_from(["h1", "h2", "h3"]),

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from hikkoshi.cli.hosts import needs_etcd
 
 if TYPE_CHECKING:
+    from hikkoshi.cluster.models import Limits
     from hikkoshi.cluster.store import Store
 
 
@@ -61,7 +62,7 @@ def set_command(args: argparse.Namespace) -> int:
     return with_store(args, go)
 
 
-def _print_limits(limits: Any) -> None:
+def _print_limits(limits: Limits) -> None:
     from hikkoshi.cluster.limit_settings import kind_limits
 
     print("limits     " + ", ".join(f"{k} {n}" for k, n in kind_limits(limits).items()))
