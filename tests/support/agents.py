@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,10 +164,11 @@ class AgentProc:
 
 @contextlib.contextmanager
 def agents(
-    tmp: Path, *names: str, datastores: tuple[str, ...] = ("main",), extra: tuple[str, ...] = ()
+    tmp: Path, *names: str, datastores: tuple[str, ...] = ("main",), extra: Sequence[str] = ()
 ) -> Iterator[list[AgentProc]]:
     """Started agents sharing one token, each with these datastores (the first is the default) and
-    ``extra`` arguments; stopped and their VMs killed (by pid) afterwards, whatever happens."""
+    ``extra`` options (``--etcd URL``: members of a cluster); stopped and their VMs killed (by pid)
+    afterwards, whatever happens."""
     token = tmp / "token"
     procs = [AgentProc(n, tmp / n, token, {d: tmp / n / d for d in datastores}, list(extra)) for n in names]
     try:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import secrets
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hikkoshi.cli.etcd_options import add_etcd_tls_arguments, etcd_config
+from hikkoshi.cli.etcd_options import add_etcd_tls_arguments, etcd_config, etcd_urls
 from hikkoshi.cli.migrate import parse_wan, wan_routes
 from hikkoshi.daemons.process import run
 from hikkoshi.vm.accel import DEFAULT_QEMU
@@ -60,10 +59,10 @@ def add_parser(top: Any) -> None:
     etcd.add_argument(
         "--etcd",
         metavar="URL[,URL...]",
-        default=os.environ.get("HIKKOSHI_ETCD") or None,
+        default=argparse.SUPPRESS,  # the global option's value (or $HIKKOSHI_ETCD) otherwise
         help="etcd client URLs (default: $HIKKOSHI_ETCD; none: the agent works alone)",
     )
-    add_etcd_tls_arguments(etcd)
+    add_etcd_tls_arguments(etcd, defaults=False)
     etcd.add_argument(
         "--takeover-after",
         type=float,
@@ -153,7 +152,7 @@ def agent_command(args: argparse.Namespace) -> int:
             tls_key=args.tls_key,
             peer_ca=args.peer_ca,
         )
-        if args.etcd:
+        if etcd_urls(args):
             config.cluster = ClusterSettings(etcd_config(args), takeover_after=args.takeover_after)
         if (args.tls_cert is None) != (args.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
