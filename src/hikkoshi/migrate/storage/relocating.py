@@ -111,7 +111,16 @@ class Relocating(StorageStrategy):
                     present += disk.size
                 else:
                     done = False
-            ctx.progress({"phase": Phase.STORAGE_POST.value, "disk_done": present, "disk_total": total})
+            ctx.progress(
+                {
+                    "phase": Phase.STORAGE_POST.value,
+                    "disk_done": present,
+                    "disk_total": total,
+                    # Read by the guest (on demand) vs copied ahead of it (background), so far.
+                    "disk_demand": sum(int(f["demand_bytes"]) for f in fetched.values()),
+                    "disk_background": sum(int(f["background_bytes"]) for f in fetched.values()),
+                }
+            )
             if done:
                 break
             await asyncio.sleep(0.2)
