@@ -102,7 +102,7 @@ class EtcdSource:
         views = []
         for h in hosts:
             view = cluster_host(h)
-            seen = by_url.get(view.url)
+            seen = by_url.get(view.url) if h.state != HostState.DOWN else None  # a down host is not asked
             if seen is not None and seen.state == "up":
                 # The agent's figures, the cluster's word on the state.
                 view = seen.model_copy(
