@@ -4,6 +4,7 @@ rows, rounds, downtime and predicted vs actual, predictions with their assumptio
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -150,3 +151,26 @@ def test_sessions() -> None:
     other = sessions.login("s3cret")
     sessions.logout(other)
     assert not sessions.valid(other)
+
+
+def test_command_line_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from hikkoshi.cli.main import main
+
+    with pytest.raises(SystemExit):
+        main(["dashboard", "--token-file", "t"])  # neither --agent nor --etcd
+    capsys.readouterr()
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    assert (
+        main(
+            ["dashboard", "--agent", "http://127.0.0.1:1", "--listen", "nowhere", "--token-file", str(token)]
+        )
+        == 2
+    )
+    assert "expected HOST:PORT" in capsys.readouterr().err
+    assert main(["dashboard", "--agent", "http://127.0.0.1:1", "--token-file", str(tmp_path / "none")]) == 2
+    assert "token file" in capsys.readouterr().err
+    assert (
+        main(["dashboard", "--agent", "http://127.0.0.1:1", "--token-file", str(token), "--link", "x"]) == 2
+    )
+    assert "--link" in capsys.readouterr().err

@@ -55,8 +55,11 @@ def parse_link(text: str) -> LinkAssumption:
     from hikkoshi.block.throttle import parse_rate
 
     rate, _, rtt = text.partition(",")
-    bandwidth = parse_rate(rate)
-    if not bandwidth or bandwidth <= 0:
+    try:
+        bandwidth = parse_rate(rate)
+        rtt_ms = float(rtt.removesuffix("ms")) if rtt else 0.5
+    except ValueError:
+        bandwidth, rtt_ms = None, 0.0
+    if not bandwidth or bandwidth <= 0 or rtt_ms < 0:
         raise ValueError(f"--link {text!r}: expected RATE[,RTT], e.g. 1Gbit,0.5ms")
-    rtt_ms = float(rtt.removesuffix("ms")) if rtt else 0.5
     return LinkAssumption(bandwidth=float(bandwidth), rtt_ms=rtt_ms)
