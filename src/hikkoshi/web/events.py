@@ -20,6 +20,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from hikkoshi.web.context import Dashboard
+from hikkoshi.web.progress import Ratchet, percent
 from hikkoshi.web.render import render
 from hikkoshi.web.source import SourceError
 from hikkoshi.web.views import Overview
@@ -42,13 +43,16 @@ def stream(events: AsyncIterator[str]) -> StreamingResponse:
     )
 
 
-def overview_fragments(dash: Dashboard, ov: Overview) -> dict[str, str]:
-    """The overview's live parts, rendered by the same templates as the pages."""
+def overview_fragments(dash: Dashboard, ov: Overview, ratchet: Ratchet | None = None) -> dict[str, str]:
+    """The overview's live parts, rendered by the same templates as the pages (``ratchet``: what this
+    page showed of each migration's progress before, so that no bar goes back)."""
     caps = dash.source.capabilities
+    ratchet = ratchet or Ratchet()
+    done = {m.id: ratchet(m.id, percent(m.phase, m.progress)) for m in ov.migrations}
     return {
         "hosts": render("_hosts.html", hosts=ov.hosts, caps=caps),
         "vms": render("_vms.html", vms=ov.vms),
-        "migrations": render("_migrations.html", migrations=ov.migrations),
+        "migrations": render("_migrations.html", migrations=ov.migrations, done=done),
     }
 
 
@@ -79,10 +83,11 @@ async def _paced(
 def overview_events(dash: Dashboard, request: Request) -> StreamingResponse:
     """``/events``: see the module."""
     last: dict[str, str] = {}
+    ratchet = Ratchet()
 
     async def step() -> AsyncIterator[str]:
         try:
-            fragments = overview_fragments(dash, await dash.source.overview())
+            fragments = overview_fragments(dash, await dash.source.overview(), ratchet)
         except SourceError as exc:
             yield event("problem", {"detail": exc.detail})
             return
