@@ -16,6 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from hikkoshi import __version__
 from hikkoshi.agent.errors import Problem, status_of
+from hikkoshi.agent.migration_routes import add_migration_routes
 from hikkoshi.agent.models import (
     Accepted,
     HostInfo,
@@ -199,6 +200,8 @@ def create_app(agent: Agent) -> FastAPI:
     async def timeline(migration_id: MigrationId) -> FileResponse:
         """A plot of the migration's timeline."""
         return FileResponse(agent.jobs.timeline(migration_id), media_type="image/png")
+
+    add_migration_routes(app, agent)  # its timeline as data, and a person's cancel
 
     # --- incoming migrations (for other agents) -----------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -152,6 +153,7 @@ class Host:
             cpu_count=facts.cpu.count,
             qemu_version=list(await asyncio.to_thread(qemu_version, self.config.qemu)),
             vms=len(self.homes()),
+            load_average=[round(x, 2) for x in os.getloadavg()],
         )
 
     # --- VMs ----------------------------------------------------------------------------------------------

@@ -103,6 +103,8 @@ class JobState:
     #: A job waiting for a peer: when to try again, and how long the pause after that.
     retry_at: float | None = None
     backoff: float = 1.0
+    #: The task that runs it (a person's cancel cancels it: before the commit point the job rolls back).
+    task: asyncio.Task[None] | None = None
 
     #: Told of every phase the job enters (a cluster job mirrors them to etcd).
     on_phase: Callable[[Phase], None] | None = None
@@ -237,7 +239,7 @@ class Jobs:
             job.record.settings.cluster_job = True
             datastores = (str(self.host.stores[ds].uuid),)
             clustered = _Clustered(claim, peer.name, peer.site, datastores, body.no_wait)
-        self._spawn(self._run_to_peer(state, job, client, peer.site, home, clustered))
+        state.task = self._spawn(self._run_to_peer(state, job, client, peer.site, home, clustered))
         return state.id
 
     async def storage_migrate(self, name: str, body: StorageMigrateBody) -> str:
@@ -258,7 +260,7 @@ class Jobs:
             release_holder=self._release_for(name),
         )
         state = self._register(job, "storage", None)
-        self._spawn(self._run_job(state, job.run(), home))
+        state.task = self._spawn(self._run_job(state, job.run(), home))
         return state.id
 
     def _register(self, job: Job, role: str, destination: str | None) -> JobState:
@@ -267,13 +269,14 @@ class Jobs:
         self.jobs[state.id] = state
         return state
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         if self._tg is None:
             coro.close()
             raise Conflict("the agent is not serving yet")
         task = self._tg.create_task(self._guarded(coro))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     @staticmethod
     async def _guarded(coro: Any) -> None:
@@ -436,17 +439,23 @@ class Jobs:
             disks = await job.target.disk_status()
         except SideError:
             return
-        done = total = 0
+        done = total = demand = background = 0
         for st in disks.values():
             relocation = st.get("relocation")
             if relocation is None:
                 return  # no relocations (precopy, shared)
             done += int(relocation["present_bytes"])
             total += int(relocation["size"])
+            demand += int(relocation.get("fetched_demand_bytes", 0))
+            background += int(relocation.get("fetched_background_bytes", 0))
         if total:
-            state.samples.append(
-                (round(time.monotonic() - state.t0, 3), {"disk_done": done, "disk_total": total})
-            )
+            sample = {
+                "disk_done": done,
+                "disk_total": total,
+                "disk_demand": demand,
+                "disk_background": background,
+            }
+            state.samples.append((round(time.monotonic() - state.t0, 3), sample))
 
     async def _leave_report(self, state: JobState) -> None:
         record = state.job.record
@@ -496,7 +505,7 @@ class Jobs:
                 new.backoff = min(state.backoff * 2, MAX_BACKOFF)
             log.info("taking over migration %s, left at %s", record.id, record.phase.value)
             work = self._recover_clustered(new, job) if record.settings.cluster_job else job.recover()
-            self._spawn(self._run_job(new, work, VmHome(record.source.home), client))
+            new.task = self._spawn(self._run_job(new, work, VmHome(record.source.home), client))
 
     def _cluster_ready(self, record: MigrationRecord) -> bool:
         """Whether a cluster job can be taken over now (this agent is in the cluster, and etcd answers)."""

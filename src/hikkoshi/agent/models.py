@@ -46,6 +46,8 @@ class HostInfo(BaseModel):
     cpu_count: int
     qemu_version: list[int]
     vms: int
+    load_average: list[float] = []
+    """The host's 1, 5 and 15 minute load averages."""
 
 
 class DiskInfo(BaseModel):

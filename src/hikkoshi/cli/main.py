@@ -59,6 +59,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     agent.add_parser(top)
     lab.add_parser(top)
+    from hikkoshi.cli import dashboard
+
+    dashboard.add_parser(top)
     return parser
 
 
