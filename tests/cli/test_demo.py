@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +21,12 @@ def test_demo_migrates_a_guest_and_verifies_it() -> None:
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "storage hybrid: done" in done.stdout
     assert "now runs on host B; host A's copy is gone" in done.stdout
-    assert "two host agents run: host-a at http://127.0.0.1:" in done.stdout
-    assert "$ hikkoshi --agent http://127.0.0.1:" in done.stdout
+    assert "two host agents joined the cluster: host-a at http://127.0.0.1:" in done.stdout
+    assert "$ hikkoshi migrate demo --to host-b --storage hybrid" in done.stdout
+    # The cluster's view: both hosts up, then the VM on host-b; etcd stopped at the end.
+    assert re.search(r"^host-a\s+up\s", done.stdout, re.M) and re.search(r"^host-b\s+up\s", done.stdout, re.M)
+    assert re.search(r"^demo\s+host-b\s+running\s", done.stdout, re.M), done.stdout
+    stopped = re.search(r"stopped etcd at \S+ \(supervisor pid (\d+)\)", done.stdout)
+    assert stopped is not None, done.stdout[-2000:]
+    assert not Path(f"/proc/{stopped[1]}").exists()
     assert "demo: OK: the guest verified its" in done.stdout

@@ -50,7 +50,8 @@ def test_lab_migrates_a_guest_across_sites(guest: GuestImage, tmp_path: Path) ->
     up = hk("lab", "up", str(lab_dir), "--hosts", "east,west", "--wan", "30ms,200Mbit", "--lab", str(number))
     assert up.returncode == 0, up.stderr
     lab = json.loads((lab_dir / "lab.json").read_text())
-    pids = [int(h["pid"]) for h in lab["hosts"]]
+    pids = [int(h["pid"]) for h in lab["hosts"]] + [int(lab["etcd"]["pid"])]
+    assert lab["etcd"]["url"] == f"http://10.203.{number}.254:2379"
     try:
         east, west = (
             AgentProc(
@@ -72,7 +73,13 @@ def test_lab_migrates_a_guest_across_sites(guest: GuestImage, tmp_path: Path) ->
         assert f"10.203.{number}.1/" not in root and f"10.203.{number}.254/" in root
         run = random.randrange(1, 2**31)
         create_busy(east, "far", run)
-        record = east.json("migrate", "far", "--to", west.url, "--json", timeout=600)
+        # The agents joined the lab's etcd: the CLI finds hosts and VMs through it, by name.
+        etcd = ("--etcd", lab["etcd"]["url"], "--token-file", str(lab_dir / "token"))
+        hosts = json.loads(hk(*etcd, "host", "list", "--json").stdout)
+        assert sorted((h["name"], h["state"]) for h in hosts) == [("east", "up"), ("west", "up")]
+        moved = hk(*etcd, "migrate", "far", "--to", "west", "--json", timeout=600)
+        assert moved.returncode == 0, moved.stderr
+        record = json.loads(moved.stdout)
         assert record["phase"] == "done", record
         routes = record["record"]["facts"]["routes"]
         assert {k.split()[0] for k in routes} == {"stream", "export"}  # through the WAN relays

@@ -1,16 +1,19 @@
 """`hikkoshi demo`: the main job, on one machine with nothing prepared.
 
-Builds the test guest if needed, starts two host agents (two "hosts", each with its own datastore), boots
-through host A's agent a small Linux VM that writes self-checking records to its disk and dirties its
-memory, live-migrates it to host B (agent to agent; hybrid storage: the disk follows through the
+Builds the test guest if needed, starts a local etcd (``hikkoshi cluster up``) and two host agents that
+join it as a cluster (two "hosts", each with its own datastore), creates on host A a small Linux VM that
+writes self-checking records to its disk and dirties its memory, live-migrates it to host B by name
+(agent to agent; the owner key moves in etcd at the commit; hybrid storage: the disk follows through the
 relocation proxy) with the progress shown, prints the report, lets the guest verify everything it wrote
-on B, and cleans up. Every step is a ``hikkoshi --agent URL ...`` command, shown as it runs.
+on B, and cleans up (agents, VMs and etcd, by pid). Every step is a ``hikkoshi --etcd URL ...``
+command, shown as it runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import random
 import re
 import shutil
@@ -21,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hikkoshi.cluster.etcd_process import free_ports
 from hikkoshi.daemons import supervisor_client as control
 from hikkoshi.guest.diskwriter import verify_diskwriter_image
 from hikkoshi.guest.guest_image import GuestImageError, build_guest
@@ -68,13 +72,13 @@ def _console_len(home: VmHome) -> int:
 class _Agent:
     """One host agent of the demo, as a process."""
 
-    def __init__(self, name: str, work: Path, token: Path, extra: list[str]) -> None:
+    def __init__(self, name: str, work: Path, token: Path, etcd: str, extra: list[str]) -> None:
         self.name = name
         self.datastore = work / name / "datastore"
         self.state = Path(tempfile.mkdtemp(prefix=f"hk-{name[-1]}-", dir="/tmp"))  # short: sockets
         cmd = [sys.executable, "-m", "hikkoshi", "agent", "--name", name, "--listen", "127.0.0.1:0"]
         cmd += ["--datastore", f"main={self.datastore}", "--state-dir", str(self.state)]
-        cmd += ["--token-file", str(token), *extra]
+        cmd += ["--token-file", str(token), "--etcd", etcd, *extra]
         self.log = work / f"{name}.log"
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
@@ -106,51 +110,78 @@ class _Agent:
         shutil.rmtree(self.state, ignore_errors=True)
 
 
-def _hikkoshi(agent: _Agent, token: Path, *args: str, show: bool = True) -> int:
-    """Run a CLI command against an agent, showing it as a user would type it."""
-    if show:
-        print(f"$ hikkoshi --agent {agent.url} {' '.join(args)}", flush=True)
-    cmd = [sys.executable, "-m", "hikkoshi", "--agent", agent.url, "--token-file", str(token), *args]
-    return subprocess.run(cmd, check=False).returncode
+def _hikkoshi(*args: str) -> int:
+    """Run a CLI command (through the cluster: ``HIKKOSHI_ETCD`` and ``HIKKOSHI_TOKEN_FILE`` are set),
+    showing it as a user would type it."""
+    print(f"$ hikkoshi {' '.join(args)}", flush=True)
+    return subprocess.run([sys.executable, "-m", "hikkoshi", *args], check=False).returncode
+
+
+class _Etcd:
+    """The demo's local etcd: ``hikkoshi cluster up --detach`` on free loopback ports, ``down`` after."""
+
+    def __init__(self, work: Path) -> None:
+        self.state = work / "cluster"
+        client, peer = free_ports(2)
+        self.url = f"http://127.0.0.1:{client}"
+        self.up = not _hikkoshi("cluster", "up", "--state-dir", str(self.state), "--listen",
+                                f"127.0.0.1:{client}", "--peer-port", str(peer), "--detach")  # fmt: skip
+
+    def stop(self) -> None:
+        if self.up:
+            _hikkoshi("cluster", "down", "--state-dir", str(self.state))
 
 
 def demo_command(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="hikkoshi-demo-", dir="/var/tmp"))
     token = work / "token"
     hosts: list[_Agent] = []
+    etcd: _Etcd | None = None
+    saved = {k: os.environ.get(k) for k in ("HIKKOSHI_ETCD", "HIKKOSHI_TOKEN_FILE", "HIKKOSHI_AGENT")}
     try:
         _say("building (or finding) the test guest: a Debian kernel and a busybox initramfs")
         build_guest()
+        _say("a local etcd holds the cluster's state: hosts, VMs and their owners, migrations")
+        etcd = _Etcd(work)
+        if not etcd.up:
+            _say("FAILED: etcd did not start")
+            return 1
+        os.environ.pop("HIKKOSHI_AGENT", None)
+        os.environ.update(HIKKOSHI_ETCD=etcd.url, HIKKOSHI_TOKEN_FILE=str(token))
+        print(f"$ export HIKKOSHI_ETCD={etcd.url} HIKKOSHI_TOKEN_FILE={token}", flush=True)
         sites: list[list[str]] = [[], []]
         if args.wan:
             link = f"site-a:site-b={args.wan}"
             sites = [["--site", "site-a", "--wan-link", link], ["--site", "site-b", "--wan-link", link]]
-        hosts += [_Agent("host-a", work, token, sites[0]), _Agent("host-b", work, token, sites[1])]
+        hosts += [_Agent("host-a", work, token, etcd.url, sites[0])]
+        hosts += [_Agent("host-b", work, token, etcd.url, sites[1])]
         a, b = hosts
-        _say(f"two host agents run: host-a at {a.url}, host-b at {b.url} (token in {token})")
+        _say(f"two host agents joined the cluster: host-a at {a.url}, host-b at {b.url}")
+        _hikkoshi("host", "list")
         run = random.randrange(1, 2**31)
         params = [f"run={run}", "progress=8", "scrub=32", "rate=4", "mb=32"]
-        create = ["vm", "create", "demo", "--memory", "256", "--disk", "64M", "--guest", "busy", "--no-nic"]
+        create = ["vm", "create", "demo", "--host", "host-a", "--memory", "256", "--disk", "64M"]
+        create += ["--guest", "busy", "--no-nic"]
         for p in params:
             create += ["--param", p]
-        if _hikkoshi(a, token, *create) or _hikkoshi(a, token, "vm", "start", "demo"):
+        if _hikkoshi(*create) or _hikkoshi("vm", "start", "demo"):
             _say("FAILED: the VM did not start on host A")
             return 1
         source = a.home("demo")
         _wait_console(source, rf"HIKKOSHI-DISKWRITER PROGRESS run={run} durable=(1[6-9]|[2-9]\d|\d{{3,}}) ")
         _wait_console(source, r"HIKKOSHI-MEMDIRTY READY")
         _say("the guest writes checked records to its disk and dirties 32 MiB of memory at 4 MiB/s")
-        if _hikkoshi(a, token, "migrate", "demo", "--to", b.url, "--storage", args.storage):
+        if _hikkoshi("migrate", "demo", "--to", "host-b", "--storage", args.storage):
             _say("FAILED: the migration did not complete (the VM runs on where the report says)")
             return 1
         dest = b.home("demo")
-        _hikkoshi(b, token, "vm", "list")
+        _hikkoshi("vm", "list")
         left = "gone" if not source.path.exists() else "still there (shared storage)"
         _say(f"VM 'demo' now runs on host B; host A's copy is {left}")
         mark = _console_len(dest)
         _wait_console(dest, rf"HIKKOSHI-DISKWRITER PROGRESS run={run} ", after=mark)
         _say("the guest goes on writing on host B; stopping it (ACPI) so it verifies everything it wrote")
-        if _hikkoshi(b, token, "vm", "stop", "demo"):
+        if _hikkoshi("vm", "stop", "demo"):
             _say("FAILED: the VM did not stop")
             return 1
         text = dest.console_log.read_text(errors="replace")
@@ -174,6 +205,13 @@ def demo_command(args: argparse.Namespace) -> int:
             if args.keep and (host.state / "reports").exists():
                 shutil.copytree(host.state / "reports", work / host.name / "reports", dirs_exist_ok=True)
             host.stop()
+        if etcd is not None:
+            etcd.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         if args.keep:
             _say(f"kept {work}")
         else:

@@ -1,10 +1,11 @@
 """`hikkoshi lab`: a multi-host lab on one machine (root): each host a network namespace with its own
-address and its own agent, hosts in sites, sites joined by the WAN emulator.
+address and its own agent, hosts in sites, sites joined by the WAN emulator; one etcd member for the
+lab's cluster on the bridge's gateway address (the agents join it).
 
     hikkoshi lab up /srv/lab --hosts a,b,c --sites east,east,west --wan 150ms,100Mbit
-    export HIKKOSHI_TOKEN_FILE=/srv/lab/token
-    hikkoshi --agent http://10.203.0.1:8710 vm create web --memory 256 --disk 1G --guest busy
-    hikkoshi --agent http://10.203.0.1:8710 migrate web --to http://10.203.0.3:8710   # across the WAN
+    export HIKKOSHI_TOKEN_FILE=/srv/lab/token HIKKOSHI_ETCD=http://10.203.0.254:2379
+    hikkoshi vm create web --host a --memory 256 --disk 1G --guest busy
+    hikkoshi migrate web --to c                                   # across the WAN
     hikkoshi lab down /srv/lab
 """
 
@@ -23,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hikkoshi.cluster.errors import EtcdNotInstalled, EtcdProcessError
+from hikkoshi.cluster.etcd_process import EtcdMember, MemberSpec
 from hikkoshi.daemons import supervisor_client as control
 from hikkoshi.lab.netns_lab import LabError, LabPlan, plan_lab, setup_commands, teardown_commands
 from hikkoshi.lab.netns_run import run_ip
@@ -31,6 +34,7 @@ from hikkoshi.vm.home import write_atomically
 from hikkoshi.vm.procs import alive
 
 AGENT_PORT = 8710
+ETCD_PORTS = (2379, 2380)
 LAB_FILE = "lab.json"
 
 
@@ -88,7 +92,41 @@ def _wait_serving(url: str, token: str, proc: subprocess.Popen[bytes], log: Path
     raise LabError(f"the agent at {url} did not answer within {limit:.0f} s")
 
 
-def _start_agents(plan: LabPlan, lab_dir: Path, wan: str | None) -> list[dict[str, Any]]:
+def _start_etcd(plan: LabPlan, lab_dir: Path) -> EtcdMember:
+    """The lab's etcd: one member on the gateway address (the root namespace's, on the lab's bridge:
+    every host reaches it, nothing outside the machine does), data under the lab's directory."""
+    import asyncio
+
+    spec = MemberSpec(
+        name=f"lab{plan.lab}",
+        data_dir=lab_dir / "etcd",
+        client_port=ETCD_PORTS[0],
+        peer_port=ETCD_PORTS[1],
+        host=plan.gateway,
+        compaction_retention="1h",
+    )
+    member = EtcdMember(spec)
+    try:
+        member.start()
+        asyncio.run(member.wait_healthy())
+    except (EtcdProcessError, EtcdNotInstalled) as exc:
+        member.stop_sync()
+        raise LabError(f"the lab's etcd: {exc}") from None
+    return member
+
+
+def _stop_pid(pid: int, within: float = 20.0) -> None:
+    """SIGTERM a process group, wait, then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and alive(pid):
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _start_agents(plan: LabPlan, lab_dir: Path, wan: str | None, etcd: str) -> list[dict[str, Any]]:
     from hikkoshi.cli.agent import ensure_token
 
     token_file = lab_dir / "token"
@@ -107,6 +145,7 @@ def _start_agents(plan: LabPlan, lab_dir: Path, wan: str | None) -> list[dict[st
             f"main={lab_dir / h.name / 'datastore'}",
         ]
         cmd += ["--state-dir", str(state), "--token-file", str(token_file), "--site", h.site]
+        cmd += ["--etcd", etcd]
         for link in links:
             cmd += ["--wan-link", link]
         with log.open("ab") as out:
@@ -126,6 +165,7 @@ def up_command(args: argparse.Namespace) -> int:
     lab_dir = args.dir.absolute()
     plan: LabPlan | None = None
     hosts: list[dict[str, Any]] = []
+    etcd: EtcdMember | None = None
     try:
         if os.geteuid() != 0:
             raise LabError("a lab needs root (network namespaces)")
@@ -146,18 +186,24 @@ def up_command(args: argparse.Namespace) -> int:
             "wan": args.wan,
             "hosts": hosts,
         }
-        hosts += _start_agents(plan, lab_dir, args.wan)
+        etcd = _start_etcd(plan, lab_dir)
+        record["etcd"] = {"url": etcd.spec.client_url, "pid": etcd.pid}
+        hosts += _start_agents(plan, lab_dir, args.wan, etcd.spec.client_url)
         write_atomically(lab_dir / LAB_FILE, json.dumps(record, indent=2).encode())
     except (LabError, ValueError, OSError) as exc:
         print(f"hikkoshi lab up: {exc}", file=sys.stderr)
         _stop_agents(hosts)
+        if etcd is not None:
+            etcd.stop_sync()
         if plan is not None:
             run_ip(teardown_commands(plan), check=False)
         return 2
     print(f"lab {plan.lab} is up in {lab_dir} (bridge {plan.bridge}, {plan.gateway}/24)")
     for h in hosts:
         print(f"  {h['name']:10} site {h['site']:10} {h['url']}   (netns {h['netns']})")
-    print(f"export HIKKOSHI_TOKEN_FILE={lab_dir / 'token'}")
+    assert etcd is not None
+    print(f"  etcd       {etcd.spec.client_url}   (pid {etcd.pid})")
+    print(f"export HIKKOSHI_TOKEN_FILE={lab_dir / 'token'} HIKKOSHI_ETCD={etcd.spec.client_url}")
     return 0
 
 
@@ -165,12 +211,8 @@ def _stop_agents(hosts: list[dict[str, Any]]) -> None:
     for h in hosts:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(int(h["pid"]), signal.SIGTERM)
-    deadline = time.monotonic() + 60
     for h in hosts:
-        while time.monotonic() < deadline and alive(int(h["pid"])):
-            time.sleep(0.1)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(int(h["pid"]), signal.SIGKILL)
+        _stop_pid(int(h["pid"]), within=60)
         datastore = Path(h["datastore"])
         if datastore.exists():
             with contextlib.suppress(Exception):
@@ -196,6 +238,8 @@ def down_command(args: argparse.Namespace) -> int:
         print(f"hikkoshi lab down: {exc}", file=sys.stderr)
         return 2
     _stop_agents(lab["hosts"])
+    if lab.get("etcd"):
+        _stop_pid(int(lab["etcd"]["pid"]))
     names = [h["name"] for h in lab["hosts"]]
     plan = plan_lab(names, [h["site"] for h in lab["hosts"]], int(lab["lab"]))
     run_ip(teardown_commands(plan), check=False)
@@ -219,6 +263,9 @@ def status_command(args: argparse.Namespace) -> int:
         print(json.dumps(lab, indent=2))
         return 0
     print(f"lab {lab['lab']}: bridge {lab['bridge']} {lab['gateway']}/24, WAN: {lab['wan'] or '-'}")
+    if lab.get("etcd"):
+        state = "running" if alive(int(lab["etcd"]["pid"])) else "NOT running"
+        print(f"  etcd       {lab['etcd']['url']:39} {state} (pid {lab['etcd']['pid']})")
     for h in lab["hosts"]:
         state = "agent running" if h["agent_running"] else "agent NOT running"
         print(f"  {h['name']:10} site {h['site']:10} {h['url']:28} {state} (pid {h['pid']})")
