@@ -105,7 +105,9 @@ def test_the_peer_reads_and_cannot_write(export: Served, image: Path, cluster: C
 
 
 @pytest.mark.parametrize("who", ["no-tls", "anonymous", "rogue-ca", "other-host"])
-def test_attackers_are_refused(export: Served, image: Path, cluster: Cluster, tmp_path: Path, who: str) -> None:
+def test_attackers_are_refused(
+    export: Served, image: Path, cluster: Cluster, tmp_path: Path, who: str
+) -> None:
     before = _digest(image)
     if who == "no-tls":
         refused = run("nbdinfo", f"nbd://127.0.0.1:{export.port}/disk", check=False)

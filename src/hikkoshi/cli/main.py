@@ -51,10 +51,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from hikkoshi.cli import migrate
 
     migrate.add_parser(top)
-    from hikkoshi.cli import agent, lab
+    from hikkoshi.cli import agent, cluster, lab
 
     agent.add_parser(top)
     lab.add_parser(top)
+    group = top.add_parser("cluster", help="the cluster: its certificate authority and host certificates")
+    cluster.add_commands(group.add_subparsers(dest="cluster_command", required=True))
     return parser
 
 

@@ -51,7 +51,18 @@ def add_parser(top: Any) -> None:
         help="where the VM is now (with --agent: the destination datastore's NAME, default its first)",
     )
     p.add_argument("--to-datastore", type=Path, metavar="PATH", help="where it goes")
-    p.add_argument("--to", metavar="URL", help="with --agent: the destination host's agent")
+    p.add_argument(
+        "--to",
+        metavar="URL",
+        help="with --agent: the destination host's agent (https://; it must prove with its certificate that "
+        "it is a host of the cluster)",
+    )
+    p.add_argument(
+        "--to-host",
+        metavar="NAME",
+        help="with --agent: the host that must answer at --to (its certificate's name; default: the URL's "
+        "host name, or whichever host of the cluster answers at an address)",
+    )
     p.add_argument(
         "--to-runtime-dir", type=Path, metavar="DIR", help="the destination host's HIKKOSHI_RUNTIME_DIR"
     )

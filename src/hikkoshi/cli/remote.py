@@ -198,7 +198,7 @@ def migrate(args: argparse.Namespace) -> int:
     }
     if args.datastore is not None:
         body["datastore"] = str(args.datastore)
-    for key in ("bandwidth", "disk_bandwidth"):
+    for key in ("bandwidth", "disk_bandwidth", "to_host"):
         if getattr(args, key):
             body[key] = getattr(args, key)
 
