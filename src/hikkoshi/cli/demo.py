@@ -1,10 +1,12 @@
 """`hikkoshi demo`: the main job, on one machine with nothing prepared.
 
-Builds the test guest if needed, starts two host agents (two "hosts", each with its own datastore), boots
-through host A's agent a small Linux VM that writes self-checking records to its disk and dirties its
-memory, live-migrates it to host B (agent to agent; hybrid storage: the disk follows through the
-relocation proxy) with the progress shown, prints the report, lets the guest verify everything it wrote
-on B, and cleans up. Every step is a ``hikkoshi --agent URL ...`` command, shown as it runs.
+Builds the test guest if needed, makes a cluster CA and a certificate for each of two "hosts"
+(``hikkoshi cluster init`` and ``cluster issue``), starts their host agents (each with its own datastore
+and certificate), boots through host A's agent a small Linux VM that writes self-checking records to its
+disk and dirties its memory, live-migrates it to host B (agent to agent over mutual TLS; the memory
+stream and the disk's relocation encrypted; hybrid storage: the disk follows through the relocation
+proxy) with the progress shown, prints the report, lets the guest verify everything it wrote on B, and
+cleans up. Every step is a ``hikkoshi ...`` command, shown as it runs.
 """
 
 from __future__ import annotations
@@ -65,14 +67,28 @@ def _console_len(home: VmHome) -> int:
     return len(home.console_log.read_text(errors="replace")) if home.console_log.exists() else 0
 
 
+def _shown(*args: str) -> int:
+    """Run a ``hikkoshi`` command that needs no agent, showing it."""
+    print(f"$ hikkoshi {' '.join(args)}", flush=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "hikkoshi", *args], capture_output=True, text=True, check=False
+    )
+    if done.returncode:
+        print(done.stderr, end="", file=sys.stderr)
+    return done.returncode
+
+
 class _Agent:
-    """One host agent of the demo, as a process."""
+    """One host agent of the demo, as a process, with its own certificate (in ``pki/NAME``)."""
 
     def __init__(self, name: str, work: Path, token: Path, extra: list[str]) -> None:
         self.name = name
         self.datastore = work / name / "datastore"
         self.state = Path(tempfile.mkdtemp(prefix=f"hk-{name[-1]}-", dir="/tmp"))  # short: sockets
+        ids = work / "pki" / name
         cmd = [sys.executable, "-m", "hikkoshi", "agent", "--name", name, "--listen", "127.0.0.1:0"]
+        cmd += ["--cert", str(ids / "host-cert.pem"), "--key", str(ids / "host-key.pem")]
+        cmd += ["--ca", str(ids / "ca-cert.pem")]
         cmd += ["--datastore", f"main={self.datastore}", "--state-dir", str(self.state)]
         cmd += ["--token-file", str(token), *extra]
         self.log = work / f"{name}.log"
@@ -107,10 +123,13 @@ class _Agent:
 
 
 def _hikkoshi(agent: _Agent, token: Path, *args: str, show: bool = True) -> int:
-    """Run a CLI command against an agent, showing it as a user would type it."""
+    """Run a CLI command against an agent, showing it as a user would type it (the token and the
+    cluster CA come from the environment the demo prints)."""
     if show:
         print(f"$ hikkoshi --agent {agent.url} {' '.join(args)}", flush=True)
-    cmd = [sys.executable, "-m", "hikkoshi", "--agent", agent.url, "--token-file", str(token), *args]
+    ca = token.parent / "pki" / "ca" / "ca-cert.pem"
+    cmd = [sys.executable, "-m", "hikkoshi", "--agent", agent.url, "--token-file", str(token)]
+    cmd += ["--ca-file", str(ca), *args]
     return subprocess.run(cmd, check=False).returncode
 
 
@@ -121,6 +140,23 @@ def demo_command(args: argparse.Namespace) -> int:
     try:
         _say("building (or finding) the test guest: a Debian kernel and a busybox initramfs")
         build_guest()
+        pki = work / "pki"
+        _say("a cluster CA, and a certificate for each host (agents know each other by them)")
+        if _shown("cluster", "init", str(pki / "ca")):
+            return 1
+        for name in ("host-a", "host-b"):
+            if _shown(
+                "cluster",
+                "issue",
+                name,
+                "--ca",
+                str(pki / "ca"),
+                "--out",
+                str(pki / name),
+                "--address",
+                "127.0.0.1",
+            ):
+                return 1
         sites: list[list[str]] = [[], []]
         if args.wan:
             link = f"site-a:site-b={args.wan}"
@@ -128,6 +164,9 @@ def demo_command(args: argparse.Namespace) -> int:
         hosts += [_Agent("host-a", work, token, sites[0]), _Agent("host-b", work, token, sites[1])]
         a, b = hosts
         _say(f"two host agents run: host-a at {a.url}, host-b at {b.url} (token in {token})")
+        _say(
+            "between them, the memory stream and the disk's relocation are encrypted (TLS, host certificates)"
+        )
         run = random.randrange(1, 2**31)
         params = [f"run={run}", "progress=8", "scrub=32", "rate=4", "mb=32"]
         create = ["vm", "create", "demo", "--memory", "256", "--disk", "64M", "--guest", "busy", "--no-nic"]
