@@ -7,6 +7,7 @@ import json
 import random
 import signal
 import sqlite3
+import stat
 import time
 from pathlib import Path
 
@@ -18,6 +19,10 @@ from tests.support.agent_vms import create_busy, stop_and_verify, vm_names, wait
 from tests.support.agents import AgentProc, agents, kernel
 from tests.support.vms import guest as guest
 from tests.support.vms import need_qemu_tools
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
 
 
 @pytest.mark.slow
@@ -34,7 +39,9 @@ def test_cli_migrates_a_busy_guest_between_two_agents(guest: GuestImage, tmp_pat
         assert report["storage"] == "hybrid" and report["downtime_ms"] is not None
         assert report["encrypted"] is True  # every stream between the hosts, by default
         assert report["time_to_destination_s"] > 0 and report["disk_fetch"]["disk0"]
-        # The VM is B's now, and gone from A with its home.
+        # The VM is B's now, and gone from A with its home; there it is root's alone.
+        assert _mode(b.datastores["main"] / "mover") == 0o700
+        assert _mode(b.datastores["main"] / "mover" / "disk0.raw") == 0o600
         assert vm_names(b) == {"mover": "running"}
         assert vm_names(a) == {}
         assert not (a.datastores["main"] / "mover").exists()
@@ -94,6 +101,8 @@ def test_offline_migration_between_agents(guest: GuestImage, tmp_path: Path) -> 
         assert record["phase"] == "done" and record["kind"] == "cold", record
         assert vm_names(b) == {"cold": "stopped"} and vm_names(a) == {}
         disk = b.datastores["main"] / "cold" / "disk0.raw"
+        assert _mode(disk.parent) == 0o700 and _mode(disk) == 0o600
+        assert _mode(disk.parent / "vm.toml") == 0o600  # the home's files, as they came in the archive
         assert disk.stat().st_size == 32 << 20 and disk.stat().st_blocks * 512 < 32 << 20  # sparse
         assert not disk.with_name("disk0.raw.bitmap").exists()
         assert "HIKKOSHI-DISKWRITER DONE" in b.cli("vm", "console", "cold").stdout  # its log came along

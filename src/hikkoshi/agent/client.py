@@ -12,8 +12,6 @@ from typing import Any
 
 import httpx
 
-from hikkoshi.identity.names import is_loopback
-
 #: How long one request may take; long jobs are started and then polled, never awaited in a request.
 DEFAULT_TIMEOUT = 120.0
 
@@ -48,10 +46,9 @@ def read_token(path: Path) -> str:
 
 
 def check_token_url(url: str) -> str:
-    """``url`` if the token may be sent there: HTTPS (the agent's certificate is checked), or plain HTTP
-    to a loopback address only."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "https" or (parts.scheme == "http" and is_loopback(parts.hostname or "")):
+    """``url`` if the token may be sent there: HTTPS only, the agent's certificate checked before the
+    token leaves (against ``--ca-file``, the cluster CA); agents serve nothing else."""
+    if urllib.parse.urlsplit(url).scheme == "https":
         return url
     raise AgentError(0, f"{url}: the token goes to an agent over https:// only (its certificate is checked)")
 

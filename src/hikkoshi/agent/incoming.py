@@ -154,6 +154,7 @@ class Incoming:
         if vm in self.host.homes() or home.path.exists() or self._row(vm):
             raise Conflict(f"{home.path} exists already: a VM of that name is here")
         home.path.mkdir(mode=0o700)
+        home.path.chmod(0o700)  # the VM's alone, whatever the umask
         detail = {"source": source, "source_host": peer, "migration": None}
         self.db.set_vm(vm, ds, None, INCOMING, json.dumps(detail))
         try:

@@ -250,6 +250,7 @@ class LocalDestination(Destination):
 
     async def create_home(self, source_home: Path, disk_files: set[str]) -> int:
         self.home.path.mkdir(mode=0o700)
+        self.home.path.chmod(0o700)  # the VM's alone, whatever the umask
         return await asyncio.to_thread(copy_home_files, source_home, self.home.path, disk_files)
 
     async def create_disks(self, sizes: dict[str, int]) -> None:
