@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,15 +214,20 @@ def kernel(tmp: Path) -> str:
 
 @contextlib.contextmanager
 def agents(
-    tmp: Path, *names: str, datastores: tuple[str, ...] = ("main",), insecure: bool = False
+    tmp: Path,
+    *names: str,
+    datastores: tuple[str, ...] = ("main",),
+    insecure: bool = False,
+    extra: Sequence[str] = (),
 ) -> Iterator[list[AgentProc]]:
-    """Started agents sharing one token and one cluster CA, each with its host certificate and these
-    datastores (the first is the default); ``insecure``: migration streams in plain TCP. Stopped and
-    their VMs killed (by pid) afterwards, whatever happens."""
+    """Started agents sharing one token and one cluster CA, each with its host certificate, these
+    datastores (the first is the default) and ``extra`` options (``--etcd URL``: members of a cluster);
+    ``insecure``: migration streams in plain TCP. Stopped and their VMs killed (by pid) afterwards,
+    whatever happens."""
     token = tmp / "token"
-    extra = ["--insecure-loopback"] if insecure else []
+    options = [*extra, *(["--insecure-loopback"] if insecure else [])]
     procs = [
-        identify(AgentProc(n, tmp / n, token, {d: tmp / n / d for d in datastores}, extra=list(extra)), tmp)
+        identify(AgentProc(n, tmp / n, token, {d: tmp / n / d for d in datastores}, extra=list(options)), tmp)
         for n in names
     ]
     try:

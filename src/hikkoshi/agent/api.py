@@ -26,6 +26,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from hikkoshi import __version__
 from hikkoshi.agent.api_peers import PEER_PREFIXES, peer_router
 from hikkoshi.agent.errors import Problem, status_of
+from hikkoshi.agent.migration_routes import add_migration_routes
 from hikkoshi.agent.models import (
     Accepted,
     HostInfo,
@@ -218,5 +219,6 @@ def create_app(agent: Agent) -> FastAPI:
         return FileResponse(agent.jobs.timeline(migration_id), media_type="image/png")
 
     app.include_router(user)
+    add_migration_routes(app, agent)  # its timeline as data, and a person's cancel (the token, too)
     app.include_router(peer_router(agent))
     return app

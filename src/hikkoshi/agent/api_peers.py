@@ -22,6 +22,7 @@ from hikkoshi.agent.models import (
     PeerHost,
     PeerMigration,
     ReleaseBody,
+    ResumeBody,
     StreamPrepare,
 )
 from hikkoshi.agent.service import Agent
@@ -176,9 +177,9 @@ def peer_router(agent: Agent) -> APIRouter:
         return Response(status_code=204)
 
     @router.post("/v1/incoming/{name}/resume", status_code=204)
-    async def incoming_resume(name: VmName, peer: Peer) -> Response:
-        """The guest runs here (after the source committed)."""
-        await inc.resume(name, peer)
+    async def incoming_resume(name: VmName, peer: Peer, body: ResumeBody | None = None) -> Response:
+        """The guest runs here (after the source committed; in a cluster, with the owner key's token)."""
+        await inc.resume(name, peer, body.token if body else None)
         return Response(status_code=204)
 
     @router.post("/v1/incoming/{name}/announce", status_code=204)

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hikkoshi import __version__
 from hikkoshi.agent.db import AgentDb
 from hikkoshi.agent.errors import Conflict, NotFound, Problem
 from hikkoshi.agent.models import DatastoreInfo, DiskInfo, HostInfo, NicInfo, VmCreate, VmInfo, VmStop
+from hikkoshi.agent.vm_rows import RowState
 from hikkoshi.daemons import supervisor_client as control
 from hikkoshi.guest.guest_image import build_guest
 from hikkoshi.guest.guest_vm import create_guest_vm
@@ -26,9 +28,8 @@ from hikkoshi.vm.host import host_facts, qemu_version, space
 from hikkoshi.vm.host_policy import HostPolicy
 from hikkoshi.vm.spec import VmSpec, parse_spec
 
-#: VM rows of the database a migration owns: a VM coming in, or disks held here for a VM elsewhere.
-INCOMING = "incoming"
-SERVING = "serving"
+if TYPE_CHECKING:
+    from hikkoshi.agent.cluster_member import ClusterMember, ClusterSettings
 
 
 @dataclass
@@ -56,6 +57,8 @@ class AgentConfig:
     """Directories (beside the datastores) VM kernels, initrds and images may come from."""
     allow_wildcard_forwards: bool = False
     """Whether a VM's port may be forwarded from every address of the host."""
+    cluster: ClusterSettings | None = None
+    """The etcd cluster this host joins (``None``: the agent works alone)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -131,6 +134,8 @@ class Host:
         self._accel_lock = asyncio.Lock()
         #: VMs being created, started, stopped or destroyed now: one operation per VM at a time.
         self._busy: set[str] = set()
+        #: The cluster this host is a member of (set by the agent once it joined).
+        self.cluster: ClusterMember | None = None
 
     # --- host ---------------------------------------------------------------------------------------------
 
@@ -171,6 +176,7 @@ class Host:
             cpu_count=facts.cpu.count,
             qemu_version=list(await asyncio.to_thread(qemu_version, self.config.qemu)),
             vms=len(self.homes()),
+            load_average=[round(x, 2) for x in os.getloadavg()],
         )
 
     # --- VMs ----------------------------------------------------------------------------------------------
@@ -216,9 +222,13 @@ class Host:
             status = await control.vm_status(home, spec)
         except VmError as exc:
             status = {"running": home.is_running(), "state": "unknown", "error": str(exc)}
-        incoming = remembered.get(name, {}).get("state") == "incoming"
-        if incoming and status.get("state") in ("running", "paused", "inmigrate"):
-            status = {**status, "state": "incoming"}
+        row = remembered.get(name, {}).get("state")
+        if row in (RowState.INCOMING, RowState.FENCED) and status.get("state") in (
+            "running",
+            "paused",
+            "inmigrate",
+        ):
+            status = {**status, "state": row}  # the host's word: not to be run here
         return _vm_info(name, ds, home, spec, status)
 
     def protect(self, name: str, action: str) -> None:
@@ -226,10 +236,10 @@ class Host:
         holds for the host it runs on (only that migration, or the next, may change it)."""
         row = self.db.vms().get(name, {})
         state = row.get("state")
-        if state == INCOMING:
+        if state == RowState.INCOMING:
             raise Conflict(f"VM {name!r} is coming in from another host: it cannot be {action} until its "
                            "migration ends")  # fmt: skip
-        if state == SERVING:
+        if state == RowState.SERVING:
             raise Conflict(f"VM {name!r} runs on another host; this host holds its disks: it cannot be "
                            f"{action} here (migrate it back instead)")  # fmt: skip
 
@@ -278,8 +288,16 @@ class Host:
                 except OSError as exc:
                     # The host refused (a disk larger than its file system allows, ...): the request's fault.
                     raise Problem(f"cannot create VM {body.name!r}: {exc.strerror or exc}") from None
+            if self.cluster is not None:
+                # Owned here, under a name unique in the cluster: or not created at all.
+                _ds, _home, spec = self.find(body.name)
+                try:
+                    await self.cluster.create(spec, str(store.uuid))
+                except BaseException:
+                    await asyncio.to_thread(store.destroy_vm, body.name)
+                    raise
         info = await self.vm(body.name)
-        self.db.set_vm(body.name, ds, info.uuid, "created")
+        self.db.set_vm(body.name, ds, info.uuid, RowState.CREATED)
         return info
 
     async def start(self, name: str) -> VmInfo:
@@ -290,6 +308,8 @@ class Host:
         if problems:
             raise Problem("; ".join(problems))
         with self.busy(name):
+            if self.cluster is not None:
+                await self.cluster.ensure_owner(spec)  # owned here, by the current token
             await asyncio.to_thread(
                 control.start_vm,
                 home,
@@ -297,7 +317,7 @@ class Host:
                 runtime_dir=self.config.runtime_dir,
                 tls_dir=self.config.tls_dir,
             )
-        self.db.set_vm(name, ds, str(spec.uuid), "running")
+        self.db.set_vm(name, ds, str(spec.uuid), RowState.RUNNING)
         return await self.vm(name)
 
     async def stop(self, name: str, body: VmStop) -> VmInfo:
@@ -311,7 +331,7 @@ class Host:
                 await asyncio.to_thread(control.kill_vm, home)
             else:
                 await control.stop_vm(home, spec, grace=body.timeout, hard=body.hard)
-        self.db.set_vm(name, ds, str(spec.uuid), "stopped")
+        self.db.set_vm(name, ds, str(spec.uuid), RowState.STOPPED)
         return await self.vm(name)
 
     def console(self, name: str, offset: int) -> tuple[bytes, int, bool]:
@@ -327,12 +347,14 @@ class Host:
 
     async def destroy(self, name: str) -> None:
         """Delete a stopped VM with its disks."""
-        ds, home, _spec = self.find(name)
+        ds, home, spec = self.find(name)
         self.protect(name, "destroyed")
         if home.is_running():
             raise Conflict(f"VM {name!r} is running: stop it first")
         with self.busy(name):
             await asyncio.to_thread(self.stores[ds].destroy_vm, name)
+            if self.cluster is not None:
+                await self.cluster.forget(spec)
         self.db.forget_vm(name)
 
 

@@ -23,6 +23,7 @@ cleaned up once the source says so (:meth:`hikkoshi.agent.jobs.Jobs.maintain`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -32,8 +33,9 @@ from typing import Any
 from hikkoshi import __version__
 from hikkoshi.agent.db import AgentDb
 from hikkoshi.agent.errors import Conflict, NotFound
-from hikkoshi.agent.host import INCOMING, SERVING, Host
+from hikkoshi.agent.host import Host
 from hikkoshi.agent.models import IncomingFacts
+from hikkoshi.agent.vm_rows import RowState
 from hikkoshi.identity.names import is_loopback
 from hikkoshi.migrate import qmp_migration as qm
 from hikkoshi.migrate.destination import LocalDestination
@@ -49,8 +51,10 @@ from hikkoshi.vm.host import host_facts, qemu_version, space
 
 log = logging.getLogger("hikkoshi.agent.incoming")
 
-RUNNING = "running"
-STOPPED = "stopped"
+INCOMING = RowState.INCOMING
+SERVING = RowState.SERVING
+RUNNING = RowState.RUNNING
+STOPPED = RowState.STOPPED
 
 __all__ = ["INCOMING", "RUNNING", "SERVING", "STOPPED", "Incoming"]
 
@@ -249,6 +253,8 @@ class Incoming:
         self, vm: str, accel: str, migration: str, source: str | None, peer: str
     ) -> dict[str, Any]:
         """Start the incoming supervisor (this host's QEMU binary), or let a serving one take the VM back."""
+        if self.host.cluster is not None:
+            self.host.cluster.need_online("accepts")  # cut off from etcd: no VM comes in
         row = self._row(vm)
         if row.get("state") == SERVING:
             target = self._target(vm, peer, SERVING)
@@ -259,9 +265,16 @@ class Incoming:
         target = self._coming(vm, peer)
         if await target.is_running():
             raise Conflict(f"VM {vm!r} runs already")
-        self.db.set_vm(
-            vm, row["datastore"], None, INCOMING, json.dumps({**self.detail(row), "migration": migration})
-        )
+        # Remembered with the VM: the sweep asks the source about this migration if it goes silent.
+        detail = {
+            **self.detail(row),
+            "migration": migration,
+            "source": source or self.detail(row).get("source"),
+        }
+        uuid = row.get("uuid")
+        with contextlib.suppress(OSError, ValueError):
+            uuid = str(target.home.load_spec().uuid)
+        self.db.set_vm(vm, row["datastore"], uuid, INCOMING, json.dumps(detail))
         qemu = self.host.config.qemu
         return await target.start_incoming(accel, qemu if qemu != DEFAULT_QEMU else None, migration)
 
@@ -324,9 +337,12 @@ class Incoming:
         """How long a disk request waits for a lost source."""
         await self._side(self._coming(vm, peer).set_patience(seconds))
 
-    async def resume(self, vm: str, peer: str) -> None:
-        """The guest runs here."""
-        await self._side(self._coming(vm, peer).resume())
+    async def resume(self, vm: str, peer: str, token: int | None = None) -> None:
+        """The guest runs here; in a cluster only once the owner key names this host with ``token``."""
+        target = self._coming(vm, peer)
+        if self.host.cluster is not None:
+            await self.host.cluster.check_token(target.home.load_spec(), token)
+        await self._side(target.resume(token))
 
     async def announce(self, vm: str, peer: str) -> None:
         """The VM's NICs announce their MACs from here."""
@@ -371,6 +387,8 @@ class Incoming:
         row = self._row(vm)
         if row.get("state") == SERVING and self.peer_of(row) == peer:
             return  # rolled back before (a take-back whose abort was repeated)
+        if not row and vm not in self.host.homes():
+            return  # removed before (a repeated rollback, or this host settled the migration itself)
         target = self._coming(vm, peer)
         detail = self.detail(row)
         if detail.get("takes_back"):

@@ -46,6 +46,8 @@ class HostInfo(BaseModel):
     cpu_count: int
     qemu_version: list[int]
     vms: int
+    load_average: list[float] = []
+    """The host's 1, 5 and 15 minute load averages."""
 
 
 class DiskInfo(BaseModel):
@@ -125,9 +127,13 @@ class VmStop(_Body):
 class MigrateBody(_Body):
     """``POST /v1/vms/{name}/migrate``: move the VM to another agent's host."""
 
-    to: Annotated[str, Field(min_length=9, max_length=300, pattern=r"^https://[^\s/]+(/.*)?$")]
+    to: Annotated[
+        str,
+        Field(min_length=1, max_length=300, pattern=r"^(https://[^\s/]+(/.*)?|[A-Za-z0-9][A-Za-z0-9_.-]*)$"),
+    ]
     """The destination agent's URL (HTTPS: it proves with its certificate that it is a host of the
-    cluster before anything is sent)."""
+    cluster before anything is sent), or (in a cluster) the destination host's name: its registered
+    address is used, and its certificate must name that host."""
     to_host: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9][a-z0-9.-]*$")] | None = (
         None
     )
@@ -144,6 +150,8 @@ class MigrateBody(_Body):
     """Background disk copy limit (proxy modes)."""
     auto_converge: bool = True
     allow_postcopy: bool = False
+    no_wait: bool = False
+    """In a cluster: refuse (rather than queue) when a concurrency limit is reached."""
 
 
 class StorageMigrateBody(_Body):
@@ -293,3 +301,9 @@ class ReleaseBody(_Body):
     """The migration after which a holder lets a VM's disks go."""
 
     migration: MigrationId
+
+
+class ResumeBody(_Body):
+    """Resume an incoming VM: the fencing token of its ownership here (a cluster's owner key)."""
+
+    token: int | None = Field(default=None, ge=0)

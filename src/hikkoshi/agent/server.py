@@ -5,8 +5,11 @@ layout for the daemons it starts."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -19,6 +22,10 @@ from hikkoshi.agent.jobs import RouteFactory
 from hikkoshi.agent.service import Agent
 from hikkoshi.agent.state_lock import lock_state_dir
 from hikkoshi.agent.tls_server import PeerAwareProtocol, api_ssl_context
+from hikkoshi.cluster.config import EtcdConfig
+from hikkoshi.cluster.keys import Keys
+from hikkoshi.cluster.store import Store
+from hikkoshi.daemons.process import dump_tasks
 from hikkoshi.vm.home import write_atomically
 
 
@@ -34,7 +41,10 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 async def serve(config: AgentConfig, routes: RouteFactory | None = None) -> int:
-    """Run the agent until it is told to stop; the exit status."""
+    """Run the agent until it is told to stop; the exit status.
+
+    :class:`~hikkoshi.cluster.errors.EtcdUnavailable` before anything listens if a cluster is
+    configured and etcd does not answer."""
     lock = lock_state_dir(config.state_dir)
     try:
         return await _serve(config, routes)
@@ -43,6 +53,8 @@ async def serve(config: AgentConfig, routes: RouteFactory | None = None) -> int:
 
 
 async def _serve(config: AgentConfig, routes: RouteFactory | None) -> int:
+    if config.cluster is not None:
+        await reach_etcd(config.cluster.etcd)
     config.credentials.qemu_dir(config.tls_dir)
     sock = bind(config.host, config.port)
     config.port = sock.getsockname()[1]
@@ -68,9 +80,19 @@ async def _serve(config: AgentConfig, routes: RouteFactory | None) -> int:
         "encrypts": config.encrypt,
     }
     write_atomically(Path(config.state_dir) / "agent.json", json.dumps(info).encode())
+    # A stuck agent says what it waits on: kill -USR1 <pid> logs every task's chain of awaits.
+    asyncio.get_running_loop().add_signal_handler(
+        signal.SIGUSR1, dump_tasks, logging.getLogger("hikkoshi.agent")
+    )
     print(f"hikkoshi agent {config.name} listening on {config.url}", flush=True)
     await server.serve(sockets=[sock])
     return 0 if server.started else 1
+
+
+async def reach_etcd(etcd: EtcdConfig) -> None:
+    """Read from etcd once (its deadline bounds the wait): :class:`EtcdUnavailable` if it does not answer."""
+    async with Store(etcd) as store:
+        await store.get(Keys().limits)
 
 
 def main_error(message: str) -> int:

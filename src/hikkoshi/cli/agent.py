@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hikkoshi.cli.etcd_options import add_etcd_tls_arguments, etcd_config, etcd_urls
 from hikkoshi.cli.migrate import parse_wan, wan_routes
 from hikkoshi.daemons.process import run
 from hikkoshi.vm.accel import DEFAULT_QEMU
@@ -82,6 +83,21 @@ def add_parser(top: Any) -> None:
         help="migrations between these sites cross an emulated WAN, e.g. a:b=150ms,100Mbit",
     )
     p.add_argument("--qemu", default=DEFAULT_QEMU, help="QEMU binary")
+    etcd = p.add_argument_group("cluster", "join an etcd cluster (see `hikkoshi cluster up` for a local one)")
+    etcd.add_argument(
+        "--etcd",
+        metavar="URL[,URL...]",
+        default=argparse.SUPPRESS,  # the global option's value (or $HIKKOSHI_ETCD) otherwise
+        help="etcd client URLs (default: $HIKKOSHI_ETCD; none: the agent works alone)",
+    )
+    add_etcd_tls_arguments(etcd, defaults=False)
+    etcd.add_argument(
+        "--takeover-after",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="settle a migration into this host once its source host is down this long (default 60)",
+    )
     p.set_defaults(func=agent_command)
 
 
@@ -161,9 +177,11 @@ def check_addresses(listen: str, migration: str, insecure_loopback: bool) -> Non
 
 def agent_command(args: argparse.Namespace) -> int:
     from hikkoshi.agent.client import AgentError
+    from hikkoshi.agent.cluster_member import ClusterSettings
     from hikkoshi.agent.db import StateError
     from hikkoshi.agent.host import AgentConfig
     from hikkoshi.agent.server import main_error, serve
+    from hikkoshi.cluster.errors import ClusterError
     from hikkoshi.identity.credentials import HostCredentials
 
     try:
@@ -188,9 +206,11 @@ def agent_command(args: argparse.Namespace) -> int:
             allow_dirs=tuple(d.absolute() for d in args.allow_dir),
             allow_wildcard_forwards=args.allow_wildcard_forwards,
         )
+        if etcd_urls(args):
+            config.cluster = ClusterSettings(etcd_config(args), takeover_after=args.takeover_after)
         routes = site_routes(parse_wan_links(args.wan_link), host)
         return run(serve(config, routes))
-    except (ValueError, AgentError, StateError, OSError) as exc:
+    except (ValueError, AgentError, StateError, OSError, ClusterError) as exc:
         return main_error(str(exc))
     except KeyboardInterrupt:
         return 130
