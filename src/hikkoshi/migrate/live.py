@@ -448,6 +448,7 @@ class LiveMigration(Job):
                 raise SideError("TLS asked for but the source has no TLS files")
             self.record.facts.tls = True  # recorded first: a rollback drops the credentials
             self._save()
+            await qm.forget_incoming_tls(src)  # a VM that came in encrypted leaves encrypted
             await qm.add_tls(src, str(req.tls_dir.absolute()), "client")
             # The destination's certificate must name the host this migration goes to.
             await qm.set_parameters(src, tls_creds=qm.TLS_ID, tls_hostname=dst.tls_name or host)

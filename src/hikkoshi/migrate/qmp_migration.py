@@ -237,6 +237,19 @@ async def drop_tls(port: QmpPort) -> None:
     await port.qmp("object-del", {"id": TLS_ID})
 
 
+async def forget_incoming_tls(port: QmpPort) -> None:
+    """Drop the TLS settings and objects a QEMU kept from the migration that brought it here (its
+    server credentials and the check of the source's name): a QEMU that came in encrypted can then
+    leave encrypted, with a client's credentials under the same id."""
+    objects = {str(o.get("name")) for o in await port.qmp("qom-list", {"path": "/objects"})}
+    if not objects & {TLS_ID, AUTHZ_ID}:
+        return
+    await set_parameters(port, tls_creds="", tls_hostname="", tls_authz="")
+    for object_id in (TLS_ID, AUTHZ_ID):
+        if object_id in objects:
+            await port.qmp("object-del", {"id": object_id})
+
+
 async def drop_object(port: QmpPort, object_id: str) -> None:
     """``object-del``."""
     await port.qmp("object-del", {"id": object_id})
