@@ -64,6 +64,9 @@ from hikkoshi.vm.spec import VmSpec
 
 log = logging.getLogger("hikkoshi.migrate")
 
+#: How long a source supervisor may take to say it serves the disks after QEMU was told to quit.
+HAND_OFF_SECONDS = 30.0
+
 #: The source supervisor cancels the migration if the job has not renewed its guard for this long.
 GUARD_SECONDS = 10.0
 GUARD_RENEW = 2.0
@@ -621,8 +624,20 @@ class LiveMigration(Job):
         # QEMU on the source quits; its disks stay served to the destination until released.
         if self.src_home.is_running() and self.src_home.read_state().get("state") != "serving":
             await self.source.ctl("hand-off")
+            await self._until_source_serves()
         await self.strategy.after_resume(self.ctx)
         self.report["disk_complete_s"] = self._since_start()
+
+    async def _until_source_serves(self) -> None:
+        """The hand-off answers once QEMU was told to quit; the supervisor says ``serving`` when it has.
+        Waited for: whoever reads the home next (the agent recording that it holds the disks for the
+        destination) must not find it ``running``."""
+        deadline = time.monotonic() + HAND_OFF_SECONDS
+        while self.src_home.is_running() and self.src_home.read_state().get("state") != "serving":
+            if time.monotonic() > deadline:
+                log.warning("migration %s: the source did not say it serves the disks", self.record.id)
+                return
+            await asyncio.sleep(0.05)
 
     async def _cleanup(self) -> None:
         await self.strategy.release(self.ctx)
