@@ -113,6 +113,12 @@ class Incoming:
     def _coming(self, vm: str, peer: str) -> LocalDestination:
         return self._target(vm, peer, INCOMING)
 
+    def _arrived(self, vm: str, peer: str) -> LocalDestination:
+        """Coming in from ``peer``, or came in from it: the steps after the resume (relocations, disk
+        figures, announce) are repeated by a source that takes its job over after this host finished
+        it (a cluster's destination settles a migration whose source was down)."""
+        return self._target(vm, peer, INCOMING, RUNNING)
+
     def _migration(self, vm: str) -> str | None:
         value = self.detail(self._row(vm)).get("migration")
         return value if isinstance(value, str) else None
@@ -319,23 +325,23 @@ class Incoming:
 
     async def relocation(self, vm: str, disk: str, action: str, peer: str) -> dict[str, Any]:
         """Pause, resume or invalidate (the switchover) a disk's relocation."""
-        target = self._coming(vm, peer)
+        target = self._arrived(vm, peer)
         result: dict[str, Any] = await self._side(target.relocation(disk, action))
         return result
 
     async def disk_status(self, vm: str, peer: str) -> dict[str, Any]:
         """How each disk is served now."""
-        result: dict[str, Any] = await self._side(self._coming(vm, peer).disk_status())
+        result: dict[str, Any] = await self._side(self._arrived(vm, peer).disk_status())
         return result
 
     async def disk_stats(self, vm: str, peer: str) -> dict[str, Any]:
         """The disk service's request statistics."""
-        result: dict[str, Any] = await self._side(self._coming(vm, peer).disk_stats())
+        result: dict[str, Any] = await self._side(self._arrived(vm, peer).disk_stats())
         return result
 
     async def set_patience(self, vm: str, seconds: float | None, peer: str) -> None:
         """How long a disk request waits for a lost source."""
-        await self._side(self._coming(vm, peer).set_patience(seconds))
+        await self._side(self._arrived(vm, peer).set_patience(seconds))
 
     async def resume(self, vm: str, peer: str, token: int | None = None) -> None:
         """The guest runs here; in a cluster only once the owner key names this host with ``token``."""
@@ -346,7 +352,7 @@ class Incoming:
 
     async def announce(self, vm: str, peer: str) -> None:
         """The VM's NICs announce their MACs from here."""
-        await self._side(self._coming(vm, peer).announce())
+        await self._side(self._arrived(vm, peer).announce())
 
     async def status(self, vm: str, peer: str) -> dict[str, Any]:
         """The incoming VM's supervisor status (also once finished: a job taken over asks)."""
