@@ -62,6 +62,7 @@ async def _read(address: str, ca: Path, ids: Path | None) -> bytes:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # four migrations and a disk service restart, under TCG
 def test_disk_listeners_follow_the_vm(guest: GuestImage, tmp_path: Path) -> None:
     need_qemu_tools()
     run = random.randrange(1, 2**31)

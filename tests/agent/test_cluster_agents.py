@@ -52,7 +52,12 @@ def etcd(tmp_path: Path) -> Iterator[EtcdMember]:
 def api(agent: AgentProc, method: str, path: str, body: Any = None) -> httpx.Response:
     token = agent.token_file.read_text().strip()
     return httpx.request(
-        method, f"{agent.url}{path}", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=120
+        method,
+        f"{agent.url}{path}",
+        json=body,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=120,
+        verify=agent.verify(),  # the cluster CA: the token goes to no agent before its certificate checks out
     )
 
 
