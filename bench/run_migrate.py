@@ -78,6 +78,8 @@ from hikkoshi.cli.migrate import parse_wan
 from hikkoshi.daemons import supervisor_client as control
 from hikkoshi.guest.guest_image import GuestImage, build_guest
 from hikkoshi.guest.guest_vm import create_guest_vm
+from hikkoshi.identity.authority import issue_host, make_ca
+from hikkoshi.identity.credentials import HostCredentials
 from hikkoshi.lab.link_model import WanParams
 from hikkoshi.vm.accel import choose_accel
 from hikkoshi.vm.datastore import Datastore
@@ -90,6 +92,9 @@ OURS_MODES: tuple[str, ...] = ("shared", "precopy", "postcopy", "hybrid")
 QEMU_MODES: tuple[str, ...] = ("background", "write-blocking", "shared")
 WAN_OURS_MODES: tuple[str, ...] = ("precopy", "postcopy", "hybrid")  # `--wan` refuses shared storage
 WAN_QEMU_MODES: tuple[str, ...] = ("background", "write-blocking")
+#: ``ours-tls``: ours with every stream between the hosts over TLS (``--tls-dir``), to measure its cost.
+OURS_PEERS: tuple[str, ...] = ("ours", "ours-tls")
+PEERS: tuple[str, ...] = (*OURS_PEERS, "qemu")
 VM_NAME = "mig"
 MEMORY_MIB = 256
 DISK_MIB = 64
@@ -115,11 +120,12 @@ def _workloads(text: str) -> list[str]:
 def _peers(text: str) -> list[str]:
     if not text.strip(" ,"):
         return ["ours", "qemu"]  # nothing named: both
-    return name_list(text, ("ours", "qemu"), "peer")
+    return name_list(text, PEERS, "peer")
 
 
 def _cases(text: str) -> list[str]:
-    known = {case_name("ours", m) for m in OURS_MODES} | {case_name("qemu", m) for m in QEMU_MODES}
+    known = {case_name(p, m) for p in OURS_PEERS for m in OURS_MODES}
+    known |= {case_name("qemu", m) for m in QEMU_MODES}
     return name_list(text, sorted(known), "case")
 
 
@@ -135,7 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--wan-workloads", type=_workloads, default=list(WORKLOADS), help="workloads across the WAN (both)"
     )
-    p.add_argument("--peers", type=_peers, default=["ours", "qemu"], help="ours,qemu (default both)")
+    p.add_argument(
+        "--peers",
+        type=_peers,
+        default=["ours", "qemu"],
+        help="ours,ours-tls,qemu (default ours,qemu; ours-tls: ours with TLS on every stream)",
+    )
     p.add_argument("--cases", type=_cases, help="only these cases, e.g. ours-hybrid,qemu-background")
     p.add_argument("--quick", action="store_true", help="1 repeat, loopback, idle guest only")
     p.add_argument("--wan", default="150ms,100Mbit", help="RTT,RATE of the emulated WAN (150ms,100Mbit)")
@@ -355,8 +366,9 @@ class Bench:
         ours = WAN_OURS_MODES if section == "wan" else OURS_MODES
         qemu = WAN_QEMU_MODES if section == "wan" else QEMU_MODES
         out: list[tuple[str, str]] = []
-        if "ours" in self.s.peers:
-            out += [("ours", m) for m in ours]
+        for peer in OURS_PEERS:
+            if peer in self.s.peers:
+                out += [(peer, m) for m in ours]
         if "qemu" in self.s.peers:
             out += [("qemu", m) for m in qemu]
         if self.s.cases is not None:
@@ -395,8 +407,8 @@ class Bench:
             base |= {"repeat": rep, "loadavg_1m": round(os.getloadavg()[0], 2)}
             t0 = time.monotonic()
             try:
-                if peer == "ours":
-                    rec = self.run_ours(section, mode, workload)
+                if peer in OURS_PEERS:
+                    rec = self.run_ours(section, mode, workload, tls=peer == "ours-tls")
                 else:
                     rec = self.run_qemu(section, mode, workload)
             except KeyboardInterrupt:
@@ -439,7 +451,17 @@ class Bench:
 
     # --- ours
 
-    def run_ours(self, section: str, mode: str, workload: str) -> dict[str, Any]:
+    def tls_dir(self) -> Path:
+        """QEMU's x509 files for ``ours-tls``: a cluster CA and one host certificate (for 127.0.0.1, both
+        "hosts" being this machine), made as ``hikkoshi cluster init/issue`` make them, once a run."""
+        directory = self.dir / f"tls-{self.stamp}"
+        if not (directory / "qemu" / "ca-cert.pem").exists():
+            make_ca(directory / "ca")
+            issued = issue_host(directory / "ca", "bench", directory / "host", ["127.0.0.1"])
+            HostCredentials.load(issued.cert, issued.key, issued.ca).qemu_dir(directory / "qemu")
+        return directory / "qemu"
+
+    def run_ours(self, section: str, mode: str, workload: str, *, tls: bool = False) -> dict[str, Any]:
         work = self.case_dir()
         runtime_b = Path(tempfile.mkdtemp(prefix="hkmb-", dir="/tmp"))
         a, b = Datastore.init(work / "a"), Datastore.init(work / "b")
@@ -460,7 +482,9 @@ class Bench:
             argv += ["--storage", mode, "--json"]
             if section == "wan":
                 argv += ["--wan", self.s.wan]
-            self.commands.setdefault(f"ours {mode} ({section})", argv)
+            if tls:
+                argv += ["--tls-dir", str(self.tls_dir())]
+            self.commands.setdefault(f"ours{'-tls' if tls else ''} {mode} ({section})", argv)
             t0 = time.monotonic()
             done = subprocess.run(
                 argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=self.s.timeout_s
@@ -484,7 +508,12 @@ class Bench:
             # QEMU announces 'completed' before it has filled in total-time and downtime; a query-migrate
             # in between (the coordinator asks right after the event) reads zeros: no figure, not 0 ms.
             raced = not report.get("total_time_ms")
+            memory_s = (report.get("total_time_ms") or 0) / 1000
             rec.update(
+                encrypted=report.get("encrypted"),
+                memory_mib_s=round(report["memory_bytes"] / MIB / memory_s, 1)
+                if memory_s and report.get("memory_bytes")
+                else None,
                 downtime_ms=None if raced else report.get("downtime_ms"),
                 downtime_unset=raced,
                 gap_ms=sw.get("gap_ms"),
@@ -596,6 +625,7 @@ _METRICS: dict[str, Callable[[dict[str, Any]], float | None]] = {
     "to_destination_s": lambda r: _num(r.get("to_destination_s")),
     "total_s": lambda r: _num(r.get("total_s")),
     "memory_mib": lambda r: None if _num(r.get("memory_bytes")) is None else r["memory_bytes"] / MIB,
+    "memory_mib_s": lambda r: _num(r.get("memory_mib_s")),
     "storage_ms": lambda r: _num(r.get("storage_ms")),
     "mirror_cancel_ms": lambda r: _num(r.get("mirror_cancel_ms")),
     "cli_wall_s": lambda r: _num(r.get("cli_wall_s")),
@@ -704,7 +734,7 @@ _RATIO_METRICS = ("downtime_ms", "gap_ms", "to_destination_s", "total_s")
 
 def ratios(b: Bench, summary: dict[str, Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    if set(b.s.peers) != {"ours", "qemu"}:
+    if not {"ours", "qemu"} <= set(b.s.peers):
         return out
     for section in b.s.sections:
         workloads = b.s.wan_workloads if section == "wan" else b.s.workloads
@@ -715,6 +745,33 @@ def ratios(b: Bench, summary: dict[str, Any]) -> list[dict[str, Any]]:
                     a = _median(summary, _key(section, workload, ours), metric)
                     q = _median(summary, _key(section, workload, qemu), metric)
                     row[metric] = round(a / q, 3) if a is not None and q else None
+                out.append(row)
+    return out
+
+
+_TLS_METRICS = ("downtime_ms", "memory_mib_s", "to_destination_s", "total_s")
+
+
+def tls_costs(b: Bench, summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each mode run both ways: the medians in plain TCP and over TLS, and TLS / plain."""
+    out: list[dict[str, Any]] = []
+    if not set(OURS_PEERS) <= set(b.s.peers):
+        return out
+    for section in b.s.sections:
+        workloads = b.s.wan_workloads if section == "wan" else b.s.workloads
+        for workload in workloads:
+            for peer, mode in b.cases(section):
+                if peer != "ours":
+                    continue
+                row: dict[str, Any] = {"section": section, "workload": workload, "mode": mode}
+                for metric in _TLS_METRICS:
+                    plain = _median(summary, _key(section, workload, case_name("ours", mode)), metric)
+                    tls = _median(summary, _key(section, workload, case_name("ours-tls", mode)), metric)
+                    row[metric] = {
+                        "plain": plain,
+                        "tls": tls,
+                        "ratio": round(tls / plain, 3) if tls is not None and plain else None,
+                    }
                 out.append(row)
     return out
 
@@ -734,7 +791,11 @@ def _ratio(v: float | None) -> str:
 
 
 def markdown_report(
-    b: Bench, summary: dict[str, Any], rats: list[dict[str, Any]], fl: list[dict[str, Any]]
+    b: Bench,
+    summary: dict[str, Any],
+    rats: list[dict[str, Any]],
+    fl: list[dict[str, Any]],
+    tls: list[dict[str, Any]] | None = None,
 ) -> str:
     s = b.s
     lines = [
@@ -795,6 +856,21 @@ def markdown_report(
                         f"| {_ratio(r['to_destination_s'])} | {_ratio(r['total_s'])} |"
                     )
                 lines.append("")
+    if tls:
+        lines += [
+            "TLS cost (medians, plain TCP → TLS, and TLS / plain): memory throughput = memory bytes sent / "
+            "QEMU's total migration time.",
+            "",
+            "| section, guest, mode | downtime (ms) | memory (MiB/s) | on destination (s) | total (s) |",
+            "|---|--:|--:|--:|--:|",
+        ]
+        for r in tls:
+            cells = []
+            for metric, digits in zip(_TLS_METRICS, (0, 1, 2, 2), strict=True):
+                c = r[metric]
+                cells.append(f"{_fmt(c['plain'], digits)} → {_fmt(c['tls'], digits)} ({_ratio(c['ratio'])})")
+            lines.append(f"| {r['section']}, {r['workload']}, {r['mode']} | " + " | ".join(cells) + " |")
+        lines.append("")
     if fl:
         lines += ["Floors:", ""]
         for f in fl:
@@ -889,7 +965,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = summarize(bench)
     rats = ratios(bench, summary)
     fl = floors(bench, summary)
-    report = markdown_report(bench, summary, rats, fl)
+    costs = tls_costs(bench, summary)
+    report = markdown_report(bench, summary, rats, fl, costs)
     results.update(
         interrupted=interrupted,
         finished_utc=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -901,6 +978,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary=summary,
         ratios=rats,
         floors=fl,
+        tls_costs=costs,
         kept_case_dirs=bench.kept,
         markdown=report,
     )

@@ -13,17 +13,18 @@ TESTS = Path(__file__).parent
 PACKAGES = {d.name for d in SRC.iterdir() if d.is_dir() and any(d.glob("*.py"))}
 
 LAYER = {
-    "nbd": 0,
-    "block": 1,
-    "vm": 2,
-    "daemons": 3,
-    "migrate": 4,
-    "cluster": 5,
-    "drs": 5,
-    "agent": 6,
-    "cli": 7,
-    "lab": 7,
-    "web": 7,
+    "identity": 0,
+    "nbd": 1,
+    "block": 2,
+    "vm": 3,
+    "daemons": 4,
+    "migrate": 5,
+    "cluster": 6,
+    "drs": 6,
+    "agent": 7,
+    "cli": 8,
+    "lab": 8,
+    "web": 8,
 }
 """Each package imports only those of a lower number, and itself."""
 ALSO_ALLOWED = {("cli", "lab"), ("cli", "web")}

@@ -7,18 +7,22 @@ import json
 import random
 import signal
 import sqlite3
+import stat
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from hikkoshi.guest.guest_image import GuestImage
 from hikkoshi.vm.datastore import Datastore
 from tests.support.agent_vms import create_busy, stop_and_verify, vm_names, wait_console
-from tests.support.agents import AgentProc, agents
+from tests.support.agents import AgentProc, agents, kernel
 from tests.support.vms import guest as guest
 from tests.support.vms import need_qemu_tools
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
 
 
 @pytest.mark.slow
@@ -33,8 +37,11 @@ def test_cli_migrates_a_busy_guest_between_two_agents(guest: GuestImage, tmp_pat
         assert record["role"] == "source" and record["destination"] == b.url
         report = record["report"]
         assert report["storage"] == "hybrid" and report["downtime_ms"] is not None
+        assert report["encrypted"] is True  # every stream between the hosts, by default
         assert report["time_to_destination_s"] > 0 and report["disk_fetch"]["disk0"]
-        # The VM is B's now, and gone from A with its home.
+        # The VM is B's now, and gone from A with its home; there it is root's alone.
+        assert _mode(b.datastores["main"] / "mover") == 0o700
+        assert _mode(b.datastores["main"] / "mover" / "disk0.raw") == 0o600
         assert vm_names(b) == {"mover": "running"}
         assert vm_names(a) == {}
         assert not (a.datastores["main"] / "mover").exists()
@@ -43,10 +50,7 @@ def test_cli_migrates_a_busy_guest_between_two_agents(guest: GuestImage, tmp_pat
         assert [m["id"] for m in history] == [record["id"]]
         shown = a.cli("migrations", "show", record["id"]).stdout
         assert f"migration {record['id']}: VM mover, storage hybrid: done" in shown
-        token = a.token_file.read_text().strip()
-        png = httpx.get(
-            f"{a.url}/v1/migrations/{record['id']}/timeline.png", headers={"Authorization": f"Bearer {token}"}
-        )
+        png = a.request("GET", f"/v1/migrations/{record['id']}/timeline.png")
         assert png.status_code == 200 and png.content.startswith(b"\x89PNG\r\n\x1a\n")
         assert (a.state_dir / "reports" / f"{record['id']}.json").exists()
         # The timeline has the guest's I/O latency on both sides, and the destination cache filling.
@@ -97,6 +101,8 @@ def test_offline_migration_between_agents(guest: GuestImage, tmp_path: Path) -> 
         assert record["phase"] == "done" and record["kind"] == "cold", record
         assert vm_names(b) == {"cold": "stopped"} and vm_names(a) == {}
         disk = b.datastores["main"] / "cold" / "disk0.raw"
+        assert _mode(disk.parent) == 0o700 and _mode(disk) == 0o600
+        assert _mode(disk.parent / "vm.toml") == 0o600  # the home's files, as they came in the archive
         assert disk.stat().st_size == 32 << 20 and disk.stat().st_blocks * 512 < 32 << 20  # sparse
         assert not disk.with_name("disk0.raw.bitmap").exists()
         assert "HIKKOSHI-DISKWRITER DONE" in b.cli("vm", "console", "cold").stdout  # its log came along
@@ -176,20 +182,21 @@ def test_storage_migration_through_the_agent(guest: GuestImage, tmp_path: Path) 
 def test_vm_lifecycle_and_errors_through_the_cli(tmp_path: Path) -> None:
     """Create, list, show, destroy; and the errors a user meets, each with its exit status."""
     with agents(tmp_path, "solo") as (a,):
+        k = kernel(tmp_path)
         a.cli("vm", "create", "plain", "--memory", "64", "--disk", "16M", "--disk", "8M:thick", "--no-nic",
-              "--kernel", "/bin/true")  # fmt: skip
+              "--kernel", k)  # fmt: skip
         shown = a.json("vm", "show", "plain", "--json")
         assert shown["state"] == "stopped" and [d["size"] for d in shown["disks"]] == [16 << 20, 8 << 20]
         assert (a.datastores["main"] / "plain" / "disk0.raw").exists()
-        dup = a.cli("vm", "create", "plain", "--memory", "64", "--kernel", "/bin/true", check=False)
+        dup = a.cli("vm", "create", "plain", "--memory", "64", "--kernel", k, check=False)
         assert dup.returncode == 2 and "exists" in dup.stderr
-        huge = a.cli("vm", "create", "huge", "--memory", str(1 << 20), "--kernel", "/bin/true", check=False)
+        huge = a.cli("vm", "create", "huge", "--memory", str(1 << 20), "--kernel", k, check=False)
         assert huge.returncode == 2 and "memory" in huge.stderr
         missing = a.cli("vm", "start", "nosuch", check=False)
         assert missing.returncode == 2 and "no VM named 'nosuch'" in missing.stderr
         stop = a.cli("vm", "stop", "plain", check=False)
         assert stop.returncode == 2 and "not running" in stop.stderr
-        no_dest = a.cli("migrate", "plain", "--to", "http://127.0.0.1:9", "--json", check=False)
+        no_dest = a.cli("migrate", "plain", "--to", "https://127.0.0.1:9", "--json", check=False)
         assert no_dest.returncode == 1 and "destination agent" in no_dest.stderr
         refused = a.cli("vm", "destroy", "plain", check=False)
         assert refused.returncode == 2 and "--yes" in refused.stderr
@@ -199,10 +206,15 @@ def test_vm_lifecycle_and_errors_through_the_cli(tmp_path: Path) -> None:
         # Without a token, or with a wrong one: refused, and the CLI says so.
         wrong = tmp_path / "wrong"
         wrong.write_text("not-the-token\n")
-        bad = AgentProc("x", tmp_path / "x", wrong, {}, url=a.url)
+        bad = AgentProc("x", tmp_path / "x", wrong, {}, url=a.url, ca_file=a.ca_file)
+        exposed = bad.cli("vm", "list", check=False)  # a token file others may read is not used at all
+        assert (
+            exposed.returncode == 3 and "open to others" in exposed.stderr and "chmod 600" in exposed.stderr
+        )
+        wrong.chmod(0o600)
         denied = bad.cli("vm", "list", check=False)
         assert denied.returncode == 2 and "token" in denied.stderr
-        gone = AgentProc("x", tmp_path / "x", a.token_file, {}, url="http://127.0.0.1:9")
+        gone = AgentProc("x", tmp_path / "x", a.token_file, {}, url="https://127.0.0.1:9", ca_file=a.ca_file)
         unreachable = gone.cli("vm", "list", check=False)
         assert unreachable.returncode == 3 and "does not answer" in unreachable.stderr
 
@@ -210,7 +222,7 @@ def test_vm_lifecycle_and_errors_through_the_cli(tmp_path: Path) -> None:
 def test_agent_keeps_its_state_in_sqlite(tmp_path: Path) -> None:
     """A VM created through one agent process is known to the next (database and datastore agree)."""
     with agents(tmp_path, "solo") as (a,):
-        a.cli("vm", "create", "kept", "--memory", "64", "--kernel", "/bin/true", "--no-nic")
+        a.cli("vm", "create", "kept", "--memory", "64", "--kernel", kernel(tmp_path), "--no-nic")
         a.stop()
         a.start()
         assert vm_names(a) == {"kept": "stopped"}

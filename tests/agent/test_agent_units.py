@@ -235,8 +235,10 @@ def test_models_bound_what_clients_send() -> None:
             VmCreate.model_validate({"name": "x", "memory_mib": 64, field: value})
     with pytest.raises(ValidationError):
         VmCreate.model_validate({"name": "x", "memory_mib": 64, "unknown": 1})
-    MigrateBody(to="http://10.0.0.2:8710")
-    for to in ("10.0.0.2:8710", "ftp://x", "http://a b/"):
+    MigrateBody(to="https://10.0.0.2:8710")
+    MigrateBody(to="beta")  # a host of the cluster, by name
+    # http:// never: the token-bearing agent would talk to a peer that proved nothing.
+    for to in ("http://10.0.0.2:8710", "10.0.0.2:8710", "ftp://x", "https://a b/"):
         with pytest.raises(ValidationError):
             MigrateBody(to=to)
 

@@ -29,7 +29,7 @@ from hikkoshi.guest.guest_image import GuestImage
 from hikkoshi.migrate.phases import FINAL
 from hikkoshi.vm.datastore import Datastore
 from tests.support.agent_vms import create_busy, stop_and_verify, vm_names, wait_console
-from tests.support.agents import AgentProc, agents
+from tests.support.agents import AgentProc, agents, identify
 from tests.support.cluster_peek import ClusterPeek
 from tests.support.etcd import gone, start_member
 from tests.support.tcp_cut import TcpCut
@@ -52,7 +52,12 @@ def etcd(tmp_path: Path) -> Iterator[EtcdMember]:
 def api(agent: AgentProc, method: str, path: str, body: Any = None) -> httpx.Response:
     token = agent.token_file.read_text().strip()
     return httpx.request(
-        method, f"{agent.url}{path}", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=120
+        method,
+        f"{agent.url}{path}",
+        json=body,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=120,
+        verify=agent.verify(),  # the cluster CA: the token goes to no agent before its certificate checks out
     )
 
 
@@ -160,9 +165,11 @@ def test_fencing_start_and_adoption_follow_the_owner_key(
 
 def test_etcd_unreachable_at_start_is_a_clear_error(tmp_path: Path) -> None:
     (port,) = free_ports(1)
+    lonely = identify(AgentProc("lonely", tmp_path / "lonely", tmp_path / "token", {}), tmp_path)
     cmd = [sys.executable, "-m", "hikkoshi", "agent", "--name", "lonely", "--listen", "127.0.0.1:0",
            "--datastore", f"main={tmp_path / 'main'}", "--state-dir", str(tmp_path / "state"),
-           "--token-file", str(tmp_path / "token"), "--etcd", f"127.0.0.1:{port}"]  # fmt: skip
+           "--token-file", str(tmp_path / "token"), *lonely.identity,
+           "--etcd", f"127.0.0.1:{port}"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2, done.stderr
     assert "etcd" in done.stderr and f"127.0.0.1:{port}" in done.stderr, done.stderr

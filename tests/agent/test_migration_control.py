@@ -22,7 +22,8 @@ from tests.support.vms import need_qemu_tools
 
 def _api(agent: AgentProc) -> httpx.Client:
     token = agent.token_file.read_text().strip()
-    return httpx.Client(base_url=agent.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    headers = {"Authorization": f"Bearer {token}"}
+    return httpx.Client(base_url=agent.url, headers=headers, timeout=60, verify=agent.verify())
 
 
 def _wait(api: httpx.Client, path: str, ok: Any, timeout: float = 300.0) -> dict[str, Any]:
@@ -54,7 +55,7 @@ def test_samples_live_and_cancel_rolls_back(guest: GuestImage, tmp_path: Path) -
         )
         assert later["offset"] == first["total"] and later["total"] > first["total"]
         # No token: refused like everything else.
-        assert httpx.post(f"{a.url}/v1/migrations/{mid}/cancel").status_code == 401
+        assert httpx.post(f"{a.url}/v1/migrations/{mid}/cancel", verify=a.verify()).status_code == 401
         cancelled = api.post(f"/v1/migrations/{mid}/cancel")
         assert cancelled.status_code == 200, cancelled.text
         done = _wait(api, f"/v1/migrations/{mid}", lambda d: not d["running"])

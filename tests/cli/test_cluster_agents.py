@@ -23,7 +23,7 @@ import pytest
 
 from hikkoshi.cluster.etcd_process import EtcdMember
 from hikkoshi.guest.guest_image import GuestImage
-from tests.support.agents import AgentProc, agents
+from tests.support.agents import AgentProc, agents, identify
 from tests.support.cluster_cli import ClusterCli, Result, in_process, wait_for
 from tests.support.etcd import gone, start_member
 from tests.support.vms import guest as guest
@@ -46,7 +46,7 @@ class Cluster:
         return self.alpha.token_file
 
     def cli(self) -> ClusterCli:
-        return ClusterCli(self.url, self.token_file)
+        return ClusterCli(self.url, self.token_file, self.alpha.ca_file)
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,12 @@ def own_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def hk(capsys: CapSys, c: Cluster, *args: str) -> Result:
-    """``hikkoshi --etcd URL --token-file F ARGS``, in this process."""
-    return in_process(capsys, "--etcd", c.url, "--token-file", str(c.token_file), *args)
+    """``hikkoshi --etcd URL --token-file F --ca-file F ARGS``, in this process."""
+    return in_process(capsys, "--etcd", c.url, "--token-file", str(c.token_file), *_ca(c.alpha), *args)
+
+
+def _ca(agent: AgentProc) -> list[str]:
+    return ["--ca-file", str(agent.ca_file)] if agent.ca_file else []
 
 
 def ok(capsys: CapSys, c: Cluster, *args: str) -> str:
@@ -93,9 +97,8 @@ def vms(capsys: CapSys, c: Cluster) -> dict[str, tuple[str | None, str]]:
 
 def agent_vms(capsys: CapSys, agent: AgentProc) -> list[str]:
     """The VMs an agent has (asked directly, not through the cluster)."""
-    r = in_process(
-        capsys, "--agent", agent.url, "--token-file", str(agent.token_file), "vm", "list", "--json"
-    )
+    direct = ["--agent", agent.url, "--token-file", str(agent.token_file), *_ca(agent)]
+    r = in_process(capsys, *direct, "vm", "list", "--json")
     assert r.code == 0, r
     return [v["name"] for v in json.loads(r.out)]
 
@@ -227,12 +230,15 @@ def test_queue_and_no_wait(capsys: CapSys, cluster: Cluster) -> None:
 
 
 def test_a_host_killed_is_down_and_its_vms_unknown(capsys: CapSys, cluster: Cluster) -> None:
-    gamma = AgentProc(
-        "gamma",
-        cluster.root / "gamma",
-        cluster.token_file,
-        {"main": cluster.root / "gamma" / "main"},
-        ["--etcd", cluster.url],
+    gamma = identify(
+        AgentProc(
+            "gamma",
+            cluster.root / "gamma",
+            cluster.token_file,
+            {"main": cluster.root / "gamma" / "main"},
+            ["--etcd", cluster.url],
+        ),
+        cluster.root,
     )
     try:
         gamma.start()

@@ -22,7 +22,7 @@ def test_demo_migrates_a_guest_and_verifies_it() -> None:
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "storage hybrid: done" in done.stdout
     assert "now runs on host B; host A's copy is gone" in done.stdout
-    assert "two host agents joined the cluster: host-a at http://127.0.0.1:" in done.stdout
+    assert "two host agents joined the cluster: host-a at https://127.0.0.1:" in done.stdout
     assert "$ hikkoshi migrate demo --to host-b --storage hybrid" in done.stdout
     # The cluster's view: both hosts up, then the VM on host-b; etcd stopped at the end.
     assert re.search(r"^host-a\s+up\s", done.stdout, re.M) and re.search(r"^host-b\s+up\s", done.stdout, re.M)
@@ -33,4 +33,6 @@ def test_demo_migrates_a_guest_and_verifies_it() -> None:
     while not gone(int(stopped[1])):
         assert time.monotonic() < deadline, "etcd's supervisor outlived `cluster down`"
         time.sleep(0.1)
+    assert "$ hikkoshi cluster init " in done.stdout and "$ hikkoshi cluster issue host-b " in done.stdout
+    assert "encrypted (TLS, host certificates)" in done.stdout
     assert "demo: OK: the guest verified its" in done.stdout

@@ -12,6 +12,7 @@ from hikkoshi.cli.etcd_options import cluster_wanted, etcd_config, etcd_urls
 from hikkoshi.cli.main import build_parser
 
 AGENT = ["agent", "--datastore", "main=/x", "--state-dir", "/s", "--token-file", "/t"]
+AGENT += ["--cert", "/c.pem", "--key", "/k.pem", "--ca", "/ca.pem"]  # read when it starts, not here
 
 
 @pytest.fixture(autouse=True)

@@ -60,11 +60,12 @@ def test_lab_migrates_a_guest_across_sites(guest: GuestImage, tmp_path: Path) ->
                 lab_dir / "token",
                 {"main": Path(h["datastore"])},
                 url=h["url"],
+                ca_file=lab_dir / "pki" / "ca" / "ca-cert.pem",
             )
             for h in lab["hosts"]
         )
         east.url, west.url = (h["url"] for h in lab["hosts"])
-        assert east.url == f"http://10.203.{number}.1:8710" and west.url == f"http://10.203.{number}.2:8710"
+        assert east.url == f"https://10.203.{number}.1:8710" and west.url == f"https://10.203.{number}.2:8710"
         status = json.loads(hk("lab", "status", str(lab_dir), "--json").stdout)
         assert [h["agent_running"] for h in status["hosts"]] == [True, True]
         assert [h["site"] for h in status["hosts"]] == ["site-a", "site-b"]
@@ -81,6 +82,8 @@ def test_lab_migrates_a_guest_across_sites(guest: GuestImage, tmp_path: Path) ->
         assert moved.returncode == 0, moved.stderr
         record = json.loads(moved.stdout)
         assert record["phase"] == "done", record
+        # Known by its certificate (the URL named an address), and every stream encrypted.
+        assert record["record"]["destination"]["host"] == "west" and record["report"]["encrypted"] is True
         routes = record["record"]["facts"]["routes"]
         assert {k.split()[0] for k in routes} == {"stream", "export"}  # through the WAN relays
         assert all(v.startswith(f"10.203.{number}.1:") for v in routes.values())

@@ -1,5 +1,6 @@
-"""Helpers for tests that run host agents: start one as a real process (port 0), drive the CLI against
-it, and clean up by pid: the agent, and every VM supervisor its datastores hold."""
+"""Helpers for tests that run host agents: start one as a real process (port 0) with its own host
+certificate of a test cluster CA, drive the CLI against it (``--ca-file``: the cluster CA), and clean
+up by pid: the agent, and every VM supervisor its datastores hold."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hikkoshi.daemons import supervisor_client as control
+from hikkoshi.identity.authority import issue_host, make_ca
 from hikkoshi.vm.datastore import Datastore
 from tests.support.vms import alive, wait_dead
 
@@ -41,7 +43,9 @@ class AgentProc:
 
     state_root: Path | None = None
     ca_file: Path | None = None
-    """The CA of the agent's TLS certificate (``--tls-cert`` in ``extra``)."""
+    """The cluster CA (the agent's certificate is checked against it)."""
+    identity: list[str] = field(default_factory=list)
+    """``--cert/--key/--ca`` (and ``--allow-dir``) of the agent (see :func:`identify`)."""
 
     @property
     def state_dir(self) -> Path:
@@ -69,7 +73,8 @@ class AgentProc:
         ]
         for ds, path in self.datastores.items():
             cmd += ["--datastore", f"{ds}={path}"]
-        cmd += ["--state-dir", str(self.state_dir), "--token-file", str(self.token_file), *self.extra]
+        cmd += ["--state-dir", str(self.state_dir), "--token-file", str(self.token_file), *self.identity]
+        cmd += self.extra
         env = {**os.environ, **self.env}
         env.pop("HIKKOSHI_RUNTIME_DIR", None)  # the agent's VMs live in its state dir
         self.root.mkdir(parents=True, exist_ok=True)
@@ -99,12 +104,26 @@ class AgentProc:
                     f"{self.url}/v1/host",
                     headers={"Authorization": f"Bearer {token}"},
                     timeout=30,
-                    verify=ssl.create_default_context(cafile=self.ca_file) if self.ca_file else True,
+                    verify=self.verify(),
                 )
                 if r.status_code == 200:
                     return
             time.sleep(0.1)
         raise AssertionError(f"agent {self.name} does not answer at {self.url}")
+
+    def verify(self) -> ssl.SSLContext | bool:
+        """What an HTTP client checks the agent's certificate against."""
+        return ssl.create_default_context(cafile=self.ca_file) if self.ca_file else True
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """An HTTP request to the agent, as a person with the token (an ``httpx.Response``)."""
+        import httpx
+
+        headers = {
+            "Authorization": f"Bearer {self.token_file.read_text().strip()}",
+            **kwargs.pop("headers", {}),
+        }
+        return httpx.request(method, self.url + path, headers=headers, verify=self.verify(), **kwargs)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
         """Stop the agent process (SIGTERM: it cancels its jobs; SIGKILL: it just dies)."""
@@ -162,15 +181,55 @@ class AgentProc:
                             control.kill_vm(entry.home)
 
 
+def cluster_ca(tmp: Path) -> Path:
+    """The test cluster's CA directory in ``tmp`` (made once)."""
+    ca = tmp / "pki" / "ca"
+    if not (ca / "ca-cert.pem").exists():
+        make_ca(ca)
+    return ca
+
+
+def identify(agent: AgentProc, tmp: Path) -> AgentProc:
+    """Give ``agent`` a host certificate of the cluster in ``tmp`` (for 127.0.0.1), and a directory of
+    files it allows VMs to boot from (``tmp/files``, with a ``kernel`` in it)."""
+    ca = cluster_ca(tmp)
+    out = tmp / "pki" / agent.name
+    if not (out / "host-cert.pem").exists():
+        issue_host(ca, agent.name, out, ["127.0.0.1"])
+    files = tmp / "files"
+    files.mkdir(exist_ok=True)
+    (files / "kernel").touch()
+    agent.ca_file = out / "ca-cert.pem"
+    agent.identity = [
+        *("--cert", str(out / "host-cert.pem"), "--key", str(out / "host-key.pem")),
+        *("--ca", str(agent.ca_file), "--allow-dir", str(files)),
+    ]
+    return agent
+
+
+def kernel(tmp: Path) -> str:
+    """A kernel file the agents of ``tmp`` allow (any file: the VMs of these tests never boot it)."""
+    return str(tmp / "files" / "kernel")
+
+
 @contextlib.contextmanager
 def agents(
-    tmp: Path, *names: str, datastores: tuple[str, ...] = ("main",), extra: Sequence[str] = ()
+    tmp: Path,
+    *names: str,
+    datastores: tuple[str, ...] = ("main",),
+    insecure: bool = False,
+    extra: Sequence[str] = (),
 ) -> Iterator[list[AgentProc]]:
-    """Started agents sharing one token, each with these datastores (the first is the default) and
-    ``extra`` options (``--etcd URL``: members of a cluster); stopped and their VMs killed (by pid)
-    afterwards, whatever happens."""
+    """Started agents sharing one token and one cluster CA, each with its host certificate, these
+    datastores (the first is the default) and ``extra`` options (``--etcd URL``: members of a cluster);
+    ``insecure``: migration streams in plain TCP. Stopped and their VMs killed (by pid) afterwards,
+    whatever happens."""
     token = tmp / "token"
-    procs = [AgentProc(n, tmp / n, token, {d: tmp / n / d for d in datastores}, list(extra)) for n in names]
+    options = [*extra, *(["--insecure-loopback"] if insecure else [])]
+    procs = [
+        identify(AgentProc(n, tmp / n, token, {d: tmp / n / d for d in datastores}, extra=list(options)), tmp)
+        for n in names
+    ]
     try:
         for p in procs:
             p.start()

@@ -29,14 +29,17 @@ def hikkoshi_cmd(*args: str) -> list[str]:
 
 @dataclass
 class ClusterCli:
-    """``hikkoshi --etcd URL --token-file F ...``."""
+    """``hikkoshi --etcd URL --token-file F --ca-file F ...``."""
 
     etcd: str
     token_file: Path | None = None
+    ca_file: Path | None = None
+    """The cluster CA: the agents' certificates are checked with it before the token is sent."""
 
     def argv(self, *args: str) -> list[str]:
         token = ["--token-file", str(self.token_file)] if self.token_file else []
-        return hikkoshi_cmd("--etcd", self.etcd, *token, *args)
+        ca = ["--ca-file", str(self.ca_file)] if self.ca_file else []
+        return hikkoshi_cmd("--etcd", self.etcd, *token, *ca, *args)
 
     def run(self, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
         """Its exit status, stdout and stderr (no check)."""

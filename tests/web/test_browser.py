@@ -80,7 +80,9 @@ def test_dashboard_in_a_browser(guest: GuestImage, tmp_path: Path) -> None:
     with agents(tmp_path, "alpha", "beta") as (a, b):
         create_busy(a, "mover", run)
         token = a.token_file.read_text().strip()
+        assert a.ca_file is not None
         args = ["--agent", a.url, "--agent", b.url, "--token-file", str(a.token_file)]
+        args += ["--ca-file", str(a.ca_file)]  # the agents' certificates checked before the token leaves
         with dashboard_proc(tmp_path / "dashboard.log", *args) as base, chromium() as browser:
             # It listens on exactly the address given: another loopback address finds nothing.
             port = int(base.rsplit(":", 1)[1])

@@ -161,6 +161,7 @@ def test_command_line_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str
     capsys.readouterr()
     token = tmp_path / "token"
     token.write_text("t0ken\n")
+    token.chmod(0o600)
     assert (
         main(
             ["dashboard", "--agent", "http://127.0.0.1:1", "--listen", "nowhere", "--token-file", str(token)]
@@ -174,3 +175,6 @@ def test_command_line_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str
         main(["dashboard", "--agent", "http://127.0.0.1:1", "--token-file", str(token), "--link", "x"]) == 2
     )
     assert "--link" in capsys.readouterr().err
+    # The token goes to agents over HTTPS only: a plain URL is refused before anything is sent.
+    assert main(["dashboard", "--agent", "http://127.0.0.1:1", "--token-file", str(token)]) == 2
+    assert "https://" in capsys.readouterr().err

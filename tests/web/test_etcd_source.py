@@ -90,7 +90,7 @@ def test_cluster_hosts_maintenance_and_queued_jobs(etcd: EtcdMember, tmp_path: P
                     await source.aclose()
 
     run(main())
-    assert agent_url("10.0.0.1:8710") == "http://10.0.0.1:8710"
+    assert agent_url("10.0.0.1:8710") == "https://10.0.0.1:8710"
     assert agent_url("https://a:8710") == "https://a:8710"
 
 

@@ -1,9 +1,12 @@
-"""A client of an agent's API (the CLI's, and one agent's to another)."""
+"""A client of an agent's API: a person's or a script's, with the token (the CLI), or another agent's,
+with its host certificate and no token (made only by :mod:`hikkoshi.agent.peers`)."""
 
 from __future__ import annotations
 
 import os
 import ssl
+import stat
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -24,32 +27,61 @@ class AgentError(RuntimeError):
 
 
 def read_token(path: Path) -> str:
-    """The token in ``path`` (one line); a clear error if it is missing or empty."""
+    """The token in ``path`` (one line); a clear error if it is missing, empty, or open to others (the
+    token lets whoever reads it run VMs on the host)."""
     try:
+        mode = path.stat().st_mode
         token = path.read_text().strip()
     except OSError as exc:
         raise AgentError(0, f"token file {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise AgentError(
+            0,
+            f"token file {path} is open to others (mode {stat.S_IMODE(mode):04o}): make it readable by its "
+            f"owner only (chmod 600 {path})",
+        )
     if not token:
         raise AgentError(0, f"token file {path} is empty")
     return token
 
 
+def check_token_url(url: str) -> str:
+    """``url`` if the token may be sent there: HTTPS only, the agent's certificate checked before the
+    token leaves (against ``--ca-file``, the cluster CA); agents serve nothing else."""
+    if urllib.parse.urlsplit(url).scheme == "https":
+        return url
+    raise AgentError(0, f"{url}: the token goes to an agent over https:// only (its certificate is checked)")
+
+
 class AgentClient:
-    """Requests to one agent, authenticated with the token."""
+    """Requests to one agent: with ``token`` (people and scripts), or with ``tls`` showing this host's
+    certificate and ``server_name`` the name the agent's certificate must have (agents)."""
 
     def __init__(
-        self, url: str, token: str, *, ca_file: Path | None = None, timeout: float = DEFAULT_TIMEOUT
+        self,
+        url: str,
+        token: str | None,
+        *,
+        ca_file: Path | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        self.server_name = server_name
         verify: Any = True
-        if ca_file is not None:
+        if tls is not None:
+            verify = tls
+        elif ca_file is not None:
             try:
                 verify = ssl.create_default_context(cafile=ca_file)
             except (OSError, ssl.SSLError) as exc:
                 raise AgentError(0, f"CA file {ca_file}: {exc}") from None
+        if token is not None:
+            check_token_url(self.url)
         self._http = httpx.AsyncClient(
             base_url=self.url,
-            headers={"Authorization": f"Bearer {token}"},
+            headers={"Authorization": f"Bearer {token}"} if token is not None else {},
             timeout=timeout,
             verify=verify,
             trust_env=False,  # never through a proxy from the environment: agents are peers
@@ -101,6 +133,8 @@ class AgentClient:
                 params=params,
                 headers=headers,
                 timeout=limit if limit is not None else httpx.USE_CLIENT_DEFAULT,
+                # The agent's certificate must name this host (checked before anything is sent).
+                extensions={"sni_hostname": self.server_name} if self.server_name else None,
             )
         except httpx.HTTPError as exc:
             raise AgentError(0, f"agent {self.url} does not answer: {exc or type(exc).__name__}") from None

@@ -12,18 +12,20 @@ from typing import TYPE_CHECKING, Any
 
 from hikkoshi import __version__
 from hikkoshi.agent.db import AgentDb
-from hikkoshi.agent.errors import Conflict, NotFound
+from hikkoshi.agent.errors import Conflict, NotFound, Problem
 from hikkoshi.agent.models import DatastoreInfo, DiskInfo, HostInfo, NicInfo, VmCreate, VmInfo, VmStop
 from hikkoshi.agent.vm_rows import RowState
 from hikkoshi.daemons import supervisor_client as control
 from hikkoshi.guest.guest_image import build_guest
 from hikkoshi.guest.guest_vm import create_guest_vm
 from hikkoshi.guest.workloads import WORKLOADS
+from hikkoshi.identity.credentials import HostCredentials
 from hikkoshi.vm.accel import DEFAULT_QEMU, choose_accel
 from hikkoshi.vm.datastore import Datastore
 from hikkoshi.vm.errors import DatastoreError, VmError
 from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.host import host_facts, qemu_version, space
+from hikkoshi.vm.host_policy import HostPolicy
 from hikkoshi.vm.spec import VmSpec, parse_spec
 
 if TYPE_CHECKING:
@@ -35,22 +37,26 @@ class AgentConfig:
     """How an agent was started."""
 
     name: str
+    """The host's name: the one its certificate names."""
     host: str
     port: int
     datastores: dict[str, Path]
     """Name to path; the first is the default."""
     state_dir: Path
     token: str
+    """For people and scripts (the user routes); never sent to, nor taken from, another agent."""
+    credentials: HostCredentials
+    """This host's certificate, key and the cluster CA: the API, the calls to other agents, QEMU, NBD."""
     site: str = "default"
     qemu: str = DEFAULT_QEMU
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    peer_ca: Path | None = None
-    """CA that other agents' certificates are checked against (TLS between agents)."""
     migration_host: str | None = None
     """The address migration streams (memory, disks) use here (default: the API's)."""
-    migration_tls_dir: Path | None = None
-    """This host's x509 credentials for the memory stream, in QEMU's layout."""
+    insecure_loopback: bool = False
+    """Streams between hosts (memory, disks) in plain TCP: only for a lab or tests on loopback."""
+    allow_dirs: tuple[Path, ...] = ()
+    """Directories (beside the datastores) VM kernels, initrds and images may come from."""
+    allow_wildcard_forwards: bool = False
+    """Whether a VM's port may be forwarded from every address of the host."""
     cluster: ClusterSettings | None = None
     """The etcd cluster this host joins (``None``: the agent works alone)."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -66,11 +72,28 @@ class AgentConfig:
         return self.state_dir / "run"
 
     @property
+    def tls_dir(self) -> Path:
+        """The host's TLS files in QEMU's layout (written at start), for its daemons and QEMU."""
+        return self.state_dir / "tls"
+
+    @property
+    def encrypt(self) -> bool:
+        """Whether migrations encrypt their streams (every one does, unless ``--insecure-loopback``)."""
+        return not self.insecure_loopback
+
+    @property
+    def policy(self) -> HostPolicy:
+        """What VMs may use here (see :mod:`hikkoshi.vm.host_policy`)."""
+        return HostPolicy(
+            allowed_dirs=(*self.datastores.values(), *self.allow_dirs),
+            wildcard_forwards=self.allow_wildcard_forwards,
+        )
+
+    @property
     def url(self) -> str:
-        """The agent's own URL."""
-        scheme = "https" if self.tls_cert else "http"
+        """The agent's own URL (always HTTPS: its certificate is the host's)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{scheme}://{host}:{self.port}"
+        return f"https://{host}:{self.port}"
 
 
 def _vm_info(name: str, ds: str, home: VmHome, spec: VmSpec | None, status: dict[str, Any]) -> VmInfo:
@@ -208,6 +231,18 @@ class Host:
             status = {**status, "state": row}  # the host's word: not to be run here
         return _vm_info(name, ds, home, spec, status)
 
+    def protect(self, name: str, action: str) -> None:
+        """Refuse ``action`` on a VM a migration owns here: one coming in, or one whose disks this host
+        holds for the host it runs on (only that migration, or the next, may change it)."""
+        row = self.db.vms().get(name, {})
+        state = row.get("state")
+        if state == RowState.INCOMING:
+            raise Conflict(f"VM {name!r} is coming in from another host: it cannot be {action} until its "
+                           "migration ends")  # fmt: skip
+        if state == RowState.SERVING:
+            raise Conflict(f"VM {name!r} runs on another host; this host holds its disks: it cannot be "
+                           f"{action} here (migrate it back instead)")  # fmt: skip
+
     @contextlib.contextmanager
     def busy(self, name: str) -> Any:
         """One operation on a VM at a time."""
@@ -221,9 +256,14 @@ class Host:
 
     async def create(self, body: VmCreate) -> VmInfo:
         """Create a VM (its home, disks and spec) in a datastore."""
-        if body.name in self.homes():
+        if body.name in self.homes() or body.name in self.db.vms():
             raise Conflict(f"a VM named {body.name!r} exists on {self.config.name} already")
         ds, store = self.datastore(body.datastore)
+        policy = self.config.policy
+        for what, value in (("image", body.image), ("kernel", body.kernel), ("initrd", body.initrd)):
+            problem = policy.file_problem(Path(value), what) if value else None
+            if problem:
+                raise Problem(problem)  # before anything is read or made
         data = _spec_data(body)
         with self.busy(body.name):
             if body.guest:
@@ -243,7 +283,11 @@ class Host:
                     raise ValueError("params go with guest")
                 image = Path(body.image) if body.image else None
                 spec = parse_spec(data)
-                await asyncio.to_thread(store.create_vm, spec, host_facts(), image=image)
+                try:
+                    await asyncio.to_thread(store.create_vm, spec, host_facts(), image=image)
+                except OSError as exc:
+                    # The host refused (a disk larger than its file system allows, ...): the request's fault.
+                    raise Problem(f"cannot create VM {body.name!r}: {exc.strerror or exc}") from None
             if self.cluster is not None:
                 # Owned here, under a name unique in the cluster: or not created at all.
                 _ds, _home, spec = self.find(body.name)
@@ -259,6 +303,10 @@ class Host:
     async def start(self, name: str) -> VmInfo:
         """Start a VM (its supervisor owns QEMU and the NBD service)."""
         ds, home, spec = self.find(name)
+        self.protect(name, "started")
+        problems = self.config.policy.spec_problems(spec, home.path)
+        if problems:
+            raise Problem("; ".join(problems))
         with self.busy(name):
             if self.cluster is not None:
                 await self.cluster.ensure_owner(spec)  # owned here, by the current token
@@ -267,6 +315,7 @@ class Host:
                 home,
                 qemu=self.config.qemu if self.config.qemu != DEFAULT_QEMU else None,
                 runtime_dir=self.config.runtime_dir,
+                tls_dir=self.config.tls_dir,
             )
         self.db.set_vm(name, ds, str(spec.uuid), RowState.RUNNING)
         return await self.vm(name)
@@ -274,6 +323,7 @@ class Host:
     async def stop(self, name: str, body: VmStop) -> VmInfo:
         """Power a VM off (ACPI, then quit, then kill), or kill its supervisor (``force``)."""
         ds, home, spec = self.find(name)
+        self.protect(name, "stopped")
         if not home.is_running():
             raise Conflict(f"VM {name!r} is not running")
         with self.busy(name):
@@ -298,6 +348,7 @@ class Host:
     async def destroy(self, name: str) -> None:
         """Delete a stopped VM with its disks."""
         ds, home, spec = self.find(name)
+        self.protect(name, "destroyed")
         if home.is_running():
             raise Conflict(f"VM {name!r} is running: stop it first")
         with self.busy(name):

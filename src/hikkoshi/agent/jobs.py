@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from hikkoshi import __version__
 from hikkoshi.agent.client import AgentClient, AgentError
 from hikkoshi.agent.cluster_jobs import ClusterRun, cluster_job, taken_over
 from hikkoshi.agent.cluster_member import ClusterLedger, ClusterUnavailable
@@ -31,8 +32,15 @@ from hikkoshi.agent.db import AgentDb, DbMigrationStore
 from hikkoshi.agent.errors import Conflict, NotFound, Problem
 from hikkoshi.agent.host import Host
 from hikkoshi.agent.incoming import INCOMING, RUNNING, SERVING, Incoming
-from hikkoshi.agent.models import HostInfo, MigrateBody, MigrationInfo, StorageMigrateBody
+from hikkoshi.agent.models import (
+    MigrateBody,
+    MigrationInfo,
+    PeerHost,
+    PeerMigration,
+    StorageMigrateBody,
+)
 from hikkoshi.agent.orphans import OrphanSettler, settle_quietly
+from hikkoshi.agent.peers import connect_peer, peer_client
 from hikkoshi.agent.remote_destination import RemoteDestination, side_error
 from hikkoshi.agent.timeline import render_timeline
 from hikkoshi.block.throttle import parse_rate
@@ -142,20 +150,52 @@ class Jobs:
         """Where reports and timeline plots go."""
         return self.host.config.state_dir / "reports"
 
-    def _client(self, url: str) -> AgentClient:
-        return AgentClient(url, self.host.config.token, ca_file=self.host.config.peer_ca)
+    def _peer(self, url: str, name: str) -> AgentClient:
+        """A client of host ``name``'s agent at ``url`` (its certificate must name it)."""
+        return peer_client(self.host.config.credentials, url, name)
 
     def _busy_vm(self, vm: str) -> None:
         for state in self.jobs.values():
             if state.running and state.vm == vm:
                 raise Conflict(f"VM {vm!r} is being migrated already ({state.id})")
 
+    def refuse_if_migrating(self, vm: str, action: str) -> None:
+        """Refuse ``action`` on a VM a migration job of this agent is moving."""
+        for state in self.jobs.values():
+            if state.running and state.vm == vm:
+                raise Conflict(f"VM {vm!r} is being migrated ({state.id}): it cannot be {action} now")
+
+    def peer_host(self) -> PeerHost:
+        """What this host tells the other hosts of its cluster about itself."""
+        config = self.host.config
+        return PeerHost(
+            name=config.name,
+            site=config.site,
+            version=__version__,
+            datastores=list(self.host.stores),
+            encrypts=config.encrypt,
+        )
+
+    def outcome_for(self, migration_id: str, peer: str) -> PeerMigration:
+        """How a migration of this agent to ``peer`` ended (only that peer may ask)."""
+        try:
+            record, role = self.db.migration(migration_id)
+        except KeyError:
+            raise NotFound(f"no migration {migration_id!r} to {peer} here") from None
+        if role != "source" or record.destination.host != peer:
+            raise NotFound(f"no migration {migration_id!r} to {peer} here")
+        state = self.jobs.get(migration_id)
+        if state is not None:
+            record = state.job.record
+        was_committed = record.facts.committed or committed(record.phase)
+        return PeerMigration(id=record.id, phase=record.phase.value, committed=was_committed)
+
     async def release_holder(self, vm: str, holder: Holder, migration: str) -> None:
         """Tell the host that held ``vm``'s disks that they are no longer needed there."""
         if holder.agent is None:
             await release_holder_by_path(holder, migration)
             return
-        async with self._client(holder.agent) as client:
+        async with self._peer(holder.agent, holder.host) as client:
             try:
                 await client.request(
                     "POST", f"/v1/held/{quote(vm, safe='')}/release", json={"migration": migration}
@@ -172,31 +212,38 @@ class Jobs:
     # --- starting -----------------------------------------------------------------------------------------
 
     async def migrate(self, name: str, body: MigrateBody) -> str:
-        """Start a migration of ``name`` (live, quick or offline) to the agent at ``body.to``; its id."""
+        """Start a migration of ``name`` (live, quick or offline) to the agent at ``body.to``; its id. The
+        agent there must prove with its certificate that it is a host of this cluster (``body.to_host``
+        if given) before anything is sent."""
         self._busy_vm(name)
+        self.host.protect(name, "migrated")
         ds, home, spec = self.host.find(name)
+        config = self.host.config
         cluster = self.host.cluster
-        url, claim = body.to, None
+        url, expect, claim = body.to, body.to_host, None
+        if not body.to.startswith("https://"):
+            if cluster is None:
+                raise Problem(f"--to {body.to!r}: a host name needs a cluster (agent --etcd); give a URL")
+            if expect not in (None, body.to):
+                raise Problem(f"--to {body.to!r} names a host: it cannot be host {expect!r}")
+            # The address the host registered, and a certificate naming that host (not whoever answers
+            # there: a registration is no proof).
+            url, expect = (await cluster.resolve(body.to)).api_address, body.to
         if cluster is not None:
-            if not body.to.startswith(("http://", "https://")):
-                url = (await cluster.resolve(body.to)).api_address
             claim = await cluster.ensure_owner(spec)  # this host owns it, as of this token
-        elif not body.to.startswith(("http://", "https://")):
-            raise Problem(f"--to {body.to!r}: a host name needs a cluster (agent --etcd); give a URL")
-        client = self._client(url)
+        try:
+            client = await connect_peer(config.credentials, url, expect)
+        except AgentError as exc:
+            raise BadPeer(f"destination agent {body.to}: {exc.detail}") from None
         try:
             try:
-                peer = HostInfo.model_validate(await client.get("/v1/host"))
+                peer = PeerHost.model_validate(await client.get("/v1/peer/host"))
             except AgentError as exc:
                 raise BadPeer(f"destination agent {url}: {exc.detail}") from None
-            if peer.name == self.host.config.name:
+            if client.server_name == config.name:
                 raise Problem("the destination is this agent: use storage-migrate to change datastores")
-            dest_ds = body.datastore or (peer.datastores[0].name if peer.datastores else "")
-            path = next((d.path for d in peer.datastores if d.name == dest_ds), "/nonexistent")
-            target = RemoteDestination(
-                client, name, dest_ds, Path(path), host=peer.name, source_agent=self.host.config.url
-            )
-            config = self.host.config
+            dest_ds = body.datastore or (peer.datastores[0] if peer.datastores else "")
+            target = RemoteDestination(client, name, dest_ds, Path("/unknown"), source_agent=config.url)
             request = LiveRequest(
                 vm=name,
                 source_datastore=self.host.stores[ds].path,
@@ -211,7 +258,9 @@ class Jobs:
                 allow_postcopy=body.allow_postcopy,
                 qemu=config.qemu,
                 paused=body.mode == "quick",
-                tls_dir=config.migration_tls_dir,
+                tls_dir=config.tls_dir,
+                tls=config.encrypt,
+                source_tls_name=config.name,
                 release_holder=self._release_for(name),
             )
         except BaseException:
@@ -228,6 +277,8 @@ class Jobs:
                 source_address=request.source_address,
                 source_host=config.name,
                 release_holder=self._release_for(name),
+                tls_dir=config.tls_dir if config.encrypt else None,
+                source_tls_name=config.name,
             )
         else:
             job = LiveMigration(request, target, store)
@@ -551,21 +602,23 @@ class Jobs:
         if not record.destination.agent:
             log.error("migration %s (%s) cannot be taken over by an agent", record.id, record.kind)
             return None
-        client = self._client(record.destination.agent)
+        client = self._peer(record.destination.agent, record.destination.host)
         target = RemoteDestination(
             client,
             record.vm,
             record.settings.destination_datastore or "",
             record.destination.datastore,
-            host=record.destination.host,
             source_agent=self.host.config.url,
         )
         job: Job
+        config = self.host.config
         if record.kind == MigrationKind.COLD:
-            job = ColdMigration.from_record(record, store, target, release_holder=release)
+            job = ColdMigration.from_record(
+                record, store, target, release_holder=release, source_tls_name=config.name
+            )
         else:
             job = LiveMigration.from_record(
-                record, target, store, qemu=self.host.config.qemu, release_holder=release
+                record, target, store, qemu=config.qemu, release_holder=release, source_tls_name=config.name
             )
         return job, client
 
@@ -575,10 +628,10 @@ class Jobs:
             if row.get("state") != INCOMING or any(s.running and s.vm == vm for s in self.jobs.values()):
                 continue
             detail = Incoming.detail(row)
-            source, migration = detail.get("source"), detail.get("migration")
-            if not source or not migration:
+            source, host, migration = detail.get("source"), detail.get("source_host"), detail.get("migration")
+            if not source or not host or not migration:
                 continue
-            verdict = await self._source_says(source, migration)
+            verdict = await self._source_says(source, host, migration)
             member = self.host.cluster
             if verdict == "unknown" and member is not None:
                 if self._settler is None or self._settler.member is not member:
@@ -590,20 +643,18 @@ class Jobs:
                     "VM %s came in for migration %s, which ended at its source: removing it", vm, migration
                 )
                 with contextlib.suppress(Problem, SideError, OSError):
-                    await self.incoming.remove(vm)
+                    await self.incoming.remove_abandoned(vm)
 
-    async def _source_says(self, source: str, migration: str) -> str:
+    async def _source_says(self, source: str, host: str, migration: str) -> str:
         """``over`` (ended without a commit, or unknown there), ``on`` (in flight or committed), or
-        ``unknown`` (the source does not answer)."""
+        ``unknown`` (the source does not answer). Asked of the host that started the migration (its
+        certificate must name it), whatever URL it gave."""
         try:
-            async with self._client(source) as client:
-                info = MigrationInfo.model_validate(await client.get(f"/v1/migrations/{migration}"))
-        except AgentError as exc:
-            return "over" if exc.status == 404 else "unknown"
-        phase = Phase(info.phase)
-        record = MigrationRecord.model_validate(info.record) if info.record else None
-        was_committed = record is not None and (record.facts.committed or committed(phase))
-        if phase in (Phase.ROLLED_BACK, Phase.FAILED) and not was_committed:
+            async with self._peer(source, host) as client:
+                info = PeerMigration.model_validate(await client.get(f"/v1/peer/migrations/{migration}"))
+        except (AgentError, ValueError) as exc:
+            return "over" if isinstance(exc, AgentError) and exc.status == 404 else "unknown"
+        if Phase(info.phase) in (Phase.ROLLED_BACK, Phase.FAILED) and not info.committed:
             return "over"
         return "on"
 
@@ -619,7 +670,11 @@ class Jobs:
             log.warning("the supervisor serving VM %s's disks is gone; serving them again", vm)
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(
-                    supervisor_client.start_vm, home, serving=True, runtime_dir=self.host.config.runtime_dir
+                    supervisor_client.start_vm,
+                    home,
+                    serving=True,
+                    runtime_dir=self.host.config.runtime_dir,
+                    tls_dir=self.host.config.tls_dir,
                 )
 
     # --- reading ------------------------------------------------------------------------------------------

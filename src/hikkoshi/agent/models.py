@@ -129,9 +129,16 @@ class MigrateBody(_Body):
 
     to: Annotated[
         str,
-        Field(min_length=1, max_length=300, pattern=r"^(https?://[^\s/]+(/.*)?|[A-Za-z0-9][A-Za-z0-9_.-]*)$"),
+        Field(min_length=1, max_length=300, pattern=r"^(https://[^\s/]+(/.*)?|[A-Za-z0-9][A-Za-z0-9_.-]*)$"),
     ]
-    """The destination agent's URL, or (in a cluster) the destination host's name."""
+    """The destination agent's URL (HTTPS: it proves with its certificate that it is a host of the
+    cluster before anything is sent), or (in a cluster) the destination host's name: its registered
+    address is used, and its certificate must name that host."""
+    to_host: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9][a-z0-9.-]*$")] | None = (
+        None
+    )
+    """The host that must be there (its certificate's name); default: the URL's host name, or, for an
+    address, whichever host of the cluster answers there (the record names it)."""
     datastore: Name | None = None
     """The destination datastore (default: its first)."""
     storage: StorageMode = StorageMode.HYBRID
@@ -234,20 +241,54 @@ class IncomingPull(_Body):
     disks: dict[Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")], PullDisk]
 
 
+MigrationId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]
+
+
 class IncomingStart(_Body):
     """Start the incoming supervisor (or take a VM whose disks are held here back)."""
 
     accel: Literal["kvm", "tcg"]
-    migration: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]
-    source: Annotated[str, Field(max_length=300, pattern=r"^https?://[^\s/]+(/.*)?$")] | None = None
-    """The source's agent (to ask, after a crash, how the migration ended)."""
+    migration: MigrationId
+    source: Annotated[str, Field(max_length=300, pattern=r"^https://[^\s/]+(/.*)?$")] | None = None
+    """The source's agent (to ask, after a crash, how the migration ended; its certificate must name
+    the host that asked)."""
 
 
 class StreamPrepare(_Body):
     """The incoming QEMU's side of the memory stream."""
 
     postcopy: bool = False
-    tls: bool = False
+    tls: bool = True
+    """Refused ``false`` unless the destination runs without TLS (``--insecure-loopback``)."""
+
+
+class DiskListen(_Body):
+    """Precopy: listen for the source's mirror."""
+
+    migration: MigrationId
+    tls: bool = True
+    """Refused ``false`` unless the destination runs without TLS (``--insecure-loopback``)."""
+
+
+class PeerHost(BaseModel):
+    """What a host says about itself to the other hosts of its cluster."""
+
+    name: str
+    site: str
+    version: str
+    datastores: list[str]
+    """Its datastores' names, the default first."""
+    encrypts: bool
+    """Whether it takes migrations over TLS only."""
+
+
+class PeerMigration(BaseModel):
+    """How a migration from this host to the asking one ended, as far as this host knows."""
+
+    id: str
+    phase: str
+    committed: bool
+    """The source committed: the VM runs at the destination."""
 
 
 class PatienceBody(_Body):
@@ -259,7 +300,7 @@ class PatienceBody(_Body):
 class ReleaseBody(_Body):
     """The migration after which a holder lets a VM's disks go."""
 
-    migration: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]
+    migration: MigrationId
 
 
 class ResumeBody(_Body):

@@ -98,19 +98,19 @@ class OrphanSettler:
                 vm,
                 source,
             )
-            await self.incoming.resume(vm, owner.token)
+            await self.incoming.resume(vm, source, owner.token)
             try:
-                await self.incoming.announce(vm)
+                await self.incoming.announce(vm, source)
             except (Problem, SideError) as exc:
                 log.warning("VM %s: not announced: %s", vm, exc)
-            await self.incoming.finish(vm)
+            await self.incoming.finish(vm, source)
             note = (
                 f"finished by its destination {me}: the source host {source} was down; it cleans up when back"
             )
             await jobs.advance(c, Phase.DONE, error=note)
             return "finished"
         try:
-            state = (await self.incoming.status(vm)).get("state")
+            state = (await self.incoming.status(vm, source)).get("state")
         except (Problem, SideError):
             state = None  # its QEMU is gone (the stream broke off): nothing here can run
         if state in COMPLETE_STATES:
@@ -128,7 +128,7 @@ class OrphanSettler:
             source,
         )
         await jobs.advance(c, Phase.ROLLBACK)
-        await self.incoming.remove(vm)
+        await self.incoming.remove(vm, source)
         await jobs.advance(
             c, Phase.ROLLED_BACK, error=f"rolled back by its destination {me}: source host {source} down"
         )

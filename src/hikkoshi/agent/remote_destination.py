@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 from hikkoshi.agent.client import AgentClient, AgentError
 from hikkoshi.agent.models import IncomingFacts
+from hikkoshi.agent.peers import PEER_TIMEOUT
 from hikkoshi.migrate import qmp_migration as qm
 from hikkoshi.migrate.destination import Destination, DestinationFacts
 from hikkoshi.migrate.home_archive import pack_home
@@ -23,9 +24,6 @@ from hikkoshi.migrate.sides import SideError
 from hikkoshi.vm.disk_serving import DiskPlan, Holder
 from hikkoshi.vm.facts import CpuFacts, HostFacts, MemoryFacts
 from hikkoshi.vm.spec import VmSpec, spec_from_toml
-
-#: One request to a peer; a peer silent for longer is taken for unreachable (and asked again later).
-PEER_TIMEOUT = 15.0
 
 
 def host_facts_from(data: dict[str, Any]) -> HostFacts:
@@ -52,7 +50,8 @@ def side_error(exc: AgentError, what: str) -> SideError:
 
 
 class RemoteDestination(Destination):
-    """A datastore of another agent's host."""
+    """A datastore of another agent's host; ``client`` is a peer client (:mod:`hikkoshi.agent.peers`):
+    the host is the one its certificate names."""
 
     def __init__(
         self,
@@ -61,16 +60,18 @@ class RemoteDestination(Destination):
         datastore: str,
         datastore_path: Path,
         *,
-        host: str = "",
         source_agent: str | None = None,
     ) -> None:
         super().__init__(vm)
+        if client.server_name is None:
+            raise ValueError("a destination behind an agent is reached by its host name (a peer client)")
         self.client = client
         self.datastore_name = datastore
         self.datastore = datastore_path
         """Its path there, as the agent said (for the record)."""
         self.agent = client.url
-        self.host = host or client.url
+        self.host = client.server_name
+        self.tls_name = client.server_name
         self.source_agent = source_agent
         self._base = f"/v1/incoming/{quote(vm, safe='')}"
 
@@ -93,7 +94,6 @@ class RemoteDestination(Destination):
         self.datastore = Path(info.datastore_path)
         self.datastore_name = info.datastore
         self.runtime_dir = Path(info.runtime_dir)
-        self.host = info.host or self.host
         major, minor, micro = [*info.qemu_version, 0, 0, 0][:3]
         side = Side(
             host_facts_from(info.facts),
@@ -136,7 +136,8 @@ class RemoteDestination(Destination):
         result: dict[str, Any] = await self._call("POST", "/start", json=body, limit=180.0)
         return result
 
-    async def prepare_stream(self, *, postcopy: bool, tls: bool) -> None:
+    async def prepare_stream(self, *, postcopy: bool, tls: bool, peer: str | None = None) -> None:
+        # The destination knows this host by its certificate: ``peer`` is not asked for.
         await self._call("POST", "/stream", json={"postcopy": postcopy, "tls": tls})
 
     async def listen_stream(self) -> tuple[str, int]:
@@ -147,8 +148,9 @@ class RemoteDestination(Destination):
         answer = await self._call("GET", "/stream", params={"wait": limit}, limit=limit + PEER_TIMEOUT)
         return qm.MigrationInfo.of(answer)
 
-    async def listen_disks(self) -> str:
-        return str((await self._call("POST", "/disk-listener"))["address"])
+    async def listen_disks(self, migration: str, *, peer: str | None, tls: bool) -> str:
+        answer = await self._call("POST", "/disk-listener", json={"migration": migration, "tls": tls})
+        return str(answer["address"])
 
     async def relocation(self, disk: str, action: str) -> dict[str, Any]:
         if action not in ("pause", "resume", "invalidate"):

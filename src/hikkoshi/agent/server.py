@@ -1,5 +1,7 @@
-"""Serving an agent: its API on the address it was given (uvicorn, TLS if configured) until SIGTERM
-or SIGINT; then its jobs are cancelled (each rolls back or leaves its record for the next start)."""
+"""Serving an agent: its API on the address it was given (uvicorn, over TLS with the host's certificate)
+until SIGTERM or SIGINT; then its jobs are cancelled (each rolls back or leaves its record for the next
+start). The state directory is the agent's alone (locked), and holds the host's TLS files in QEMU's
+layout for the daemons it starts."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from hikkoshi.agent.api import create_app
 from hikkoshi.agent.host import AgentConfig
 from hikkoshi.agent.jobs import RouteFactory
 from hikkoshi.agent.service import Agent
+from hikkoshi.agent.state_lock import lock_state_dir
+from hikkoshi.agent.tls_server import PeerAwareProtocol, api_ssl_context
 from hikkoshi.cluster.config import EtcdConfig
 from hikkoshi.cluster.keys import Keys
 from hikkoshi.cluster.store import Store
@@ -41,24 +45,40 @@ async def serve(config: AgentConfig, routes: RouteFactory | None = None) -> int:
 
     :class:`~hikkoshi.cluster.errors.EtcdUnavailable` before anything listens if a cluster is
     configured and etcd does not answer."""
+    lock = lock_state_dir(config.state_dir)
+    try:
+        return await _serve(config, routes)
+    finally:
+        os.close(lock)
+
+
+async def _serve(config: AgentConfig, routes: RouteFactory | None) -> int:
     if config.cluster is not None:
         await reach_etcd(config.cluster.etcd)
+    config.credentials.qemu_dir(config.tls_dir)
     sock = bind(config.host, config.port)
     config.port = sock.getsockname()[1]
     agent = Agent(config, routes)
     app = create_app(agent)
+    tls = api_ssl_context(config.credentials)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
             lifespan="on",
             log_level="warning",
             access_log=False,
-            ssl_certfile=str(config.tls_cert) if config.tls_cert else None,
-            ssl_keyfile=str(config.tls_key) if config.tls_key else None,
+            http=PeerAwareProtocol,
+            ssl_context_factory=lambda _config, _default: tls,
             timeout_graceful_shutdown=120,
         )
     )
-    info = {"name": config.name, "url": config.url, "pid": os.getpid(), "site": config.site}
+    info = {
+        "name": config.name,
+        "url": config.url,
+        "pid": os.getpid(),
+        "site": config.site,
+        "encrypts": config.encrypt,
+    }
     write_atomically(Path(config.state_dir) / "agent.json", json.dumps(info).encode())
     # A stuck agent says what it waits on: kill -USR1 <pid> logs every task's chain of awaits.
     asyncio.get_running_loop().add_signal_handler(

@@ -1,16 +1,19 @@
-"""`hikkoshi agent`: the daemon of one host (its VMs, datastores and migrations, behind an HTTP API).
+"""`hikkoshi agent`: the daemon of one host (its VMs, datastores and migrations, behind an HTTPS API).
 
-Agents of one cluster share a token: the CLI uses it to talk to an agent, and agents use it to talk to
-each other when they migrate. Sites: an agent is in one (``--site``); migrations between sites joined
-by ``--wan-link`` go through the WAN emulator (lab use: the relays live in the source's agent).
+Each host has its own certificate of the cluster CA (``hikkoshi cluster issue``; ``--cert/--key/--ca``):
+the API is served with it, agents talk to each other with it (mutual TLS; never with the token), and
+QEMU's memory stream and every NBD connection between hosts are encrypted with it, unless
+``--insecure-loopback`` (a lab on one machine). The token is for people and scripts. Sites: an agent is
+in one (``--site``); migrations between sites joined by ``--wan-link`` go through the WAN emulator (lab
+use: the relays live in the source's agent).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import secrets
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,9 +31,37 @@ if TYPE_CHECKING:  # the agent's modules (FastAPI, uvicorn, httpx) load only whe
 
 def add_parser(top: Any) -> None:
     p = top.add_parser("agent", help="run the host agent (HTTP API for VMs and migrations)")
-    p.add_argument("--name", default=socket.gethostname(), help="this host's name (default: hostname)")
+    p.add_argument("--name", help="this host's name (default: the one its certificate names; must match it)")
     p.add_argument(
         "--listen", default="127.0.0.1:8710", metavar="HOST:PORT", help="API address (port 0: pick one)"
+    )
+    p.add_argument("--cert", type=Path, required=True, metavar="F", help="this host's certificate (PEM)")
+    p.add_argument("--key", type=Path, required=True, metavar="F", help="its key (PEM, mode 0600)")
+    p.add_argument("--ca", type=Path, required=True, metavar="F", help="the cluster CA's certificate (PEM)")
+    p.add_argument(
+        "--migration-address",
+        metavar="IP",
+        help="where this host's migration streams (memory, disks) listen (default: the API's address; "
+        "never a wildcard)",
+    )
+    p.add_argument(
+        "--insecure-loopback",
+        action="store_true",
+        help="migration streams in plain TCP (labs and tests on one machine; refused unless every address "
+        "is a loopback one)",
+    )
+    p.add_argument(
+        "--allow-dir",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="DIR",
+        help="VM kernels, initrds and images may come from DIR too (besides the datastores; repeatable)",
+    )
+    p.add_argument(
+        "--allow-wildcard-forwards",
+        action="store_true",
+        help="let VMs forward guest ports from every address of the host (0.0.0.0); default: loopback only",
     )
     p.add_argument(
         "--datastore",
@@ -52,9 +83,6 @@ def add_parser(top: Any) -> None:
         help="migrations between these sites cross an emulated WAN, e.g. a:b=150ms,100Mbit",
     )
     p.add_argument("--qemu", default=DEFAULT_QEMU, help="QEMU binary")
-    p.add_argument("--tls-cert", type=Path, metavar="F", help="serve the API over TLS with this certificate")
-    p.add_argument("--tls-key", type=Path, metavar="F")
-    p.add_argument("--peer-ca", type=Path, metavar="F", help="CA of the other agents' TLS certificates")
     etcd = p.add_argument_group("cluster", "join an etcd cluster (see `hikkoshi cluster up` for a local one)")
     etcd.add_argument(
         "--etcd",
@@ -118,15 +146,33 @@ def site_routes(links: dict[frozenset[str], WanParams], host: str) -> RouteFacto
 
 
 def ensure_token(path: Path) -> str:
-    """The token in ``path``, made (random, mode 600) if the file does not exist."""
+    """The token in ``path``, made (random, mode 600) if the file does not exist; a file others may
+    read is refused."""
     from hikkoshi.agent.client import read_token
 
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError), path.open("x") as f:
-            path.chmod(0o600)
-            f.write(secrets.token_urlsafe(32) + "\n")
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
     return read_token(path)
+
+
+def check_addresses(listen: str, migration: str, insecure_loopback: bool) -> None:
+    """Refuse addresses that expose more than asked: a wildcard migration address (peers are told where
+    to connect), or plain streams on anything but loopback."""
+    from hikkoshi.identity.names import is_loopback, is_wildcard
+
+    if is_wildcard(migration):
+        raise ValueError(
+            f"the migration address {migration!r} is every address of the host: give --migration-address IP"
+        )
+    if insecure_loopback and not (is_loopback(listen) and is_loopback(migration)):
+        raise ValueError(
+            "--insecure-loopback sends VM memory and disks in plain TCP: refused unless the API and "
+            f"migration addresses are loopback ones (they are {listen} and {migration})"
+        )
 
 
 def agent_command(args: argparse.Namespace) -> int:
@@ -136,26 +182,32 @@ def agent_command(args: argparse.Namespace) -> int:
     from hikkoshi.agent.host import AgentConfig
     from hikkoshi.agent.server import main_error, serve
     from hikkoshi.cluster.errors import ClusterError
+    from hikkoshi.identity.credentials import HostCredentials
 
     try:
         host, port = parse_listen(args.listen)
+        migration = args.migration_address.strip("[]") if args.migration_address else host
+        check_addresses(host, migration, args.insecure_loopback)
+        creds = HostCredentials.load(args.cert, args.key, args.ca)
+        if args.name is not None and args.name != creds.name:
+            raise ValueError(f"--name {args.name!r}, but {args.cert} is the certificate of {creds.name!r}")
         config = AgentConfig(
-            name=args.name,
+            name=creds.name,
             host=host,
             port=port,
             datastores=parse_datastores(args.datastore),
             state_dir=args.state_dir.absolute(),
             token=ensure_token(args.token_file),
+            credentials=creds,
             site=args.site,
             qemu=args.qemu,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            peer_ca=args.peer_ca,
+            migration_host=migration,
+            insecure_loopback=args.insecure_loopback,
+            allow_dirs=tuple(d.absolute() for d in args.allow_dir),
+            allow_wildcard_forwards=args.allow_wildcard_forwards,
         )
         if etcd_urls(args):
             config.cluster = ClusterSettings(etcd_config(args), takeover_after=args.takeover_after)
-        if (args.tls_cert is None) != (args.tls_key is None):
-            raise ValueError("--tls-cert and --tls-key go together")
         routes = site_routes(parse_wan_links(args.wan_link), host)
         return run(serve(config, routes))
     except (ValueError, AgentError, StateError, OSError, ClusterError) as exc:

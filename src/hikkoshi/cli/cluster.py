@@ -32,7 +32,9 @@ DETACH_TIMEOUT = 60.0
 
 def add_parser(top: Any) -> Any:
     """The ``cluster`` group; its subparsers (for :func:`add_subcommands` and others)."""
-    group = top.add_parser("cluster", help="the cluster's etcd: a local one (up, down), its status")
+    group = top.add_parser(
+        "cluster", help="the cluster: its etcd (up, down, status), its certificates (init, issue)"
+    )
     sub = group.add_subparsers(dest="cluster_command", required=True)
     add_subcommands(sub)
     return sub

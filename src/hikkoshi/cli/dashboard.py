@@ -39,7 +39,8 @@ def add_parser(top: Any) -> None:
         type=Path,
         default=argparse.SUPPRESS,
         metavar="F",
-        help="CA of the agents' TLS certificates",
+        help="the cluster CA (cluster init): the agents' certificates are checked with it before the token "
+        "is sent (default: $HIKKOSHI_CA_FILE)",
     )
     p.add_argument(
         "--link",
@@ -65,16 +66,19 @@ def dashboard_command(args: argparse.Namespace) -> int:
         if not token_file:
             raise ValueError("no token: give --token-file F or set HIKKOSHI_TOKEN_FILE")
         token = read_token(Path(token_file))
+        # The agents' certificates are the cluster CA's: the token goes to none before it is checked.
+        ca_env = os.environ.get("HIKKOSHI_CA_FILE")
+        ca_file = args.ca_file or (Path(ca_env) if ca_env else None)
         link = parse_link(args.link)
         source: Source
         if args.etcd:
             from hikkoshi.web.etcd_source import EtcdSource
 
-            source = EtcdSource(args.etcd, token, ca_file=args.ca_file)
+            source = EtcdSource(args.etcd, token, ca_file=ca_file)
         else:
             from hikkoshi.web.agent_source import AgentsSource
 
-            source = AgentsSource(args.agents, token, ca_file=args.ca_file)
+            source = AgentsSource(args.agents, token, ca_file=ca_file)
         return run(serve(Dashboard(source=source, sessions=Sessions(token), link=link), host, port))
     except (ValueError, AgentError, OSError) as exc:
         print(f"hikkoshi dashboard: {exc}", file=sys.stderr)

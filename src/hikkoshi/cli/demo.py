@@ -1,11 +1,13 @@
 """`hikkoshi demo`: the main job, on one machine with nothing prepared.
 
-Builds the test guest if needed, starts a local etcd (``hikkoshi cluster up``) and two host agents that
-join it as a cluster (two "hosts", each with its own datastore), creates on host A a small Linux VM that
-writes self-checking records to its disk and dirties its memory, live-migrates it to host B by name
-(agent to agent; the owner key moves in etcd at the commit; hybrid storage: the disk follows through the
-relocation proxy) with the progress shown, prints the report, lets the guest verify everything it wrote
-on B, and cleans up (agents, VMs and etcd, by pid). Every step is a ``hikkoshi --etcd URL ...``
+Builds the test guest if needed, makes a cluster CA and a certificate for each of two "hosts"
+(``hikkoshi cluster init`` and ``cluster issue``), starts a local etcd (``hikkoshi cluster up``) and the
+two host agents, which join it as a cluster (each with its own datastore and certificate), creates on
+host A a small Linux VM that writes self-checking records to its disk and dirties its memory,
+live-migrates it to host B by name (agent to agent over mutual TLS; the memory stream and the disk's
+relocation encrypted; the owner key moves in etcd at the commit; hybrid storage: the disk follows
+through the relocation proxy) with the progress shown, prints the report, lets the guest verify
+everything it wrote on B, and cleans up (agents, VMs and etcd, by pid). Every step is a ``hikkoshi``
 command, shown as it runs.
 """
 
@@ -69,14 +71,28 @@ def _console_len(home: VmHome) -> int:
     return len(home.console_log.read_text(errors="replace")) if home.console_log.exists() else 0
 
 
+def _shown(*args: str) -> int:
+    """Run a ``hikkoshi`` command that needs no agent, showing it."""
+    print(f"$ hikkoshi {' '.join(args)}", flush=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "hikkoshi", *args], capture_output=True, text=True, check=False
+    )
+    if done.returncode:
+        print(done.stderr, end="", file=sys.stderr)
+    return done.returncode
+
+
 class _Agent:
-    """One host agent of the demo, as a process."""
+    """One host agent of the demo, as a process, with its own certificate (in ``pki/NAME``)."""
 
     def __init__(self, name: str, work: Path, token: Path, etcd: str, extra: list[str]) -> None:
         self.name = name
         self.datastore = work / name / "datastore"
         self.state = Path(tempfile.mkdtemp(prefix=f"hk-{name[-1]}-", dir="/tmp"))  # short: sockets
+        ids = work / "pki" / name
         cmd = [sys.executable, "-m", "hikkoshi", "agent", "--name", name, "--listen", "127.0.0.1:0"]
+        cmd += ["--cert", str(ids / "host-cert.pem"), "--key", str(ids / "host-key.pem")]
+        cmd += ["--ca", str(ids / "ca-cert.pem")]
         cmd += ["--datastore", f"main={self.datastore}", "--state-dir", str(self.state)]
         cmd += ["--token-file", str(token), "--etcd", etcd, *extra]
         self.log = work / f"{name}.log"
@@ -137,18 +153,39 @@ def demo_command(args: argparse.Namespace) -> int:
     token = work / "token"
     hosts: list[_Agent] = []
     etcd: _Etcd | None = None
-    saved = {k: os.environ.get(k) for k in ("HIKKOSHI_ETCD", "HIKKOSHI_TOKEN_FILE", "HIKKOSHI_AGENT")}
+    names = ("HIKKOSHI_ETCD", "HIKKOSHI_TOKEN_FILE", "HIKKOSHI_CA_FILE", "HIKKOSHI_AGENT")
+    saved = {k: os.environ.get(k) for k in names}
     try:
         _say("building (or finding) the test guest: a Debian kernel and a busybox initramfs")
         build_guest()
+        pki = work / "pki"
+        _say("a cluster CA, and a certificate for each host (agents know each other by them)")
+        if _shown("cluster", "init", str(pki / "ca")):
+            return 1
+        for name in ("host-a", "host-b"):
+            if _shown(
+                "cluster",
+                "issue",
+                name,
+                "--ca",
+                str(pki / "ca"),
+                "--out",
+                str(pki / name),
+                "--address",
+                "127.0.0.1",
+            ):
+                return 1
         _say("a local etcd holds the cluster's state: hosts, VMs and their owners, migrations")
         etcd = _Etcd(work)
         if not etcd.up:
             _say("FAILED: etcd did not start")
             return 1
         os.environ.pop("HIKKOSHI_AGENT", None)
-        os.environ.update(HIKKOSHI_ETCD=etcd.url, HIKKOSHI_TOKEN_FILE=str(token))
-        print(f"$ export HIKKOSHI_ETCD={etcd.url} HIKKOSHI_TOKEN_FILE={token}", flush=True)
+        ca = pki / "ca" / "ca-cert.pem"
+        os.environ.update(HIKKOSHI_ETCD=etcd.url, HIKKOSHI_TOKEN_FILE=str(token), HIKKOSHI_CA_FILE=str(ca))
+        print(
+            f"$ export HIKKOSHI_ETCD={etcd.url} HIKKOSHI_TOKEN_FILE={token} HIKKOSHI_CA_FILE={ca}", flush=True
+        )
         sites: list[list[str]] = [[], []]
         if args.wan:
             link = f"site-a:site-b={args.wan}"
@@ -158,6 +195,9 @@ def demo_command(args: argparse.Namespace) -> int:
         a, b = hosts
         _say(f"two host agents joined the cluster: host-a at {a.url}, host-b at {b.url}")
         _hikkoshi("host", "list")
+        _say(
+            "between them, the memory stream and the disk's relocation are encrypted (TLS, host certificates)"
+        )
         run = random.randrange(1, 2**31)
         params = [f"run={run}", "progress=8", "scrub=32", "rate=4", "mb=32"]
         create = ["vm", "create", "demo", "--host", "host-a", "--memory", "256", "--disk", "64M"]

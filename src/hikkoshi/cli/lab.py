@@ -3,10 +3,15 @@ address and its own agent, hosts in sites, sites joined by the WAN emulator; one
 lab's cluster on the bridge's gateway address (the agents join it).
 
     hikkoshi lab up /srv/lab --hosts a,b,c --sites east,east,west --wan 150ms,100Mbit
-    export HIKKOSHI_TOKEN_FILE=/srv/lab/token HIKKOSHI_ETCD=http://10.203.0.254:2379
+    export HIKKOSHI_TOKEN_FILE=/srv/lab/token HIKKOSHI_CA_FILE=/srv/lab/pki/ca/ca-cert.pem
+    export HIKKOSHI_ETCD=http://10.203.0.254:2379
     hikkoshi vm create web --host a --memory 256 --disk 1G --guest busy
     hikkoshi migrate web --to c                                   # across the WAN
     hikkoshi lab down /srv/lab
+
+The lab makes its own cluster CA (``DIR/pki/ca``) and a certificate for each host (for its address):
+its agents know each other by them, and every migration stream between them is encrypted, as between
+real hosts.
 """
 
 from __future__ import annotations
@@ -77,15 +82,23 @@ def _sites(args: argparse.Namespace, names: list[str]) -> list[str]:
     return ["default"] * len(names)
 
 
-def _wait_serving(url: str, token: str, proc: subprocess.Popen[bytes], log: Path, limit: float = 120) -> None:
+def _wait_serving(
+    url: str, token: str, ca: Path, proc: subprocess.Popen[bytes], log: Path, limit: float = 120
+) -> None:
+    import ssl
+
     import httpx
+
+    verify = ssl.create_default_context(cafile=ca)
 
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise LabError(f"the agent at {url} exited ({proc.returncode}): {log.read_text()[-2000:]}")
         with contextlib.suppress(httpx.HTTPError):
-            r = httpx.get(f"{url}/v1/host", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+            r = httpx.get(
+                f"{url}/v1/host", headers={"Authorization": f"Bearer {token}"}, timeout=10, verify=verify
+            )
             if r.status_code == 200:
                 return
         time.sleep(0.2)
@@ -128,9 +141,12 @@ def _stop_pid(pid: int, within: float = 20.0) -> None:
 
 def _start_agents(plan: LabPlan, lab_dir: Path, wan: str | None, etcd: str) -> list[dict[str, Any]]:
     from hikkoshi.cli.agent import ensure_token
+    from hikkoshi.identity.authority import issue_host, make_ca
 
     token_file = lab_dir / "token"
     token = ensure_token(token_file)
+    pki = lab_dir / "pki"
+    ca = make_ca(pki / "ca", "hikkoshi lab CA")
     sites = sorted({h.site for h in plan.hosts})
     links = [f"{a}:{b}={wan}" for i, a in enumerate(sites) for b in sites[i + 1 :]] if wan else []
     hosts = []
@@ -144,6 +160,8 @@ def _start_agents(plan: LabPlan, lab_dir: Path, wan: str | None, etcd: str) -> l
             "--datastore",
             f"main={lab_dir / h.name / 'datastore'}",
         ]
+        ids = issue_host(pki / "ca", h.name, pki / h.name, [h.address])
+        cmd += ["--cert", str(ids.cert), "--key", str(ids.key), "--ca", str(ids.ca)]
         cmd += ["--state-dir", str(state), "--token-file", str(token_file), "--site", h.site]
         cmd += ["--etcd", etcd]
         for link in links:
@@ -152,12 +170,12 @@ def _start_agents(plan: LabPlan, lab_dir: Path, wan: str | None, etcd: str) -> l
             proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
             )
-        url = f"http://{h.address}:{AGENT_PORT}"
+        url = f"https://{h.address}:{AGENT_PORT}"
         hosts.append(
             {"name": h.name, "site": h.site, "netns": h.netns, "address": h.address, "url": url,
              "pid": proc.pid, "state_dir": str(state), "datastore": str(lab_dir / h.name / "datastore")}
         )  # fmt: skip
-        _wait_serving(url, token, proc, log)
+        _wait_serving(url, token, ca, proc, log)
     return hosts
 
 
@@ -203,7 +221,8 @@ def up_command(args: argparse.Namespace) -> int:
         print(f"  {h['name']:10} site {h['site']:10} {h['url']}   (netns {h['netns']})")
     assert etcd is not None
     print(f"  etcd       {etcd.spec.client_url}   (pid {etcd.pid})")
-    print(f"export HIKKOSHI_TOKEN_FILE={lab_dir / 'token'} HIKKOSHI_ETCD={etcd.spec.client_url}")
+    print(f"export HIKKOSHI_TOKEN_FILE={lab_dir / 'token'} HIKKOSHI_CA_FILE={lab_dir / 'pki/ca/ca-cert.pem'}")
+    print(f"export HIKKOSHI_ETCD={etcd.spec.client_url}")
     return 0
 
 

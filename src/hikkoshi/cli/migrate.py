@@ -54,7 +54,14 @@ def add_parser(top: Any) -> None:
     p.add_argument(
         "--to",
         metavar="HOST|URL",
-        help="with --etcd: the destination host's name; with --agent: its agent's URL",
+        help="with --etcd: the destination host's name; with --agent: its agent's URL (https://; it must "
+        "prove with its certificate that it is a host of the cluster)",
+    )
+    p.add_argument(
+        "--to-host",
+        metavar="NAME",
+        help="with --agent: the host that must answer at --to (its certificate's name; default: the URL's "
+        "host name, or whichever host of the cluster answers at an address)",
     )
     p.add_argument(
         "--no-wait",

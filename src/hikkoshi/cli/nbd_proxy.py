@@ -60,6 +60,13 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="do not copy blocks an ext2/3/4 file system on the disk reports free (they become zeroes)",
     )
+    p.add_argument(
+        "--tls-dir",
+        type=Path,
+        metavar="DIR",
+        help="this host's TLS files in QEMU's layout, for an nbds:// upstream (its certificate is shown, "
+        "the upstream's checked against that CA)",
+    )
     add_limit_arguments(p)
     p.set_defaults(func=proxy_command)
 
@@ -79,8 +86,11 @@ def proxy_settings(args: argparse.Namespace) -> ProxySettings:
     from hikkoshi.block.throttle import parse_rate
     from hikkoshi.daemons.proxy_service import ProxySettings
     from hikkoshi.daemons.relocation import RelocationOptions
+    from hikkoshi.identity.tls_dir import TlsDir
     from hikkoshi.nbd.server import ListenAddress
     from hikkoshi.nbd.uri import NbdUri
+
+    tls = TlsDir(args.tls_dir.absolute()).check().client_context() if args.tls_dir else None
 
     return ProxySettings(
         upstream=NbdUri.parse(args.upstream),
@@ -100,6 +110,7 @@ def proxy_settings(args: argparse.Namespace) -> ProxySettings:
             dirty_bitmap=args.dirty_bitmap,
             bandwidth=parse_rate(args.bandwidth) if args.bandwidth else None,
             skip_fs_free=args.skip_fs_free,
+            tls=tls,
         ),
     )
 

@@ -35,6 +35,18 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--tls-key", type=Path, metavar="F", help="server private key (PEM)")
     p.add_argument("--tls-ca", type=Path, metavar="F", help="CA that client certificates must be signed by")
+    p.add_argument(
+        "--tls-dir",
+        type=Path,
+        metavar="DIR",
+        help="a host's TLS files in QEMU's layout (ca-cert.pem, server-cert.pem, server-key.pem): TLS, and "
+        "clients need a certificate of that CA",
+    )
+    p.add_argument(
+        "--tls-peer",
+        metavar="HOST",
+        help="with --tls-dir: admit only a client whose certificate names this host (a hikkoshi host)",
+    )
     add_limit_arguments(p)
     p.set_defaults(func=serve_command)
 
@@ -65,11 +77,21 @@ def image_disks(
 
 async def serve(args: argparse.Namespace) -> int:
     from hikkoshi.daemons.disk_service import DiskService
+    from hikkoshi.identity.names import check_host_name
+    from hikkoshi.identity.tls_dir import TlsDir
     from hikkoshi.nbd.server import ListenAddress
     from hikkoshi.nbd.tls import server_context
 
     tls = None
-    if args.tls_cert or args.tls_key:
+    peers = None
+    if args.tls_dir:
+        if args.tls_cert or args.tls_key or args.tls_ca:
+            raise ValueError("--tls-dir or --tls-cert/--tls-key/--tls-ca, not both")
+        tls = TlsDir(args.tls_dir.absolute()).check().server_context(client_certificate="required")
+        peers = frozenset({check_host_name(args.tls_peer)}) if args.tls_peer else None
+    elif args.tls_peer:
+        raise ValueError("--tls-peer goes with --tls-dir")
+    elif args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         tls = server_context(args.tls_cert, args.tls_key, args.tls_ca)
@@ -82,7 +104,7 @@ async def serve(args: argparse.Namespace) -> int:
             raise ValueError("--control takes unix:PATH")
         control = Path(args.control[5:])
     disks = image_disks(args.images, args.export, args.read_only, args.describe_paths)
-    service = DiskService(disks, listen, control, tls=tls, limits=limits_from_args(args))
+    service = DiskService(disks, listen, control, tls=tls, peers=peers, limits=limits_from_args(args))
     return await service.serve()
 
 

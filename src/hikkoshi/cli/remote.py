@@ -203,7 +203,7 @@ def migrate(args: argparse.Namespace) -> int:
         body["datastore"] = str(args.datastore)
     if getattr(args, "no_wait", False):
         body["no_wait"] = True
-    for key in ("bandwidth", "disk_bandwidth"):
+    for key in ("bandwidth", "disk_bandwidth", "to_host"):
         if getattr(args, key):
             body[key] = getattr(args, key)
 

@@ -20,6 +20,11 @@ def human_report(record: MigrationRecord) -> str:
         if value is not None:
             lines.append(f"  {label:<28} {value}{unit}")
 
+    if "encrypted" in r and record.kind != "storage":
+        add(
+            "streams between the hosts",
+            "encrypted (TLS, host certificates)" if r["encrypted"] else "NOT encrypted (plain TCP)",
+        )
     add("downtime (QEMU)", r.get("downtime_ms"), " ms")
     sw = r.get("switchover") or {}
     add("guest gap (stop -> resumed)", sw.get("gap_ms"), " ms")

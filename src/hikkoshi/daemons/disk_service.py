@@ -38,10 +38,14 @@ from hikkoshi.daemons.process import run_reporting
 from hikkoshi.daemons.relocation import BitmapMismatch
 from hikkoshi.daemons.served_disk import ServedDisk
 from hikkoshi.daemons.verbs import Args, NoArgs, Verbs
+from hikkoshi.identity.names import check_host_name, is_loopback, is_wildcard
+from hikkoshi.identity.tls_dir import TlsDir
+from hikkoshi.nbd.access import Access
+from hikkoshi.nbd.address import parse_address
 from hikkoshi.nbd.control import ControlError, ControlServer
 from hikkoshi.nbd.limits import ServerLimits
 from hikkoshi.nbd.server import Export, ExportTable, ListenAddress, NbdServer
-from hikkoshi.vm.disk_serving import DiskServing, Serving
+from hikkoshi.vm.disk_serving import DiskServing, PeerListener, Serving
 from hikkoshi.vm.home import VmHome
 
 log = logging.getLogger("hikkoshi.daemons.disk_service")
@@ -61,8 +65,23 @@ class Stats(Args):
     regions: bool = False
 
 
-class Address(Args):
+class Listen(Args):
     address: str = Field(min_length=1, max_length=300)
+    """``HOST:PORT`` (port 0 picks one): a concrete address, never a wildcard."""
+    peer: str | None = Field(default=None, min_length=1, max_length=253)
+    """The host name a client's certificate must name (with ``tls_dir``)."""
+    read_only: bool = False
+    tls_dir: str | None = Field(default=None, min_length=2, max_length=4096, pattern=r"^/")
+    """This host's TLS files (QEMU's layout); without them: plain TCP, on a loopback address only."""
+    migration: str | None = Field(default=None, min_length=1, max_length=64)
+    """The migration the listener is for (``unlisten`` by it)."""
+
+
+class Unlisten(Args):
+    address: str | None = Field(default=None, min_length=1, max_length=300)
+    migration: str | None = Field(default=None, min_length=1, max_length=64)
+    all: bool = False
+    """Every listener for another host."""
 
 
 class Bitmap(Args):
@@ -113,7 +132,9 @@ class DiskService:
         tls: ssl.SSLContext | None = None,
         home: VmHome | None = None,
         limits: ServerLimits | None = None,
+        peers: frozenset[str] | None = None,
     ) -> None:
+        """``tls`` and ``peers``: what the addresses in ``listen`` allow (by hand: ``nbd serve --tls-*``)."""
         if not disks:
             raise ValueError("a disk service needs at least one disk")
         self.disks: dict[str, ServedDisk] = {}
@@ -124,6 +145,7 @@ class DiskService:
         self.listen = listen
         self.control_path = control
         self.tls = tls
+        self.peers = peers
         self.limits = limits or ServerLimits()
         #: The VM's home, whose disk plan this service keeps true (``None``: images served by hand).
         self.home = home
@@ -140,6 +162,12 @@ class DiskService:
         if self.home is not None:
             self.home.save_disk_plan(self.home.load_disk_plan().with_disk(disk, serving))
 
+    def _record_listeners(self, change: Any) -> None:
+        """The plan's peer listeners, changed by ``change(listeners) -> listeners``."""
+        if self.home is not None:
+            plan = self.home.load_disk_plan()
+            self.home.save_disk_plan(plan.with_listeners(tuple(change(plan.listeners))))
+
     # --- running -------------------------------------------------------------------------------------------
 
     async def serve(self) -> int:
@@ -148,7 +176,9 @@ class DiskService:
             for disk in self.disks.values():
                 device = await disk.open()
                 self.exports.add(Export(disk.name, device, description=disk.description))
-            server = self.server = NbdServer(self.exports, self.listen, tls=self.tls, limits=self.limits)
+            server = self.server = NbdServer(
+                self.exports, self.listen, tls=self.tls, limits=self.limits, peers=self.peers
+            )
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, server.stop)
@@ -180,11 +210,23 @@ class DiskService:
             if serving.done():
                 ready.cancel()
                 return 1
+            await self._listen_again(server)
             if control is not None:
                 self.verbs.install(control)
                 await control.start()
             announce(server)
         return 0
+
+    async def _listen_again(self, server: NbdServer) -> None:
+        """The peer listeners the plan remembers (the service restarted): on the same addresses."""
+        if self.home is None:
+            return
+        for listener in self.home.load_disk_plan().listeners:
+            try:
+                await server.add_listener(ListenAddress.parse(listener.address), peer_access(listener))
+            except (OSError, ValueError) as exc:
+                # Its peer cannot reach the disks until someone opens another; say so loudly.
+                log.error("cannot listen again on %s for %s: %s", listener.address, listener.peer, exc)
 
     # --- helpers for verbs ---------------------------------------------------------------------------------
 
@@ -228,6 +270,7 @@ class DiskService:
             return {
                 "disks": {name: d.status() for name, d in self.disks.items()},
                 "listening": list(server.bound) if server else [],
+                "listeners": [{"names": n, **a.describe()} for n, a in server.listeners()] if server else [],
             }
 
         @verb("exports", NoArgs, "list exports")
@@ -258,20 +301,55 @@ class DiskService:
         def listening(_a: NoArgs) -> list[str]:
             return list(self._running_server().bound)
 
-        @verb("listen", Address, "listen on one more address (HOST:PORT, port 0 picks; unix:PATH)")
-        async def listen(a: Address) -> list[str]:
+        @verb(
+            "listen",
+            Listen,
+            "listen for another host on HOST:PORT (port 0 picks): TLS admitting the peer's certificate "
+            "only (tls_dir, peer), read_only; without tls_dir on a loopback address only",
+        )
+        async def listen(a: Listen) -> list[str]:
+            listener = PeerListener(
+                address=a.address,
+                peer=a.peer,
+                read_only=a.read_only,
+                tls_dir=a.tls_dir,
+                migration=a.migration,
+            )
             try:
-                addr = ListenAddress.parse(a.address)
+                addr, access = ListenAddress.parse(a.address), peer_access(listener)
             except ValueError as exc:
-                raise ControlError(f"listen needs address HOST:PORT or unix:PATH ({exc})") from None
+                raise ControlError(f"listen: {exc}") from None
             try:
-                return await self._running_server().add_listener(addr)
+                names = await self._running_server().add_listener(addr, access)
             except OSError as exc:
                 raise ControlError(f"cannot listen on {a.address}: {exc}") from None
+            bound = listener.model_copy(update={"address": names[0]})
+            self._record_listeners(lambda old: [*old, bound])
+            return names
 
-        @verb("unlisten", Address, "stop listening on an address (as listed)")
-        def unlisten(a: Address) -> dict[str, bool]:
-            return {"removed": self._running_server().remove_listener(a.address)}
+        @verb(
+            "unlisten",
+            Unlisten,
+            "stop listening for another host: by address, every listener of a migration, or all; the "
+            "connections made through them end",
+        )
+        def unlisten(a: Unlisten) -> dict[str, int]:
+            if sum((a.address is not None, a.migration is not None, a.all)) != 1:
+                raise ControlError("unlisten: give one of address, migration, all")
+            server = self._running_server()
+            if a.address is not None:
+                names = [a.address]
+            elif a.all:
+                names = [
+                    n for bound, access in server.listeners() if access is not server.access for n in bound
+                ]
+            else:
+                known = self.home.load_disk_plan().listeners if self.home is not None else ()
+                names = [x.address for x in known if x.migration == a.migration]
+            # The peer loses what it was given: its connections end too.
+            removed = sum(server.remove_listener(name, disconnect=True) for name in names)
+            self._record_listeners(lambda old: [x for x in old if x.address not in names])
+            return {"removed": removed}
 
         @verb("bitmap-add", BitmapAdd, "start a dirty bitmap")
         def bitmap_add(a: BitmapAdd) -> dict[str, Any]:
@@ -389,6 +467,24 @@ class DiskService:
             return {"home": a.home}
 
 
+def peer_access(listener: PeerListener) -> Access:
+    """What a listener for another host allows (see :class:`~hikkoshi.vm.disk_serving.PeerListener`);
+    :class:`ValueError` for one that would expose the disks beyond that host."""
+    host, _port, unix = parse_address(listener.address)
+    if unix is not None:
+        raise ValueError("a listener for another host is a TCP address (HOST:PORT)")
+    if is_wildcard(host):
+        raise ValueError(f"{listener.address} is every address of this host: give the migration address")
+    if listener.tls_dir is None:
+        if not is_loopback(host):
+            raise ValueError(f"without TLS a peer listens on a loopback address only, not {host}")
+        return Access(read_only=listener.read_only)
+    tls = TlsDir(Path(listener.tls_dir)).check().server_context(client_certificate="required")
+    # Without a peer name (a migration by path, hand-made certificates): any certificate of the CA.
+    peers = frozenset({check_host_name(listener.peer)}) if listener.peer is not None else None
+    return Access(tls=tls, peers=peers, read_only=listener.read_only)
+
+
 def announce(server: NbdServer) -> None:
     """Print where the service listens, as URIs (starters and scripts wait for these lines)."""
     scheme = "nbds" if server.tls else "nbd"
@@ -402,11 +498,12 @@ def announce(server: NbdServer) -> None:
 # --- entry points ------------------------------------------------------------------------------------------
 
 
-def vm_disks(home: VmHome) -> list[ServedDisk]:
-    """Every disk of the VM in ``home``, served as its disk plan says."""
+def vm_disks(home: VmHome, tls: ssl.SSLContext | None = None) -> list[ServedDisk]:
+    """Every disk of the VM in ``home``, served as its disk plan says (``tls``: the client context for
+    ``nbds://`` sources and holders)."""
     spec = home.load_spec()
     plan = home.load_disk_plan()
-    return [ServedDisk(d.name, home.disk_path(d), d.size, plan.serving(d.name)) for d in spec.disks]
+    return [ServedDisk(d.name, home.disk_path(d), d.size, plan.serving(d.name), tls=tls) for d in spec.disks]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -415,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", type=Path, required=True, help="the VM's home")
     parser.add_argument("--listen", action="append", required=True, metavar="ADDR")
     parser.add_argument("--control", required=True, metavar="unix:PATH")
+    parser.add_argument(
+        "--tls-dir", type=Path, metavar="DIR", help="this host's TLS files (QEMU layout), for nbds:// sources"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s disk-service %(levelname)s %(message)s"
@@ -422,8 +522,9 @@ def main(argv: list[str] | None = None) -> int:
     home = VmHome(args.home.absolute())
 
     async def serve() -> int:
+        tls = TlsDir(args.tls_dir.absolute()).check().client_context() if args.tls_dir else None
         service = DiskService(
-            vm_disks(home),
+            vm_disks(home, tls),
             [ListenAddress.parse(a) for a in args.listen],
             Path(args.control.removeprefix("unix:")),
             home=home,

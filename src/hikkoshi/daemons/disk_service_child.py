@@ -29,9 +29,15 @@ class DiskServiceChild:
     """The disk service process of one VM (see the module's docstring)."""
 
     def __init__(
-        self, home: VmHome, rundir: RunDir, python: str = sys.executable, start_timeout: float = 60.0
+        self,
+        home: VmHome,
+        rundir: RunDir,
+        python: str = sys.executable,
+        start_timeout: float = 60.0,
+        tls_dir: Path | None = None,
     ) -> None:
         self.home = home
+        self.tls_dir = tls_dir
         self.rundir = rundir
         self._python = python
         self._start_timeout = start_timeout
@@ -50,7 +56,7 @@ class DiskServiceChild:
 
     async def start(self) -> None:
         """Start it; return once it serves every disk (or :class:`VmStartError` with its log)."""
-        cmd = disk_service_argv(self.home, self.rundir, self._python)
+        cmd = disk_service_argv(self.home, self.rundir, self._python, self.tls_dir)
         log_path = self.home.nbd_log
         with log_path.open("ab") as out:
             out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(cmd)}\n".encode())

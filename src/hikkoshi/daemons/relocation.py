@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import sys
 import time
 from dataclasses import dataclass
@@ -56,6 +57,8 @@ class RelocationOptions:
     """Background copy rate limit, bytes/s."""
     skip_fs_free: bool = False
     """Do not copy blocks a cleanly unmounted ext2/3/4 file system reports free."""
+    tls: ssl.SSLContext | None = None
+    """The client context for an ``nbds://`` source (this host's certificate, the cluster CA)."""
 
     def __post_init__(self) -> None:
         bs = self.block_size
@@ -106,6 +109,7 @@ def _upstream(uri: NbdUri, options: RelocationOptions, upstream: Upstream | None
         uri,
         connections=options.connections,
         reconnect=Reconnect(deadline=options.upstream_timeout),
+        tls=options.tls if uri.tls else None,
         extra_contexts=extra,
     )
 

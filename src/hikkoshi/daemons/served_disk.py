@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ class ServedDisk:
         relocation_options: RelocationOptions | None = None,
         planned: bool = True,
         describe_path: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.name = name
         self.path = path
@@ -71,6 +73,8 @@ class ServedDisk:
         #: Makes a change of how the disk is served durable (the disk service's disk plan).
         self.record: Record = lambda _name, _serving: None
         self._options = relocation_options or RelocationOptions()
+        #: The client context for an ``nbds://`` upstream (a relocation's source, a remote disk's holder).
+        self.tls = tls
         self.tracked: TrackedDevice | None = None
         self.relocation: Relocation | None = None
         self.remote: Upstream | None = None
@@ -107,6 +111,7 @@ class ServedDisk:
             start_paused=serving.background == "paused",
             dirty_bitmap=serving.dirty_bitmap,
             bandwidth=_rate(serving.bandwidth),
+            tls=self.tls,
         )
         return await Relocation.open(NbdUri.parse(serving.upstream), self.path, options, self.size, upstream)
 
@@ -114,7 +119,10 @@ class ServedDisk:
         assert serving.upstream is not None and self.size is not None
         # The holder is the only copy: a request waits for it as long as it takes (the guest sees a slow
         # disk, not an error that pauses it), and the connection comes back by itself.
-        self.remote = Upstream(serving.upstream, connections=1, reconnect=Reconnect(deadline=None))
+        uri = NbdUri.parse(serving.upstream)
+        self.remote = Upstream(
+            uri, connections=1, reconnect=Reconnect(deadline=None), tls=self.tls if uri.tls else None
+        )
         self._gate = Gate(RemoteDevice(self.remote, self.size))
         return self._gate
 

@@ -173,9 +173,12 @@ class Supervisor:
         qemu: str,
         incoming: bool = False,
         serving: bool = False,
+        tls_dir: Path | None = None,
     ) -> None:
         self.home = home
         self.ready = ready
+        #: The host's TLS files, for the disk service (disks read from another host).
+        self.tls_dir = tls_dir
         self.accel_request = accel
         self.qemu_binary = qemu
         self.start_incoming = incoming
@@ -278,7 +281,7 @@ class Supervisor:
                 self.rundir.create()
                 self._write_state(name=spec.name, uuid=str(spec.uuid), accel=self.accel)
                 if spec.disks:
-                    self.disks = DiskServiceChild(self.home, self.rundir)
+                    self.disks = DiskServiceChild(self.home, self.rundir, tls_dir=self.tls_dir)
                     await self.disks.start()
                 control = ControlServer(self.rundir.control_socket)
                 self.verbs.install(control)
@@ -698,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--serving", action="store_true", help="serve the disks only: the VM runs on another host"
     )
+    parser.add_argument("--tls-dir", type=Path, metavar="DIR", help="this host's TLS files (QEMU layout)")
     args = parser.parse_args(argv)
     if args.daemonize:
         _daemonize()  # before anything starts threads
@@ -714,6 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         qemu=args.qemu,
         incoming=args.incoming,
         serving=args.serving,
+        tls_dir=args.tls_dir.absolute() if args.tls_dir else None,
     )
 
     async def run() -> int:

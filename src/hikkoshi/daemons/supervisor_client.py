@@ -45,8 +45,10 @@ def start_vm(
     incoming: bool = False,
     serving: bool = False,
     runtime_dir: Path | None = None,
+    tls_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Start the VM's supervisor in the background and wait until the VM runs (or failed to).
+    """Start the VM's supervisor in the background and wait until the VM runs (or failed to);
+    ``tls_dir``: the host's TLS files (QEMU layout), for disks read from another host.
 
     Returns what the supervisor reported (pids, accelerator, sockets). Raises
     :class:`RuntimeStateError` if the VM runs already and :class:`VmStartError` if it did not come
@@ -63,7 +65,14 @@ def start_vm(
         )
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     cmd = supervisor_argv(
-        home, ready_fd=write_fd, accel=accel, qemu=qemu, incoming=incoming, serving=serving, python=python
+        home,
+        ready_fd=write_fd,
+        accel=accel,
+        qemu=qemu,
+        incoming=incoming,
+        serving=serving,
+        tls_dir=tls_dir,
+        python=python,
     )
     env = dict(os.environ)
     if runtime_dir is not None:

@@ -63,12 +63,18 @@ class ColdMigration(Job):
         release_holder: ReleaseHolder | None = None,
         ledger: CommitLedger | None = None,
         on_progress: Progress | None = None,
+        tls_dir: Path | None = None,
+        source_tls_name: str | None = None,
     ) -> None:
+        """``tls_dir``: the source host's TLS files: the disks are served over TLS to the destination's
+        certificate only (its ``tls_name``); ``source_tls_name``: the name the destination checks."""
         super().__init__(store, on_progress)
         self.ledger: CommitLedger = ledger or NoLedger()
         self.src_home = VmHome(source_datastore / vm)
         self.target = target
         self.route = route
+        self.tls_dir = tls_dir
+        self.source_tls_name = source_tls_name
         self.release_holder = release_holder or release_holder_by_path
         self.record = MigrationRecord(
             vm=vm,
@@ -80,8 +86,11 @@ class ColdMigration(Job):
             destination=Endpoint(
                 datastore=target.datastore, home=target.home_path, host=target.host, agent=target.agent
             ),
-            settings=MigrationSettings(source_host=source_host),
+            settings=MigrationSettings(
+                source_host=source_host, tls=tls_dir is not None, tls_dir=str(tls_dir) if tls_dir else None
+            ),
         )
+        self.report["encrypted"] = self.record.settings.tls
         self.spec: VmSpec | None = None
         self.plan: dict[str, DiskServing] = {}
         self._export: Child | None = None
@@ -98,6 +107,9 @@ class ColdMigration(Job):
             store,
             source_address=record.source.address,
             source_host=record.source.host,
+            tls_dir=Path(record.settings.tls_dir)
+            if record.settings.tls and record.settings.tls_dir
+            else None,
             **more,  # type: ignore[arg-type]
         )
         self._take_over(record)
@@ -182,12 +194,18 @@ class ColdMigration(Job):
                 runtime / "control.sock",
                 self.src_home.nbd_log,
                 sys.executable,
+                tls_dir=self.tls_dir,
+                peer=self.target.tls_name,
             )
             self._export = child
-            address = base.removeprefix("nbd://")
+            address = base.split("://", 1)[1]
             if self.route is not None:
                 address = await self.route("export", address)
-            exports = {name: f"nbd://{address}/{name}" for name in files}
+            if self.tls_dir is None:
+                exports = {name: f"nbd://{address}/{name}" for name in files}
+            else:
+                expect = f"?tls-hostname={self.source_tls_name}" if self.source_tls_name else ""
+                exports = {name: f"nbds://{address}/{name}{expect}" for name in files}
         for name, serving in self.plan.items():
             if serving.kind == Serving.REMOTE and serving.upstream is not None:
                 exports[name] = serving.upstream  # pulled straight from its holder

@@ -20,6 +20,7 @@ from typing import Any
 
 from hikkoshi import __version__
 from hikkoshi.daemons import supervisor_client
+from hikkoshi.identity.names import qemu_identity
 from hikkoshi.migrate import qmp_migration as qm
 from hikkoshi.migrate.disk_pull import pull_disk
 from hikkoshi.migrate.home_files import copy_home_files
@@ -55,6 +56,9 @@ class Destination(abc.ABC):
     runtime_dir: Path | None = None
     agent: str | None = None
     """The URL of the destination host's agent, if it is reached through one (for the record)."""
+    tls_name: str | None = None
+    """The name the destination host's certificate has: its streams are checked against it (``None``:
+    its address, as a destination reached by path with hand-made certificates)."""
 
     def __init__(self, vm: str) -> None:
         self.vm = vm
@@ -101,8 +105,10 @@ class Destination(abc.ABC):
     # --- the memory stream -------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def prepare_stream(self, *, postcopy: bool, tls: bool) -> None:
-        """QEMU's incoming side: events on, post-copy RAM if allowed, TLS with the host's credentials."""
+    async def prepare_stream(self, *, postcopy: bool, tls: bool, peer: str | None = None) -> None:
+        """QEMU's incoming side: events on, post-copy RAM if allowed, TLS with the host's credentials
+        accepting the stream from ``peer``'s certificate only (``None``: any of the cluster CA; a
+        destination behind an agent knows its caller by its certificate and ignores this)."""
 
     @abc.abstractmethod
     async def listen_stream(self) -> tuple[str, int]:
@@ -115,9 +121,10 @@ class Destination(abc.ABC):
     # --- the disks ---------------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def listen_disks(self) -> str:
-        """Precopy: the VM's disk service listens on the migration address for the source's mirror;
-        ``host:port``."""
+    async def listen_disks(self, migration: str, *, peer: str | None, tls: bool) -> str:
+        """Precopy: the VM's disk service listens on the migration address for the source's mirror, for
+        this migration only, admitting ``peer``'s certificate only (with TLS; an agent knows its caller
+        by its certificate); ``host:port``."""
 
     @abc.abstractmethod
     async def relocation(self, disk: str, action: str) -> dict[str, Any]:
@@ -164,7 +171,8 @@ class Destination(abc.ABC):
 
     @abc.abstractmethod
     async def finish(self) -> None:
-        """The migration is done: the VM is the destination's (which may then refuse :meth:`remove`)."""
+        """The migration is done: the VM is the destination's (which may then refuse :meth:`remove`);
+        no other host reaches its disks there any more (every listener for one closes)."""
 
     @abc.abstractmethod
     async def remove(self) -> None:
@@ -192,12 +200,16 @@ class LocalDestination(Destination):
         *,
         address: str = "127.0.0.1",
         tls_dir: Path | None = None,
+        tls_name: str | None = None,
     ) -> None:
+        """``tls_dir``: the destination host's TLS files (QEMU's layout), for every stream of a migration
+        that asks for TLS; ``tls_name``: the name its certificate has."""
         super().__init__(vm)
         self.datastore = datastore
         self.runtime_dir = runtime_dir
         self.address = address
         self.tls_dir = tls_dir
+        self.tls_name = tls_name
         self.home = VmHome(datastore / vm)
         self._side: VmSide | None = None
 
@@ -239,6 +251,7 @@ class LocalDestination(Destination):
 
     async def create_home(self, source_home: Path, disk_files: set[str]) -> int:
         self.home.path.mkdir(mode=0o700)
+        self.home.path.chmod(0o700)  # the VM's alone, whatever the umask
         return await asyncio.to_thread(copy_home_files, source_home, self.home.path, disk_files)
 
     async def create_disks(self, sizes: dict[str, int]) -> None:
@@ -256,7 +269,9 @@ class LocalDestination(Destination):
         results: dict[str, dict[str, Any]] = {}
 
         async def pull(name: str, uri: str, size: int) -> None:
-            status = await pull_disk(uri, self.home.path / name, size, log=self.home.nbd_log)
+            status = await pull_disk(
+                uri, self.home.path / name, size, log=self.home.nbd_log, tls_dir=self.tls_dir
+            )
             keys = ("fetched_background_bytes", "fetched_demand_bytes", "zero_bytes", "size")
             results[name] = {k: status.get(k) for k in keys}
 
@@ -277,19 +292,26 @@ class LocalDestination(Destination):
             qemu=qemu,
             incoming=True,
             runtime_dir=self.runtime_dir,
+            tls_dir=self.tls_dir,
         )
 
-    async def prepare_stream(self, *, postcopy: bool, tls: bool) -> None:
+    def _tls_dir(self) -> Path:
+        if self.tls_dir is None:
+            raise SideError("destination: TLS asked for but it has no TLS files")
+        return self.tls_dir.absolute()
+
+    async def prepare_stream(self, *, postcopy: bool, tls: bool, peer: str | None = None) -> None:
         side = self.side()
         caps = {"events": True}
         if postcopy:
             caps["postcopy_ram"] = True
         await qm.set_capabilities(side, **caps)
         if tls:
-            if self.tls_dir is None:
-                raise SideError("destination: TLS asked for but no credentials directory given")
-            await qm.add_tls(side, str(self.tls_dir.absolute()), "server")
+            await qm.add_tls(side, str(self._tls_dir()), "server")
             await qm.set_parameters(side, tls_creds=qm.TLS_ID)
+            if peer is not None:
+                # A certificate of the cluster is not enough: it must be the source host's.
+                await qm.accept_only(side, qemu_identity(peer))
 
     async def listen_stream(self) -> tuple[str, int]:
         host = self.address
@@ -302,8 +324,13 @@ class LocalDestination(Destination):
     async def wait_incoming(self, limit: float) -> qm.MigrationInfo:
         return await qm.wait(self.side(), qm.TERMINAL, limit)
 
-    async def listen_disks(self) -> str:
-        names = await self.side().disks("listen", address=f"{self.address}:0")
+    async def listen_disks(self, migration: str, *, peer: str | None, tls: bool) -> str:
+        args: dict[str, Any] = {"address": f"{self.address}:0", "migration": migration}
+        if tls:
+            args["tls_dir"] = str(self._tls_dir())
+            if peer is not None:
+                args["peer"] = peer
+        names = await self.side().disks("listen", **args)
         return str(names[0])
 
     async def relocation(self, disk: str, action: str) -> dict[str, Any]:
@@ -341,6 +368,9 @@ class LocalDestination(Destination):
         return self.home.load_spec()
 
     async def finish(self) -> None:
+        if self.home.is_running() and self.home.read_state().get("nbd_control"):
+            # Precopy's mirror target, a holder's listener for the host the VM came from: all closed.
+            await self.side().disks("unlisten", all=True)
         # The start facts (geometry, migration) served their purpose; relocations keep their entries.
         plan = self.home.load_disk_plan()
         self.home.save_disk_plan(plan.model_copy(update={"geometry": {}, "migration": None}))

@@ -23,18 +23,28 @@ STALL_LIMIT = 120.0
 
 
 async def serve_read_only(
-    files: dict[str, Path], address: str, control: Path, log: Path, python: str = sys.executable
+    files: dict[str, Path],
+    address: str,
+    control: Path,
+    log: Path,
+    python: str = sys.executable,
+    *,
+    tls_dir: Path | None = None,
+    peer: str | None = None,
 ) -> tuple[Child, str]:
     """Serve ``files`` (export name to path) read-only on ``address`` (``HOST:0``); the server and the
-    base of its export URIs (``nbd://HOST:PORT``)."""
-    cmd = image_service_argv(files, address, control, read_only=True, python=python)
+    base of its export URIs (``nbd://HOST:PORT``, or ``nbds://`` with ``tls_dir``: this host's TLS files,
+    admitting ``peer``'s certificate only)."""
+    cmd = image_service_argv(
+        files, address, control, read_only=True, python=python, tls_dir=tls_dir, peer=peer
+    )
     with log.open("ab") as out:
         child = await Child.start("disk export", cmd, stdout=asyncio.subprocess.PIPE, stderr=out)
     try:
         line = await asyncio.wait_for(child.stdout_line(), 60)
     except TimeoutError:
         line = ""
-    if not line.startswith(f"{READY_PREFIX} nbd://"):
+    if not line.startswith((f"{READY_PREFIX} nbd://", f"{READY_PREFIX} nbds://")):
         await child.terminate(grace=5.0)
         tail = await asyncio.to_thread(log.read_text)
         raise SideError(f"the read-only export of the disks did not start: {line or tail[-1000:]}")
@@ -49,12 +59,14 @@ async def pull_disk(
     python: str = sys.executable,
     on_progress: Callable[[int], None] | None = None,
     log: Path | None = None,
+    tls_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Copy the export ``uri`` completely into ``path`` (new, or a pull that was interrupted) with a
-    relocation proxy; return its last status. The file is flushed when this returns."""
+    relocation proxy (``tls_dir``: this host's TLS files, for an ``nbds://`` export); return its last
+    status. The file is flushed when this returns."""
     with tempfile.TemporaryDirectory(prefix="hk-pull-", dir="/tmp") as tmp:  # short: socket paths
         control = Path(tmp) / "control.sock"
-        cmd = proxy_argv(uri, path, size, f"unix:{tmp}/nbd.sock", control, python)
+        cmd = proxy_argv(uri, path, size, f"unix:{tmp}/nbd.sock", control, python, tls_dir=tls_dir)
         with (log or Path("/dev/null")).open("ab") as out:
             child = await Child.start(f"pull of {path.name}", cmd, stdout=out, stderr=out)
         try:

@@ -1,7 +1,8 @@
 """A VM's home files (disks aside) as one tar archive: how they travel to another host's agent.
 
 Unpacking trusts nothing: only regular files with plain names (no directories, links, devices, no
-``..``, no hidden or run files), within a size limit, each created new (never over an existing file).
+``..``, no hidden or run files), within a size limit, each created new (never over an existing file),
+readable by the host's root only (mode 0600: they are the VM's, whatever mode they had).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def unpack_home(data: bytes, dest: Path) -> int:
                 source = tar.extractfile(member)
                 if source is None:
                     raise ArchiveError(f"{member.name!r} has no data")
-                fd = os.open(dest / member.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, member.mode & 0o755)
+                fd = os.open(dest / member.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                 with os.fdopen(fd, "wb") as out:
                     while chunk := source.read(1 << 20):
                         out.write(chunk)

@@ -64,6 +64,9 @@ from hikkoshi.vm.spec import VmSpec
 
 log = logging.getLogger("hikkoshi.migrate")
 
+#: How long a source supervisor may take to say it serves the disks after QEMU was told to quit.
+HAND_OFF_SECONDS = 30.0
+
 #: The source supervisor cancels the migration if the job has not renewed its guard for this long.
 GUARD_SECONDS = 10.0
 GUARD_RENEW = 2.0
@@ -98,10 +101,13 @@ class LiveRequest:
     paused: bool = False
     """Quick migration: the guest is paused from the prepare phase on; its state moves in one pass."""
     tls_dir: Path | None = None
-    """Encrypt the memory stream with the source's credentials in QEMU's x509 layout here (client
-    side); the destination uses its own."""
-    tls: bool = False
-    """Encrypt the memory stream (with ``tls_dir`` on this side, or the host's own credentials)."""
+    """The source host's TLS files (QEMU's x509 layout): every stream between the hosts (memory, disks)
+    is encrypted with them; the destination uses its own."""
+    tls: bool | None = None
+    """Encrypt every stream (with ``tls_dir``); ``None``: whenever ``tls_dir`` is given."""
+    source_tls_name: str | None = None
+    """The name the source's certificate has (an agent's host name): the destination admits it only.
+    ``None`` (by path, hand-made certificates): any certificate of the CA, checked by address."""
     release_holder: ReleaseHolder | None = None
     """How the hosts holding the VM's disks (shared storage) are told to let them go; default: by
     path, on this machine."""
@@ -118,7 +124,7 @@ class LiveRequest:
             allow_postcopy=self.allow_postcopy,
             max_seconds=self.max_seconds,
             tls_dir=str(self.tls_dir) if self.tls_dir else None,
-            tls=self.tls or self.tls_dir is not None,
+            tls=self.encrypted,
             source_host=self.source_host,
             source_agent=self.source_agent,
         )
@@ -145,6 +151,11 @@ class LiveRequest:
             tls=s.tls,
             **more,
         )
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether the streams between the hosts are encrypted."""
+        return self.tls if self.tls is not None else self.tls_dir is not None
 
 
 async def _direct(_purpose: str, address: str) -> str:
@@ -195,7 +206,7 @@ class LiveMigration(Job):
         self.source: VmSide | None = None
         self.strategy: StorageStrategy = strategy(request.storage)
         self.source_disks: dict[str, DiskServing] = {}
-        self.report = {"actions": [], "iterations": []}
+        self.report = {"actions": [], "iterations": [], "encrypted": request.encrypted}
         self._t_stop = 0.0
         self._guard: asyncio.Task[None] | None = None
         self._ctx: MoveContext | None = None
@@ -237,6 +248,8 @@ class LiveMigration(Job):
                 progress=self.on_progress,
                 release_holder=self.request.release_holder or release_holder_by_path,
                 report=self.report,
+                tls_dir=self.request.tls_dir if self.request.encrypted else None,
+                source_name=self.request.source_tls_name,
             )
         return self._ctx
 
@@ -419,7 +432,7 @@ class LiveMigration(Job):
         if self.schedule.allow_postcopy:
             caps["postcopy_ram"] = True
         tls = self.record.settings.tls
-        await dst.prepare_stream(postcopy=self.schedule.allow_postcopy, tls=tls)
+        await dst.prepare_stream(postcopy=self.schedule.allow_postcopy, tls=tls, peer=req.source_tls_name)
         await qm.set_capabilities(src, **caps)
         params: dict[str, int | str] = {
             "downtime_limit": self.schedule.downtime_ms[0],
@@ -435,10 +448,13 @@ class LiveMigration(Job):
         host, port = await dst.listen_stream()
         if tls:
             if req.tls_dir is None:
-                raise SideError("TLS asked for but the source has no credentials directory")
+                raise SideError("TLS asked for but the source has no TLS files")
+            self.record.facts.tls = True  # recorded first: a rollback drops the credentials
+            self._save()
+            await qm.forget_incoming_tls(src)  # a VM that came in encrypted leaves encrypted
             await qm.add_tls(src, str(req.tls_dir.absolute()), "client")
-            self.record.facts.tls = True
-            await qm.set_parameters(src, tls_creds=qm.TLS_ID, tls_hostname=host)
+            # The destination's certificate must name the host this migration goes to.
+            await qm.set_parameters(src, tls_creds=qm.TLS_ID, tls_hostname=dst.tls_name or host)
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         uri = f"tcp:{await self._route('stream', target)}"
         self.record.facts.stream = uri
@@ -608,8 +624,20 @@ class LiveMigration(Job):
         # QEMU on the source quits; its disks stay served to the destination until released.
         if self.src_home.is_running() and self.src_home.read_state().get("state") != "serving":
             await self.source.ctl("hand-off")
+            await self._until_source_serves()
         await self.strategy.after_resume(self.ctx)
         self.report["disk_complete_s"] = self._since_start()
+
+    async def _until_source_serves(self) -> None:
+        """The hand-off answers once QEMU was told to quit; the supervisor says ``serving`` when it has.
+        Waited for: whoever reads the home next (the agent recording that it holds the disks for the
+        destination) must not find it ``running``."""
+        deadline = time.monotonic() + HAND_OFF_SECONDS
+        while self.src_home.is_running() and self.src_home.read_state().get("state") != "serving":
+            if time.monotonic() > deadline:
+                log.warning("migration %s: the source did not say it serves the disks", self.record.id)
+                return
+            await asyncio.sleep(0.05)
 
     async def _cleanup(self) -> None:
         await self.strategy.release(self.ctx)
@@ -728,7 +756,7 @@ class LiveMigration(Job):
                 "memory_total_bytes": ram.get("total"),
                 "memory_iterations": ram.get("dirty-sync-count"),
                 "postcopy_requests": ram.get("postcopy-requests"),
-                "encrypted": self.record.facts.tls,
+                "encrypted": self.record.settings.tls,
             }
         )
         self.report.pop("pre_switchover_info", None)

@@ -15,6 +15,10 @@ from typing import Any, Protocol
 
 #: QEMU object id of a migration's TLS credentials.
 TLS_ID = "hikkoshi-migration-tls"
+#: QEMU object id of the check that the stream comes from the expected host (destination side).
+AUTHZ_ID = "hikkoshi-migration-authz"
+#: QEMU object id of the TLS credentials of precopy's NBD mirror targets (source side).
+MIRROR_TLS_ID = "hikkoshi-mirror-tls"
 
 
 class MigrationStatus(enum.StrEnum):
@@ -206,13 +210,13 @@ async def wait(port: QmpPort, states: Iterable[MigrationStatus], limit: float) -
     return MigrationInfo.of(await port.wait_migration([s.value for s in states], limit))
 
 
-async def add_tls(port: QmpPort, directory: str, endpoint: str) -> None:
-    """The migration's TLS credentials (QEMU's x509 layout in ``directory``), verifying the peer."""
+async def add_tls(port: QmpPort, directory: str, endpoint: str, object_id: str = TLS_ID) -> None:
+    """TLS credentials (QEMU's x509 layout in ``directory``), verifying the peer's certificate."""
     await port.qmp(
         "object-add",
         {
             "qom-type": "tls-creds-x509",
-            "id": TLS_ID,
+            "id": object_id,
             "dir": directory,
             "endpoint": endpoint,
             "verify-peer": True,
@@ -220,10 +224,35 @@ async def add_tls(port: QmpPort, directory: str, endpoint: str) -> None:
     )
 
 
+async def accept_only(port: QmpPort, identity: str) -> None:
+    """The incoming stream is accepted from a client certificate with this distinguished name only
+    (QEMU's ``tls-authz``; GnuTLS spells the name in certificate order, e.g. ``O=...,CN=host``)."""
+    await port.qmp("object-add", {"qom-type": "authz-simple", "id": AUTHZ_ID, "identity": identity})
+    await set_parameters(port, tls_authz=AUTHZ_ID)
+
+
 async def drop_tls(port: QmpPort) -> None:
     """Forget the migration's TLS settings and credentials (a later attempt adds its own)."""
     await set_parameters(port, tls_creds="", tls_hostname="")
     await port.qmp("object-del", {"id": TLS_ID})
+
+
+async def forget_incoming_tls(port: QmpPort) -> None:
+    """Drop the TLS settings and objects a QEMU kept from the migration that brought it here (its
+    server credentials and the check of the source's name): a QEMU that came in encrypted can then
+    leave encrypted, with a client's credentials under the same id."""
+    objects = {str(o.get("name")) for o in await port.qmp("qom-list", {"path": "/objects"})}
+    if not objects & {TLS_ID, AUTHZ_ID}:
+        return
+    await set_parameters(port, tls_creds="", tls_hostname="", tls_authz="")
+    for object_id in (TLS_ID, AUTHZ_ID):
+        if object_id in objects:
+            await port.qmp("object-del", {"id": object_id})
+
+
+async def drop_object(port: QmpPort, object_id: str) -> None:
+    """``object-del``."""
+    await port.qmp("object-del", {"id": object_id})
 
 
 # --- the guest ----------------------------------------------------------------------------------------------
@@ -270,17 +299,29 @@ async def device_geometry(port: QmpPort, device: str) -> tuple[int, int, int] | 
 # --- disk mirrors (precopy) ---------------------------------------------------------------------------------
 
 
-async def add_nbd_target(port: QmpPort, node: str, host: str, tcp_port: int, export: str) -> None:
-    """A block node writing to an NBD export (a mirror's target)."""
-    await port.qmp(
-        "blockdev-add",
-        {
-            "driver": "nbd",
-            "node-name": node,
-            "server": {"type": "inet", "host": host, "port": str(tcp_port)},
-            "export": export,
-        },
-    )
+async def add_nbd_target(
+    port: QmpPort,
+    node: str,
+    host: str,
+    tcp_port: int,
+    export: str,
+    *,
+    tls_creds: str | None = None,
+    tls_hostname: str | None = None,
+) -> None:
+    """A block node writing to an NBD export (a mirror's target); with ``tls_creds`` (an x509 object of
+    endpoint ``client``) over TLS, the server's certificate naming ``tls_hostname`` (default: ``host``)."""
+    args: dict[str, Any] = {
+        "driver": "nbd",
+        "node-name": node,
+        "server": {"type": "inet", "host": host, "port": str(tcp_port)},
+        "export": export,
+    }
+    if tls_creds is not None:
+        args["tls-creds"] = tls_creds
+        if tls_hostname is not None:
+            args["tls-hostname"] = tls_hostname
+    await port.qmp("blockdev-add", args)
 
 
 async def delete_node(port: QmpPort, node: str) -> None:

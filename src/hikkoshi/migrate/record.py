@@ -48,9 +48,9 @@ class MigrationSettings(BaseModel):
     allow_postcopy: bool = False
     max_seconds: float = 600.0
     tls_dir: str | None = None
-    """The source's TLS credentials directory (path mode; agents use their host certificates)."""
+    """The source host's TLS files (QEMU's layout: an agent's host certificate, or given by hand)."""
     tls: bool = False
-    """Whether the memory stream is encrypted."""
+    """Whether every stream between the hosts is encrypted (the memory stream, the disks' NBD)."""
     destination_datastore: str | None = None
     """The destination datastore's name on its agent."""
     destination_site: str | None = None
@@ -93,6 +93,9 @@ class MigrationFacts(BaseModel):
     mirror_jobs: list[str] = []
     stream: str | None = None
     tls: bool = False
+    """The source QEMU has the memory stream's TLS credentials (dropped by a rollback)."""
+    mirror_tls: bool = False
+    """The source QEMU has precopy's NBD TLS credentials (dropped by a rollback)."""
     routes: dict[str, str] = {}
     committed: bool = False
     """The source supervisor agreed that the destination may run (the commit)."""

@@ -193,8 +193,7 @@ class NbdClient:
                 elif isinstance(event, StartTLS):
                     assert self.tls is not None
                     await writer.drain()
-                    server_name = None if self.uri.socket else self.uri.host
-                    await writer.start_tls(self.tls, server_hostname=server_name)
+                    await writer.start_tls(self.tls, server_hostname=self.uri.server_name)
                     hs.tls_started()
                 elif isinstance(event, Negotiated):
                     break
@@ -430,7 +429,7 @@ async def list_exports(uri: NbdUri | str, tls: ssl.SSLContext | None = None) -> 
             if isinstance(event, StartTLS):
                 assert client.tls is not None
                 await writer.drain()
-                await writer.start_tls(client.tls, server_hostname=None if target.socket else target.host)
+                await writer.start_tls(client.tls, server_hostname=target.server_name)
                 hs.tls_started()
                 continue
             data = await reader.read(65536)

@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
+from hikkoshi.nbd.access import Access, ReadOnlyCatalogue
 from hikkoshi.nbd.constants import (
     HIKKOSHI_HEAT,
     ChunkType,
@@ -97,8 +98,10 @@ class ServerConnection(PayloadStreams, asyncio.BufferedProtocol):
     #: Reused buffers for large reads of a plain file, made by ``_process`` for each transport.
     _fast: FastPath | None = None
 
-    def __init__(self, server: NbdServer) -> None:
+    def __init__(self, server: NbdServer, access: Access | None = None) -> None:
         self.server = server
+        #: What the listener this client came through allows (TLS, which peers, read-only).
+        self.access = access or server.access
         self.limits = server.limits
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
@@ -107,8 +110,8 @@ class ServerConnection(PayloadStreams, asyncio.BufferedProtocol):
         self.key: str | None = None
         self.unix = False
         self.handshake: ServerHandshake | None = ServerHandshake(
-            server.exports,
-            TLSMode.REQUIRED if server.tls else TLSMode.NONE,
+            ReadOnlyCatalogue(server.exports) if self.access.read_only else server.exports,
+            TLSMode.REQUIRED if self.access.tls else TLSMode.NONE,
             max_payload=self.limits.max_payload,
         )
         self._hs_buf = bytearray(_HANDSHAKE_BUFFER)
@@ -258,13 +261,21 @@ class ServerConnection(PayloadStreams, asyncio.BufferedProtocol):
                     if what == "closed":
                         return
                     if what == "tls":
-                        assert self.transport is not None and self.server.tls is not None
+                        assert self.transport is not None and self.access.tls is not None
                         new = await self._loop.start_tls(
-                            self.transport, self, self.server.tls, server_side=True
+                            self.transport, self, self.access.tls, server_side=True
                         )
                         if new is None:
                             return
                         self.transport = new
+                        ssl_object = new.get_extra_info("ssl_object")
+                        peercert = ssl_object.getpeercert() if ssl_object is not None else None
+                        if not self.access.admits(peercert):
+                            # Authenticated by the cluster CA, but not the peer this listener is for.
+                            log.warning(
+                                "client %s: its certificate does not name an admitted peer", self.peer
+                            )
+                            return
                         assert self.handshake is not None
                         self.handshake.tls_started()
                         new.resume_reading()

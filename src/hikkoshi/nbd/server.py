@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hikkoshi.nbd.access import Access
 from hikkoshi.nbd.address import parse_address
 from hikkoshi.nbd.connection import ServerConnection
 from hikkoshi.nbd.connection import nbd_errno as nbd_errno
@@ -55,7 +56,10 @@ class ListenAddress:
 
 
 class NbdServer:
-    """Serves exports on one or more addresses until stopped."""
+    """Serves exports on one or more addresses until stopped.
+
+    Each listener has its :class:`~hikkoshi.nbd.access.Access` (TLS, the peers it admits, read-only);
+    the addresses given at start get ``tls`` and ``peers``, listeners added later their own."""
 
     def __init__(
         self,
@@ -63,16 +67,19 @@ class NbdServer:
         listen: list[ListenAddress],
         tls: ssl.SSLContext | None = None,
         limits: ServerLimits | None = None,
+        peers: frozenset[str] | None = None,
     ) -> None:
         self.exports = exports
         self.listen = listen
         self.tls = tls
+        #: What the addresses given at start allow (``peers``: host names a client certificate must name).
+        self.access = Access(tls=tls, peers=peers)
         self.limits = limits or ServerLimits()
         self.memory = PayloadMemory(self.limits.memory_budget)
         self.admission = Admission(self.limits)
         self.connections: set[ServerConnection] = set()
         self.bound: list[str] = []
-        self._listeners: list[tuple[ListenAddress, asyncio.Server, list[str]]] = []
+        self._listeners: list[tuple[ListenAddress, asyncio.Server, list[str], Access]] = []
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
         self._drained = asyncio.Event()
@@ -125,10 +132,10 @@ class NbdServer:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 for addr in self.listen:
-                    await self._bind(loop, addr)
+                    await self._bind(loop, addr, self.access)
                 self.ready.set()
                 await self._stop.wait()
-                for _addr, listener, _names in self._listeners:
+                for _addr, listener, _names, _access in self._listeners:
                     listener.close()
                 for conn in list(self.connections):
                     conn.begin_close()
@@ -142,31 +149,41 @@ class NbdServer:
                     for conn in list(self.connections):
                         conn._abort()
         finally:
-            for addr, listener, _names in self._listeners:
+            for addr, listener, _names, _access in self._listeners:
                 listener.close()
                 if addr.unix is not None:
                     addr.unix.unlink(missing_ok=True)
             self._listeners.clear()
             await self._flush_all()
 
-    async def add_listener(self, addr: ListenAddress) -> list[str]:
-        """Listen on one more address while serving (a migration opens the disks to a peer); bound names."""
+    async def add_listener(self, addr: ListenAddress, access: Access | None = None) -> list[str]:
+        """Listen on one more address while serving (a migration opens the disks to a peer), with its own
+        ``access`` (default: the server's); bound names."""
         if self._tg is None or self._stop.is_set():
             raise OSError(errno.ESHUTDOWN, "the server is not serving")
-        return await self._bind(asyncio.get_running_loop(), addr)
+        return await self._bind(asyncio.get_running_loop(), addr, access or self.access)
 
-    def remove_listener(self, name: str) -> bool:
-        """Stop listening on a bound address (as listed in ``bound``); connections made through it stay."""
+    def remove_listener(self, name: str, *, disconnect: bool = False) -> bool:
+        """Stop listening on a bound address (as listed in ``bound``); with ``disconnect``, the
+        connections made through it end too (a migration's peer loses what it was given)."""
         for entry in self._listeners:
-            addr, listener, names = entry
+            addr, listener, names, access = entry
             if name in names:
                 listener.close()
                 if addr.unix is not None:
                     addr.unix.unlink(missing_ok=True)
                 self._listeners.remove(entry)
                 self.bound = [b for b in self.bound if b not in names]
+                if disconnect:
+                    for conn in list(self.connections):
+                        if conn.access is access:
+                            conn.begin_close()
                 return True
         return False
+
+    def listeners(self) -> list[tuple[list[str], Access]]:
+        """Every listener: its bound names and its access."""
+        return [(names, access) for _addr, _listener, names, access in self._listeners]
 
     async def _flush_all(self) -> None:
         for export in self.exports:
@@ -177,16 +194,16 @@ class NbdServer:
             except OSError as exc:
                 log.error("export %s: final flush failed: %s", export.name, exc)
 
-    async def _bind(self, loop: asyncio.AbstractEventLoop, addr: ListenAddress) -> list[str]:
+    async def _bind(self, loop: asyncio.AbstractEventLoop, addr: ListenAddress, access: Access) -> list[str]:
         if addr.unix is not None:
             _remove_stale_socket(addr.unix)
             server = await loop.create_unix_server(
-                lambda: ServerConnection(self), path=str(addr.unix), backlog=_BACKLOG
+                lambda: ServerConnection(self, access), path=str(addr.unix), backlog=_BACKLOG
             )
             names = [f"unix:{addr.unix}"]
         else:
             server = await loop.create_server(
-                lambda: ServerConnection(self),
+                lambda: ServerConnection(self, access),
                 host=addr.host,
                 port=addr.port,
                 reuse_address=True,
@@ -196,7 +213,7 @@ class NbdServer:
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]
                 names.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-        self._listeners.append((addr, server, names))
+        self._listeners.append((addr, server, names, access))
         self.bound += names
         return names
 

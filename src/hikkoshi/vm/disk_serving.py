@@ -89,6 +89,23 @@ class DiskServing(BaseModel):
 Geometry = tuple[PositiveInt, PositiveInt, PositiveInt]
 
 
+class PeerListener(BaseModel):
+    """A listener of the disk service for another host (a migration's peer, or the host a VM whose disks
+    are held here runs on): bound again as it was after the disk service restarts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    address: str
+    """``HOST:PORT`` as bound (never a wildcard address)."""
+    peer: str | None = None
+    """The host name a client's certificate must name (with TLS)."""
+    read_only: bool = False
+    tls_dir: str | None = None
+    """This host's TLS files (QEMU's layout); ``None``: plain TCP, on a loopback address only."""
+    migration: str | None = None
+    """The migration it was opened for (closed with it)."""
+
+
 class DiskPlan(BaseModel):
     """How every disk of one VM is served on this host (disks not named are ``file`` disks)."""
 
@@ -102,6 +119,8 @@ class DiskPlan(BaseModel):
     guess otherwise if the guest changed that sector meanwhile."""
     migration: str | None = None
     """The migration that brought the VM here (for logs)."""
+    listeners: tuple[PeerListener, ...] = ()
+    """The disk service's listeners for other hosts."""
 
     def serving(self, disk: str) -> DiskServing:
         """How ``disk`` is served."""
@@ -118,6 +137,10 @@ class DiskPlan(BaseModel):
     def kinds(self, names: list[str]) -> dict[str, Serving]:
         """The kind of each disk named."""
         return {n: self.serving(n).kind for n in names}
+
+    def with_listeners(self, listeners: tuple[PeerListener, ...]) -> DiskPlan:
+        """The plan with these listeners."""
+        return self.model_copy(update={"listeners": listeners})
 
     @property
     def all_files(self) -> bool:

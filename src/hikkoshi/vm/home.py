@@ -156,7 +156,7 @@ class VmHome:
 
     def save_disk_plan(self, plan: DiskPlan) -> None:
         """Write the plan atomically; a plan of plain files without start facts is no plan at all."""
-        if plan.all_files and not plan.geometry and plan.migration is None:
+        if plan.all_files and not plan.geometry and plan.migration is None and not plan.listeners:
             self.disk_plan_file.unlink(missing_ok=True)
             return
         write_atomically(self.disk_plan_file, plan.model_dump_json(indent=2).encode(), mode=0o600)

@@ -34,8 +34,9 @@ NO_DRS = "DRS recommendations are not published in the cluster yet"
 
 
 def agent_url(api_address: str) -> str:
-    """A host's agent URL from its registered API address (``HOST:PORT`` means plain HTTP)."""
-    return api_address if "://" in api_address else f"http://{api_address}"
+    """A host's agent URL from its registered API address (agents serve HTTPS only: ``HOST:PORT`` is one
+    over HTTPS)."""
+    return api_address if "://" in api_address else f"https://{api_address}"
 
 
 def cluster_host(h: ClusterHost) -> HostView:

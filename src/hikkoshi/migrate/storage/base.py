@@ -14,6 +14,7 @@ import contextlib
 import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hikkoshi.daemons import supervisor_client
@@ -56,15 +57,47 @@ class MoveContext:
     progress: Callable[[dict[str, Any]], None]
     release_holder: ReleaseHolder
     report: dict[str, Any] = field(default_factory=dict)
+    tls_dir: Path | None = None
+    """The source host's TLS files (QEMU's layout): every stream between the hosts is encrypted with
+    them; ``None``: plain TCP (loopback only)."""
+    source_name: str | None = None
+    """The name the source's certificate has (the destination checks it); ``None``: its address."""
 
     @property
     def facts(self) -> MigrationFacts:
         """The record's facts."""
         return self.record.facts
 
+    @property
+    def destination_name(self) -> str | None:
+        """The name the destination's certificate has (only it is admitted); ``None``: any host of the
+        cluster CA (a destination reached by path)."""
+        return self.destination.tls_name
+
     def export_uri(self, disk: str) -> str:
         """The source's export of ``disk`` as the destination reaches it."""
         return self.facts.exports[disk]
+
+    def listen_args(self, *, read_only: bool) -> dict[str, Any]:
+        """The disk service's ``listen`` for the destination: on the source's migration address, for
+        this migration, admitting the destination's certificate only (with TLS)."""
+        args: dict[str, Any] = {
+            "address": f"{self.source_address}:0",
+            "read_only": read_only,
+            "migration": self.record.id,
+        }
+        if self.tls_dir is not None:
+            args["tls_dir"] = str(self.tls_dir.absolute())
+            if self.destination_name is not None:
+                args["peer"] = self.destination_name
+        return args
+
+    def uri_of(self, address: str, disk: str) -> str:
+        """The URI of the source's export ``disk`` at ``address`` (``host:port``)."""
+        if self.tls_dir is None:
+            return f"nbd://{address}/{disk}"
+        expect = f"?tls-hostname={self.source_name}" if self.source_name else ""
+        return f"nbds://{address}/{disk}{expect}"
 
 
 Finish = Callable[[], Awaitable[dict[str, Any]]]
@@ -84,6 +117,8 @@ class StorageStrategy(abc.ABC):
     """Whether the destination reads the source's disk service."""
     uses_bitmap: bool = False
     """Whether the source tracks writes for the switchover's invalidation."""
+    export_writable: bool = False
+    """Whether the destination writes through the source's export (else it only reads it)."""
 
     @abc.abstractmethod
     def destination_serving(self, ctx: MoveContext, disk: str) -> DiskServing:
@@ -99,10 +134,13 @@ class StorageStrategy(abc.ABC):
         if self.moves_disks:
             ctx.facts.holders = holders(ctx)
         if self.needs_export and ctx.spec.disks:
-            names = await ctx.source.disks("listen", address=f"{ctx.source_address}:0")
+            # Recorded first: a rollback closes every listener of this migration.
+            ctx.facts.source_listen = f"migration {ctx.record.id}"
+            ctx.save()
+            names = await ctx.source.disks("listen", **ctx.listen_args(read_only=not self.export_writable))
             ctx.facts.source_listen = str(names[0])
             reach = await ctx.route("export", str(names[0]))
-            ctx.facts.exports = {d.name: f"nbd://{reach}/{d.name}" for d in ctx.spec.disks}
+            ctx.facts.exports = {d.name: ctx.uri_of(reach, d.name) for d in ctx.spec.disks}
         if self.uses_bitmap:
             # Before the destination reads anything: every later write is marked.
             name = bitmap_name(ctx.record.id)
@@ -135,8 +173,8 @@ class StorageStrategy(abc.ABC):
         """Undo the source side's part (the migration itself is cancelled by the job); problems left."""
         problems: list[str] = []
         if ctx.facts.source_listen:
-            with contextlib.suppress(SideError):
-                await ctx.source.disks("unlisten", address=ctx.facts.source_listen)
+            with contextlib.suppress(SideError):  # the destination's connections end with it
+                await ctx.source.disks("unlisten", migration=ctx.record.id)
         if ctx.facts.bitmap:
             for disk in ctx.spec.disks:
                 with contextlib.suppress(SideError):

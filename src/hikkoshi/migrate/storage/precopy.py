@@ -38,12 +38,22 @@ class Precopy(StorageStrategy):
     async def before_memory(self, ctx: MoveContext) -> None:
         if not ctx.spec.disks:
             return
-        address = await ctx.destination.listen_disks()
+        address = await ctx.destination.listen_disks(
+            ctx.record.id, peer=ctx.source_name, tls=ctx.tls_dir is not None
+        )
+        listening = address.rsplit(":", 1)[0].strip("[]")
         host, port = (await ctx.route("mirror", address)).rsplit(":", 1)
+        tls: dict[str, str] = {}
+        if ctx.tls_dir is not None:
+            # QEMU's NBD client: this host's certificate, the destination's checked by its name.
+            ctx.facts.mirror_tls = True
+            ctx.save()
+            await qm.add_tls(ctx.source, str(ctx.tls_dir.absolute()), "client", qm.MIRROR_TLS_ID)
+            tls = {"tls_creds": qm.MIRROR_TLS_ID, "tls_hostname": ctx.destination_name or listening}
         jobs = []
         for disk in ctx.spec.disks:
             node, job = f"mig-target-{disk.name}", f"mig-{disk.name}"
-            await qm.add_nbd_target(ctx.source, node, host.strip("[]"), int(port), disk.name)
+            await qm.add_nbd_target(ctx.source, node, host.strip("[]"), int(port), disk.name, **tls)
             ctx.facts.mirror_nodes.append(node)
             ctx.save()
             await qm.mirror(ctx.source, job, disk_node(disk.name), node)
@@ -94,6 +104,9 @@ class Precopy(StorageStrategy):
         for node in ctx.facts.mirror_nodes:
             with contextlib.suppress(SideError):
                 await qm.delete_node(ctx.source, node)
+        if ctx.facts.mirror_tls:
+            with contextlib.suppress(SideError):  # a later attempt adds its own
+                await qm.drop_object(ctx.source, qm.MIRROR_TLS_ID)
         return await super().rollback(ctx)
 
 

@@ -14,6 +14,7 @@ class Shared(StorageStrategy):
 
     mode = StorageMode.SHARED
     moves_disks = False
+    export_writable = True  # the destination's pass-through writes to the holder
 
     def _held_here(self, ctx: MoveContext) -> bool:
         return any(s.kind == Serving.FILE for s in ctx.source_disks.values())
