@@ -7,9 +7,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.support.images import make_image
 from tests.support.servers import Served, hikkoshi_server
+
+# No per-example deadlines: the suite shares two cores with guests under TCG, and a slow example is
+# not a wrong one (speed is measured in bench/, never in tests).
+settings.register_profile("hikkoshi", deadline=None)
+settings.load_profile("hikkoshi")
 
 
 @pytest.fixture
