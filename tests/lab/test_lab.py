@@ -75,7 +75,8 @@ def test_lab_migrates_a_guest_across_sites(guest: GuestImage, tmp_path: Path) ->
         run = random.randrange(1, 2**31)
         create_busy(east, "far", run)
         # The agents joined the lab's etcd: the CLI finds hosts and VMs through it, by name.
-        etcd = ("--etcd", lab["etcd"]["url"], "--token-file", str(lab_dir / "token"))
+        ca = str(lab_dir / "pki" / "ca" / "ca-cert.pem")
+        etcd = ("--etcd", lab["etcd"]["url"], "--token-file", str(lab_dir / "token"), "--ca-file", ca)
         hosts = json.loads(hk(*etcd, "host", "list", "--json").stdout)
         assert sorted((h["name"], h["state"]) for h in hosts) == [("east", "up"), ("west", "up")]
         moved = hk(*etcd, "migrate", "far", "--to", "west", "--json", timeout=600)

@@ -65,7 +65,8 @@ def test_dashboard_on_the_cluster(guest: GuestImage, tmp_path: Path, etcd: EtcdM
         create_busy(a, "mover", run)
         uuid = str(a.json("vm", "show", "mover", "--json")["uuid"])
         token = a.token_file.read_text().strip()
-        args = ["--etcd", etcd.spec.endpoint, "--token-file", str(a.token_file)]
+        assert a.ca_file is not None
+        args = ["--etcd", etcd.spec.endpoint, "--token-file", str(a.token_file), "--ca-file", str(a.ca_file)]
         with dashboard_proc(tmp_path / "dashboard.log", *args) as base, chromium() as browser:
             context = browser.new_context(viewport={"width": 1280, "height": 800})
             page = context.new_page()
