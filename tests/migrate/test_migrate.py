@@ -452,23 +452,25 @@ def test_memory_stream_with_tls(
     both ends verified by one CA; the migration completes."""
     import asyncio
 
+    from hikkoshi.identity.authority import issue_host, make_ca
     from hikkoshi.migrate.destination import LocalDestination
     from hikkoshi.migrate.live import LiveMigration, LiveRequest
     from hikkoshi.migrate.record import MigrationStore
-    from tests.support.pki import make_ca, make_leaf, pem_cert, pem_key
 
+    # One host identity, as `hikkoshi cluster init` and `cluster issue` make it, in QEMU's layout:
+    # the host certificate serves both ends (server and client), as the agents hand it to QEMU.
+    make_ca(tmp_path / "ca")
+    ids = issue_host(tmp_path / "ca", "host-a", tmp_path / "id", ["127.0.0.1"])
     tls = tmp_path / "tls"
     tls.mkdir()
-    ca = make_ca("migration CA")
-    server, client = make_leaf(ca, "127.0.0.1", server=True), make_leaf(ca, "source", server=False)
-    for name, data in {
-        "ca-cert.pem": pem_cert(ca[0]),
-        "server-cert.pem": pem_cert(server[0]),
-        "server-key.pem": pem_key(server[1]),
-        "client-cert.pem": pem_cert(client[0]),
-        "client-key.pem": pem_key(client[1]),
+    for name, source in {
+        "ca-cert.pem": ids.ca,
+        "server-cert.pem": ids.cert,
+        "server-key.pem": ids.key,
+        "client-cert.pem": ids.cert,
+        "client-key.pem": ids.key,
     }.items():
-        (tls / name).write_bytes(data)
+        (tls / name).write_bytes(source.read_bytes())
     a, b, runtime_b = hosts
     home = guest_vm(a, guest, "sealed", "idle")
     dest = b.home("sealed")

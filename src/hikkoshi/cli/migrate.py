@@ -97,8 +97,9 @@ def add_parser(top: Any) -> None:
         "--tls-dir",
         type=Path,
         metavar="DIR",
-        help="encrypt the memory stream with these x509 files (QEMU layout: ca-cert.pem, server-cert.pem, "
-        "server-key.pem, client-cert.pem, client-key.pem)",
+        help="encrypt the memory stream and the disks' streams with a host identity in QEMU's layout "
+        "(ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem, client-key.pem): the host's "
+        "certificate from `hikkoshi cluster issue` as both server and client",
     )
     how = p.add_mutually_exclusive_group()
     how.add_argument("--offline", action="store_true", help="cold migration of a powered-off VM")
