@@ -22,8 +22,10 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from hikkoshi.agent.drs_service import DrsService
 from hikkoshi.agent.errors import Conflict, Problem
 from hikkoshi.agent.host import Host
+from hikkoshi.agent.load_sampler import LoadSampler
 from hikkoshi.agent.vm_rows import RowState
 from hikkoshi.cluster.config import EtcdConfig
 from hikkoshi.cluster.errors import ClusterError, EtcdUnavailable, NameTaken, OwnedElsewhere
@@ -35,6 +37,7 @@ from hikkoshi.cluster.limits import Slots
 from hikkoshi.cluster.models import DatastoreInfo, HostInfo, HostLoad, HostStatus, VmRecord
 from hikkoshi.cluster.ownership import Claim, Ownership
 from hikkoshi.cluster.store import Store
+from hikkoshi.cluster.tasks import background
 from hikkoshi.migrate.phases import PhaseError
 from hikkoshi.migrate.record import MigrationRecord
 from hikkoshi.migrate.sides import SideError
@@ -64,6 +67,16 @@ class ClusterSettings:
     lease_ttl: int = 6
     takeover_after: float = 60.0
     """How long a migration's source host must be down before this host, its destination, settles it."""
+    vm_memory: int = 0
+    """Bytes of memory VMs may be given here, as DRS counts it (0: all of the host's)."""
+    vm_cpus: int = 0
+    """Cores VMs may use here, as DRS counts them (0: all of the host's)."""
+    load_interval: float = 10.0
+    """Seconds between load samples of the VMs (published with the host's status)."""
+    load_window: int = 30
+    """Samples kept (the window DRS looks at)."""
+    drs_tick: float = 1.0
+    """Seconds between looks at due scheduled migrations and the automatic planner."""
 
 
 def vm_record(spec: VmSpec, datastore_uuid: str | None) -> VmRecord:
@@ -91,19 +104,21 @@ class ClusterMember:
         """VM uuid -> this host's ownership of it (the token it starts and resumes with)."""
         self.migrations_out = 0
         self.migrations_in = 0
+        self.sampler = LoadSampler(host, settings.load_interval, settings.load_window)
 
     # --- membership ----------------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def joined(self) -> AsyncIterator[ClusterMember]:
         """Registered for the block's length; :class:`EtcdUnavailable` at once if etcd does not answer."""
-        async with Store(self.settings.etcd) as store:
+        async with Store(self.settings.etcd) as store, background(self.sampler.run(), "load-sampler"):
             self.store = store
             async with register_host(store, self._info(), self._status, ttl=self.settings.lease_ttl) as reg:
                 self.registration = reg
                 log.info("registered in the cluster at %s", ", ".join(self.settings.etcd.endpoints))
                 try:
-                    yield self
+                    async with background(DrsService(self).run(), "drs"):
+                        yield self
                 finally:
                     self.registration = None
                     self.store = None
@@ -154,6 +169,10 @@ class ClusterMember:
                 migrations_in=self.migrations_in,
             ),
             vms=vms,
+            cpu_cores=self.settings.vm_cpus or os.cpu_count() or 1,
+            vm_memory=self.settings.vm_memory,
+            vm_loads=self.sampler.loads(),
+            sample_interval=self.settings.load_interval,
         )
 
     def _vm_states(self) -> dict[str, str]:

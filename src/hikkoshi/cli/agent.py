@@ -19,6 +19,7 @@ from hikkoshi.cli.etcd_options import add_etcd_tls_arguments, etcd_config, etcd_
 from hikkoshi.cli.migrate import parse_wan, wan_routes
 from hikkoshi.daemons.process import run
 from hikkoshi.vm.accel import DEFAULT_QEMU
+from hikkoshi.vm.spec import parse_size
 
 if TYPE_CHECKING:  # the agent's modules (FastAPI, uvicorn, httpx) load only when an agent runs
     from hikkoshi.agent.jobs import RouteFactory
@@ -69,6 +70,15 @@ def add_parser(top: Any) -> None:
         default=60.0,
         metavar="S",
         help="settle a migration into this host once its source host is down this long (default 60)",
+    )
+    drs = p.add_argument_group("DRS", "what DRS counts of this host, and how often it samples its VMs")
+    drs.add_argument("--vm-memory", metavar="SIZE", help="memory VMs may be given here (default: all)")
+    drs.add_argument("--vm-cpus", type=int, default=0, metavar="N", help="cores VMs may use (default: all)")
+    drs.add_argument(
+        "--load-interval", type=float, default=10.0, metavar="S", help="seconds between load samples (10)"
+    )
+    drs.add_argument(
+        "--drs-tick", type=float, default=1.0, metavar="S", help="seconds between looks at due schedules (1)"
     )
     p.set_defaults(func=agent_command)
 
@@ -153,7 +163,14 @@ def agent_command(args: argparse.Namespace) -> int:
             peer_ca=args.peer_ca,
         )
         if etcd_urls(args):
-            config.cluster = ClusterSettings(etcd_config(args), takeover_after=args.takeover_after)
+            config.cluster = ClusterSettings(
+                etcd_config(args),
+                takeover_after=args.takeover_after,
+                vm_memory=parse_size(args.vm_memory) if args.vm_memory else 0,
+                vm_cpus=args.vm_cpus,
+                load_interval=args.load_interval,
+                drs_tick=args.drs_tick,
+            )
         if (args.tls_cert is None) != (args.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         routes = site_routes(parse_wan_links(args.wan_link), host)

@@ -1,0 +1,156 @@
+"""The agent's DRS duties in a cluster, as two loops beside its registration:
+
+- scheduled migrations: every ``drs_tick`` seconds, each due ``pending`` schedule whose VM this host
+  owns is claimed (a transaction from ``pending`` to ``started``: only one agent ever wins it) and
+  started here as an ordinary cluster migration; this agent then records how it ended;
+- the automatic planner, when ``drs auto on``: the agent holding ``leader/drs`` (under its host lease,
+  so it passes to another agent when this one goes) plans every ``interval`` seconds and carries the
+  moves out through the source hosts' agents, like ``drs apply``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from hikkoshi.agent.client import AgentClient, AgentError
+from hikkoshi.agent.drs_moves import Connect, follow, start
+from hikkoshi.agent.drs_read import read_state
+from hikkoshi.cluster.drs_records import DrsRecords
+from hikkoshi.cluster.errors import ClusterError
+from hikkoshi.cluster.models import ScheduleRecord
+from hikkoshi.cluster.ownership import Ownership
+from hikkoshi.drs.planner import plan
+from hikkoshi.drs.policy import Policy
+
+if TYPE_CHECKING:
+    from hikkoshi.agent.cluster_member import ClusterMember
+
+log = logging.getLogger("hikkoshi.agent.drs")
+
+
+class DrsService:
+    """See the module's docstring."""
+
+    def __init__(self, member: ClusterMember) -> None:
+        self.member = member
+        config = member.host.config
+        self.name = config.name
+        self.url = config.url
+        self.connect: Connect = lambda url: AgentClient(url, config.token, ca_file=config.peer_ca)
+        self.tick = member.settings.drs_tick
+        self.next_run = 0.0
+        self.runs = 0
+
+    def _records(self) -> DrsRecords | None:
+        if not self.member.online or self.member.store is None:
+            return None
+        return DrsRecords(self.member.store, self.member.keys)
+
+    # --- scheduled migrations ------------------------------------------------------------------------------
+
+    async def schedules_once(self) -> None:
+        records = self._records()
+        if records is None:
+            return
+        now = time.time()
+        for rec, rev in await records.schedules_at():
+            if rec.state == "pending" and rec.at <= now:
+                await self._maybe_run(records, rec, rev)
+            elif rec.state == "started" and rec.runner == self.name and rec.migration:
+                await self._check(records, rec, rev)
+
+    async def _maybe_run(self, records: DrsRecords, rec: ScheduleRecord, rev: int) -> None:
+        own = Ownership(records.store, records.keys)
+        uuid = await own.uuid_of(rec.vm)
+        if uuid is None:
+            await records.update_schedule(rec, rev, state="failed", error=f"no VM named {rec.vm!r}")
+            return
+        owner = await own.owner(uuid)
+        if owner is None or owner.host != self.name:
+            return  # its owner runs it
+        claimed = await records.update_schedule(rec, rev, state="started", runner=self.name)
+        if claimed is None:
+            return  # another agent took it first
+        log.info("scheduled migration %s: %s to %s", rec.id, rec.vm, rec.to)
+        try:
+            async with self.connect(self.url) as client:
+                accepted = await client.post(
+                    f"/v1/vms/{rec.vm}/migrate", {"to": rec.to, "storage": rec.storage}
+                )
+        except AgentError as e:
+            await self._settle(records, rec.id, state="failed", error=e.detail)
+            return
+        await self._settle(records, rec.id, migration=accepted["id"])
+
+    async def _settle(self, records: DrsRecords, schedule_id: str, **changes: object) -> None:
+        for _ in range(5):
+            found = await records.schedule(schedule_id)
+            if found is None or await records.update_schedule(found[0], found[1], **changes) is not None:
+                return
+
+    async def _check(self, records: DrsRecords, rec: ScheduleRecord, rev: int) -> None:
+        try:
+            async with self.connect(self.url) as client:
+                info = await client.get(f"/v1/migrations/{rec.migration}")
+        except AgentError as e:
+            if e.status == 404:
+                await records.update_schedule(rec, rev, state="failed", error="its migration is gone")
+            return
+        if info["running"]:
+            return
+        if info["phase"] == "done":
+            await records.update_schedule(rec, rev, state="done")
+        else:
+            await records.update_schedule(
+                rec, rev, state="failed", error=str(info.get("error") or info["phase"])
+            )
+
+    # --- the automatic planner -----------------------------------------------------------------------------
+
+    async def auto_once(self) -> None:
+        records = self._records()
+        reg = self.member.registration
+        lease = reg.lease if reg is not None else None
+        if records is None or lease is None or not lease.alive():
+            return
+        settings = await records.settings()
+        if not settings.auto or not await records.lead(self.name, lease.id):
+            return
+        now = time.time()
+        if now < self.next_run:
+            return
+        self.next_run = now + settings.interval
+        state = await read_state(records.store, records.keys, max_moves=settings.max_moves)
+        p = plan(state.snapshot, Policy(level=settings.level))
+        self.runs += 1
+        if not p.moves:
+            log.info("automatic DRS: no moves (imbalance %.3f); %s", p.imbalance_before, "; ".join(p.notes))
+            return
+        for m in p.moves:
+            log.info("automatic DRS: %s %s -> %s: %s", m.vm, m.source, m.target, m.reason)
+        carried = await start(state, p.moves, self.connect)
+        await follow(carried, self.connect)
+        for c in carried:
+            log.info("automatic DRS: %s -> %s: %s %s", c.move.vm, c.move.target, c.phase, c.error or "")
+
+    # --- loops ---------------------------------------------------------------------------------------------
+
+    async def _loop(self, what: str, once: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            try:
+                await once()
+            except (ClusterError, AgentError, OSError, ValueError) as e:
+                log.warning("DRS %s: %s", what, e)
+            except Exception:  # never the agent's end: its VMs and migrations go on
+                log.exception("DRS %s failed", what)
+            await asyncio.sleep(self.tick)
+
+    async def run(self) -> None:
+        """Both loops, until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._loop("schedules", self.schedules_once))
+            tg.create_task(self._loop("automatic planner", self.auto_once))
