@@ -62,3 +62,22 @@ def forecast(
         "max_downtime_ms": max_downtime_ms,
     }
     return Forecast(vm.name, src.name, dst.name, mode.value if moving else "shared", predicted, assumptions)
+
+
+def alone(memory: int, disks: tuple[tuple[int, int], ...], storage: str, max_downtime_ms: int) -> Prediction:
+    """The prediction of a migration between agents outside a cluster (no figures in etcd): the VM's
+    configured memory, its disks' (size, allocated) moving unless ``shared``, over the policy's LAN."""
+    from hikkoshi.migrate.convergence import build_schedule
+    from hikkoshi.migrate.predict import Disk, Migration, predict
+
+    mode = Mode(storage)
+    return predict(
+        Migration(
+            memory_bytes=memory,
+            dirty_rate=0.0,
+            link=Policy().lan,
+            mode=mode,
+            disks=() if mode is Mode.SHARED else tuple(Disk(s, a) for s, a in disks),
+            schedule=build_schedule(max_downtime_ms),
+        )
+    )

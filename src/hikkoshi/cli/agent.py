@@ -77,6 +77,7 @@ def add_parser(top: Any) -> None:
     drs.add_argument(
         "--load-interval", type=float, default=10.0, metavar="S", help="seconds between load samples (10)"
     )
+    drs.add_argument("--load-window", type=int, default=30, metavar="N", help="samples DRS looks at (30)")
     drs.add_argument(
         "--drs-tick", type=float, default=1.0, metavar="S", help="seconds between looks at due schedules (1)"
     )
@@ -169,6 +170,7 @@ def agent_command(args: argparse.Namespace) -> int:
                 vm_memory=parse_size(args.vm_memory) if args.vm_memory else 0,
                 vm_cpus=args.vm_cpus,
                 load_interval=args.load_interval,
+                load_window=args.load_window,
                 drs_tick=args.drs_tick,
             )
         if (args.tls_cert is None) != (args.tls_key is None):
