@@ -75,6 +75,7 @@ def test_records_become_a_snapshot() -> None:
     assert {r.name for r in s.rules} == {"apart", "pin"} and next(
         r for r in s.rules if r.name == "pin"
     ).hosts == {"a"}
+    assert {d.name: d.latency_p90 for d in s.datastores}["ds-a"] == ()
     hs = {h.name: h for h in s.hosts}
     assert hs["a"].memory == 1024 * MIB and hs["a"].cpu_cores == 4 and hs["c"].state.value == "down"
     assert hs["b"].state.value == "maintenance" and len(s.links) == 1
@@ -144,3 +145,11 @@ def test_a_move_becomes_the_agent_request() -> None:
     assert request_of(state, stays) == ("/v1/vms/x/migrate", {"to": "b", "storage": "shared"})
     disk = Move("x", "a", "a", MoveKind.STORAGE, Why.SPACE, "r", datastore="ds-a")
     assert request_of(state, disk) == ("/v1/vms/x/storage-migrate", {"datastore": "main"})
+
+
+def test_datastore_latency_is_the_slowest_vm_per_sample() -> None:
+    a = VmLoad(disk_latency_ms=(1.0, 9.0, 2.0), datastore="ds-a")
+    b = VmLoad(disk_latency_ms=(5.0, 3.0), datastore="ds-a")
+    hosts = [view("a", vms={"u-x": "running", "u-y": "running"}, loads={"u-x": a, "u-y": b}), view("b")]
+    s = snapshot(hosts, [cvm("x", "a"), cvm("y", "a")])
+    assert {d.name: d.latency_p90 for d in s.datastores} == {"ds-a": (1.0, 9.0, 3.0), "ds-b": ()}

@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -239,3 +240,26 @@ def test_automatic_planner_repairs_a_rule(capsys: CapSys, cluster: Cluster) -> N
     wait_for("s2 moved by the automatic planner", lambda: hosts_of(capsys, c)["s2"] == target, timeout=180)
     assert "automatic DRS is off" in ok(capsys, c, "drs", "auto", "off")
     ok(capsys, c, "rule", "delete", "pin")
+
+
+def test_recurring_window_runs_once_per_opening(capsys: CapSys, cluster: Cluster) -> None:
+    c = cluster
+    where = hosts_of(capsys, c)
+    source = where["s3"]
+    target = next(h for h in ("alpha", "beta", "gamma") if h != source)
+    now = datetime.now(UTC)
+    window = f"{(now - timedelta(minutes=1)):%H:%M}-{(now + timedelta(minutes=10)):%H:%M}"
+    added = as_json(capsys, c, "schedule", "add", "s3", "--to", target, "--window", window)
+    assert added["state"] == "recurring" and added["window"] == window
+
+    def row() -> dict[str, Any]:
+        return dict({s["id"]: s for s in as_json(capsys, c, "schedule", "list")}[added["id"]])
+
+    wait_for("the window's run done", lambda: row()["outcome"] in ("done", "failed"), timeout=180)
+    first = row()
+    assert first["outcome"] == "done" and first["state"] == "recurring", first
+    assert hosts_of(capsys, c)["s3"] == target
+    time.sleep(3)  # several ticks of every agent: the open window does not run again
+    assert row()["last_run"] == first["last_run"]
+    assert "window" in ok(capsys, c, "schedule", "list")
+    assert "cancelled" in ok(capsys, c, "schedule", "cancel", added["id"])

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from hikkoshi.agent.client import AgentClient, AgentError
+from hikkoshi.agent.drs_due import due_now
 from hikkoshi.agent.drs_moves import Connect, follow, start
 from hikkoshi.agent.drs_read import read_state
 from hikkoshi.cluster.drs_records import DrsRecords
@@ -56,11 +57,13 @@ class DrsService:
         records = self._records()
         if records is None:
             return
-        now = time.time()
-        for rec, rev in await records.schedules_at():
-            if rec.state == "pending" and rec.at <= now:
+        rows = await records.schedules_at()
+        due = set(due_now([r for r, _ in rows], time.time()))
+        for rec, rev in rows:
+            running = rec.state == "started" or (rec.state == "recurring" and rec.outcome == "started")
+            if rec.id in due:
                 await self._maybe_run(records, rec, rev)
-            elif rec.state == "started" and rec.runner == self.name and rec.migration:
+            elif running and rec.runner == self.name and rec.migration:
                 await self._check(records, rec, rev)
 
     async def _maybe_run(self, records: DrsRecords, rec: ScheduleRecord, rev: int) -> None:

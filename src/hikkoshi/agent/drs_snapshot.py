@@ -5,7 +5,8 @@ turned into a :class:`hikkoshi.drs.model.Snapshot`. Pure.
   whole memory and one core; its load is the sum of its VMs' demand (what each VM measured over the
   window: QEMU's CPU time, resident memory, its NBD service's I/O rates).
 - A datastore is one per uuid, seen by every host that lists it; its free space is the least any of
-  them reports.
+  them reports; its latency per sample is the slowest its VMs' disk services measured (their p99,
+  which bounds the p90 Storage DRS asks for from above).
 - Only running VMs whose owner is up or in maintenance are the planner's; a VM's disks are on the
   datastore its owner says (else the one its record names, else the owner's first).
 - A rule keeps the VMs of it that are in the snapshot (a stopped VM is placed when it starts).
@@ -65,7 +66,26 @@ def host_of(view: HostView) -> Host:
     )
 
 
-def datastores_of(views: Iterable[HostView]) -> tuple[Datastore, ...]:
+def latencies(views: Iterable[HostView]) -> dict[str, tuple[float, ...]]:
+    """Datastore uuid -> per sample (newest last), the slowest latency its VMs measured."""
+    out: dict[str, list[float]] = {}
+    for v in views:
+        if v.status is None:
+            continue
+        for got in v.status.vm_loads.values():
+            if not got.datastore or not got.disk_latency_ms:
+                continue
+            have = out.setdefault(got.datastore, [])
+            mine = list(got.disk_latency_ms)
+            if len(mine) > len(have):  # aligned on the newest sample
+                have[:0] = [0.0] * (len(mine) - len(have))
+            offset = len(have) - len(mine)
+            for i, x in enumerate(mine):
+                have[offset + i] = max(have[offset + i], x)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def datastores_of(views: Sequence[HostView]) -> tuple[Datastore, ...]:
     capacity: dict[str, int] = {}
     free: dict[str, int] = {}
     seen: dict[str, set[str]] = {}
@@ -76,8 +96,11 @@ def datastores_of(views: Iterable[HostView]) -> tuple[Datastore, ...]:
             if v.status is not None and d.uuid in v.status.datastores_free:
                 got = v.status.datastores_free[d.uuid]
                 free[d.uuid] = min(free.get(d.uuid, got), got)
+    slow = latencies(views)
     return tuple(
-        Datastore(u, capacity[u], min(free.get(u, capacity[u]), capacity[u]), frozenset(seen[u]))
+        Datastore(
+            u, capacity[u], min(free.get(u, capacity[u]), capacity[u]), frozenset(seen[u]), slow.get(u, ())
+        )
         for u in sorted(capacity)
     )
 

@@ -69,7 +69,15 @@ def schedule_lines(schedules: Sequence[ScheduleRecord], now: float | None = None
     for s in schedules:
         due = f"in {s.at - t:.0f}s" if s.state == "pending" and s.at > t else ""
         detail = s.error or (f"migration {s.migration} on {s.runner}" if s.migration else due)
-        rows.append((s.id, s.vm, s.to, when(s.at), s.state, detail or "-"))
+        if s.window is not None and s.outcome:
+            detail = f"last run {s.outcome}" + (f": {detail}" if detail else "")
+        days = (
+            ""
+            if not s.days
+            else " " + ",".join(("mon", "tue", "wed", "thu", "fri", "sat", "sun")[d] for d in s.days)
+        )
+        at = f"window {s.window} UTC{days}" if s.window is not None else when(s.at)
+        rows.append((s.id, s.vm, s.to, at, s.state, detail or "-"))
     return _table(("ID", "VM", "TO", "AT", "STATE", "DETAIL"), rows)
 
 

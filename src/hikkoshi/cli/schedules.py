@@ -1,9 +1,12 @@
-"""`hikkoshi --etcd URL schedule add|list|cancel`: migrations at a time, kept in etcd.
+"""`hikkoshi --etcd URL schedule add|list|cancel`: migrations at a time or in a recurring window,
+kept in etcd.
 
 ``schedule add VM --to HOST --at TIME`` (TIME: ``+30s``, ``+5m``, a Unix time or ISO 8601, UTC unless
-it says otherwise). The agent that owns the VM when the time comes starts it, once (a transaction
-claims it, so several agents never both do); ``schedule list`` shows each with what became of it;
-``schedule cancel ID`` cancels one that has not started.
+it says otherwise), or ``--window HH:MM-HH:MM [--days mon,fri|weekdays|weekends]`` (UTC): each time
+the window opens (a VM on that host already has nothing to do). The agent that owns the VM when the
+time comes starts it, once (a transaction claims each run, so several agents never both do);
+``schedule list`` shows each with what became of it; ``schedule cancel ID`` cancels one that has not
+started (or a recurring one).
 """
 
 from __future__ import annotations
@@ -25,7 +28,12 @@ def add_parser(top: Any) -> None:
     p = sub.add_parser("add", help="migrate a VM to a host at a time")
     p.add_argument("name", metavar="VM")
     p.add_argument("--to", required=True, metavar="HOST")
-    p.add_argument("--at", required=True, metavar="TIME", help="+30s, +5m, +2h, a Unix time or ISO 8601")
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--at", metavar="TIME", help="once: +30s, +5m, +2h, a Unix time or ISO 8601")
+    when.add_argument("--window", metavar="HH:MM-HH:MM", help="each time this window (UTC) opens")
+    p.add_argument(
+        "--days", default="all", metavar="DAYS", help="--window's days: mon,tue,..., weekdays, weekends"
+    )
     p.add_argument("--storage", choices=("shared", "precopy", "postcopy", "hybrid"), default="hybrid")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=needs_etcd, via_cluster=add_command)
@@ -38,13 +46,17 @@ def add_parser(top: Any) -> None:
 
 
 def add_command(args: argparse.Namespace) -> int:
+    from hikkoshi.agent.drs_due import parse_days, parse_window
     from hikkoshi.cli.cluster_route import host_named, owner_of
     from hikkoshi.cli.cluster_session import CommandError, print_json, with_store
     from hikkoshi.cli.drs_tables import parse_time, when
     from hikkoshi.cluster.drs_records import DrsRecords
 
     try:
-        at = parse_time(args.at, time.time())
+        at = parse_time(args.at, time.time()) if args.at is not None else time.time()
+        days = parse_days(args.days)
+        if args.window is not None:
+            parse_window(args.window)
     except ValueError as e:
         print(f"hikkoshi schedule add: {e}", file=sys.stderr)
         return 2
@@ -54,9 +66,13 @@ def add_command(args: argparse.Namespace) -> int:
         await host_named(store, args.to, role="destination host")
         if source.info.name == args.to:
             raise CommandError(f"VM {args.name!r} is on host {args.to!r} already")
-        rec = await DrsRecords(store).add_schedule(args.name, args.to, at, args.storage)
+        rec = await DrsRecords(store).add_schedule(
+            args.name, args.to, at, args.storage, window=args.window, days=days
+        )
         if args.json:
             print_json(rec.model_dump(mode="json"))
+        elif rec.window is not None:
+            print(f"scheduled {rec.id}: VM {args.name!r} to {args.to!r} each time {rec.window} UTC opens")
         else:
             print(f"scheduled {rec.id}: VM {args.name!r} to {args.to!r} at {when(at)}")
         return 0

@@ -45,8 +45,27 @@ class DrsRecords:
 
     # --- schedules -----------------------------------------------------------------------------------------
 
-    async def add_schedule(self, vm: str, to: str, at: float, storage: str = "hybrid") -> ScheduleRecord:
-        rec = ScheduleRecord(id=uuidlib.uuid4().hex[:12], vm=vm, to=to, at=at, storage=storage)
+    async def add_schedule(
+        self,
+        vm: str,
+        to: str,
+        at: float,
+        storage: str = "hybrid",
+        *,
+        window: str | None = None,
+        days: tuple[int, ...] = (),
+    ) -> ScheduleRecord:
+        state = "recurring" if window else "pending"
+        rec = ScheduleRecord(
+            id=uuidlib.uuid4().hex[:12],
+            vm=vm,
+            to=to,
+            at=at,
+            storage=storage,
+            window=window,
+            days=days,
+            state=state,
+        )
         await self.store.put(self.keys.schedule(rec.id), rec.to_bytes())
         return rec
 
@@ -79,7 +98,7 @@ class DrsRecords:
             if found is None:
                 return f"no schedule {schedule_id!r}"
             rec, rev = found
-            if rec.state != "pending":
+            if rec.state not in ("pending", "recurring"):
                 return f"schedule {schedule_id} is {rec.state} already"
             done = await self.update_schedule(rec, rev, state="cancelled")
             if done is not None:

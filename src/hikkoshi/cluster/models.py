@@ -193,16 +193,21 @@ class RuleRecord(Record):
 
 
 class ScheduleRecord(Record):
-    """A migration to run at a time; run once, by the agent that owns the VM then."""
+    """A migration to run at a time (once), or in a recurring window (each time it opens); run by the
+    agent that owns the VM then, once per time (a transaction claims each run)."""
 
     id: str
     vm: str = Field(description="VM name")
     to: str = Field(description="destination host")
-    at: float = Field(description="when (Unix time)")
-    state: str = Field(default="pending", description="pending, started, done, failed, cancelled")
+    at: float = Field(default=0.0, description="when (Unix time); a window's schedule: when it was added")
+    window: str | None = Field(default=None, description="HH:MM-HH:MM (UTC), recurring")
+    days: tuple[int, ...] = Field(default=(), description="window days, 0 = Monday (empty: every day)")
+    state: str = Field(default="pending", description="pending, started, done, failed, cancelled; recurring")
     storage: str = "hybrid"
-    runner: str | None = Field(default=None, description="the host that ran it")
-    migration: str | None = Field(default=None, description="the migration's id once started")
+    runner: str | None = Field(default=None, description="the host that ran it (last)")
+    migration: str | None = Field(default=None, description="the (last) migration's id once started")
+    outcome: str | None = Field(default=None, description="a window's last run: started, done, failed")
+    last_run: float | None = Field(default=None, description="when it (last) started")
     error: str | None = None
     created_at: float = Field(default_factory=now)
     updated_at: float = Field(default_factory=now)
