@@ -20,7 +20,8 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from hikkoshi.agent.drs_service import DrsService
 from hikkoshi.agent.errors import Conflict, Problem
@@ -75,6 +76,9 @@ class ClusterSettings:
     """Seconds between load samples of the VMs (published with the host's status)."""
     load_window: int = 30
     """Samples kept (the window DRS looks at)."""
+    datastore_capacity: dict[str, int] = field(default_factory=dict)
+    """Datastore name -> the bytes DRS counts of it (a share of a file system others use too): its
+    capacity, and its free space that less what its files take."""
     drs_tick: float = 1.0
     """Seconds between looks at due scheduled migrations and the automatic planner."""
 
@@ -89,6 +93,16 @@ def vm_record(spec: VmSpec, datastore_uuid: str | None) -> VmRecord:
         disk_bytes=sum(d.size for d in spec.disks),
         datastore=datastore_uuid,
     )
+
+
+def allocated_under(path: Path) -> int:
+    """Bytes the files under ``path`` take on disk."""
+    used = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                used += os.lstat(os.path.join(root, f)).st_blocks * 512
+    return used
 
 
 class ClusterMember:
@@ -146,7 +160,7 @@ class ClusterMember:
             cpu_model=facts.cpu.model,
             memory_total=facts.memory.total,
             datastores=tuple(
-                DatastoreInfo(name=name, uuid=str(store.uuid), capacity=space(store.path).total)
+                DatastoreInfo(name=name, uuid=str(store.uuid), capacity=self._capacity(name, store.path))
                 for name, store in self.host.stores.items()
             ),
         )
@@ -161,7 +175,7 @@ class ClusterMember:
             load1 = 0.0
         return HostStatus(
             memory_free=memory.available,
-            datastores_free={str(s.uuid): space(s.path).free for s in self.host.stores.values()},
+            datastores_free={str(s.uuid): self._free(n, s.path) for n, s in self.host.stores.items()},
             load=HostLoad(
                 cpu=min(1.0, load1),
                 vms=sum(1 for state in vms.values() if state == RowState.RUNNING),
@@ -174,6 +188,16 @@ class ClusterMember:
             vm_loads=self.sampler.loads(),
             sample_interval=self.settings.load_interval,
         )
+
+    def _capacity(self, name: str, path: Path) -> int:
+        total = space(path).total
+        cap = self.settings.datastore_capacity.get(name)
+        return total if cap is None else min(cap, total)
+
+    def _free(self, name: str, path: Path) -> int:
+        free = space(path).free
+        cap = self.settings.datastore_capacity.get(name)
+        return free if cap is None else max(0, min(free, cap - allocated_under(path)))
 
     def _vm_states(self) -> dict[str, str]:
         """uuid -> state of every VM in this host's datastores that the cluster may know."""

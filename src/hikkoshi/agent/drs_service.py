@@ -70,24 +70,36 @@ class DrsService:
         own = Ownership(records.store, records.keys)
         uuid = await own.uuid_of(rec.vm)
         if uuid is None:
-            await records.update_schedule(rec, rev, state="failed", error=f"no VM named {rec.vm!r}")
+            await records.update_schedule(
+                rec, rev, **self._ended(rec, "failed"), error=f"no VM named {rec.vm!r}"
+            )
             return
         owner = await own.owner(uuid)
         if owner is None or owner.host != self.name:
             return  # its owner runs it
-        claimed = await records.update_schedule(rec, rev, state="started", runner=self.name)
+        recurring = rec.window is not None
+        if recurring and rec.to == self.name:  # there already: this window's run has nothing to do
+            await records.update_schedule(rec, rev, last_run=time.time(), outcome="done", error=None)
+            return
+        changes: dict[str, object] = {"runner": self.name, "last_run": time.time(), "error": None}
+        changes.update({"outcome": "started", "migration": None} if recurring else {"state": "started"})
+        claimed = await records.update_schedule(rec, rev, **changes)
         if claimed is None:
             return  # another agent took it first
         log.info("scheduled migration %s: %s to %s", rec.id, rec.vm, rec.to)
         try:
             async with self.connect(self.url) as client:
-                accepted = await client.post(
-                    f"/v1/vms/{rec.vm}/migrate", {"to": rec.to, "storage": rec.storage}
-                )
+                body = {"to": rec.to, "storage": rec.storage}
+                accepted = await client.post(f"/v1/vms/{rec.vm}/migrate", body)
         except AgentError as e:
-            await self._settle(records, rec.id, state="failed", error=e.detail)
+            await self._settle(records, rec.id, **self._ended(rec, "failed"), error=e.detail)
             return
         await self._settle(records, rec.id, migration=accepted["id"])
+
+    @staticmethod
+    def _ended(rec: ScheduleRecord, how: str) -> dict[str, object]:
+        """The changes that end a run: a once schedule's state, a recurring one's last outcome."""
+        return {"outcome": how} if rec.window is not None else {"state": how}
 
     async def _settle(self, records: DrsRecords, schedule_id: str, **changes: object) -> None:
         for _ in range(5):
@@ -101,16 +113,16 @@ class DrsService:
                 info = await client.get(f"/v1/migrations/{rec.migration}")
         except AgentError as e:
             if e.status == 404:
-                await records.update_schedule(rec, rev, state="failed", error="its migration is gone")
+                gone = self._ended(rec, "failed")
+                await records.update_schedule(rec, rev, **gone, error="its migration is gone")
             return
         if info["running"]:
             return
         if info["phase"] == "done":
-            await records.update_schedule(rec, rev, state="done")
+            await records.update_schedule(rec, rev, **self._ended(rec, "done"))
         else:
-            await records.update_schedule(
-                rec, rev, state="failed", error=str(info.get("error") or info["phase"])
-            )
+            error = str(info.get("error") or info["phase"])
+            await records.update_schedule(rec, rev, **self._ended(rec, "failed"), error=error)
 
     # --- the automatic planner -----------------------------------------------------------------------------
 

@@ -105,6 +105,17 @@ def parse_datastores(items: list[str]) -> dict[str, Path]:
     return out
 
 
+def parse_capacities(items: list[str]) -> dict[str, int]:
+    """``NAME=SIZE`` items."""
+    out: dict[str, int] = {}
+    for item in items:
+        name, sep, size = item.partition("=")
+        if not sep or not name or not size:
+            raise ValueError(f"--datastore-capacity {item!r}: expected NAME=SIZE")
+        out[name] = parse_size(size)
+    return out
+
+
 def parse_wan_links(items: list[str]) -> dict[frozenset[str], WanParams]:
     """``SITE:SITE=RTT,RATE`` items."""
     out: dict[frozenset[str], WanParams] = {}
@@ -171,6 +182,7 @@ def agent_command(args: argparse.Namespace) -> int:
                 vm_cpus=args.vm_cpus,
                 load_interval=args.load_interval,
                 load_window=args.load_window,
+                datastore_capacity=parse_capacities(args.datastore_capacity),
                 drs_tick=args.drs_tick,
             )
         if (args.tls_cert is None) != (args.tls_key is None):
