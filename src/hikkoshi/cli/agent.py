@@ -77,6 +77,13 @@ def add_parser(top: Any) -> None:
     drs.add_argument(
         "--load-interval", type=float, default=10.0, metavar="S", help="seconds between load samples (10)"
     )
+    drs.add_argument(
+        "--datastore-capacity",
+        action="append",
+        default=[],
+        metavar="NAME=SIZE",
+        help="the space DRS counts of a datastore (repeatable; default: its file system's)",
+    )
     drs.add_argument("--load-window", type=int, default=30, metavar="N", help="samples DRS looks at (30)")
     drs.add_argument(
         "--drs-tick", type=float, default=1.0, metavar="S", help="seconds between looks at due schedules (1)"
