@@ -21,6 +21,7 @@ from tests.support.vms import guest as guest
 from tests.support.vms import need_qemu_tools
 
 CapSys = pytest.CaptureFixture[str]
+DISK = ("--disk", "88M:thick")
 
 
 @pytest.fixture
@@ -49,26 +50,16 @@ def own_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_full_datastore_is_relieved(capsys: CapSys, solo: tuple[str, AgentProc]) -> None:
     url, agent = solo
 
-    def hk(*args: str) -> Any:
-        r = in_process(capsys, "--etcd", url, "--token-file", str(agent.token_file), *args, "--json")
+    def run(*args: str) -> str:
+        r = in_process(capsys, "--etcd", url, "--token-file", str(agent.token_file), *args)
         assert r.code == 0, r
-        return json.loads(r.out)
+        return r.out
 
-    hk(
-        "vm",
-        "create",
-        "full",
-        "--host",
-        "solo",
-        "--guest",
-        "idle",
-        "--no-nic",
-        "--memory",
-        "128",
-        "--disk",
-        "88M:thick",
-    )
-    hk("vm", "start", "full")
+    def hk(*args: str) -> Any:
+        return json.loads(run(*args, "--json"))
+
+    run("vm", "create", "full", "--host", "solo", "--guest", "idle", "--no-nic", "--memory", "128", *DISK)
+    run("vm", "start", "full")
     wait_for("full runs", lambda: [v["state"] for v in hk("vm", "list")] == ["running"])
 
     def plan() -> Any:
