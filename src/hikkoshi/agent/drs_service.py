@@ -81,11 +81,15 @@ class DrsService:
         if recurring and rec.to == self.name:  # there already: this window's run has nothing to do
             await records.update_schedule(rec, rev, last_run=time.time(), outcome="done", error=None)
             return
-        changes: dict[str, object] = {"runner": self.name, "last_run": time.time(), "error": None}
+        stamp = time.time()
+        changes: dict[str, object] = {"runner": self.name, "last_run": stamp, "error": None}
         changes.update({"outcome": "started", "migration": None} if recurring else {"state": "started"})
-        claimed = await records.update_schedule(rec, rev, **changes)
-        if claimed is None:
-            return  # another agent took it first
+        if await records.update_schedule(rec, rev, **changes) is None:
+            # Another agent took it first, or etcd applied our claim and the store's retry of the
+            # transaction found the revision moved: only our own stamp tells.
+            found = await records.schedule(rec.id)
+            if found is None or (found[0].runner, found[0].last_run) != (self.name, stamp):
+                return
         log.info("scheduled migration %s: %s to %s", rec.id, rec.vm, rec.to)
         try:
             async with self.connect(self.url) as client:
