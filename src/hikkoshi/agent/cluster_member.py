@@ -95,6 +95,14 @@ def vm_record(spec: VmSpec, datastore_uuid: str | None) -> VmRecord:
     )
 
 
+def usable_size(path: Path) -> int:
+    """What the file system holding ``path`` gives us: used plus available, as ``df`` counts (blocks
+    reserved for root, or a thin volume's missing space, are neither; counting them would make a
+    half-full file system look full to Storage DRS and placement)."""
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree + st.f_bavail) * st.f_frsize
+
+
 def allocated_under(path: Path) -> int:
     """Bytes the files under ``path`` take on disk."""
     used = 0
@@ -190,7 +198,7 @@ class ClusterMember:
         )
 
     def _capacity(self, name: str, path: Path) -> int:
-        total = space(path).total
+        total = usable_size(path)
         cap = self.settings.datastore_capacity.get(name)
         return total if cap is None else min(cap, total)
 
