@@ -21,7 +21,7 @@ from hikkoshi.cluster.models import DatastoreInfo, HostInfo, HostStatus, JobReco
 from hikkoshi.cluster.store import Store
 from hikkoshi.migrate.phases import Phase
 from hikkoshi.web.etcd_source import EtcdSource, agent_url
-from hikkoshi.web.source import NotAvailable
+from hikkoshi.web.source import SourceError
 from tests.support.etcd import gone, run, start_member
 
 
@@ -83,9 +83,10 @@ def test_cluster_hosts_maintenance_and_queued_jobs(etcd: EtcdMember, tmp_path: P
                     await source.set_maintenance("alpha", False)
                     (view,) = [h for h in await list_hosts(store, keys) if h.info.name == "alpha"]
                     assert view.state is HostState.UP
-                    assert source.capabilities.maintenance and not source.capabilities.drs
-                    with pytest.raises(NotAvailable):
-                        await source.recommendations()
+                    assert source.capabilities.maintenance and source.capabilities.drs
+                    assert await source.recommendations() == []  # no VM runs: nothing to move
+                    with pytest.raises(SourceError, match="no longer recommends"):
+                        await source.apply("x~alpha")
                 finally:
                     await source.aclose()
 

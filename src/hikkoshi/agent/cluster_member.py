@@ -20,10 +20,13 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from hikkoshi.agent.drs_service import DrsService
 from hikkoshi.agent.errors import Conflict, Problem
 from hikkoshi.agent.host import Host
+from hikkoshi.agent.load_sampler import LoadSampler
 from hikkoshi.agent.vm_rows import RowState
 from hikkoshi.cluster.config import EtcdConfig
 from hikkoshi.cluster.errors import ClusterError, EtcdUnavailable, NameTaken, OwnedElsewhere
@@ -35,6 +38,7 @@ from hikkoshi.cluster.limits import Slots
 from hikkoshi.cluster.models import DatastoreInfo, HostInfo, HostLoad, HostStatus, VmRecord
 from hikkoshi.cluster.ownership import Claim, Ownership
 from hikkoshi.cluster.store import Store
+from hikkoshi.cluster.tasks import background
 from hikkoshi.migrate.phases import PhaseError
 from hikkoshi.migrate.record import MigrationRecord
 from hikkoshi.migrate.sides import SideError
@@ -64,6 +68,19 @@ class ClusterSettings:
     lease_ttl: int = 6
     takeover_after: float = 60.0
     """How long a migration's source host must be down before this host, its destination, settles it."""
+    vm_memory: int = 0
+    """Bytes of memory VMs may be given here, as DRS counts it (0: all of the host's)."""
+    vm_cpus: int = 0
+    """Cores VMs may use here, as DRS counts them (0: all of the host's)."""
+    load_interval: float = 10.0
+    """Seconds between load samples of the VMs (published with the host's status)."""
+    load_window: int = 30
+    """Samples kept (the window DRS looks at)."""
+    datastore_capacity: dict[str, int] = field(default_factory=dict)
+    """Datastore name -> the bytes DRS counts of it (a share of a file system others use too): its
+    capacity, and its free space that less what its files take."""
+    drs_tick: float = 1.0
+    """Seconds between looks at due scheduled migrations and the automatic planner."""
 
 
 def vm_record(spec: VmSpec, datastore_uuid: str | None) -> VmRecord:
@@ -76,6 +93,24 @@ def vm_record(spec: VmSpec, datastore_uuid: str | None) -> VmRecord:
         disk_bytes=sum(d.size for d in spec.disks),
         datastore=datastore_uuid,
     )
+
+
+def usable_size(path: Path) -> int:
+    """What the file system holding ``path`` gives us: used plus available, as ``df`` counts (blocks
+    reserved for root, or a thin volume's missing space, are neither; counting them would make a
+    half-full file system look full to Storage DRS and placement)."""
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree + st.f_bavail) * st.f_frsize
+
+
+def allocated_under(path: Path) -> int:
+    """Bytes the files under ``path`` take on disk."""
+    used = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                used += os.lstat(os.path.join(root, f)).st_blocks * 512
+    return used
 
 
 class ClusterMember:
@@ -91,19 +126,21 @@ class ClusterMember:
         """VM uuid -> this host's ownership of it (the token it starts and resumes with)."""
         self.migrations_out = 0
         self.migrations_in = 0
+        self.sampler = LoadSampler(host, settings.load_interval, settings.load_window)
 
     # --- membership ----------------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def joined(self) -> AsyncIterator[ClusterMember]:
         """Registered for the block's length; :class:`EtcdUnavailable` at once if etcd does not answer."""
-        async with Store(self.settings.etcd) as store:
+        async with Store(self.settings.etcd) as store, background(self.sampler.run(), "load-sampler"):
             self.store = store
             async with register_host(store, self._info(), self._status, ttl=self.settings.lease_ttl) as reg:
                 self.registration = reg
                 log.info("registered in the cluster at %s", ", ".join(self.settings.etcd.endpoints))
                 try:
-                    yield self
+                    async with background(DrsService(self).run(), "drs"):
+                        yield self
                 finally:
                     self.registration = None
                     self.store = None
@@ -131,7 +168,7 @@ class ClusterMember:
             cpu_model=facts.cpu.model,
             memory_total=facts.memory.total,
             datastores=tuple(
-                DatastoreInfo(name=name, uuid=str(store.uuid), capacity=space(store.path).total)
+                DatastoreInfo(name=name, uuid=str(store.uuid), capacity=self._capacity(name, store.path))
                 for name, store in self.host.stores.items()
             ),
         )
@@ -146,7 +183,7 @@ class ClusterMember:
             load1 = 0.0
         return HostStatus(
             memory_free=memory.available,
-            datastores_free={str(s.uuid): space(s.path).free for s in self.host.stores.values()},
+            datastores_free={str(s.uuid): self._free(n, s.path) for n, s in self.host.stores.items()},
             load=HostLoad(
                 cpu=min(1.0, load1),
                 vms=sum(1 for state in vms.values() if state == RowState.RUNNING),
@@ -154,7 +191,21 @@ class ClusterMember:
                 migrations_in=self.migrations_in,
             ),
             vms=vms,
+            cpu_cores=self.settings.vm_cpus or os.cpu_count() or 1,
+            vm_memory=self.settings.vm_memory,
+            vm_loads=self.sampler.loads(),
+            sample_interval=self.settings.load_interval,
         )
+
+    def _capacity(self, name: str, path: Path) -> int:
+        total = usable_size(path)
+        cap = self.settings.datastore_capacity.get(name)
+        return total if cap is None else min(cap, total)
+
+    def _free(self, name: str, path: Path) -> int:
+        free = space(path).free
+        cap = self.settings.datastore_capacity.get(name)
+        return free if cap is None else max(0, min(free, cap - allocated_under(path)))
 
     def _vm_states(self) -> dict[str, str]:
         """uuid -> state of every VM in this host's datastores that the cluster may know."""

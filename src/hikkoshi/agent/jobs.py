@@ -59,6 +59,7 @@ from hikkoshi.migrate.storage import Route
 from hikkoshi.migrate.storage_move import StorageMigration
 from hikkoshi.vm.disk_serving import Holder
 from hikkoshi.vm.home import VmHome
+from hikkoshi.vm.spec import VmSpec
 
 log = logging.getLogger("hikkoshi.agent")
 
@@ -284,6 +285,9 @@ class Jobs:
             job = LiveMigration(request, target, store)
         job.record.settings.destination_datastore = dest_ds
         job.record.settings.destination_site = peer.site
+        predicted = await self._predict(home, spec, peer.name, body)
+        if predicted is not None:
+            job.report["predicted"] = predicted
         state = self._register(job, "source", url)
         clustered = None
         if cluster is not None and claim is not None:
@@ -292,6 +296,36 @@ class Jobs:
             clustered = _Clustered(claim, peer.name, peer.site, datastores, body.no_wait)
         state.task = self._spawn(self._run_to_peer(state, job, client, peer.site, home, clustered))
         return state.id
+
+    async def _predict(
+        self, home: VmHome, spec: VmSpec, target: str, body: MigrateBody
+    ) -> dict[str, Any] | None:
+        """What the migration is predicted to cost (the report shows it beside what happened): from the
+        cluster's figures when in one, else from the VM's size over the default LAN."""
+        from hikkoshi.agent.drs_prediction import alone, forecast
+        from hikkoshi.agent.drs_read import read_state
+
+        cluster = self.host.cluster
+        storage = "shared" if body.mode == "offline" else body.storage.value
+        try:
+            if cluster is not None and cluster.online and cluster.store is not None:
+                state = await read_state(cluster.store, cluster.keys)
+                got = forecast(
+                    state.snapshot, spec.name, target, storage, max_downtime_ms=body.max_downtime_ms
+                )
+                if not isinstance(got, str):
+                    return dict(got.predicted.to_json())
+            disks = []
+            for d in spec.disks:
+                try:
+                    allocated = home.disk_path(d).stat().st_blocks * 512
+                except OSError:
+                    allocated = d.size
+                disks.append((d.size, min(allocated, d.size)))
+            return dict(alone(spec.memory_mib << 20, tuple(disks), storage, body.max_downtime_ms).to_json())
+        except Exception:  # a prediction is never a reason not to migrate
+            log.exception("no prediction for %s", spec.name)
+            return None
 
     async def storage_migrate(self, name: str, body: StorageMigrateBody) -> str:
         """Start moving ``name``'s home and disks to another datastore of this host; its id."""

@@ -22,6 +22,7 @@ from hikkoshi.cli.etcd_options import add_etcd_tls_arguments, etcd_config, etcd_
 from hikkoshi.cli.migrate import parse_wan, wan_routes
 from hikkoshi.daemons.process import run
 from hikkoshi.vm.accel import DEFAULT_QEMU
+from hikkoshi.vm.spec import parse_size
 
 if TYPE_CHECKING:  # the agent's modules (FastAPI, uvicorn, httpx) load only when an agent runs
     from hikkoshi.agent.jobs import RouteFactory
@@ -98,6 +99,23 @@ def add_parser(top: Any) -> None:
         metavar="S",
         help="settle a migration into this host once its source host is down this long (default 60)",
     )
+    drs = p.add_argument_group("DRS", "what DRS counts of this host, and how often it samples its VMs")
+    drs.add_argument("--vm-memory", metavar="SIZE", help="memory VMs may be given here (default: all)")
+    drs.add_argument("--vm-cpus", type=int, default=0, metavar="N", help="cores VMs may use (default: all)")
+    drs.add_argument(
+        "--load-interval", type=float, default=10.0, metavar="S", help="seconds between load samples (10)"
+    )
+    drs.add_argument(
+        "--datastore-capacity",
+        action="append",
+        default=[],
+        metavar="NAME=SIZE",
+        help="the space DRS counts of a datastore (repeatable; default: its file system's)",
+    )
+    drs.add_argument("--load-window", type=int, default=30, metavar="N", help="samples DRS looks at (30)")
+    drs.add_argument(
+        "--drs-tick", type=float, default=1.0, metavar="S", help="seconds between looks at due schedules (1)"
+    )
     p.set_defaults(func=agent_command)
 
 
@@ -119,6 +137,17 @@ def parse_datastores(items: list[str]) -> dict[str, Path]:
         if name in out:
             raise ValueError(f"datastore {name!r} is given twice")
         out[name] = Path(path).absolute()
+    return out
+
+
+def parse_capacities(items: list[str]) -> dict[str, int]:
+    """``NAME=SIZE`` items."""
+    out: dict[str, int] = {}
+    for item in items:
+        name, sep, size = item.partition("=")
+        if not sep or not name or not size:
+            raise ValueError(f"--datastore-capacity {item!r}: expected NAME=SIZE")
+        out[name] = parse_size(size)
     return out
 
 
@@ -207,7 +236,16 @@ def agent_command(args: argparse.Namespace) -> int:
             allow_wildcard_forwards=args.allow_wildcard_forwards,
         )
         if etcd_urls(args):
-            config.cluster = ClusterSettings(etcd_config(args), takeover_after=args.takeover_after)
+            config.cluster = ClusterSettings(
+                etcd_config(args),
+                takeover_after=args.takeover_after,
+                vm_memory=parse_size(args.vm_memory) if args.vm_memory else 0,
+                vm_cpus=args.vm_cpus,
+                load_interval=args.load_interval,
+                load_window=args.load_window,
+                datastore_capacity=parse_capacities(args.datastore_capacity),
+                drs_tick=args.drs_tick,
+            )
         routes = site_routes(parse_wan_links(args.wan_link), host)
         return run(serve(config, routes))
     except (ValueError, AgentError, StateError, OSError, ClusterError) as exc:

@@ -59,7 +59,34 @@ def migrate_command(args: argparse.Namespace) -> int:
     if not args.to:
         print("hikkoshi migrate: say where to: --to HOST (see: hikkoshi host list)", file=sys.stderr)
         return 2
+    if getattr(args, "dry_run", False):
+        return with_store(args, lambda store: dry_run(store, args))
     return through_agent(args, lambda store: source_for(store, args), remote.migrate)
+
+
+async def dry_run(store: Store, args: argparse.Namespace) -> int:
+    """``migrate VM --to HOST --dry-run``: the prediction, from the cluster's figures; nothing moves."""
+    from hikkoshi.agent.drs_prediction import forecast
+    from hikkoshi.agent.drs_read import read_state
+
+    await source_for(store, args)
+    state = await read_state(store)
+    got = forecast(state.snapshot, args.name, args.to, args.storage, max_downtime_ms=args.max_downtime)
+    if isinstance(got, str):
+        raise CommandError(got)
+    if args.json:
+        print_json(got.to_json())
+        return 0
+    p = got.predicted
+    print(f"migrate {got.vm}: {got.source} -> {got.target} ({got.storage}), predicted:")
+    print(f"  total time   {p.total_time_ms / 1000:.2f} s")
+    print(f"  downtime     {p.downtime_ms:.0f} ms")
+    mib = 2**20
+    parts = f"{p.memory_bytes / mib:.1f} memory, {p.disk_bytes / mib:.1f} disk"
+    print(f"  bytes        {p.bytes / mib:.1f} MiB ({parts})")
+    print(f"  finish       {p.finish.value}, {p.rounds} memory pass(es)")
+    print(f"  because      {p.explanation}")
+    return 0
 
 
 # --- the record ---------------------------------------------------------------------------------------

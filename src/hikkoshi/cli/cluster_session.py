@@ -38,7 +38,8 @@ class CommandError(Exception):
 def prog(args: argparse.Namespace) -> str:
     """``hikkoshi vm start`` and the like, for messages."""
     words = [args.command]
-    for attr in ("vm_command", "host_command", "limits_command", "cluster_command", "action"):
+    attrs = ("vm_command", "host_command", "limits_command", "cluster_command", "drs_command")
+    for attr in (*attrs, "rule_command", "schedule_command", "action"):
         word = getattr(args, attr, None)
         if isinstance(word, str):
             words.append(word)

@@ -1,16 +1,16 @@
 """`hikkoshi --etcd URL vm ...`: the cluster's VMs. ``vm list`` reads etcd; ``vm create --host HOST``
 goes to that host's agent; every other VM command goes to the agent of the host that owns the VM.
 
-Without ``--host``, ``vm create`` asks :data:`placement` for a host: none exists yet (it comes with
-the DRS planner), so for now the command says so and stops.
+Without ``--host``, ``vm create`` asks DRS's placement (:func:`hikkoshi.drs.placement.place`) for the
+host: up, not in maintenance, with the memory, CPU and datastore room, keeping the rules, least loaded
+once the VM runs there; it says which host and why.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable, Sequence
-from uuid import uuid4
+from collections.abc import Callable
 
 from hikkoshi.cli import remote
 from hikkoshi.cli.cluster_route import host_named, owner_of, through_agent
@@ -18,18 +18,11 @@ from hikkoshi.cli.cluster_session import CommandError, print_json, with_store
 from hikkoshi.cli.cluster_tables import vm_table
 from hikkoshi.cluster.host_view import HostView
 from hikkoshi.cluster.hosts import list_hosts
-from hikkoshi.cluster.models import VmRecord
 from hikkoshi.cluster.ownership import Ownership
 from hikkoshi.cluster.store import Store
 from hikkoshi.cluster.views import vm_rows
+from hikkoshi.drs.placement import NewDisk, NewVm
 from hikkoshi.vm.spec import parse_size
-
-Placement = Callable[[Sequence[HostView], VmRecord], HostView | None]
-"""Picks the host for a new VM among the cluster's hosts (None: none fits), e.g.
-:func:`hikkoshi.cluster.placement.least_loaded`."""
-
-placement: Placement | None = None
-"""How ``vm create`` without ``--host`` chooses (None until placement exists: see the DRS issue)."""
 
 
 def list_command(args: argparse.Namespace) -> int:
@@ -47,26 +40,27 @@ def list_command(args: argparse.Namespace) -> int:
     return with_store(args, go)
 
 
-def wanted_vm(args: argparse.Namespace) -> VmRecord:
+def wanted_vm(args: argparse.Namespace) -> NewVm:
     """What placement needs to know of the VM ``vm create`` describes."""
-    disks = sum(parse_size(d.partition(":")[0]) for d in args.disk)
-    return VmRecord(
-        uuid=uuid4().hex, name=args.name, memory=args.memory << 20, vcpus=args.cpus, disk_bytes=disks
-    )
+    disks = tuple(NewDisk(f"disk{i}", parse_size(d.partition(":")[0]), 0) for i, d in enumerate(args.disk))
+    return NewVm(name=args.name, memory=args.memory << 20, cpus=args.cpus, disks=disks)
 
 
 async def chosen_host(store: Store, args: argparse.Namespace) -> HostView:
-    """The host ``vm create`` goes to: ``--host``, else the placement's choice."""
+    """The host ``vm create`` goes to: ``--host``, else DRS placement's choice (said, with why)."""
+    from hikkoshi.agent.drs_read import read_state
+    from hikkoshi.drs.placement import place
+    from hikkoshi.drs.policy import Policy
+
     if args.host is not None:
         return await host_named(store, args.host)
-    if placement is None:
-        raise CommandError(
-            "say where: --host HOST (see: hikkoshi host list); "
-            "choosing a host by itself comes with placement (the DRS issue)"
-        )
-    view = placement(await list_hosts(store), wanted_vm(args))
+    state = await read_state(store)
+    got = place(state.snapshot, wanted_vm(args), Policy(level=state.settings.level))
+    view = state.host(got.host) if got.host is not None else None
     if view is None:
-        raise CommandError(f"no host can take VM {args.name!r} (memory, disk space, state)")
+        raise CommandError(f"no host can take VM {args.name!r}: {got.reason}")
+    if not getattr(args, "json", False):
+        print(f"placed on {got.host}: {got.reason}", flush=True)
     return view
 
 

@@ -26,17 +26,23 @@ def add_subcommands(group: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=needs_etcd, via_cluster=show_command)
     p = group.add_parser(
-        "maintenance", help="put a host in maintenance (nothing is placed on it), or take it out (--off)"
+        "maintenance",
+        help="--enter: nothing is placed on the host and its VMs move to the others; --exit: back in service",
     )
     p.add_argument("name", metavar="NAME")
     p.add_argument("--reason", default="", help="why (shown by host show)")
-    p.add_argument("--off", action="store_true", help="take the host out of maintenance")
+    way = p.add_mutually_exclusive_group()
+    way.add_argument("--enter", action="store_true", help="enter maintenance and evacuate (the default)")
+    way.add_argument("--exit", "--off", dest="off", action="store_true", help="return the host to service")
+    p.add_argument("--no-evacuate", action="store_true", help="--enter: only mark the host, move nothing")
+    p.add_argument("--json", action="store_true", help="--enter: the evacuation as JSON")
     p.set_defaults(func=needs_etcd, via_cluster=maintenance_command)
 
 
 def needs_etcd(args: argparse.Namespace) -> int:
     """What a cluster-only command does without a cluster."""
-    words = " ".join(w for w in (args.command, getattr(args, "host_command", None)) if w)
+    subs = ("host_command", "drs_command", "rule_command", "schedule_command", "limits_command")
+    words = " ".join(w for w in (args.command, *(getattr(args, a, None) for a in subs)) if w)
     print(f"hikkoshi {words}: {NEEDS_ETCD}", file=sys.stderr)
     return 2
 
@@ -80,6 +86,7 @@ def show_command(args: argparse.Namespace) -> int:
 
 def maintenance_command(args: argparse.Namespace) -> int:
     from hikkoshi.cli.cluster_session import CommandError, with_store
+    from hikkoshi.cli.evacuate import evacuate
     from hikkoshi.cluster.hosts import clear_maintenance, list_hosts, set_maintenance
 
     async def go(store: Store) -> int:
@@ -88,9 +95,11 @@ def maintenance_command(args: argparse.Namespace) -> int:
         if args.off:
             await clear_maintenance(store, args.name)
             print(f"host {args.name!r} is out of maintenance")
-        else:
-            await set_maintenance(store, args.name, args.reason)
+            return 0
+        await set_maintenance(store, args.name, args.reason)
+        if args.no_evacuate:
             print(f"host {args.name!r} is in maintenance")
-        return 0
+            return 0
+        return await evacuate(store, args)
 
     return with_store(args, go)

@@ -39,13 +39,16 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     nbd_move.add_parser(nbd)
     if argv is not None and _data_plane_only(argv):
         return parser
-    from hikkoshi.cli import cluster, cluster_pki, datastore, guest, hosts, limits, vm
+    from hikkoshi.cli import cluster, cluster_pki, datastore, drs, guest, hosts, limits, rules, schedules, vm
 
     guest.add_parser(top)
     hosts.add_subcommands(datastore.add_parser(top))
     vm.add_parser(top)
     limits.add_parser(top)
     cluster_pki.add_subcommands(cluster.add_parser(top))
+    drs.add_parser(top)
+    rules.add_parser(top)
+    schedules.add_parser(top)
     from hikkoshi.cli import demo
 
     demo.add_parser(top)

@@ -104,6 +104,11 @@ def add_parser(top: Any) -> None:
     how = p.add_mutually_exclusive_group()
     how.add_argument("--offline", action="store_true", help="cold migration of a powered-off VM")
     how.add_argument("--quick", action="store_true", help="suspend, move memory state and disks, resume")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="in a cluster: only predict (time, downtime, bytes); nothing moves",
+    )
     p.add_argument("--json", action="store_true", help="print the record as JSON, no progress")
     p.set_defaults(
         func=migrate_command,
@@ -331,7 +336,15 @@ async def _run(coordinator: Job) -> int:
     return 0
 
 
+DRY_RUN_NEEDS_CLUSTER = (
+    "--dry-run predicts from the cluster's figures: give --etcd URL (or set HIKKOSHI_ETCD)"
+)
+
+
 def migrate_command(args: argparse.Namespace) -> int:
+    if getattr(args, "dry_run", False):
+        print(f"hikkoshi migrate: {DRY_RUN_NEEDS_CLUSTER}", file=sys.stderr)
+        return 2
     try:
         return run(_migrate(args))
     except ValueError as exc:

@@ -188,6 +188,12 @@ def guest_build(args: argparse.Namespace) -> int:
 
 
 def migrate(args: argparse.Namespace) -> int:
+    if getattr(args, "dry_run", False) and not getattr(args, "routed", False):
+        print(
+            "hikkoshi migrate: --dry-run predicts from the cluster's figures: give --etcd URL",
+            file=sys.stderr,
+        )
+        return 2
     if not args.to:
         print("hikkoshi migrate: with an agent, say where to: --to URL", file=sys.stderr)
         return 2

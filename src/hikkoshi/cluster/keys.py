@@ -15,8 +15,12 @@ Under one root (``/hikkoshi`` by default; tests use a root of their own):
 | ``slots/<resource>/<id>`` | :class:`SlotHolder`: a migration holding a slot of it | the migration's |
 | ``queue/<id>`` | :class:`QueueEntry`: a migration waiting (FIFO by create revision) | the migration's |
 | ``limits`` | :class:`Limits`: slots per resource kind, and overrides | none |
+| ``rules/<name>`` | :class:`RuleRecord`: a DRS placement rule | none |
+| ``schedules/<id>`` | :class:`ScheduleRecord`: a migration at a time, and what became of it | none |
+| ``drs`` | :class:`DrsSettings`: the automatic planner's switch, level, interval | none |
+| ``leader/drs`` | the host running the automatic planner (text) | the leader's |
 
-Reserved for what comes next: ``rules/``, ``schedules/``, ``loads/``, ``leader``.
+Load figures travel in ``live/<host>`` (:attr:`HostStatus.vm_loads`: each VM's recent window).
 
 Names that end up in keys (hosts, VM names, ids, resources) never contain ``/``: a prefix read of
 ``hosts/`` must not see another level.
@@ -130,6 +134,29 @@ class Keys:
     @property
     def limits(self) -> str:
         return f"{self.root}/limits"
+
+    # DRS
+    @property
+    def rules(self) -> str:
+        return self._p("rules")
+
+    def rule(self, name: str) -> str:
+        return self.rules + segment(name, "rule name")
+
+    @property
+    def schedules(self) -> str:
+        return self._p("schedules")
+
+    def schedule(self, schedule_id: str) -> str:
+        return self.schedules + segment(schedule_id, "schedule id")
+
+    @property
+    def drs(self) -> str:
+        return f"{self.root}/drs"
+
+    @property
+    def drs_leader(self) -> str:
+        return f"{self.root}/leader/drs"
 
     @staticmethod
     def last(key: str) -> str:

@@ -66,6 +66,18 @@ class HostLoad(Record):
     migrations_in: int = Field(default=0, ge=0)
 
 
+class VmLoad(Record):
+    """What one VM used over the host's recent window, one value per sample (oldest first)."""
+
+    cpu: tuple[float, ...] = Field(default=(), description="cores busy (its QEMU threads' CPU time)")
+    memory: tuple[int, ...] = Field(default=(), description="bytes resident (its QEMU process)")
+    disk_read: tuple[float, ...] = Field(default=(), description="bytes/s read (its NBD service's stats)")
+    disk_write: tuple[float, ...] = Field(default=(), description="bytes/s written (its NBD service's stats)")
+    disk_latency_ms: tuple[float, ...] = Field(default=(), description="mean request latency per sample")
+    datastore: str | None = Field(default=None, description="uuid of the datastore of its disks")
+    disk_allocated: int = Field(default=0, ge=0, description="bytes its disks take")
+
+
 class HostStatus(Record):
     """How a host is doing now: under its lease, so it vanishes when the host stops renewing it."""
 
@@ -74,6 +86,10 @@ class HostStatus(Record):
     datastores_free: dict[str, int] = Field(default_factory=dict, description="datastore uuid -> free bytes")
     load: HostLoad = HostLoad()
     vms: dict[str, str] = Field(default_factory=dict, description="VM uuid -> its state on this host")
+    cpu_cores: int = Field(default=0, ge=0, description="cores VMs may use (0: not said)")
+    vm_memory: int = Field(default=0, ge=0, description="bytes VMs may be given (0: not said)")
+    vm_loads: dict[str, VmLoad] = Field(default_factory=dict, description="VM uuid -> its recent load")
+    sample_interval: float = Field(default=0.0, ge=0.0, description="seconds between load samples")
     updated_at: float = Field(default_factory=now)
 
 
@@ -160,3 +176,47 @@ class Limits(Record):
     link: int = Field(default=1, ge=1, description="per pair of sites")
     cluster: int = Field(default=8, ge=1)
     overrides: dict[str, int] = Field(default_factory=dict)
+
+
+# -- DRS --------------------------------------------------------------------------------------------
+
+
+class RuleRecord(Record):
+    """A placement rule (:class:`hikkoshi.drs.rules.Rule` as stored)."""
+
+    name: str
+    kind: str = Field(description="affinity, anti-affinity, run-on, not-run-on")
+    vms: tuple[str, ...] = Field(description="VM names")
+    hosts: tuple[str, ...] = ()
+    strength: str = Field(default="must", description="must or should")
+    created_at: float = Field(default_factory=now)
+
+
+class ScheduleRecord(Record):
+    """A migration to run at a time (once), or in a recurring window (each time it opens); run by the
+    agent that owns the VM then, once per time (a transaction claims each run)."""
+
+    id: str
+    vm: str = Field(description="VM name")
+    to: str = Field(description="destination host")
+    at: float = Field(default=0.0, description="when (Unix time); a window's schedule: when it was added")
+    window: str | None = Field(default=None, description="HH:MM-HH:MM (UTC), recurring")
+    days: tuple[int, ...] = Field(default=(), description="window days, 0 = Monday (empty: every day)")
+    state: str = Field(default="pending", description="pending, started, done, failed, cancelled; recurring")
+    storage: str = "hybrid"
+    runner: str | None = Field(default=None, description="the host that ran it (last)")
+    migration: str | None = Field(default=None, description="the (last) migration's id once started")
+    outcome: str | None = Field(default=None, description="a window's last run: started, done, failed")
+    last_run: float | None = Field(default=None, description="when it (last) started")
+    error: str | None = None
+    created_at: float = Field(default_factory=now)
+    updated_at: float = Field(default_factory=now)
+
+
+class DrsSettings(Record):
+    """How DRS runs in the cluster: the automatic planner's switch, level and interval."""
+
+    auto: bool = False
+    level: int = Field(default=3, ge=1, le=5)
+    interval: float = Field(default=300.0, gt=0, description="seconds between automatic runs")
+    max_moves: int = Field(default=8, ge=1, description="moves per run")

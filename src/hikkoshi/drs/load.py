@@ -12,9 +12,10 @@ def mean(samples: Sequence[float]) -> float:
     return sum(samples) / len(samples) if samples else 0.0
 
 
-def stable(samples: Sequence[float], max_cv: float) -> bool:
-    """Whether the samples stayed within ``max_cv`` (coefficient of variation) of their mean. Fewer than
-    two samples, or a mean of 0, tell nothing against it."""
+def stable(samples: Sequence[float], max_cv: float, floor: float = 0.0) -> bool:
+    """Whether the samples stayed within ``max_cv`` (coefficient of variation) of their mean, or within
+    ``floor`` of it (a load too small to matter is not unstable for being noisy: an idle guest's few
+    percent of a core). Fewer than two samples, or a mean of 0, tell nothing against it."""
     if len(samples) < 2:
         return True
     m = mean(samples)
@@ -22,7 +23,8 @@ def stable(samples: Sequence[float], max_cv: float) -> bool:
         return True
     # Plain floats: statistics.pstdev is exact (fractions) and 100x slower, for no gain here.
     var = sum((x - m) * (x - m) for x in samples) / len(samples)
-    return var <= (max_cv * m) ** 2
+    bound = max(max_cv * m, floor)
+    return var <= bound * bound
 
 
 def median(samples: Sequence[float]) -> float:

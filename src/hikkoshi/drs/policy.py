@@ -48,6 +48,10 @@ class Policy:
     stable_cv: float = 0.3
     """A load is stable over the window when its samples' standard deviation is at most this fraction
     of their mean; balancing moves rest only on stable loads."""
+    stable_cpu_floor: float = 0.05
+    """Cores: a CPU load whose samples stay within this of their mean is stable however small it is."""
+    stable_memory_floor: float = float(16 << 20)
+    """Bytes: the same for memory."""
     cpu_limit: float = 1.0
     """Of a host's cores, the share its VMs' CPU demand may reach on a host a move goes to."""
     memory_limit: float = 1.0

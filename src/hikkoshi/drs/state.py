@@ -185,16 +185,22 @@ class State:
         """Whether the VM's CPU and memory demand were stable over the window."""
         key = "vm:" + name
         if key not in self._stable:
-            d, cv = self.vms[name].demand, self.policy.stable_cv
-            self._stable[key] = load.stable(d.cpu, cv) and load.stable(d.memory, cv)
+            d, pol = self.vms[name].demand, self.policy
+            cv = pol.stable_cv
+            self._stable[key] = load.stable(d.cpu, cv, pol.stable_cpu_floor) and load.stable(
+                d.memory, cv, pol.stable_memory_floor
+            )
         return self._stable[key]
 
     def stable_host(self, name: str) -> bool:
         """Whether the host's own measured load was stable over the window."""
         key = "host:" + name
         if key not in self._stable:
-            h, cv = self.hosts[name].load, self.policy.stable_cv
-            self._stable[key] = load.stable(h.cpu, cv) and load.stable(h.memory, cv)
+            h, pol = self.hosts[name].load, self.policy
+            cv = pol.stable_cv
+            self._stable[key] = load.stable(h.cpu, cv, pol.stable_cpu_floor) and load.stable(
+                h.memory, cv, pol.stable_memory_floor
+            )
         return self._stable[key]
 
     def ascending(self) -> Iterator[str]:

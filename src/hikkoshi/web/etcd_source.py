@@ -7,8 +7,10 @@ is up is asked through its agent's API (``api_address``), as with ``--agent``, f
 and its migrations with their live progress; every action but maintenance goes there too. Maintenance
 is the cluster's own key (``maintenance/<host>``, :mod:`hikkoshi.cluster.hosts`).
 
-Not yet available: DRS recommendations (the planner exists, but the cluster does not publish its plan
-yet), and a migration coordinated through etcd jobs is shown as its source's agent reports it.
+DRS recommendations are the planner's plan of the cluster now (at the cluster's level, as
+``hikkoshi drs plan``); applying one re-plans and starts that move at its source's agent (a cluster
+job, within the limits). A migration coordinated through etcd jobs is shown as its source's agent
+reports it.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ from hikkoshi.cluster.ownership import Ownership
 from hikkoshi.cluster.store import Store
 from hikkoshi.web.agent_source import AgentsSource
 from hikkoshi.web.progress import state_word
-from hikkoshi.web.source import Capabilities, NotAvailable, SourceError
+from hikkoshi.web.source import Capabilities, SourceError
 from hikkoshi.web.views import DatastoreView, HostView, MigrationView, Overview, Recommendation
 
-NO_DRS = "DRS recommendations are not published in the cluster yet"
+NO_MOVE = "DRS no longer recommends that move (the cluster changed): see the recommendations again"
 
 
 def agent_url(api_address: str) -> str:
@@ -62,7 +64,7 @@ class EtcdSource:
     """See the module."""
 
     kind = "etcd"
-    capabilities = Capabilities(maintenance=True, drs=False, drs_note=NO_DRS)
+    capabilities = Capabilities(maintenance=True, drs=True)
 
     def __init__(
         self, endpoints: str, token: str, *, ca_file: Path | None = None, keys: Keys | None = None
@@ -70,6 +72,8 @@ class EtcdSource:
         self.config = EtcdConfig.of(endpoints)
         self.keys = keys or Keys()
         self.agents = AgentsSource([], token, ca_file=ca_file)
+        self.token = token
+        self.ca_file = ca_file
         self._store: Store | None = None
 
     async def _etcd(self) -> Store:
@@ -171,8 +175,42 @@ class EtcdSource:
         except ClusterError as exc:
             raise SourceError(502, f"etcd: {exc}") from None
 
+    async def _plan(self) -> tuple[Any, Any]:
+        from hikkoshi.agent.drs_read import read_state
+        from hikkoshi.drs.planner import plan
+        from hikkoshi.drs.policy import Policy
+
+        store = await self._etcd()
+        try:
+            state = await read_state(store, self.keys)
+        except ClusterError as exc:
+            raise SourceError(502, f"etcd: {exc}") from None
+        try:
+            return state, plan(state.snapshot, Policy(level=state.settings.level))
+        except ValueError as exc:
+            raise SourceError(409, str(exc)) from None
+
     async def recommendations(self) -> list[Recommendation]:
-        raise NotAvailable(NO_DRS)
+        _state, p = await self._plan()
+        return [
+            Recommendation(
+                id=f"{m.vm}~{m.target}", vm=m.vm, source=m.source, destination=m.target, reason=m.reason
+            )
+            for m in p.moves
+        ]
 
     async def apply(self, recommendation_id: str) -> str:
-        raise NotAvailable(NO_DRS)
+        from hikkoshi.agent.client import AgentClient
+        from hikkoshi.agent.drs_moves import start
+
+        state, p = await self._plan()
+        move = next((m for m in p.moves if f"{m.vm}~{m.target}" == recommendation_id), None)
+        if move is None:
+            raise SourceError(409, NO_MOVE)
+        (started,) = await start(
+            state, [move], lambda url: AgentClient(url, self.token, ca_file=self.ca_file)
+        )
+        if started.migration is None:
+            raise SourceError(409, started.error or "the move did not start")
+        await self.overview()  # the agents as the cluster lists them, to follow the migration
+        return started.migration

@@ -1,0 +1,51 @@
+"""The cluster's snapshot for DRS, read from etcd in a few requests (see :mod:`hikkoshi.agent.drs_snapshot`
+for what it means)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hikkoshi.agent.drs_snapshot import ClusterVm, snapshot
+from hikkoshi.cluster.drs_records import DrsRecords
+from hikkoshi.cluster.host_view import HostView
+from hikkoshi.cluster.hosts import list_hosts
+from hikkoshi.cluster.keys import Keys
+from hikkoshi.cluster.models import DrsSettings
+from hikkoshi.cluster.ownership import Ownership
+from hikkoshi.cluster.store import Store
+from hikkoshi.drs.model import Limits, Snapshot
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """What DRS needs of the cluster, read now."""
+
+    hosts: list[HostView]
+    vms: list[ClusterVm]
+    settings: DrsSettings
+    snapshot: Snapshot
+
+    def host(self, name: str) -> HostView | None:
+        return next((h for h in self.hosts if h.info.name == name), None)
+
+    def datastore_name(self, host: str, uuid: str) -> str | None:
+        """The name ``host`` gives the datastore ``uuid``."""
+        view = self.host(host)
+        if view is None:
+            return None
+        return next((d.name for d in view.info.datastores if d.uuid == uuid), None)
+
+
+async def read_state(store: Store, keys: Keys | None = None, *, max_moves: int | None = None) -> ClusterState:
+    """Hosts, VMs, rules and settings, as a snapshot (``max_moves``: the plan's cap, else the settings')."""
+    k = keys or Keys()
+    hosts = await list_hosts(store, k)
+    records = DrsRecords(store, k)
+    vms = [
+        ClusterVm(v.vm.name, v.vm.uuid, v.owner, v.vm.memory, v.vm.vcpus, v.vm.disk_bytes, v.vm.datastore)
+        for v in await Ownership(store, k).list_vms()
+    ]
+    settings = await records.settings()
+    rules = await records.rules()
+    limits = Limits(max_moves=max_moves or settings.max_moves)
+    return ClusterState(hosts, vms, settings, snapshot(hosts, vms, rules, limits=limits))
