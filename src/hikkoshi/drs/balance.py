@@ -68,8 +68,8 @@ def balance(
             f"for a cost of {found.priced.cost:.3f}"
         )
         moves += [replace(m, reason=reason + m.reason) for m in done]
-        for h in (found.src, found.dst):
-            per_host[h] = per_host.get(h, 0) + 1
+        for h in (found.src, found.dst):  # a unit of several VMs is several migrations for each host
+            per_host[h] = per_host.get(h, 0) + len(done)
     return moves, notes
 
 
@@ -95,6 +95,10 @@ class _Board:
 
     def usable(self, h: str) -> bool:
         return self.per_host.get(h, 0) < self.limits.max_moves_per_host and self.state.stable_host(h)
+
+    def fits(self, h: str, unit: Unit) -> bool:
+        """Whether ``h`` may take part in all of ``unit``'s migrations within its per-host limit."""
+        return self.per_host.get(h, 0) + len(unit.vms) <= self.limits.max_moves_per_host
 
     def best(self) -> _Found | None:
         """The best candidate worth its cost, or ``None``."""
@@ -147,6 +151,8 @@ class _Board:
             if g <= _MIN_GAIN:
                 break
             if (unit.name, d) in self.refused or st.refusal(unit, d) is not None:
+                continue
+            if not (self.fits(s, unit) and self.fits(d, unit)):
                 continue
             stores = st.storage_for(unit, d)
             if stores is None:
