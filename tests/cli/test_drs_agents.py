@@ -64,8 +64,9 @@ def own_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def hk(capsys: CapSys, c: Cluster, *args: str) -> Result:
-    token = c.agents["alpha"].token_file
-    return in_process(capsys, "--etcd", c.url, "--token-file", str(token), *args)
+    alpha = c.agents["alpha"]
+    ca = ["--ca-file", str(alpha.ca_file)] if alpha.ca_file else []
+    return in_process(capsys, "--etcd", c.url, "--token-file", str(alpha.token_file), *ca, *args)
 
 
 def ok(capsys: CapSys, c: Cluster, *args: str) -> str:

@@ -51,7 +51,8 @@ def test_a_full_datastore_is_relieved(capsys: CapSys, solo: tuple[str, AgentProc
     url, agent = solo
 
     def run(*args: str) -> str:
-        r = in_process(capsys, "--etcd", url, "--token-file", str(agent.token_file), *args)
+        ca = ["--ca-file", str(agent.ca_file)] if agent.ca_file else []
+        r = in_process(capsys, "--etcd", url, "--token-file", str(agent.token_file), *ca, *args)
         assert r.code == 0, r
         return r.out
 
