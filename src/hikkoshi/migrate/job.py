@@ -1,6 +1,7 @@
 """The skeleton every migration job shares (live, quick, cold, storage), and its rules.
 
-A job records itself (saved at every phase change; tests may crash it right there), runs its precheck
+A job records itself (saved at every phase change; tests may crash it or hold it right there:
+:mod:`~hikkoshi.block.crashpoints`, :mod:`~hikkoshi.migrate.pause_points`), runs its precheck
 (a refusal touches nothing), then its steps before the commit point: any failure, a cancellation
 included, rolls back. Then it commits (what commits is the kind's own business: the source supervisor
 agreeing that the destination may run, the destination holding every disk, ...), records the commit
@@ -26,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 from hikkoshi.block import crashpoints
+from hikkoshi.migrate import pause_points
 from hikkoshi.migrate.arbiter import Way
 from hikkoshi.migrate.destination import Destination
 from hikkoshi.migrate.phases import FORWARD, Phase, committed, recovery
@@ -113,6 +115,7 @@ class Job(abc.ABC):
 
     async def _run(self) -> MigrationRecord:
         self._begin()
+        await self._hold(Phase.PRECHECK)
         try:
             await self.precheck()
         except MigrationRefused:
@@ -122,6 +125,7 @@ class Job(abc.ABC):
         try:
             for phase, step in self.before_commit():
                 self._enter(phase)
+                await self._hold(phase)
                 await step()
             await self.commit()
         except (Exception, asyncio.CancelledError) as exc:
@@ -165,6 +169,7 @@ class Job(abc.ABC):
                     if FORWARD.index(self.record.phase) > FORWARD.index(phase):
                         continue  # done before
                     self._enter(phase)
+                await self._hold(phase)
                 await step()
         except SideError as exc:
             if exc.transient:
@@ -217,6 +222,9 @@ class Job(abc.ABC):
         self.store.save(self.record)
         self.on_progress({"phase": phase.value, "elapsed": self._since_start()})
         crashpoints.reached(f"migrate-{phase.value}")  # tests: the job dies right here
+
+    async def _hold(self, phase: Phase) -> None:
+        await pause_points.reached(self.record.id, phase.value)  # tests: the job waits right here
 
     def _since_start(self) -> float:
         return round(time.monotonic() - self.t0, 4)
