@@ -1,7 +1,8 @@
-"""``kill_vm`` returns only once nothing of the VM runs: its supervisor, and the QEMU and disk service
-that follow it (a rolled-back migration's destination is removed with it, and is reported clean only
-when its incoming QEMU is gone too). A stand-in supervisor holds the run lock and records a child that
-outlives the kernel's SIGTERM for a while, as a QEMU busy flushing could."""
+"""``kill_vm`` returns only once nothing of the VM runs or is left: its supervisor, the QEMU and disk
+service that follow it, and the runtime directory with their sockets, which the killed supervisor can no
+longer remove (a rolled-back migration's destination is removed this way, and must be clean). A stand-in
+supervisor holds the run lock and records a child that outlives the kernel's SIGTERM for a while, as a
+QEMU busy flushing could, and its runtime directory with a socket."""
 
 from __future__ import annotations
 
@@ -28,7 +29,12 @@ def child_setup():
     libc.prctl(1, signal.SIGTERM, 0, 0, 0)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], preexec_fn=child_setup)
-state = {"state": "running", "supervisor_pid": os.getpid(), "qemu_pid": child.pid}
+rundir = sys.argv[3]
+os.mkdir(rundir)
+import socket
+sock = socket.socket(socket.AF_UNIX)
+sock.bind(os.path.join(rundir, "supervisor.sock"))
+state = {"state": "running", "supervisor_pid": os.getpid(), "qemu_pid": child.pid, "rundir": rundir}
 open(os.path.join(home, "state.json"), "w").write(json.dumps(state))
 print("ready", flush=True)
 time.sleep(600)
@@ -38,9 +44,9 @@ time.sleep(600)
 def test_kill_vm_returns_once_the_children_are_gone_too(tmp_path: Path) -> None:
     home = VmHome(tmp_path / "vm")
     home.path.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _STAND_IN, SUPERVISOR, str(home.path)], stdout=subprocess.PIPE, text=True
-    )
+    rundir = tmp_path / "run"
+    cmd = [sys.executable, "-c", _STAND_IN, SUPERVISOR, str(home.path), str(rundir)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         child = int(home.read_state()["qemu_pid"])
@@ -49,6 +55,7 @@ def test_kill_vm_returns_once_the_children_are_gone_too(tmp_path: Path) -> None:
         assert supervisor_client.kill_vm(home, children_grace=1.0)
         assert not home.is_running()
         assert not alive(child), "kill_vm returned while the VM's QEMU still ran"
+        assert not rundir.exists(), "the killed supervisor's sockets are left behind"
         assert time.monotonic() - t0 < 10
     finally:
         proc.kill()

@@ -196,16 +196,20 @@ async def stop_vm(home: VmHome, spec: VmSpec, *, grace: float = 60.0, hard: bool
 
 def kill_vm(home: VmHome, timeout: float = 30.0, children_grace: float = 10.0) -> bool:
     """SIGKILL the supervisor; whether there was one. Its QEMU and disk service follow it (the kernel
-    sends them SIGTERM) and are waited for, and killed if they outlive ``children_grace`` s: once this
-    returns nothing of the VM runs (a rolled-back destination is clean, a new start cannot meet them)."""
+    sends them SIGTERM) and are waited for, and killed if they outlive ``children_grace`` s; then its
+    runtime directory goes. Once this returns nothing of the VM runs or is left of its run (a
+    rolled-back destination is clean, a new start cannot meet them)."""
     pid = home.supervisor_pid()
     if not home.is_running() or pid is None or not _is_supervisor(pid, home):
         return False
     children = _recorded_children(home, pid)
+    rundir = home.read_state().get("rundir")
     os.kill(pid, signal.SIGKILL)
     if not wait_stopped(home, timeout):
         raise VmError(f"VM {home.name!r}: supervisor pid {pid} survived SIGKILL")
     _wait_gone(children, children_grace)
+    if isinstance(rundir, str):
+        RunDir(Path(rundir)).remove()  # its sockets: the supervisor removes them as it ends, not killed
     return True
 
 
