@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# chromium: the dashboard's browser tests drive it (Playwright, never its own browser downloads).
 APT_PACKAGES=(qemu-utils qemu-system-x86 libnbd-bin nbdkit fio busybox-static openssl iproute2 e2fsprogs
-    python3-venv etcd-server)
+    python3-venv etcd-server chromium)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,11 +163,14 @@ class AgentProc:
 
 
 @contextlib.contextmanager
-def agents(tmp: Path, *names: str, datastores: tuple[str, ...] = ("main",)) -> Iterator[list[AgentProc]]:
-    """Started agents sharing one token, each with these datastores (the first is the default); stopped
-    and their VMs killed (by pid) afterwards, whatever happens."""
+def agents(
+    tmp: Path, *names: str, datastores: tuple[str, ...] = ("main",), extra: Sequence[str] = ()
+) -> Iterator[list[AgentProc]]:
+    """Started agents sharing one token, each with these datastores (the first is the default) and
+    ``extra`` options (``--etcd URL``: members of a cluster); stopped and their VMs killed (by pid)
+    afterwards, whatever happens."""
     token = tmp / "token"
-    procs = [AgentProc(n, tmp / n, token, {d: tmp / n / d for d in datastores}) for n in names]
+    procs = [AgentProc(n, tmp / n, token, {d: tmp / n / d for d in datastores}, list(extra)) for n in names]
     try:
         for p in procs:
             p.start()

@@ -16,6 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from hikkoshi import __version__
 from hikkoshi.agent.errors import Problem, status_of
+from hikkoshi.agent.migration_routes import add_migration_routes
 from hikkoshi.agent.models import (
     Accepted,
     HostInfo,
@@ -27,6 +28,7 @@ from hikkoshi.agent.models import (
     MigrationInfo,
     PatienceBody,
     ReleaseBody,
+    ResumeBody,
     StorageMigrateBody,
     StreamPrepare,
     VmCreate,
@@ -199,6 +201,8 @@ def create_app(agent: Agent) -> FastAPI:
         """A plot of the migration's timeline."""
         return FileResponse(agent.jobs.timeline(migration_id), media_type="image/png")
 
+    add_migration_routes(app, agent)  # its timeline as data, and a person's cancel
+
     # --- incoming migrations (for other agents) -----------------------------------------------------------
 
     inc = agent.incoming
@@ -307,9 +311,9 @@ def create_app(agent: Agent) -> FastAPI:
         return Response(status_code=204)
 
     @app.post("/v1/incoming/{name}/resume", status_code=204, tags=["incoming"])
-    async def incoming_resume(name: VmName) -> Response:
-        """The guest runs here (after the source committed)."""
-        await inc.resume(name)
+    async def incoming_resume(name: VmName, body: ResumeBody | None = None) -> Response:
+        """The guest runs here (after the source committed; in a cluster, with the owner key's token)."""
+        await inc.resume(name, body.token if body else None)
         return Response(status_code=204)
 
     @app.post("/v1/incoming/{name}/announce", status_code=204, tags=["incoming"])

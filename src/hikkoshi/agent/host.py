@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hikkoshi import __version__
 from hikkoshi.agent.db import AgentDb
 from hikkoshi.agent.errors import Conflict, NotFound
 from hikkoshi.agent.models import DatastoreInfo, DiskInfo, HostInfo, NicInfo, VmCreate, VmInfo, VmStop
+from hikkoshi.agent.vm_rows import RowState
 from hikkoshi.daemons import supervisor_client as control
 from hikkoshi.guest.guest_image import build_guest
 from hikkoshi.guest.guest_vm import create_guest_vm
@@ -23,6 +25,9 @@ from hikkoshi.vm.errors import DatastoreError, VmError
 from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.host import host_facts, qemu_version, space
 from hikkoshi.vm.spec import VmSpec, parse_spec
+
+if TYPE_CHECKING:
+    from hikkoshi.agent.cluster_member import ClusterMember, ClusterSettings
 
 
 @dataclass
@@ -46,6 +51,8 @@ class AgentConfig:
     """The address migration streams (memory, disks) use here (default: the API's)."""
     migration_tls_dir: Path | None = None
     """This host's x509 credentials for the memory stream, in QEMU's layout."""
+    cluster: ClusterSettings | None = None
+    """The etcd cluster this host joins (``None``: the agent works alone)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -104,6 +111,8 @@ class Host:
         self._accel_lock = asyncio.Lock()
         #: VMs being created, started, stopped or destroyed now: one operation per VM at a time.
         self._busy: set[str] = set()
+        #: The cluster this host is a member of (set by the agent once it joined).
+        self.cluster: ClusterMember | None = None
 
     # --- host ---------------------------------------------------------------------------------------------
 
@@ -144,6 +153,7 @@ class Host:
             cpu_count=facts.cpu.count,
             qemu_version=list(await asyncio.to_thread(qemu_version, self.config.qemu)),
             vms=len(self.homes()),
+            load_average=[round(x, 2) for x in os.getloadavg()],
         )
 
     # --- VMs ----------------------------------------------------------------------------------------------
@@ -189,9 +199,13 @@ class Host:
             status = await control.vm_status(home, spec)
         except VmError as exc:
             status = {"running": home.is_running(), "state": "unknown", "error": str(exc)}
-        incoming = remembered.get(name, {}).get("state") == "incoming"
-        if incoming and status.get("state") in ("running", "paused", "inmigrate"):
-            status = {**status, "state": "incoming"}
+        row = remembered.get(name, {}).get("state")
+        if row in (RowState.INCOMING, RowState.FENCED) and status.get("state") in (
+            "running",
+            "paused",
+            "inmigrate",
+        ):
+            status = {**status, "state": row}  # the host's word: not to be run here
         return _vm_info(name, ds, home, spec, status)
 
     @contextlib.contextmanager
@@ -230,21 +244,31 @@ class Host:
                 image = Path(body.image) if body.image else None
                 spec = parse_spec(data)
                 await asyncio.to_thread(store.create_vm, spec, host_facts(), image=image)
+            if self.cluster is not None:
+                # Owned here, under a name unique in the cluster: or not created at all.
+                _ds, _home, spec = self.find(body.name)
+                try:
+                    await self.cluster.create(spec, str(store.uuid))
+                except BaseException:
+                    await asyncio.to_thread(store.destroy_vm, body.name)
+                    raise
         info = await self.vm(body.name)
-        self.db.set_vm(body.name, ds, info.uuid, "created")
+        self.db.set_vm(body.name, ds, info.uuid, RowState.CREATED)
         return info
 
     async def start(self, name: str) -> VmInfo:
         """Start a VM (its supervisor owns QEMU and the NBD service)."""
         ds, home, spec = self.find(name)
         with self.busy(name):
+            if self.cluster is not None:
+                await self.cluster.ensure_owner(spec)  # owned here, by the current token
             await asyncio.to_thread(
                 control.start_vm,
                 home,
                 qemu=self.config.qemu if self.config.qemu != DEFAULT_QEMU else None,
                 runtime_dir=self.config.runtime_dir,
             )
-        self.db.set_vm(name, ds, str(spec.uuid), "running")
+        self.db.set_vm(name, ds, str(spec.uuid), RowState.RUNNING)
         return await self.vm(name)
 
     async def stop(self, name: str, body: VmStop) -> VmInfo:
@@ -257,7 +281,7 @@ class Host:
                 await asyncio.to_thread(control.kill_vm, home)
             else:
                 await control.stop_vm(home, spec, grace=body.timeout, hard=body.hard)
-        self.db.set_vm(name, ds, str(spec.uuid), "stopped")
+        self.db.set_vm(name, ds, str(spec.uuid), RowState.STOPPED)
         return await self.vm(name)
 
     def console(self, name: str, offset: int) -> tuple[bytes, int, bool]:
@@ -273,11 +297,13 @@ class Host:
 
     async def destroy(self, name: str) -> None:
         """Delete a stopped VM with its disks."""
-        ds, home, _spec = self.find(name)
+        ds, home, spec = self.find(name)
         if home.is_running():
             raise Conflict(f"VM {name!r} is running: stop it first")
         with self.busy(name):
             await asyncio.to_thread(self.stores[ds].destroy_vm, name)
+            if self.cluster is not None:
+                await self.cluster.forget(spec)
         self.db.forget_vm(name)
 
 

@@ -17,6 +17,7 @@ source says so (:meth:`Incoming.sweep`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
@@ -27,6 +28,7 @@ from hikkoshi.agent.db import AgentDb
 from hikkoshi.agent.errors import Conflict, NotFound
 from hikkoshi.agent.host import Host
 from hikkoshi.agent.models import IncomingFacts
+from hikkoshi.agent.vm_rows import RowState
 from hikkoshi.migrate import qmp_migration as qm
 from hikkoshi.migrate.destination import LocalDestination
 from hikkoshi.migrate.holders import release_holder_by_path
@@ -38,10 +40,10 @@ from hikkoshi.vm.host import host_facts, qemu_version, space
 
 log = logging.getLogger("hikkoshi.agent.incoming")
 
-INCOMING = "incoming"
-SERVING = "serving"
-RUNNING = "running"
-STOPPED = "stopped"
+INCOMING = RowState.INCOMING
+SERVING = RowState.SERVING
+RUNNING = RowState.RUNNING
+STOPPED = RowState.STOPPED
 
 
 class Incoming:
@@ -167,6 +169,8 @@ class Incoming:
 
     async def start(self, vm: str, accel: str, migration: str, source: str | None) -> dict[str, Any]:
         """Start the incoming supervisor (this host's QEMU binary), or let a serving one take the VM back."""
+        if self.host.cluster is not None:
+            self.host.cluster.need_online("accepts")  # cut off from etcd: no VM comes in
         row = self._row(vm)
         if row.get("state") == SERVING:
             target = self._target(vm, SERVING)
@@ -177,6 +181,16 @@ class Incoming:
         target = self._coming(vm)
         if await target.is_running():
             raise Conflict(f"VM {vm!r} runs already")
+        # Remembered with the VM: the sweep asks the source about this migration if it goes silent.
+        detail = {
+            **self.detail(row),
+            "migration": migration,
+            "source": source or self.detail(row).get("source"),
+        }
+        uuid = row.get("uuid")
+        with contextlib.suppress(OSError, ValueError):
+            uuid = str(target.home.load_spec().uuid)
+        self.db.set_vm(vm, row["datastore"], uuid, INCOMING, json.dumps(detail))
         qemu = self.host.config.qemu
         return await target.start_incoming(accel, qemu if qemu != DEFAULT_QEMU else None, migration)
 
@@ -228,9 +242,12 @@ class Incoming:
         """How long a disk request waits for a lost source."""
         await self._side(self._target(vm, INCOMING, RUNNING).set_patience(seconds))
 
-    async def resume(self, vm: str) -> None:
-        """The guest runs here."""
-        await self._side(self._coming(vm).resume())
+    async def resume(self, vm: str, token: int | None = None) -> None:
+        """The guest runs here; in a cluster only once the owner key names this host with ``token``."""
+        target = self._coming(vm)
+        if self.host.cluster is not None:
+            await self.host.cluster.check_token(target.home.load_spec(), token)
+        await self._side(target.resume(token))
 
     async def announce(self, vm: str) -> None:
         """The VM's NICs announce their MACs from here."""
@@ -271,6 +288,8 @@ class Incoming:
         row = self._row(vm)
         if row.get("state") == SERVING:
             return  # rolled back before (a take-back whose abort was repeated)
+        if not row and vm not in self.host.homes():
+            return  # removed before (a repeated rollback, or this host settled the migration itself)
         target = self._coming(vm)
         if self.detail(row).get("takes_back"):
             await self._side(target.abort_take_back())

@@ -25,14 +25,20 @@ from typing import Any
 from urllib.parse import quote
 
 from hikkoshi.agent.client import AgentClient, AgentError
+from hikkoshi.agent.cluster_jobs import ClusterRun, cluster_job, taken_over
+from hikkoshi.agent.cluster_member import ClusterLedger, ClusterUnavailable
 from hikkoshi.agent.db import AgentDb, DbMigrationStore
 from hikkoshi.agent.errors import Conflict, NotFound, Problem
 from hikkoshi.agent.host import Host
 from hikkoshi.agent.incoming import INCOMING, RUNNING, SERVING, Incoming
 from hikkoshi.agent.models import HostInfo, MigrateBody, MigrationInfo, StorageMigrateBody
+from hikkoshi.agent.orphans import OrphanSettler, settle_quietly
 from hikkoshi.agent.remote_destination import RemoteDestination, side_error
 from hikkoshi.agent.timeline import render_timeline
 from hikkoshi.block.throttle import parse_rate
+from hikkoshi.cluster.errors import ClusterError, CoordinatorAlive, EtcdUnavailable, LimitReached
+from hikkoshi.cluster.ownership import Claim
+from hikkoshi.cluster.slots import Decision
 from hikkoshi.daemons import supervisor_client
 from hikkoshi.migrate.cold import ColdMigration
 from hikkoshi.migrate.holders import release_holder_by_path
@@ -64,6 +70,17 @@ async def direct_routes(_src: str, _dst: str) -> AsyncIterator[Route | None]:
     yield None
 
 
+@dataclass(frozen=True)
+class _Clustered:
+    """What a migration needs to run as a cluster job."""
+
+    claim: Claim
+    destination: str
+    site: str
+    datastores: tuple[str, ...]
+    no_wait: bool
+
+
 class BadPeer(Problem):
     """The destination agent does not answer, or refuses."""
 
@@ -86,11 +103,19 @@ class JobState:
     #: A job waiting for a peer: when to try again, and how long the pause after that.
     retry_at: float | None = None
     backoff: float = 1.0
+    #: The task that runs it (a person's cancel cancels it: before the commit point the job rolls back).
+    task: asyncio.Task[None] | None = None
+
+    #: Told of every phase the job enters (a cluster job mirrors them to etcd).
+    on_phase: Callable[[Phase], None] | None = None
 
     def on_progress(self, info: dict[str, Any]) -> None:
         """The job's progress callback: keep the latest, and every point for the timeline."""
         self.progress.update(info)
         self.samples.append((round(time.monotonic() - self.t0, 3), dict(info)))
+        phase = info.get("phase")
+        if self.on_phase is not None and isinstance(phase, str) and phase in Phase.__members__.values():
+            self.on_phase(Phase(phase))
 
 
 class Jobs:
@@ -106,6 +131,7 @@ class Jobs:
         self.jobs: dict[str, JobState] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._settler: OrphanSettler | None = None
 
     def attach(self, tg: asyncio.TaskGroup) -> None:
         """The task group that owns the jobs (the agent's lifetime)."""
@@ -148,13 +174,21 @@ class Jobs:
     async def migrate(self, name: str, body: MigrateBody) -> str:
         """Start a migration of ``name`` (live, quick or offline) to the agent at ``body.to``; its id."""
         self._busy_vm(name)
-        ds, home, _spec = self.host.find(name)
-        client = self._client(body.to)
+        ds, home, spec = self.host.find(name)
+        cluster = self.host.cluster
+        url, claim = body.to, None
+        if cluster is not None:
+            if not body.to.startswith(("http://", "https://")):
+                url = (await cluster.resolve(body.to)).api_address
+            claim = await cluster.ensure_owner(spec)  # this host owns it, as of this token
+        elif not body.to.startswith(("http://", "https://")):
+            raise Problem(f"--to {body.to!r}: a host name needs a cluster (agent --etcd); give a URL")
+        client = self._client(url)
         try:
             try:
                 peer = HostInfo.model_validate(await client.get("/v1/host"))
             except AgentError as exc:
-                raise BadPeer(f"destination agent {body.to}: {exc.detail}") from None
+                raise BadPeer(f"destination agent {url}: {exc.detail}") from None
             if peer.name == self.host.config.name:
                 raise Problem("the destination is this agent: use storage-migrate to change datastores")
             dest_ds = body.datastore or (peer.datastores[0].name if peer.datastores else "")
@@ -199,8 +233,13 @@ class Jobs:
             job = LiveMigration(request, target, store)
         job.record.settings.destination_datastore = dest_ds
         job.record.settings.destination_site = peer.site
-        state = self._register(job, "source", body.to)
-        self._spawn(self._run_to_peer(state, job, client, peer.site, home))
+        state = self._register(job, "source", url)
+        clustered = None
+        if cluster is not None and claim is not None:
+            job.record.settings.cluster_job = True
+            datastores = (str(self.host.stores[ds].uuid),)
+            clustered = _Clustered(claim, peer.name, peer.site, datastores, body.no_wait)
+        state.task = self._spawn(self._run_to_peer(state, job, client, peer.site, home, clustered))
         return state.id
 
     async def storage_migrate(self, name: str, body: StorageMigrateBody) -> str:
@@ -221,7 +260,7 @@ class Jobs:
             release_holder=self._release_for(name),
         )
         state = self._register(job, "storage", None)
-        self._spawn(self._run_job(state, job.run(), home))
+        state.task = self._spawn(self._run_job(state, job.run(), home))
         return state.id
 
     def _register(self, job: Job, role: str, destination: str | None) -> JobState:
@@ -230,13 +269,14 @@ class Jobs:
         self.jobs[state.id] = state
         return state
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         if self._tg is None:
             coro.close()
             raise Conflict("the agent is not serving yet")
         task = self._tg.create_task(self._guarded(coro))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     @staticmethod
     async def _guarded(coro: Any) -> None:
@@ -256,11 +296,25 @@ class Jobs:
     # --- running ------------------------------------------------------------------------------------------
 
     async def _run_to_peer(
-        self, state: JobState, job: Job, client: AgentClient, peer_site: str, home: VmHome
+        self,
+        state: JobState,
+        job: Job,
+        client: AgentClient,
+        peer_site: str,
+        home: VmHome,
+        clustered: _Clustered | None = None,
     ) -> None:
-        """Run a migration to another agent's host, through the routes between the two sites."""
+        """Run a migration to another agent's host, through the routes between the two sites (and, in
+        a cluster, as a cluster job)."""
         try:
-            async with self.routes(self.host.config.site, peer_site) as route:
+            async with contextlib.AsyncExitStack() as stack:
+                if clustered is not None:
+                    run = await stack.enter_async_context(self._cluster_job(state, job, clustered))
+                    if run is None:
+                        return  # refused by a limit: recorded
+                    state.on_phase = run.entered
+                    self._use_ledger(job, run.ledger)
+                route = await stack.enter_async_context(self.routes(self.host.config.site, peer_site))
                 if isinstance(job, LiveMigration):
                     job.request = replace(job.request, route=route)
                 elif isinstance(job, ColdMigration):
@@ -269,6 +323,39 @@ class Jobs:
         finally:
             state.running = False  # also when the routes could not be set up
             await client.aclose()
+
+    @contextlib.asynccontextmanager
+    async def _cluster_job(
+        self, state: JobState, job: Job, c: _Clustered
+    ) -> AsyncIterator[ClusterRun | None]:
+        """The migration as a cluster job (queued while a limit is reached); ``None`` if it was refused."""
+        member = self.host.cluster
+        assert member is not None
+
+        def queued(decision: Decision) -> None:
+            state.on_progress(
+                {"phase": "queued", "place": decision.position + 1, "reasons": decision.reasons()}
+            )
+
+        try:
+            async with cluster_job(
+                member,
+                job.record.id,
+                c.claim,
+                c.destination,
+                datastores=c.datastores,
+                source_site=self.host.config.site,
+                destination_site=c.site,
+                no_wait=c.no_wait,
+                on_queue=queued,
+            ) as run:
+                yield run
+        except (LimitReached, ClusterUnavailable, EtcdUnavailable) as exc:
+            job.record.error = f"refused: {exc}"
+            job.record.enter(Phase.FAILED)
+            self.db.save_migration(job.record, state.role)
+            state.running = False
+            yield None
 
     async def _run_job(
         self, state: JobState, work: Awaitable[Any], home: VmHome, client: AgentClient | None = None
@@ -352,17 +439,23 @@ class Jobs:
             disks = await job.target.disk_status()
         except SideError:
             return
-        done = total = 0
+        done = total = demand = background = 0
         for st in disks.values():
             relocation = st.get("relocation")
             if relocation is None:
                 return  # no relocations (precopy, shared)
             done += int(relocation["present_bytes"])
             total += int(relocation["size"])
+            demand += int(relocation.get("fetched_demand_bytes", 0))
+            background += int(relocation.get("fetched_background_bytes", 0))
         if total:
-            state.samples.append(
-                (round(time.monotonic() - state.t0, 3), {"disk_done": done, "disk_total": total})
-            )
+            sample = {
+                "disk_done": done,
+                "disk_total": total,
+                "disk_demand": demand,
+                "disk_background": background,
+            }
+            state.samples.append((round(time.monotonic() - state.t0, 3), sample))
 
     async def _leave_report(self, state: JobState) -> None:
         record = state.job.record
@@ -403,11 +496,52 @@ class Jobs:
             if taken is None:
                 continue
             job, client = taken
+            if record.settings.cluster_job and not self._cluster_ready(record):
+                if client is not None:
+                    await client.aclose()
+                continue
             new = self._register(job, role, record.destination.agent)
             if state is not None:
                 new.backoff = min(state.backoff * 2, MAX_BACKOFF)
             log.info("taking over migration %s, left at %s", record.id, record.phase.value)
-            self._spawn(self._run_job(new, job.recover(), VmHome(record.source.home), client))
+            work = self._recover_clustered(new, job) if record.settings.cluster_job else job.recover()
+            new.task = self._spawn(self._run_job(new, work, VmHome(record.source.home), client))
+
+    def _cluster_ready(self, record: MigrationRecord) -> bool:
+        """Whether a cluster job can be taken over now (this agent is in the cluster, and etcd answers)."""
+        member = self.host.cluster
+        if member is None:
+            log.error(
+                "migration %s is a cluster job: start the agent with --etcd to go on with it", record.id
+            )
+            return False
+        return member.online
+
+    async def _recover_clustered(self, state: JobState, job: Job) -> MigrationRecord:
+        """Recover a cluster job as its coordinator again (a new lease; waits while the old one lives)."""
+        member = self.host.cluster
+        assert member is not None
+        vm_uuid = None
+        with contextlib.suppress(OSError, ValueError):
+            vm_uuid = str(VmHome(job.record.source.home).load_spec().uuid)
+        try:
+            async with taken_over(member, job.record.id, vm_uuid) as run:
+                state.on_phase = run.entered
+                self._use_ledger(job, run.ledger)
+                return await job.recover()
+        except CoordinatorAlive as exc:
+            raise MigrationPending(
+                f"its coordinator's lease lives on (host {exc.host})", job.record
+            ) from None
+        except (ClusterError, ClusterUnavailable) as exc:
+            raise MigrationPending(f"the cluster: {exc}", job.record) from None
+
+    @staticmethod
+    def _use_ledger(job: Job, ledger: ClusterLedger) -> None:
+        if isinstance(job, LiveMigration):
+            job.request = replace(job.request, ledger=ledger)
+        elif isinstance(job, ColdMigration):
+            job.ledger = ledger
 
     def _job_for(self, record: MigrationRecord, role: str) -> tuple[Job, AgentClient | None] | None:
         store = DbMigrationStore(self.db, role)
@@ -445,6 +579,12 @@ class Jobs:
             if not source or not migration:
                 continue
             verdict = await self._source_says(source, migration)
+            member = self.host.cluster
+            if verdict == "unknown" and member is not None:
+                if self._settler is None or self._settler.member is not member:
+                    self._settler = OrphanSettler(member, self.incoming, member.settings.takeover_after)
+                await settle_quietly(self._settler, vm, migration)
+                continue
             if verdict == "over":
                 log.info(
                     "VM %s came in for migration %s, which ended at its source: removing it", vm, migration

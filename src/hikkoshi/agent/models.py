@@ -46,6 +46,8 @@ class HostInfo(BaseModel):
     cpu_count: int
     qemu_version: list[int]
     vms: int
+    load_average: list[float] = []
+    """The host's 1, 5 and 15 minute load averages."""
 
 
 class DiskInfo(BaseModel):
@@ -125,8 +127,11 @@ class VmStop(_Body):
 class MigrateBody(_Body):
     """``POST /v1/vms/{name}/migrate``: move the VM to another agent's host."""
 
-    to: Annotated[str, Field(min_length=8, max_length=300, pattern=r"^https?://[^\s/]+(/.*)?$")]
-    """The destination agent's URL."""
+    to: Annotated[
+        str,
+        Field(min_length=1, max_length=300, pattern=r"^(https?://[^\s/]+(/.*)?|[A-Za-z0-9][A-Za-z0-9_.-]*)$"),
+    ]
+    """The destination agent's URL, or (in a cluster) the destination host's name."""
     datastore: Name | None = None
     """The destination datastore (default: its first)."""
     storage: StorageMode = StorageMode.HYBRID
@@ -138,6 +143,8 @@ class MigrateBody(_Body):
     """Background disk copy limit (proxy modes)."""
     auto_converge: bool = True
     allow_postcopy: bool = False
+    no_wait: bool = False
+    """In a cluster: refuse (rather than queue) when a concurrency limit is reached."""
 
 
 class StorageMigrateBody(_Body):
@@ -253,3 +260,9 @@ class ReleaseBody(_Body):
     """The migration after which a holder lets a VM's disks go."""
 
     migration: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]
+
+
+class ResumeBody(_Body):
+    """Resume an incoming VM: the fencing token of its ownership here (a cluster's owner key)."""
+
+    token: int | None = Field(default=None, ge=0)

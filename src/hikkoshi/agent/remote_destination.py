@@ -168,8 +168,8 @@ class RemoteDestination(Destination):
     async def set_patience(self, seconds: float | None) -> None:
         await self._call("POST", "/patience", json={"seconds": seconds})
 
-    async def resume(self) -> None:
-        await self._call("POST", "/resume")
+    async def resume(self, token: int | None = None) -> None:
+        await self._call("POST", "/resume", json={"token": token})
 
     async def announce(self) -> None:
         await self._call("POST", "/announce")

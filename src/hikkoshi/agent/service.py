@@ -6,14 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 
+from hikkoshi.agent.cluster_member import ClusterMember
 from hikkoshi.agent.db import AgentDb
+from hikkoshi.agent.errors import Conflict, Problem
 from hikkoshi.agent.host import AgentConfig, Host
 from hikkoshi.agent.incoming import INCOMING, SERVING, Incoming
 from hikkoshi.agent.jobs import Jobs, RouteFactory
+from hikkoshi.agent.vm_rows import RowState
+from hikkoshi.daemons import supervisor_client
 from hikkoshi.daemons.supervisor_client import holds_for_another_host
+from hikkoshi.vm.errors import VmError
 
 log = logging.getLogger("hikkoshi.agent")
 
@@ -48,8 +54,8 @@ class Agent:
             if holds_for_another_host(home):
                 self.db.set_vm(name, ds, uuid, SERVING)
                 continue
-            state = "running" if home.is_running() else "stopped"
-            if state == "running":
+            state = RowState.RUNNING if home.is_running() else RowState.STOPPED
+            if state == RowState.RUNNING:
                 running.append(name)
             self.db.set_vm(name, ds, uuid, state)
         for name, row in known.items():
@@ -57,21 +63,61 @@ class Agent:
                 self.db.forget_vm(name)
         return running
 
+    async def fence_adopted(self) -> list[str]:
+        """In a cluster: every VM found running here is owned here, or paused and marked ``fenced``
+        (another host owns it: it may run there). A VM the cluster does not know yet is claimed."""
+        member = self.host.cluster
+        if member is None:
+            return []
+        fenced = []
+        for name in list(self.adopted):
+            try:
+                ds, home, spec = self.host.find(name)
+                await member.ensure_owner(spec)
+            except Conflict as exc:
+                log.error("VM %s runs here but %s: pausing it", name, exc)
+                with contextlib.suppress(VmError):
+                    await supervisor_client.request(home, spec, "pause")
+                self.db.set_vm(name, ds, str(spec.uuid), RowState.FENCED, json.dumps({"why": str(exc)}))
+                self.adopted.remove(name)
+                fenced.append(name)
+            except Problem as exc:  # etcd went away again, or the VM's home is unreadable: left as is
+                log.warning("VM %s: ownership not checked: %s", name, exc)
+        return fenced
+
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Agent]:
-        """The agent at work: jobs run in a task group that ends (cancelling them) when this does."""
-        self.adopted = await asyncio.to_thread(self.adopt_running)
-        if self.adopted:
-            log.info("re-adopted running VMs: %s", ", ".join(self.adopted))
+        """The agent at work: jobs run in a task group that ends (cancelling them) when this does.
+
+        With a cluster configured the host joins it first (:class:`EtcdUnavailable` if etcd does not
+        answer) and leaves it last."""
         try:
-            async with asyncio.TaskGroup() as tg:
-                self.jobs.attach(tg)
-                # Takes over migrations left in flight (at once, then whenever one can go on).
-                maintenance = tg.create_task(self.jobs.maintain())
-                try:
-                    yield self
-                finally:
-                    maintenance.cancel()
-                    self.jobs.cancel_all()  # each rolls back what it can, or leaves its record
+            async with contextlib.AsyncExitStack() as stack:
+                if self.config.cluster is not None:
+                    member = ClusterMember(self.config.cluster, self.host)
+                    await stack.enter_async_context(member.joined())
+                    self.host.cluster = member
+                    stack.callback(setattr, self.host, "cluster", None)
+                await self._work(stack)
+                yield self
         finally:
             self.db.close()
+
+    async def _work(self, stack: contextlib.AsyncExitStack) -> None:
+        """Adopt what runs, then run jobs and maintenance in a task group closed by ``stack``."""
+        self.adopted = await asyncio.to_thread(self.adopt_running)
+        fenced = await self.fence_adopted()
+        if self.adopted:
+            log.info("re-adopted running VMs: %s", ", ".join(self.adopted))
+        if fenced:
+            log.error("paused VMs owned by other hosts: %s", ", ".join(fenced))
+        tg = await stack.enter_async_context(asyncio.TaskGroup())
+        self.jobs.attach(tg)
+        # Takes over migrations left in flight (at once, then whenever one can go on).
+        maintenance = tg.create_task(self.jobs.maintain())
+
+        def stop() -> None:
+            maintenance.cancel()
+            self.jobs.cancel_all()  # each rolls back what it can, or leaves its record
+
+        stack.callback(stop)

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hikkoshi.cli.etcd_options import add_etcd_tls_arguments, etcd_config, etcd_urls
 from hikkoshi.cli.migrate import parse_wan, wan_routes
 from hikkoshi.daemons.process import run
 from hikkoshi.vm.accel import DEFAULT_QEMU
@@ -54,6 +55,21 @@ def add_parser(top: Any) -> None:
     p.add_argument("--tls-cert", type=Path, metavar="F", help="serve the API over TLS with this certificate")
     p.add_argument("--tls-key", type=Path, metavar="F")
     p.add_argument("--peer-ca", type=Path, metavar="F", help="CA of the other agents' TLS certificates")
+    etcd = p.add_argument_group("cluster", "join an etcd cluster (see `hikkoshi cluster up` for a local one)")
+    etcd.add_argument(
+        "--etcd",
+        metavar="URL[,URL...]",
+        default=argparse.SUPPRESS,  # the global option's value (or $HIKKOSHI_ETCD) otherwise
+        help="etcd client URLs (default: $HIKKOSHI_ETCD; none: the agent works alone)",
+    )
+    add_etcd_tls_arguments(etcd, defaults=False)
+    etcd.add_argument(
+        "--takeover-after",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="settle a migration into this host once its source host is down this long (default 60)",
+    )
     p.set_defaults(func=agent_command)
 
 
@@ -115,9 +131,11 @@ def ensure_token(path: Path) -> str:
 
 def agent_command(args: argparse.Namespace) -> int:
     from hikkoshi.agent.client import AgentError
+    from hikkoshi.agent.cluster_member import ClusterSettings
     from hikkoshi.agent.db import StateError
     from hikkoshi.agent.host import AgentConfig
     from hikkoshi.agent.server import main_error, serve
+    from hikkoshi.cluster.errors import ClusterError
 
     try:
         host, port = parse_listen(args.listen)
@@ -134,11 +152,13 @@ def agent_command(args: argparse.Namespace) -> int:
             tls_key=args.tls_key,
             peer_ca=args.peer_ca,
         )
+        if etcd_urls(args):
+            config.cluster = ClusterSettings(etcd_config(args), takeover_after=args.takeover_after)
         if (args.tls_cert is None) != (args.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         routes = site_routes(parse_wan_links(args.wan_link), host)
         return run(serve(config, routes))
-    except (ValueError, AgentError, StateError, OSError) as exc:
+    except (ValueError, AgentError, StateError, OSError, ClusterError) as exc:
         return main_error(str(exc))
     except KeyboardInterrupt:
         return 130

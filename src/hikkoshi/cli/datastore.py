@@ -16,7 +16,8 @@ from hikkoshi.vm.host import host_facts
 from hikkoshi.vm.spec import format_size
 
 
-def add_parser(top: Any) -> None:
+def add_parser(top: Any) -> Any:
+    """``datastore`` and ``host``; the ``host`` group's subparsers (the cluster adds its commands)."""
     group = top.add_parser("datastore", help="datastores: directories holding VMs").add_subparsers(
         dest="datastore_command", required=True
     )
@@ -29,11 +30,14 @@ def add_parser(top: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=info_command)
 
-    p = top.add_parser("host", help="this host's facts").add_subparsers(dest="host_command", required=True)
-    p = p.add_parser("info", help="memory, CPU, KVM, bridges (and datastore space)")
+    hosts = top.add_parser("host", help="this host's facts; the cluster's hosts").add_subparsers(
+        dest="host_command", required=True
+    )
+    p = hosts.add_parser("info", help="memory, CPU, KVM, bridges (and datastore space)")
     p.add_argument("--datastore", type=Path, action="append", default=[], metavar="PATH")
     p.add_argument("--accel", action="store_true", help="also find out whether KVM really runs guests")
     p.set_defaults(func=host_command)
+    return hosts
 
 
 def init_command(args: argparse.Namespace) -> int:

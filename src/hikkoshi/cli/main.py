@@ -8,6 +8,7 @@ from pathlib import Path
 
 from hikkoshi import __version__
 from hikkoshi.cli import nbd_move, nbd_proxy, nbd_serve, nbd_stats, nbd_status
+from hikkoshi.cli.etcd_options import add_etcd_arguments, cluster_wanted
 from hikkoshi.daemons.process import setup_logging
 
 
@@ -28,6 +29,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "--token-file", type=Path, metavar="F", help="the agent's token (default: $HIKKOSHI_TOKEN_FILE)"
     )
     parser.add_argument("--ca-file", type=Path, metavar="F", help="CA of the agent's TLS certificate")
+    add_etcd_arguments(parser)
     top = parser.add_subparsers(dest="command", required=True)
     nbd = top.add_parser("nbd", help="the NBD data plane").add_subparsers(dest="nbd_command", required=True)
     nbd_serve.add_parser(nbd)
@@ -37,11 +39,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     nbd_move.add_parser(nbd)
     if argv is not None and _data_plane_only(argv):
         return parser
-    from hikkoshi.cli import datastore, guest, vm
+    from hikkoshi.cli import cluster, datastore, guest, hosts, limits, vm
 
     guest.add_parser(top)
-    datastore.add_parser(top)
+    hosts.add_subcommands(datastore.add_parser(top))
     vm.add_parser(top)
+    limits.add_parser(top)
+    cluster.add_parser(top)
     from hikkoshi.cli import demo
 
     demo.add_parser(top)
@@ -55,6 +59,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     agent.add_parser(top)
     lab.add_parser(top)
+    from hikkoshi.cli import dashboard
+
+    dashboard.add_parser(top)
     return parser
 
 
@@ -73,12 +80,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    via_cluster = getattr(args, "via_cluster", None)
+    if via_cluster is not None:
+        try:
+            in_cluster = cluster_wanted(args)
+        except ValueError as exc:
+            parser.error(str(exc))
+        if in_cluster:
+            code: int = via_cluster(args)
+            return code
     remote = getattr(args, "remote", None)
     if remote is not None:
         from hikkoshi.cli import remote as remote_cli
 
         if remote_cli.wanted(args):
-            code: int = remote(args)
+            code = remote(args)
             return code
     for option in getattr(args, "local_requires", ()):
         if getattr(args, option) is None:

@@ -51,7 +51,16 @@ def add_parser(top: Any) -> None:
         help="where the VM is now (with --agent: the destination datastore's NAME, default its first)",
     )
     p.add_argument("--to-datastore", type=Path, metavar="PATH", help="where it goes")
-    p.add_argument("--to", metavar="URL", help="with --agent: the destination host's agent")
+    p.add_argument(
+        "--to",
+        metavar="HOST|URL",
+        help="with --etcd: the destination host's name; with --agent: its agent's URL",
+    )
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="in a cluster: refuse instead of queueing when a limit is reached",
+    )
     p.add_argument(
         "--to-runtime-dir", type=Path, metavar="DIR", help="the destination host's HIKKOSHI_RUNTIME_DIR"
     )
@@ -88,7 +97,12 @@ def add_parser(top: Any) -> None:
     how.add_argument("--offline", action="store_true", help="cold migration of a powered-off VM")
     how.add_argument("--quick", action="store_true", help="suspend, move memory state and disks, resume")
     p.add_argument("--json", action="store_true", help="print the record as JSON, no progress")
-    p.set_defaults(func=migrate_command, local_requires=("datastore", "to_datastore"), remote=remote.migrate)
+    p.set_defaults(
+        func=migrate_command,
+        local_requires=("datastore", "to_datastore"),
+        remote=remote.migrate,
+        via_cluster=in_cluster,
+    )
 
     sm = top.add_parser(
         "storage-migrate", help="move a running VM's home and disks to another datastore, live"
@@ -116,6 +130,7 @@ def add_parser(top: Any) -> None:
         func=storage_migrate_command,
         local_requires=("datastore", "to_datastore"),
         remote=remote.storage_migrate,
+        via_cluster=in_cluster,
     )
 
     h = top.add_parser("migrations", help="migration history and reports")
@@ -129,7 +144,19 @@ def add_parser(top: Any) -> None:
     h.add_argument("--datastore", type=Path, metavar="PATH", help="whose records (not with --agent)")
     h.add_argument("--state-dir", type=Path, metavar="DIR")
     h.add_argument("--json", action="store_true")
-    h.set_defaults(func=migrations_command, local_requires=("datastore",), remote=remote.migrations)
+    h.set_defaults(
+        func=migrations_command,
+        local_requires=("datastore",),
+        remote=remote.migrations,
+        via_cluster=in_cluster,
+    )
+
+
+def in_cluster(args: argparse.Namespace) -> int:
+    """``migrate``, ``storage-migrate`` and ``migrations`` through the cluster (``--etcd``)."""
+    from hikkoshi.cli import cluster_migrations
+
+    return cluster_migrations.dispatch(args)
 
 
 def parse_wan(text: str) -> WanParams:

@@ -71,6 +71,9 @@ def _vm_line(vm: dict[str, Any]) -> str:
 
 
 def vm_create(args: argparse.Namespace) -> int:
+    if getattr(args, "host", None) is not None and not getattr(args, "routed", False):
+        print("hikkoshi vm create: --host needs a cluster (--etcd URL), not --agent", file=sys.stderr)
+        return 2
     if args.no_nic and (args.nic or args.mac):
         print("hikkoshi vm create: --no-nic contradicts --nic and --mac", file=sys.stderr)
         return 2
@@ -158,12 +161,12 @@ def vm_console(args: argparse.Namespace) -> int:
 
 def vm_destroy(args: argparse.Namespace) -> int:
     if not args.yes:
-        print("hikkoshi vm destroy: this deletes the VM's disks; add --yes if you mean it", file=sys.stderr)
+        print(f"{_prog(args)}: this deletes the VM's disks; add --yes if you mean it", file=sys.stderr)
         return 2
 
     async def go(client: AgentClient) -> int:
         await client.delete(f"/v1/vms/{args.name}")
-        print(f"destroyed VM {args.name!r}")
+        print(f"{'deleted' if args.vm_command == 'delete' else 'destroyed'} VM {args.name!r}")
         return 0
 
     return call(args, go)
@@ -198,6 +201,8 @@ def migrate(args: argparse.Namespace) -> int:
     }
     if args.datastore is not None:
         body["datastore"] = str(args.datastore)
+    if getattr(args, "no_wait", False):
+        body["no_wait"] = True
     for key in ("bandwidth", "disk_bandwidth"):
         if getattr(args, key):
             body[key] = getattr(args, key)
@@ -246,7 +251,9 @@ async def follow(client: AgentClient, migration_id: str, as_json: bool, title: s
             info = await client.get(path)
             p = info.get("progress") or {}
             phase = info["phase"]
-            if "memory_done" in p and phase in ("memory-precopy", "switchover"):
+            if p.get("phase") == "queued":
+                report.update(queued(p))
+            elif "memory_done" in p and phase in ("memory-precopy", "switchover"):
                 dirty = (p.get("dirty_pages_rate") or 0) * 4096 / _MIB
                 total = p["memory_done"] + p.get("memory_remaining", 0)
                 detail = f"memory, iteration {p.get('iteration', 0)} · dirty {dirty:.1f} MiB/s"
@@ -259,11 +266,19 @@ async def follow(client: AgentClient, migration_id: str, as_json: bool, title: s
             if not info["running"]:
                 break
             await asyncio.sleep(0.25)
-    print(_report(info))
+    print(report_text(info))
     return outcome(info)
 
 
-def _report(info: dict[str, Any]) -> str:
+def queued(progress: dict[str, Any]) -> str:
+    """A migration waiting for slots, as its progress says: ``queued (place 2: host-out:a: ...)``."""
+    reasons = "; ".join(str(r) for r in progress.get("reasons") or ())
+    place = progress.get("place", "?")
+    return f"queued (place {place}: {reasons})" if reasons else f"queued (place {place})"
+
+
+def report_text(info: dict[str, Any]) -> str:
+    """A migration's report for people, from an agent's answer."""
     return human_report(MigrationRecord.model_validate(info["record"]))
 
 
@@ -282,7 +297,7 @@ def migrations(args: argparse.Namespace) -> int:
             if args.json:
                 _print_json(info)
             else:
-                print(_report(info))
+                print(report_text(info))
             return 0
         rows = await client.get("/v1/migrations")
         if args.json:

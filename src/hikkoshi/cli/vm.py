@@ -39,11 +39,14 @@ def add_parser(top: Any) -> None:
         p.add_argument(
             "--datastore", type=Path, metavar="PATH", help="the datastore (with --agent: its NAME)"
         )
-        p.set_defaults(func=func, local_requires=("datastore",), remote=remote.vm_simple)
+        p.set_defaults(
+            func=func, local_requires=("datastore",), remote=remote.vm_simple, via_cluster=in_cluster
+        )
         return p
 
     p = command("create", create_command, "create a VM: its home, disks and vm.toml")
     p.set_defaults(remote=remote.vm_create)
+    p.add_argument("--host", metavar="HOST", help="with --etcd: the cluster host that creates and runs it")
     p.add_argument("--memory", type=int, required=True, metavar="MIB", help="guest memory in MiB")
     p.add_argument("--cpus", type=int, default=1, metavar="N")
     p.add_argument(
@@ -94,8 +97,8 @@ def add_parser(top: Any) -> None:
     )
     p.add_argument("--hard", action="store_true", help="skip ACPI: QMP quit at once")
     p.add_argument("--force", action="store_true", help="SIGKILL the supervisor (when it does not answer)")
-    command("pause", pause_command, "pause the guest's CPUs").set_defaults(remote=None)
-    command("resume", resume_command, "resume a paused guest").set_defaults(remote=None)
+    command("pause", pause_command, "pause the guest's CPUs").set_defaults(remote=None, via_cluster=None)
+    command("resume", resume_command, "resume a paused guest").set_defaults(remote=None, via_cluster=None)
     for name in ("status", "show"):
         p = command(name, status_command, "run state, pids, last exit")
         p.add_argument("--json", action="store_true")
@@ -103,14 +106,24 @@ def add_parser(top: Any) -> None:
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until the VM stops")
     p.add_argument("--previous", action="store_true", help="the boot before this one")
     p.set_defaults(remote=remote.vm_console)
-    p = command("destroy", destroy_command, "delete a stopped VM with its disks")
-    p.add_argument("--yes", action="store_true", help="yes, delete its disks")
-    p.set_defaults(remote=remote.vm_destroy)
+    for name in ("delete", "destroy"):
+        p = command(name, destroy_command, "delete a stopped VM with its disks")
+        p.add_argument("--yes", action="store_true", help="yes, delete its disks")
+        p.set_defaults(remote=remote.vm_destroy)
 
     p = group.add_parser("list", help="the VMs of a datastore (with --agent: of the host)")
     p.add_argument("--datastore", type=Path, metavar="PATH")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=list_command, local_requires=("datastore",), remote=remote.vm_list)
+    p.set_defaults(
+        func=list_command, local_requires=("datastore",), remote=remote.vm_list, via_cluster=in_cluster
+    )
+
+
+def in_cluster(args: argparse.Namespace) -> int:
+    """A VM command through the cluster (``--etcd``): the etcd client loads only then."""
+    from hikkoshi.cli import cluster_vms
+
+    return cluster_vms.dispatch(args)
 
 
 def _fail(args: argparse.Namespace, exc: BaseException) -> int:
@@ -190,6 +203,9 @@ def build_spec_data(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def create_command(args: argparse.Namespace) -> int:
+    if args.host is not None:
+        print("hikkoshi vm create: --host needs a cluster (--etcd URL or HIKKOSHI_ETCD)", file=sys.stderr)
+        return 2
     try:
         store = Datastore.open(args.datastore)
         data = build_spec_data(args)
@@ -314,13 +330,16 @@ def console_command(args: argparse.Namespace) -> int:
 
 def destroy_command(args: argparse.Namespace) -> int:
     if not args.yes:
-        print("hikkoshi vm destroy: this deletes the VM's disks; add --yes if you mean it", file=sys.stderr)
+        print(
+            f"hikkoshi vm {args.vm_command}: this deletes the VM's disks; add --yes if you mean it",
+            file=sys.stderr,
+        )
         return 2
     try:
         Datastore.open(args.datastore).destroy_vm(args.name)
     except VmError as exc:
         return _fail(args, exc)
-    print(f"destroyed VM {args.name!r}")
+    print(f"{'deleted' if args.vm_command == 'delete' else 'destroyed'} VM {args.name!r}")
     return 0
 
 

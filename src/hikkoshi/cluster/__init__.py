@@ -19,6 +19,10 @@ Modules, one idea each:
 - ``jobs``: migration records, one coordinator under a lease, take-over, the commit point.
 - ``slots`` (pure) and ``limits``: concurrency limits as counted slots, the FIFO queue.
 - ``placement``: a stand-in "least-loaded fitting host" until the DRS planner exists.
+- ``views`` and ``limit_settings`` (pure): what the CLI lists (hosts, VMs with owner and state,
+  migrations, the queue, limits and holders) and how limits are written (``host-out=2``).
+- ``etcd_supervisor`` and ``etcd_health``: ``hikkoshi cluster up`` (the embedded member, supervised)
+  and ``cluster status`` (members, leader, health, key counts).
 - ``tasks``: a background task for the length of a block.
 
 How the agent will use it (one ``Store`` per agent process, shared by its tasks)::

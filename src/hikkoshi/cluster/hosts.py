@@ -109,6 +109,8 @@ class Registration:
             first.set_exception(e)  # raised by register_host itself, not as a TaskGroup's group
 
     async def _run(self, first: asyncio.Future[None]) -> None:
+        # A killed agent's live key outlives it by up to its lease's TTL: its successor waits that long.
+        patience = asyncio.get_running_loop().time() + self.ttl + 2
         while True:
             try:
                 await self._hold(first)
@@ -117,6 +119,10 @@ class Registration:
                     raise
                 # Cut off while registering again: keep trying (listed down meanwhile); the agent
                 # and its VMs go on.
+            except HostNameInUse as exc:
+                if not first.done() and asyncio.get_running_loop().time() > patience:
+                    raise
+                log.warning("%s; trying again", exc)
             self.lease = None
             self.state = RegistrationState.LAPSED
             self.registered.clear()

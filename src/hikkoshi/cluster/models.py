@@ -73,6 +73,7 @@ class HostStatus(Record):
     memory_free: int = Field(ge=0, description="bytes")
     datastores_free: dict[str, int] = Field(default_factory=dict, description="datastore uuid -> free bytes")
     load: HostLoad = HostLoad()
+    vms: dict[str, str] = Field(default_factory=dict, description="VM uuid -> its state on this host")
     updated_at: float = Field(default_factory=now)
 
 

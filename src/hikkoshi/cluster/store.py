@@ -35,8 +35,10 @@ from etcd3aio import EtcdConnectionError, EtcdError, EtcdTransientError, prefix_
 # The request messages: etcd3aio builds them only through helpers that lack a mod-revision compare.
 from etcd3aio._protobuf import Compare as PbCompare
 from etcd3aio._protobuf import DeleteRangeRequest, PutRequest, RangeRequest, RequestOp
+from etcd3aio.cluster import ClusterService
 from etcd3aio.kv import KVService
 from etcd3aio.lease import LeaseService
+from etcd3aio.maintenance import MaintenanceService
 from etcd3aio.watch import WatchService
 
 from hikkoshi.cluster import txn as t
@@ -82,6 +84,31 @@ class Snapshot:
 
     kvs: tuple[KeyValue, ...]
     revision: int
+
+
+@dataclass(frozen=True)
+class Member:
+    """A member of the etcd cluster, as the cluster lists it."""
+
+    id: int
+    name: str
+    client_urls: tuple[str, ...]
+    peer_urls: tuple[str, ...]
+    learner: bool
+
+
+@dataclass(frozen=True)
+class MemberStatus:
+    """What one member says of itself: its id, the leader it follows (0: none), its database."""
+
+    id: int
+    leader: int
+    version: str
+    db_size: int
+    db_size_in_use: int
+    raft_index: int
+    raft_term: int
+    errors: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -183,6 +210,8 @@ class Store:
         self._kv: KVService | None = None
         self._lease: LeaseService | None = None
         self._watch: WatchService | None = None
+        self._maintenance: MaintenanceService | None = None
+        self._cluster: ClusterService | None = None
         self.retries = 0
         """Attempts that failed and were retried (a figure for reports and tests)."""
 
@@ -207,6 +236,8 @@ class Store:
             self._kv = KVService(self._channel, max_attempts=1)
             self._lease = LeaseService(self._channel, max_attempts=1)
             self._watch = WatchService(self._channel, max_attempts=1)
+            self._maintenance = MaintenanceService(self._channel, max_attempts=1)
+            self._cluster = ClusterService(self._channel, max_attempts=1)
         if check:
             await self.revision()
 
@@ -243,6 +274,7 @@ class Store:
         """Close the channel (requests in flight are cancelled)."""
         channel, self._channel = self._channel, None
         self._kv = self._lease = self._watch = None
+        self._maintenance = self._cluster = None
         if channel is not None:
             await channel.close()
 
@@ -419,6 +451,42 @@ class Store:
                     raise
 
         await self._call("lease revoke", revoke)
+
+    # -- the cluster itself -------------------------------------------------------------------------
+
+    async def members(self) -> list[Member]:
+        """The cluster's members (a linearizable read: it needs a quorum)."""
+        self._services()
+        assert self._cluster is not None
+        cluster = self._cluster
+        resp = await self._call("member list", lambda to: cluster.member_list(timeout=to))
+        return [
+            Member(
+                id=int(m.ID),
+                name=str(m.name),
+                client_urls=tuple(str(u) for u in m.clientURLs),
+                peer_urls=tuple(str(u) for u in m.peerURLs),
+                learner=bool(m.isLearner),
+            )
+            for m in resp.members
+        ]
+
+    async def member_status(self) -> MemberStatus:
+        """The status of the member that answers (give the store one endpoint to ask a given member)."""
+        self._services()
+        assert self._maintenance is not None
+        maintenance = self._maintenance
+        r = await self._call("status", lambda to: maintenance.status(timeout=to))
+        return MemberStatus(
+            id=int(r.header.member_id),
+            leader=int(r.leader),
+            version=str(r.version),
+            db_size=int(r.dbSize),
+            db_size_in_use=int(r.dbSizeInUse),
+            raft_index=int(r.raftIndex),
+            raft_term=int(r.raftTerm),
+            errors=tuple(str(e) for e in r.errors),
+        )
 
     # -- watches ------------------------------------------------------------------------------------
 

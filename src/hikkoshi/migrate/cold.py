@@ -24,6 +24,7 @@ from hikkoshi.migrate.destination import Destination
 from hikkoshi.migrate.disk_pull import serve_read_only
 from hikkoshi.migrate.holders import release_holder_by_path
 from hikkoshi.migrate.job import Job, Progress, Step
+from hikkoshi.migrate.ledger import CommitLedger, NoLedger
 from hikkoshi.migrate.phases import Phase
 from hikkoshi.migrate.precheck import check_space
 from hikkoshi.migrate.record import (
@@ -60,9 +61,11 @@ class ColdMigration(Job):
         source_host: str = "local",
         route: Route | None = None,
         release_holder: ReleaseHolder | None = None,
+        ledger: CommitLedger | None = None,
         on_progress: Progress | None = None,
     ) -> None:
         super().__init__(store, on_progress)
+        self.ledger: CommitLedger = ledger or NoLedger()
         self.src_home = VmHome(source_datastore / vm)
         self.target = target
         self.route = route
@@ -228,8 +231,9 @@ class ColdMigration(Job):
             shutil.rmtree(self.record.facts.export_dir, ignore_errors=True)
 
     async def commit(self) -> None:
-        """The destination holds every disk, complete and flushed (or holds them already)."""
-        return None
+        """The destination holds every disk, complete and flushed (or holds them already); the ledger
+        can take the commit (recorded first thing after it)."""
+        await self.ledger.prepare(self.record)
 
     # --- after the commit --------------------------------------------------------------------------------
 
@@ -237,6 +241,8 @@ class ColdMigration(Job):
         return [(Phase.CLEANUP, self._cleanup)]
 
     async def _cleanup(self) -> None:
+        # The VM is the destination's from now on (a cluster's owner key moves), before anything goes.
+        self.record.facts.fencing_token = await self.ledger.record_commit(self.record)
         if self.record.facts.destination_takes_back:
             await self.target.stop_serving()
         await self.target.finish()

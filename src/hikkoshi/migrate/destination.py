@@ -138,8 +138,9 @@ class Destination(abc.ABC):
     # --- the VM ------------------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def resume(self) -> None:
-        """The guest runs there (after the commit)."""
+    async def resume(self, token: int | None = None) -> None:
+        """The guest runs there (after the commit); ``token``: the fencing token of the VM's ownership
+        there, when a cluster records it (the destination checks it before it lets the guest run)."""
 
     @abc.abstractmethod
     async def announce(self) -> None:
@@ -321,7 +322,7 @@ class LocalDestination(Destination):
     async def set_patience(self, seconds: float | None) -> None:
         await self.side().disks("patience", seconds=seconds)
 
-    async def resume(self) -> None:
+    async def resume(self, token: int | None = None) -> None:
         await self.side().ctl("resume")
 
     async def announce(self) -> None:

@@ -25,12 +25,13 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from hikkoshi import __version__
 from hikkoshi.aio import background, unwrapped
+from hikkoshi.block import crashpoints
 from hikkoshi.migrate import qmp_migration as qm
 from hikkoshi.migrate.arbiter import DestinationView, SourceView, Way, decide
 from hikkoshi.migrate.convergence import Observation, Progress, Schedule, build_schedule
@@ -39,6 +40,7 @@ from hikkoshi.migrate.destination import Destination, DestinationFacts, LocalDes
 from hikkoshi.migrate.holders import release_holder_by_path
 from hikkoshi.migrate.job import Job, Step
 from hikkoshi.migrate.job import Progress as ProgressFn
+from hikkoshi.migrate.ledger import CommitLedger, NoLedger
 from hikkoshi.migrate.phases import Phase, committed
 from hikkoshi.migrate.precheck import Side, migration_problems
 from hikkoshi.migrate.record import (
@@ -103,6 +105,8 @@ class LiveRequest:
     release_holder: ReleaseHolder | None = None
     """How the hosts holding the VM's disks (shared storage) are told to let them go; default: by
     path, on this machine."""
+    ledger: CommitLedger = field(default_factory=NoLedger)
+    """Where the commit is recorded besides the source supervisor (a cluster's owner key)."""
 
     def settings(self) -> MigrationSettings:
         """The request as the record keeps it."""
@@ -547,6 +551,7 @@ class LiveMigration(Job):
         """The source supervisor commits: from now on the source never runs again (the guard refuses if
         it fired meanwhile: then the job rolls back)."""
         assert self.source is not None
+        await self.request.ledger.prepare(self.record)  # etcd answers and the VM is still the source's
         await self.source.ctl("migration-commit", migration=self.record.id)
         self.record.facts.committed = True
         self._save()
@@ -564,9 +569,16 @@ class LiveMigration(Job):
     async def _resume(self) -> None:
         if not await self.target.is_running():
             raise SideError("the destination VM is gone after the commit point; its source stays stopped")
+        # The ledger's word first (a cluster's owner key moves to the destination), then the destination
+        # resumes with the token it got: an unreachable ledger makes the job wait, never go back.
+        token = await self.request.ledger.record_commit(self.record)
+        if token is not None and self.record.facts.fencing_token != token:
+            self.record.facts.fencing_token = token
+            self._save()
+            crashpoints.reached("migrate-ledger-committed")  # tests: committed everywhere, not resumed
         if (await self.target.vm_status()).get("state") == "running":
             return  # resumed before a job died
-        await self.target.resume()
+        await self.target.resume(self.record.facts.fencing_token)
         now = time.monotonic()
         with contextlib.suppress(SideError):
             await self._final_figures()  # after the resume: never on the guest's time
@@ -662,7 +674,8 @@ class LiveMigration(Job):
             return Way.BACK
         src = await self._source_view()
         dest = await self._destination_view()
-        decision = decide(committed(self.record.phase), src, dest)
+        ledger = await self.request.ledger.is_committed(self.record)
+        decision = decide(committed(self.record.phase) or ledger, src, dest)
         log.info("migration %s: %s (%s)", self.record.id, decision.way, decision.reason)
         if decision.way == Way.FAILED:
             self.record.error = decision.reason

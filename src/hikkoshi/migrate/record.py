@@ -56,6 +56,8 @@ class MigrationSettings(BaseModel):
     destination_site: str | None = None
     source_host: str = "local"
     source_agent: str | None = None
+    cluster_job: bool = False
+    """The migration is a cluster job: etcd has its record, and its commit moves the owner key."""
     move_mode: str = "mirror"
     """Storage migration: ``mirror`` or ``dbt``."""
     move_bandwidth: str | None = None
@@ -94,6 +96,8 @@ class MigrationFacts(BaseModel):
     routes: dict[str, str] = {}
     committed: bool = False
     """The source supervisor agreed that the destination may run (the commit)."""
+    fencing_token: int | None = None
+    """The token the destination resumes the VM with (a cluster's owner key revision)."""
     export_dir: str | None = None
     """Cold migration: the runtime directory of the source's read-only export."""
     moving: list[str] = []

@@ -111,7 +111,15 @@ class Relocating(StorageStrategy):
                     present += disk.size
                 else:
                     done = False
-            ctx.progress({"phase": Phase.STORAGE_POST.value, "disk_done": present, "disk_total": total})
+            step: dict[str, Any] = {
+                "phase": Phase.STORAGE_POST.value,
+                "disk_done": present,
+                "disk_total": total,
+            }
+            if fetched:  # read by the guest (on demand) vs copied ahead of it (background), so far
+                step["disk_demand"] = sum(int(f["demand_bytes"]) for f in fetched.values())
+                step["disk_background"] = sum(int(f["background_bytes"]) for f in fetched.values())
+            ctx.progress(step)
             if done:
                 break
             await asyncio.sleep(0.2)
