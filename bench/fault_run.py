@@ -260,9 +260,9 @@ class FaultRunner:
         except (ApiError, TimeoutError) as exc:
             problems.append(f"{type(exc).__name__}: {exc}")
         for side in (src, dst):
-            if side.home.path.exists() or on_host(processes(), [side.home.path]):
+            if side.home.path.exists() or on_host(processes(), [side.home.path], bare=True):
                 problems.append(f"{side.home.path} was left: removed by hand")
-                kill_vm_processes([side.home.path])
+                kill_vm_processes([side.home.path], bare=True)
                 with contextlib.suppress(OSError):
                     shutil.rmtree(side.home.path)
         return problems

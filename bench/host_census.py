@@ -43,6 +43,12 @@ class Proc:
     def mentions(self, text: str) -> bool:
         return any(text in arg for arg in self.argv)
 
+    def names_path(self, root: Path | str) -> bool:
+        """Whether an argument is ``root`` or names a path below it (a supervisor is given its home
+        bare, QEMU names files inside it, often inside an option: ``path=HOME/...``)."""
+        bare, below = str(root), str(root) + "/"
+        return any(arg == bare or below in arg for arg in self.argv)
+
     def __str__(self) -> str:
         return f"{self.pid} {' '.join(self.argv)[:160]}"
 
@@ -69,10 +75,14 @@ def qemus(uuid: str, procs: Iterable[Proc] | None = None) -> list[Proc]:
     return [p for p in (processes() if procs is None else procs) if p.is_qemu and p.mentions(uuid)]
 
 
-def on_host(procs: Iterable[Proc], roots: Iterable[Path]) -> list[Proc]:
+def on_host(procs: Iterable[Proc], roots: Iterable[Path], *, bare: bool = False) -> list[Proc]:
     """The processes whose command line names a path below one of ``roots`` (a host's state dir or
-    datastores)."""
-    prefixes = [str(r) + "/" for r in roots]  # an agent's own --datastore NAME=PATH is no match
+    datastores: the agent's own ``--state-dir PATH`` is no match), or (``bare``) the root itself (a VM's
+    home, which its supervisor is given)."""
+    roots = list(roots)
+    if bare:
+        return [p for p in procs if any(p.names_path(r) for r in roots)]
+    prefixes = [str(r) + "/" for r in roots]
     return [p for p in procs if any(prefix in arg for arg in p.argv for prefix in prefixes)]
 
 
@@ -131,10 +141,10 @@ def stray_files(datastore: Path, keep: str | None, plan: bool = False) -> list[s
     return problems
 
 
-def kill_vm_processes(roots: Iterable[Path], timeout: float = 20.0) -> list[int]:
+def kill_vm_processes(roots: Iterable[Path], timeout: float = 20.0, *, bare: bool = False) -> list[int]:
     """SIGKILL every process naming a path below ``roots`` (supervisors, QEMUs, disk services of test
-    VMs), and wait until they are gone; the pids killed."""
-    victims = [p.pid for p in on_host(processes(), list(roots)) if p.pid != os.getpid()]
+    VMs; ``bare``: or a root itself, a VM's home), and wait until they are gone; the pids killed."""
+    victims = [p.pid for p in on_host(processes(), list(roots), bare=bare) if p.pid != os.getpid()]
     for pid in victims:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -64,7 +64,7 @@ def vm_traces(
         problems.append(f"{rundir} is left over")
     sockets = VM_SOCKETS if role == "runs" else VM_SOCKETS - {"qmp.sock"}
     problems += [f"socket {s} is left over" for s in sockets_under(rundir) if s.name not in sockets]
-    mine = on_host(procs, [rundir, *(path / vm for path in host.datastores.values())])
+    mine = on_host(procs, [rundir, *(path / vm for path in host.datastores.values())], bare=True)
     qemus = [p for p in mine if p.is_qemu]
     want_qemus, most = {"runs": (1, 3), "holds": (0, 2)}.get(role or "", (0, 0))
     if len(qemus) != want_qemus:
@@ -109,9 +109,9 @@ def host_leftovers(
     for sock in sockets_under(host.state_dir):
         if sock.parent != rundir:
             problems.append(f"socket {sock} is left over")
-    vm_paths = [str(rundir) + "/", *(f"{path / vm}/" for path in host.datastores.values())]
+    vm_paths = [rundir, *(path / vm for path in host.datastores.values())]
     for proc in on_host(procs, [host.state_dir, *host.datastores.values()]):
-        if not any(proc.mentions(p) for p in vm_paths):
+        if not any(proc.names_path(p) for p in vm_paths):
             problems.append(f"process {proc} is left over")
     if host.pid is not None:
         own = listening_ports(host.pid)
