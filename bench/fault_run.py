@@ -119,6 +119,8 @@ class FaultRunner:
             if self.lab is not None:
                 for i in list(self.lab.cut_now):
                     self.lab.restore(i)
+            if result.misses:
+                self._keep_logs(name, src, dst)
             result.cleanup += self._remove(name, src, dst, result)
         return result
 
@@ -236,6 +238,19 @@ class FaultRunner:
         return sides[0]
 
     # --- cleaning up ---------------------------------------------------------------------------------------
+
+    def _keep_logs(self, name: str, src: Side, dst: Side) -> None:
+        """A missed case's VM logs (QEMU, supervisor, disk service, console), kept beside the agents'
+        logs before the VM is removed: what went wrong is told there."""
+        for side in (src, dst):
+            if not side.home.path.is_dir():
+                continue
+            keep = self.pause_dir.parent / "logs" / name / side.name
+            keep.mkdir(parents=True, exist_ok=True)
+            for item in side.home.path.iterdir():
+                if item.name.endswith((".log", ".log.1", ".json", ".pid")):
+                    with contextlib.suppress(OSError):
+                        shutil.copy2(item, keep / item.name)
 
     def _remove(self, name: str, src: Side, dst: Side, result: CaseResult) -> list[str]:
         """Remove the VM through the agents; by pid and path if that fails (and say so)."""
