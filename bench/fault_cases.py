@@ -10,12 +10,13 @@ pause hook), injects one fault there, and lets the migration go on into it:
   starts it again; nothing is done by hand);
 - ``cut-5s``: B's link blackholed for 5 s; ``cut``: for good (held past every deadline, then brought
   back once where the VM runs was recorded: after the commit in postcopy and hybrid, part of the disk's
-  data is only on A, so the migration cannot finish until the link comes back).
+  data is only on A, so the migration cannot finish until the link comes back);
+- ``reset``: every TCP connection between A and B reset at once (the link stays up).
 
 A fault on a process that does not exist at that phase (B's QEMU and disk service start at the end of
 ``home-files``; A's QEMU quits in ``storage-post``) is no case. :func:`choose` picks cases from a seed:
 first one per (phase, fault) pair that has any, its mode cycling through a shuffled list, then more at
-random, so that any run of about 70 cases or more puts every fault at every phase.
+random, so that any run of 74 cases or more puts every fault at every phase.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ FAULTS = (
     "kill-dst-disks",
     "cut-5s",
     "cut",
+    "reset",
 )
 #: From the commit on (the destination may run): the source never runs again.
 COMMITTED_PHASES = frozenset({"resume-destination", "storage-post", "cleanup"})
@@ -118,7 +120,7 @@ REPRESENTATIVE = (
     ("precopy", "storage-pre", "kill-src-qemu"),
     ("postcopy", "storage-post", "kill-dst-qemu"),
     ("hybrid", "switchover", "kill-src-disks"),
-    ("shared", "cleanup", "kill-src-disks"),
+    ("shared", "cleanup", "reset"),
     ("postcopy", "storage-post", "kill-dst-disks"),
     ("quick", "switchover", "cut-5s"),
     ("precopy", "memory-precopy", "cut"),

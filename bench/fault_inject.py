@@ -75,6 +75,11 @@ def inject(fault: str, src: Side, dst: Side, uuid: str, lab: NetnsLab | None) ->
         os.kill(pid, signal.SIGKILL)
         done.killed_pid = pid
         done.notes.append(f"{fault.split('-')[-1]} pid {pid} on {side.name} killed")
+    elif fault == "reset":
+        if lab is None:
+            raise RuntimeError("resetting a link needs the network-namespace lab")
+        lab.reset(dst.index)
+        done.notes.append(f"{dst.name}'s connections reset")
     elif fault.startswith("cut"):
         if lab is None:
             raise RuntimeError("cutting a link needs the network-namespace lab")

@@ -275,8 +275,11 @@ class FaultRunner:
         except (ApiError, TimeoutError) as exc:
             problems.append(f"{type(exc).__name__}: {exc}")
         for side in (src, dst):
-            if side.home.path.exists() or on_host(processes(), [side.home.path], bare=True):
-                problems.append(f"{side.home.path} was left: removed by hand")
+            left = on_host(processes(), [side.home.path], bare=True)
+            if side.home.path.exists() or left:
+                files = sorted(p.name for p in side.home.path.iterdir()) if side.home.path.is_dir() else []
+                procs = [str(p) for p in left]
+                problems.append(f"{side.home.path} was left ({files}, processes {procs}): removed by hand")
                 kill_vm_processes([side.home.path], bare=True)
                 with contextlib.suppress(OSError):
                     shutil.rmtree(side.home.path)

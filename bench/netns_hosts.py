@@ -5,9 +5,10 @@ namespace with its own address on a bridge in the root namespace, and its agent 
 Cutting a host's link takes its cable's end on the bridge down: every packet to or from the host is
 dropped, silently (a blackhole: no reset, no ICMP; connections in flight see nothing and time out,
 new ones get no answer), as when a switch port or a cable fails; putting it up again restores the link
-with every connection that has not given up meanwhile. Loopback agents cannot be cut at all, and the
-WAN emulator relays only the data streams (memory, disks), not the agents' API, so cutting it would
-cut half a link; this cuts all of it.
+with every connection that has not given up meanwhile. A reset instead aborts every TCP connection
+between the hosts at once (``ss -K``: the peer gets a RST), and new ones work. Loopback agents cannot
+be cut at all, and the WAN emulator relays only the data streams (memory, disks), not the agents' API,
+so cutting it would cut half a link; this cuts all of it.
 """
 
 from __future__ import annotations
@@ -58,6 +59,14 @@ class NetnsLab:
         """Host ``i`` is cut off from every other (and from the root namespace)."""
         run_ip([["ip", "link", "set", self.plan.hosts[i].veth_root, "down"]])
         self.cut_now.add(i)
+
+    def reset(self, i: int) -> None:
+        """Every TCP connection between host ``i`` and the others is reset (aborted here, a RST to the
+        peer), as when a middlebox or a link flap drops their state; new connections work at once."""
+        ns = self.plan.hosts[i].netns
+        for j, other in enumerate(self.plan.hosts):
+            if j != i:
+                run_ip([["ip", "netns", "exec", ns, "ss", "-K", "dst", other.address]])
 
     def restore(self, i: int) -> None:
         """Host ``i``'s link is back."""

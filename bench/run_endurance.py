@@ -19,7 +19,8 @@ moves. At the end, on every host: no process, Unix socket, listening port, file,
 move journal or home beyond the one VM where it runs; the agents know of nothing else and have no
 migration in flight; each agent's RSS and open files within 10 % of what they were after the first 5
 moves (for an agent restarted in the middle, a new process: of what they were 5 moves after the
-restarts; with ``--after`` 5 or fewer it is not compared). Finally the guest is powered off (its own full check) and its disk image is verified.
+restarts; with ``--after`` 5 or fewer it is not compared). Finally the guest is powered off (its own
+full check) and its disk image is verified.
 
 Results (every move with its time and downtime, figures per mode, RSS and open files, leftovers) go to
 bench/results/endurance-<UTC timestamp>.json and a markdown summary is printed. Exit status 0 when every

@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from bench.endurance_plan import MODES
 from bench.run_endurance import main
 

@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from bench.fault_cases import FAULTS, REPRESENTATIVE
 from bench.run_faults import main
 
