@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hikkoshi.aio import within
 from hikkoshi.daemons.entry import SUPERVISOR, supervisor_argv
 from hikkoshi.nbd.control import ControlError, control_request
 from hikkoshi.vm.errors import RuntimeStateError, VmError, VmStartError
@@ -154,7 +155,7 @@ async def request(home: VmHome, spec: VmSpec, command: str, **args: Any) -> Any:
         raise RuntimeStateError(f"VM {home.name!r} is not running")
     socket = run_dir(home, spec).control_socket
     try:
-        return await asyncio.wait_for(control_request(socket, command, **args), 60)
+        return await within(control_request(socket, command, **args), 60)
     except (OSError, TimeoutError) as exc:
         raise VmError(f"the supervisor of {home.name!r} does not answer ({exc or 'timeout'})") from None
     except ControlError as exc:
