@@ -190,6 +190,7 @@ class Job(abc.ABC):
             if exc.transient:
                 self._pending(exc)
             problems = [str(exc)]
+        self.record.error = _cause(self.record.error)  # the reason it rolled back, not the waits on the way
         self._finish_report()
         if problems:
             self.record.error = f"{self.record.error}; rollback problems: {'; '.join(problems)}"
@@ -198,7 +199,9 @@ class Job(abc.ABC):
             self._enter(Phase.ROLLED_BACK)
 
     def _pending(self, exc: SideError) -> NoReturn:
-        self.record.error = f"waiting ({self.record.phase}): {exc}"
+        wait = f"{_WAITING}{self.record.phase}): {exc}"
+        cause = _cause(self.record.error)
+        self.record.error = f"{cause}; {wait}" if cause else wait
         self.store.save(self.record)
         raise MigrationPending(self.record.error, self.record) from None
 
@@ -283,3 +286,14 @@ class Job(abc.ABC):
     def _home_spec(source: VmHome, dest: VmHome) -> VmSpec:
         """The VM's spec, for a job taken over after a crash: from the source, else the destination."""
         return (source if source.spec_file.exists() else dest).load_spec()
+
+
+_WAITING = "waiting ("
+
+
+def _cause(error: str | None) -> str | None:
+    """A record's error without what waiting for a side added to it: the reason the migration failed
+    stays what it was, however often and for whatever it waited since."""
+    if not error:
+        return None
+    return error.split(_WAITING, 1)[0].rstrip("; ") or None
