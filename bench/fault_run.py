@@ -33,7 +33,7 @@ from bench.agent_hosts import FINAL, AgentHost, ApiError
 from bench.busy_guest import BusyGuest, GuestFailed
 from bench.fault_cases import Case
 from bench.fault_inject import Side, inject, qemu_pid, qemu_state
-from bench.host_census import kill_vm_processes, on_host, processes, qemus
+from bench.host_census import Proc, kill_vm_processes, on_host, processes, qemus
 from bench.leftovers import vm_traces
 from bench.netns_hosts import NetnsLab
 from hikkoshi.vm.home import VmHome
@@ -207,7 +207,11 @@ class FaultRunner:
                 place = _recorded_place(info, src, dst)
                 if place is not None and qemu_pid(place, uuid) is None and (final or not info["running"]):
                     missing_since = missing_since or time.monotonic()
-                    if time.monotonic() - missing_since > 3.0:
+                    # A migration that ended is not waited for again: the VM is started at once (its
+                    # supervisor given a moment to end first).
+                    if time.monotonic() - missing_since > 3.0 or final:
+                        if final:
+                            _wait_stopped(place)
                         place.agent.api.start(name)
                         result.restarted.append(f"vm start on {place.name}")
                 else:
@@ -252,6 +256,15 @@ class FaultRunner:
                     with contextlib.suppress(OSError):
                         shutil.copy2(item, keep / item.name)
 
+    @staticmethod
+    def _gone_soon(home: Path, seconds: float = 5.0) -> list[Proc]:
+        """The processes of the VM whose home this was, once given ``seconds`` to exit: a supervisor
+        frees the VM's run lock (``vm stop`` returns) a moment before its process ends."""
+        deadline = time.monotonic() + seconds
+        while (left := on_host(processes(), [home], bare=True)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return left
+
     def _remove(self, name: str, src: Side, dst: Side, result: CaseResult) -> list[str]:
         """Remove the VM through the agents; by pid and path if that fails (and say so)."""
         problems = []
@@ -275,7 +288,7 @@ class FaultRunner:
         except (ApiError, TimeoutError) as exc:
             problems.append(f"{type(exc).__name__}: {exc}")
         for side in (src, dst):
-            left = on_host(processes(), [side.home.path], bare=True)
+            left = self._gone_soon(side.home.path)
             if side.home.path.exists() or left:
                 files = sorted(p.name for p in side.home.path.iterdir()) if side.home.path.is_dir() else []
                 procs = [str(p) for p in left]
@@ -308,3 +321,10 @@ def _recorded_place(info: dict[str, Any], src: Side, dst: Side) -> Side | None:
     ):
         return src
     return None
+
+
+def _wait_stopped(side: Side, seconds: float = 15.0) -> None:
+    """Until the VM's supervisor on that side has ended (its QEMU died), at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while side.home.path.exists() and side.home.is_running() and time.monotonic() < deadline:
+        time.sleep(0.1)

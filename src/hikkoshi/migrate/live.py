@@ -627,13 +627,37 @@ class LiveMigration(Job):
             try:
                 await self._undo_source(src)
             except SideError as exc:
-                problems.append(str(exc))
+                if await self._source_crashed(src):
+                    # Its QEMU died (the guest crashed, or was killed) before any commit: the VM is
+                    # stopped where it belongs, which is all a rollback could make of it. Counting
+                    # this as a rollback problem ended the record "failed", saying nowhere where the
+                    # VM is (found by the fault campaign: kill -9 of the source QEMU).
+                    log.warning(
+                        "migration %s: the source's QEMU is gone (%s); it stays there", self.record.id, exc
+                    )
+                else:
+                    problems.append(str(exc))
         if self.record.facts.destination_takes_back:
             await self.target.abort_take_back()
         elif self.record.facts.destination_home_created:
             # Only a home this migration made: a VM of that name that was there before is not ours.
             await self.target.remove()
         return problems
+
+    async def _source_crashed(self, src: VmSide, wait: float = 10.0) -> bool:
+        """Whether the source VM's QEMU is gone: its supervisor exits, or says it has no QEMU, within
+        ``wait`` s (a supervisor whose QEMU died ends a moment later)."""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not self.src_home.is_running():
+                return True
+            try:
+                if (await src.ctl("status")).get("qemu_pid") is None:
+                    return True
+            except SideError:
+                pass  # on its way out
+            await asyncio.sleep(0.2)
+        return not self.src_home.is_running()
 
     async def _undo_source(self, src: VmSide) -> None:
         info = await qm.query(src)
