@@ -15,6 +15,7 @@ from bench.run_endurance import main
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_endurance_short(tmp_path: Path) -> None:
     args = ["--moves", "6", "--after", "1", "--agents", "3"]
     status = main([*args, "--workdir", str(tmp_path / "work"), "--output-dir", str(tmp_path / "results")])

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a dozen guests booted, migrated, hit and verified under TCG: ~1 min each
 def test_representative_faults(tmp_path: Path) -> None:
     only = ",".join("/".join(case) for case in REPRESENTATIVE)
     status = main(
