@@ -64,18 +64,7 @@ class Relocating(StorageStrategy):
     async def after_resume(self, ctx: MoveContext) -> None:
         # Past the commit the destination's disks have nowhere else to go: requests wait for the source
         # as long as it takes (a guest waiting on a read beats a guest paused on an error).
-        try:
-            await ctx.destination.set_patience(None)
-            for disk in ctx.spec.disks:
-                # Paused until now (postcopy: from the start; hybrid: since the switchover).
-                await ctx.destination.relocation(disk.name, "resume")
-        except SideError:
-            # A destination VM that died here took its disk service with it: that is a wait for it to
-            # be started again, as below, not the end of the migration (the fault campaign's kill -9
-            # of the destination QEMU at this phase ended it "failed", the source serving for good).
-            if not await ctx.destination.is_running():
-                raise _not_running(ctx) from None
-            raise
+        await _resume_relocations(ctx)
         fetched: dict[str, dict[str, Any]] = {}
         unanswered_since: float | None = None
         while True:
@@ -136,3 +125,27 @@ def _not_running(ctx: MoveContext) -> SideError:
         f"serving them: start it again on the destination ({ctx.destination.home_path}) to carry on",
         transient=True,
     )
+
+
+async def _resume_relocations(ctx: MoveContext) -> None:
+    """Patience without end, and the relocations resumed (paused until now: postcopy from the start,
+    hybrid since the switchover). A disk service that does not answer is given what the loop of
+    :meth:`Relocating.after_resume` gives it (it may be restarting), and a destination VM that died took
+    its disk service with it: a wait for it to be started again, not the end of the migration (the fault
+    campaign's kill -9 of the destination's QEMU or disk service at this phase ended it "failed", the
+    source serving for good)."""
+    deadline = time.monotonic() + SERVICE_GRACE
+    while True:
+        try:
+            await ctx.destination.set_patience(None)
+            for disk in ctx.spec.disks:
+                await ctx.destination.relocation(disk.name, "resume")
+            return
+        except SideError as exc:
+            if exc.transient:
+                raise
+            if not await ctx.destination.is_running():
+                raise _not_running(ctx) from None
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
