@@ -22,9 +22,6 @@ pytestmark = pytest.mark.skipif(
 
 #: Misses known and not fixed yet (docs/BENCHMARKS.md, "Faults"): any other miss fails the test.
 KNOWN_OPEN = {
-    # The recovery arbiter ends a committed migration whose destination VM is gone "failed" even past
-    # the resume, where that VM is the guest and should be waited for until it is started again.
-    "postcopy/storage-post/kill-dst-qemu": "arbiter: destination gone after the resume",
     # QEMU 7.2 corrupts its heap when the rollback force-cancels a write-blocking mirror whose NBD
     # target is unreachable while guest writes are in flight: the guest is lost.
     "precopy/memory-precopy/cut": "QEMU 7.2: active mirror cancelled with its target blackholed",

@@ -41,7 +41,7 @@ from hikkoshi.migrate.holders import release_holder_by_path
 from hikkoshi.migrate.job import Job, Step
 from hikkoshi.migrate.job import Progress as ProgressFn
 from hikkoshi.migrate.ledger import CommitLedger, NoLedger
-from hikkoshi.migrate.phases import Phase, committed
+from hikkoshi.migrate.phases import FORWARD, Phase, committed
 from hikkoshi.migrate.precheck import Side, migration_problems
 from hikkoshi.migrate.record import (
     Endpoint,
@@ -696,6 +696,13 @@ class LiveMigration(Job):
     async def way_after_crash(self) -> Way:
         if self.record.phase == Phase.ROLLBACK:
             return Way.BACK
+        if self.record.phase in FORWARD and FORWARD.index(self.record.phase) > FORWARD.index(Phase.RESUME):
+            # Recorded only once the destination was resumed: it ran, it is the VM, running or not (a
+            # crashed one is waited for until it is started again). The arbiter's "gone: it may have
+            # run" is for a resume not known to have happened; here it ended such a migration failed,
+            # the source serving for good (found by the fault campaign: kill -9 of B's QEMU).
+            self.report["recovery"] = "the destination was resumed: it is the VM"
+            return Way.FORWARD
         src = await self._source_view()
         dest = await self._destination_view()
         ledger = await self.request.ledger.is_committed(self.record)
