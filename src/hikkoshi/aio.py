@@ -3,15 +3,18 @@
 - :func:`background`: a task for the length of a block, owned by a TaskGroup of that block, without
   the block's own exception coming out wrapped in an ExceptionGroup;
 - :func:`unwrapped`: a TaskGroup block whose failure comes out as the first real error inside it
-  (callers of a migration step expect the step's error, not a group).
+  (callers of a migration step expect the step's error, not a group);
+- :func:`within`: an awaitable with a deadline, which never swallows its caller's cancellation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 @contextlib.asynccontextmanager
@@ -64,3 +67,16 @@ async def unwrapped() -> AsyncIterator[asyncio.TaskGroup]:
     except BaseExceptionGroup as group:
         error = first_error(group)
         raise error from error.__cause__
+
+
+async def within(awaitable: Awaitable[T], seconds: float) -> T:
+    """``awaitable``'s result, or :class:`TimeoutError` after ``seconds``.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it returns the result, dropping the cancellation, when its
+    task is cancelled just as the awaitable completes (python/cpython#86296). A loop of requests made
+    that way (an agent's sampler asking a disk service for its figures every half second) could then
+    not be cancelled at all, and the migration job waiting for it never ended (found by the endurance
+    run: a rollback left waiting for good). ``asyncio.timeout`` tells its own cancellation from the
+    caller's."""
+    async with asyncio.timeout(seconds):
+        return await awaitable

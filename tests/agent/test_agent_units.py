@@ -3,7 +3,10 @@ parsing, the API's models and error statuses."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
+import os
 import sqlite3
 import tarfile
 from pathlib import Path
@@ -18,7 +21,7 @@ from hikkoshi.agent.db import AgentDb, DbMigrationStore, StateError
 from hikkoshi.agent.errors import Conflict, NotFound, status_of
 from hikkoshi.agent.host import _spec_data
 from hikkoshi.agent.models import MigrateBody, VmCreate
-from hikkoshi.agent.timeline import render_timeline, timeline_series
+from hikkoshi.agent.timeline import draw_timeline, render_timeline, timeline_series
 from hikkoshi.cli.agent import parse_datastores, parse_listen, parse_wan_links
 from hikkoshi.migrate.home_archive import ArchiveError, pack_home, unpack_home
 from hikkoshi.migrate.phases import Phase
@@ -265,3 +268,27 @@ def test_error_statuses() -> None:
     assert status_of(PrecheckError(["too big"], "create")) == 422
     assert status_of(RuntimeStateError("x")) == 409
     assert status_of(VmStartError("x")) == 424
+
+
+def test_timelines_drawn_from_many_tasks_open_the_fonts_once(tmp_path: Path) -> None:
+    # matplotlib keeps its font files open per thread: drawn in a pool's threads, each kept its own, and
+    # an agent's open files grew migration after migration (the endurance run's finding). After a first
+    # round of drawings, more rounds (from fresh event loops, whose pools have fresh threads) open none.
+    async def draw_round(first: int) -> None:
+        await asyncio.gather(
+            *(draw_timeline([], _record(), tmp_path / f"t{first + i}.png") for i in range(4))
+        )
+
+    asyncio.run(draw_round(0))
+    before = _open_fonts()
+    for first in (4, 8, 12):
+        asyncio.run(draw_round(first))
+    assert before > 0 and _open_fonts() == before
+
+
+def _open_fonts() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").endswith(".ttf")
+    return count

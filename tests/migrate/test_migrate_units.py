@@ -26,11 +26,12 @@ from hikkoshi.migrate.convergence import (
     decide,
 )
 from hikkoshi.migrate.destination import LocalDestination
+from hikkoshi.migrate.job import Job, MigrationPending, Step
 from hikkoshi.migrate.live import LiveMigration, LiveRequest
 from hikkoshi.migrate.phases import FINAL, FORWARD, Phase, PhaseError, can_move, committed, move, recovery
 from hikkoshi.migrate.precheck import Side, migration_problems
 from hikkoshi.migrate.record import Endpoint, MigrationRecord, MigrationStore, PhaseTime
-from hikkoshi.migrate.sides import VmSide
+from hikkoshi.migrate.sides import SideError, VmSide
 from hikkoshi.migrate.storage import MoveContext, strategy
 from hikkoshi.migrate.storage_modes import StorageMode, bitmap_name
 from hikkoshi.vm.disk_serving import PLAN_FILE, DiskPlan, DiskServing, Holder, Serving
@@ -967,3 +968,52 @@ def test_switchover_leaves_the_link_to_memory_until_the_resume(tmp_path: Path, m
     drops = [log.index(("dst", "invalidate", d)) for d in ("d0", "d1")]
     assert max(pauses) < log.index(("src", "migrate-continue")) and max(pauses) < min(drops)
     assert set(c.report["switchover"]["storage"]) == {"d0", "d1"}
+
+
+class _FlakyUndo(Job):
+    """A job whose destination dies in the memory copy, and whose rollback must wait once for it."""
+
+    def __init__(self, store: MigrationStore) -> None:
+        super().__init__(store, None)
+        self.record = new_record()
+        self.undo_calls = 0
+
+    async def precheck(self) -> None:
+        return None
+
+    def before_commit(self) -> list[Step]:
+        async def stream() -> None:
+            raise RuntimeError("the destination agent died")
+
+        return [(Phase.MEMORY, stream)]
+
+    async def commit(self) -> None:
+        raise AssertionError("never reached")
+
+    def after_commit(self) -> list[Step]:
+        return []
+
+    async def undo(self) -> list[str]:
+        self.undo_calls += 1
+        if self.undo_calls == 1:
+            raise SideError("destination agent does not answer", transient=True)
+        return []
+
+
+def test_a_rollback_that_waited_records_why_it_rolled_back(tmp_path: Path) -> None:
+    # The endurance run's interrupted migration ended rolled-back with the error "waiting (rollback):
+    # ... does not answer": the last wait, not why it failed. However often it waits, the record keeps
+    # the cause, and says the wait only while it waits.
+    job = _FlakyUndo(MigrationStore(tmp_path))
+    with pytest.raises(MigrationPending):
+        asyncio.run(job.run())
+    assert job.record.phase == Phase.ROLLBACK
+    assert job.record.error == (
+        "the destination agent died; waiting (rollback): destination agent does not answer"
+    )
+    with pytest.raises(MigrationPending):
+        job.undo_calls = 0
+        asyncio.run(job.recover())
+    assert job.record.error is not None and job.record.error.count("waiting") == 1
+    record = asyncio.run(job.recover())
+    assert (record.phase, record.error) == (Phase.ROLLED_BACK, "the destination agent died")

@@ -42,7 +42,7 @@ from hikkoshi.agent.models import (
 from hikkoshi.agent.orphans import OrphanSettler, settle_quietly
 from hikkoshi.agent.peers import connect_peer, peer_client
 from hikkoshi.agent.remote_destination import RemoteDestination, side_error
-from hikkoshi.agent.timeline import render_timeline
+from hikkoshi.agent.timeline import draw_timeline
 from hikkoshi.block.throttle import parse_rate
 from hikkoshi.cluster.errors import ClusterError, CoordinatorAlive, EtcdUnavailable, LimitReached
 from hikkoshi.cluster.ownership import Claim
@@ -553,7 +553,7 @@ class Jobs:
         report.write_text(json.dumps(json.loads(record.model_dump_json()), indent=2))
         try:
             samples = self.db.samples(state.id)
-            await asyncio.to_thread(render_timeline, samples, record, self.reports_dir / f"{state.id}.png")
+            await draw_timeline(samples, record, self.reports_dir / f"{state.id}.png")
         except Exception:  # a plot never fails a migration
             log.exception("timeline of migration %s", state.id)
 

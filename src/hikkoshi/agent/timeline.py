@@ -4,6 +4,8 @@ phases marked."""
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,20 @@ def timeline_series(
         "cache_percent": (cache_x, cache_y),
         "io_latency_ms": _series(samples, "io_latency_ms"),
     }
+
+
+#: The one thread that draws. matplotlib caches its open font files per thread (the cache's key holds
+#: the thread's id), so drawing in whichever thread of a pool happens to be free opens the fonts again
+#: in each: an agent's open files and memory grew with every migration until its pool had drawn in
+#: every thread (found by the endurance run). One thread keeps one set.
+_PLOTTER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="timeline")
+
+
+async def draw_timeline(
+    samples: list[tuple[float, dict[str, Any]]], record: MigrationRecord, path: Path
+) -> None:
+    """:func:`render_timeline` in the plotting thread, awaited."""
+    await asyncio.get_running_loop().run_in_executor(_PLOTTER, render_timeline, samples, record, path)
 
 
 def render_timeline(samples: list[tuple[float, dict[str, Any]]], record: MigrationRecord, path: Path) -> None:

@@ -7,6 +7,7 @@ pipe; the others find the supervisor through the VM's run lock, pid file and con
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import select
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hikkoshi.aio import within
 from hikkoshi.daemons.entry import SUPERVISOR, supervisor_argv
 from hikkoshi.nbd.control import ControlError, control_request
 from hikkoshi.vm.errors import RuntimeStateError, VmError, VmStartError
@@ -162,7 +164,7 @@ async def request(home: VmHome, spec: VmSpec, command: str, **args: Any) -> Any:
         raise RuntimeStateError(f"VM {home.name!r} is not running")
     socket = run_dir(home, spec).control_socket
     try:
-        return await asyncio.wait_for(control_request(socket, command, **args), 60)
+        return await within(control_request(socket, command, **args), 60)
     except (OSError, TimeoutError) as exc:
         raise VmError(f"the supervisor of {home.name!r} does not answer ({exc or 'timeout'})") from None
     except ControlError as exc:
@@ -202,15 +204,61 @@ async def stop_vm(home: VmHome, spec: VmSpec, *, grace: float = 60.0, hard: bool
     return home.read_state()
 
 
-def kill_vm(home: VmHome, timeout: float = 30.0) -> bool:
-    """SIGKILL the supervisor (QEMU and the NBD service follow it); whether there was one."""
+def kill_vm(home: VmHome, timeout: float = 30.0, children_grace: float = 10.0) -> bool:
+    """SIGKILL the supervisor; whether there was one. Its QEMU and disk service follow it (the kernel
+    sends them SIGTERM) and are waited for, and killed if they outlive ``children_grace`` s; then its
+    runtime directory goes. Once this returns nothing of the VM runs or is left of its run (a
+    rolled-back destination is clean, a new start cannot meet them)."""
     pid = home.supervisor_pid()
     if not home.is_running() or pid is None or not _is_supervisor(pid, home):
         return False
+    children = _recorded_children(home, pid)
+    rundir = home.read_state().get("rundir")
     os.kill(pid, signal.SIGKILL)
     if not wait_stopped(home, timeout):
         raise VmError(f"VM {home.name!r}: supervisor pid {pid} survived SIGKILL")
+    _wait_gone(children, children_grace)
+    if isinstance(rundir, str):
+        RunDir(Path(rundir)).remove()  # its sockets: the supervisor removes them as it ends, not killed
     return True
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """``pid``'s parent and start time (clock ticks since boot: it tells a process from a later one
+    with its pid); ``None`` if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else (int(fields[1]), int(fields[19]))
+
+
+def _recorded_children(home: VmHome, supervisor: int) -> list[tuple[int, int]]:
+    """The supervisor's children its state records (QEMU, the disk service), with their start times."""
+    out = []
+    for pid in home.recorded_pids():
+        stat = _stat(pid)
+        if stat is not None and stat[0] == supervisor:  # its own child: not a recycled pid
+            out.append((pid, stat[1]))
+    return out
+
+
+def _wait_gone(children: list[tuple[int, int]], grace: float) -> None:
+    """Wait until each of ``children`` (pid, start time) is gone; SIGKILL those left after ``grace``."""
+    deadline = time.monotonic() + grace
+    killed = False
+    while True:
+        left = [(pid, t) for pid, t in children if (_stat(pid) or (0, 0))[1] == t]
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            if killed:
+                raise VmError(f"processes {[pid for pid, _t in left]} survived SIGKILL")
+            for pid, _t in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            killed, deadline = True, time.monotonic() + 10.0
+        time.sleep(0.02)
 
 
 async def vm_status(home: VmHome, spec: VmSpec) -> dict[str, Any]:

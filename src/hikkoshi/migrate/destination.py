@@ -374,6 +374,19 @@ class LocalDestination(Destination):
         # The start facts (geometry, migration) served their purpose; relocations keep their entries.
         plan = self.home.load_disk_plan()
         self.home.save_disk_plan(plan.model_copy(update={"geometry": {}, "migration": None}))
+        await self._close_listeners()
+
+    async def _close_listeners(self) -> None:
+        """The VM is this host's now: its disk service serves its own QEMU alone. Network listeners a
+        migration opened there (precopy's mirror target, the export a holder served the host the VM came
+        back from) close; left open they would expose the disks on the migration network for good."""
+        try:
+            listening = await self.side().disks("listening")
+        except SideError:
+            return  # no disk service: nothing listens
+        for address in listening:
+            if not str(address).startswith("unix:"):
+                await self.side().disks("unlisten", address=address)
 
     async def remove(self) -> None:
         if self.home.path.exists() and self.home.is_running():

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hikkoshi.aio import within
 from hikkoshi.daemons.entry import READY_PREFIX, image_service_argv, proxy_argv
 from hikkoshi.migrate.sides import SideError
 from hikkoshi.nbd.control import ControlError, control_request
@@ -41,7 +42,7 @@ async def serve_read_only(
     with log.open("ab") as out:
         child = await Child.start("disk export", cmd, stdout=asyncio.subprocess.PIPE, stderr=out)
     try:
-        line = await asyncio.wait_for(child.stdout_line(), 60)
+        line = await within(child.stdout_line(), 60)
     except TimeoutError:
         line = ""
     if not line.startswith((f"{READY_PREFIX} nbd://", f"{READY_PREFIX} nbds://")):

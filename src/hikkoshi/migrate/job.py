@@ -1,6 +1,7 @@
 """The skeleton every migration job shares (live, quick, cold, storage), and its rules.
 
-A job records itself (saved at every phase change; tests may crash it right there), runs its precheck
+A job records itself (saved at every phase change; tests may crash it or hold it right there:
+:mod:`~hikkoshi.block.crashpoints`, :mod:`~hikkoshi.migrate.pause_points`), runs its precheck
 (a refusal touches nothing), then its steps before the commit point: any failure, a cancellation
 included, rolls back. Then it commits (what commits is the kind's own business: the source supervisor
 agreeing that the destination may run, the destination holding every disk, ...), records the commit
@@ -26,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 from hikkoshi.block import crashpoints
+from hikkoshi.migrate import pause_points
 from hikkoshi.migrate.arbiter import Way
 from hikkoshi.migrate.destination import Destination
 from hikkoshi.migrate.phases import FORWARD, Phase, committed, recovery
@@ -113,6 +115,7 @@ class Job(abc.ABC):
 
     async def _run(self) -> MigrationRecord:
         self._begin()
+        await self._hold(Phase.PRECHECK)
         try:
             await self.precheck()
         except MigrationRefused:
@@ -122,6 +125,7 @@ class Job(abc.ABC):
         try:
             for phase, step in self.before_commit():
                 self._enter(phase)
+                await self._hold(phase)
                 await step()
             await self.commit()
         except (Exception, asyncio.CancelledError) as exc:
@@ -165,6 +169,7 @@ class Job(abc.ABC):
                     if FORWARD.index(self.record.phase) > FORWARD.index(phase):
                         continue  # done before
                     self._enter(phase)
+                await self._hold(phase)
                 await step()
         except SideError as exc:
             if exc.transient:
@@ -185,6 +190,7 @@ class Job(abc.ABC):
             if exc.transient:
                 self._pending(exc)
             problems = [str(exc)]
+        self.record.error = _cause(self.record.error)  # the reason it rolled back, not the waits on the way
         self._finish_report()
         if problems:
             self.record.error = f"{self.record.error}; rollback problems: {'; '.join(problems)}"
@@ -193,7 +199,9 @@ class Job(abc.ABC):
             self._enter(Phase.ROLLED_BACK)
 
     def _pending(self, exc: SideError) -> NoReturn:
-        self.record.error = f"waiting ({self.record.phase}): {exc}"
+        wait = f"{_WAITING}{self.record.phase}): {exc}"
+        cause = _cause(self.record.error)
+        self.record.error = f"{cause}; {wait}" if cause else wait
         self.store.save(self.record)
         raise MigrationPending(self.record.error, self.record) from None
 
@@ -217,6 +225,9 @@ class Job(abc.ABC):
         self.store.save(self.record)
         self.on_progress({"phase": phase.value, "elapsed": self._since_start()})
         crashpoints.reached(f"migrate-{phase.value}")  # tests: the job dies right here
+
+    async def _hold(self, phase: Phase) -> None:
+        await pause_points.reached(self.record.id, phase.value)  # tests: the job waits right here
 
     def _since_start(self) -> float:
         return round(time.monotonic() - self.t0, 4)
@@ -275,3 +286,14 @@ class Job(abc.ABC):
     def _home_spec(source: VmHome, dest: VmHome) -> VmSpec:
         """The VM's spec, for a job taken over after a crash: from the source, else the destination."""
         return (source if source.spec_file.exists() else dest).load_spec()
+
+
+_WAITING = "waiting ("
+
+
+def _cause(error: str | None) -> str | None:
+    """A record's error without what waiting for a side added to it: the reason the migration failed
+    stays what it was, however often and for whatever it waited since."""
+    if not error:
+        return None
+    return error.split(_WAITING, 1)[0].rstrip("; ") or None

@@ -41,7 +41,7 @@ from hikkoshi.migrate.holders import release_holder_by_path
 from hikkoshi.migrate.job import Job, Step
 from hikkoshi.migrate.job import Progress as ProgressFn
 from hikkoshi.migrate.ledger import CommitLedger, NoLedger
-from hikkoshi.migrate.phases import Phase, committed
+from hikkoshi.migrate.phases import FORWARD, Phase, committed
 from hikkoshi.migrate.precheck import Side, migration_problems
 from hikkoshi.migrate.record import (
     Endpoint,
@@ -655,13 +655,37 @@ class LiveMigration(Job):
             try:
                 await self._undo_source(src)
             except SideError as exc:
-                problems.append(str(exc))
+                if await self._source_crashed(src):
+                    # Its QEMU died (the guest crashed, or was killed) before any commit: the VM is
+                    # stopped where it belongs, which is all a rollback could make of it. Counting
+                    # this as a rollback problem ended the record "failed", saying nowhere where the
+                    # VM is (found by the fault campaign: kill -9 of the source QEMU).
+                    log.warning(
+                        "migration %s: the source's QEMU is gone (%s); it stays there", self.record.id, exc
+                    )
+                else:
+                    problems.append(str(exc))
         if self.record.facts.destination_takes_back:
             await self.target.abort_take_back()
         elif self.record.facts.destination_home_created:
             # Only a home this migration made: a VM of that name that was there before is not ours.
             await self.target.remove()
         return problems
+
+    async def _source_crashed(self, src: VmSide, wait: float = 10.0) -> bool:
+        """Whether the source VM's QEMU is gone: its supervisor exits, or says it has no QEMU, within
+        ``wait`` s (a supervisor whose QEMU died ends a moment later)."""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not self.src_home.is_running():
+                return True
+            try:
+                if (await src.ctl("status")).get("qemu_pid") is None:
+                    return True
+            except SideError:
+                pass  # on its way out
+            await asyncio.sleep(0.2)
+        return not self.src_home.is_running()
 
     async def _undo_source(self, src: VmSide) -> None:
         info = await qm.query(src)
@@ -700,6 +724,13 @@ class LiveMigration(Job):
     async def way_after_crash(self) -> Way:
         if self.record.phase == Phase.ROLLBACK:
             return Way.BACK
+        if self.record.phase in FORWARD and FORWARD.index(self.record.phase) > FORWARD.index(Phase.RESUME):
+            # Recorded only once the destination was resumed: it ran, it is the VM, running or not (a
+            # crashed one is waited for until it is started again). The arbiter's "gone: it may have
+            # run" is for a resume not known to have happened; here it ended such a migration failed,
+            # the source serving for good (found by the fault campaign: kill -9 of B's QEMU).
+            self.report["recovery"] = "the destination was resumed: it is the VM"
+            return Way.FORWARD
         src = await self._source_view()
         dest = await self._destination_view()
         ledger = await self.request.ledger.is_committed(self.record)

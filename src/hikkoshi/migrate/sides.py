@@ -8,10 +8,10 @@ destination on another host never is: its agent offers typed operations instead.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
+from hikkoshi.aio import within
 from hikkoshi.daemons import supervisor_client
 from hikkoshi.migrate import qmp_migration as qm
 from hikkoshi.nbd.control import ControlError, control_request
@@ -55,7 +55,7 @@ class VmSide:
         if not isinstance(value, str):
             raise SideError(f"{self.label}: the VM has no disk service running")
         try:
-            return await asyncio.wait_for(control_request(Path(value), command, **args), REQUEST_TIMEOUT)
+            return await within(control_request(Path(value), command, **args), REQUEST_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             raise SideError(f"{self.label} disk service does not answer ({exc or 'timeout'})") from None
         except ControlError as exc:

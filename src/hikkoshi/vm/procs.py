@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from hikkoshi.aio import within
+
 log = logging.getLogger("hikkoshi.vm.procs")
 
 _PR_SET_PDEATHSIG = 1
@@ -106,7 +108,7 @@ class Child:
     async def wait_for(self, seconds: float) -> bool:
         """Wait up to ``seconds``; whether it ended."""
         try:
-            await asyncio.wait_for(asyncio.shield(self._proc.wait()), seconds)
+            await within(asyncio.shield(self._proc.wait()), seconds)
         except TimeoutError:
             return False
         return True

@@ -16,6 +16,8 @@ from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
 
+from hikkoshi.aio import within
+
 DEFAULT_TIMEOUT = 30.0
 
 # qemu.qmp logs a lost connection as an error with a traceback; a QEMU that exits is normal for us.
@@ -51,7 +53,7 @@ class QmpSession:
     ) -> Any:
         """Run a QMP command; its return value, or :class:`QmpCommandError` (also after ``limit`` s)."""
         try:
-            return await asyncio.wait_for(self._client.execute(command, arguments), limit)
+            return await within(self._client.execute(command, arguments), limit)
         except TimeoutError:
             raise QmpCommandError(f"QMP {command}: no answer within {limit:.0f} s") from None
         except (QMPError, OSError, EOFError) as exc:

@@ -64,22 +64,14 @@ class Relocating(StorageStrategy):
     async def after_resume(self, ctx: MoveContext) -> None:
         # Past the commit the destination's disks have nowhere else to go: requests wait for the source
         # as long as it takes (a guest waiting on a read beats a guest paused on an error).
-        await ctx.destination.set_patience(None)
-        for disk in ctx.spec.disks:
-            # Paused until now (postcopy: from the start; hybrid: since the switchover).
-            await ctx.destination.relocation(disk.name, "resume")
+        await _resume_relocations(ctx)
         fetched: dict[str, dict[str, Any]] = {}
         unanswered_since: float | None = None
         while True:
             if not await ctx.destination.is_running():
                 # The guest runs nowhere until it is started there again (its disks carry on then); the
                 # job waits for that rather than ending: the source serves the disks meanwhile.
-                where = ctx.destination.home_path
-                raise SideError(
-                    "the destination VM is not running and its disks are not complete; the source keeps "
-                    f"serving them: start it again on the destination ({where}) to carry on",
-                    transient=True,
-                )
+                raise _not_running(ctx)
             try:
                 disks = await ctx.destination.disk_status()
                 unanswered_since = None
@@ -124,3 +116,36 @@ class Relocating(StorageStrategy):
                 break
             await asyncio.sleep(0.2)
         ctx.report["disk_fetch"] = fetched
+
+
+def _not_running(ctx: MoveContext) -> SideError:
+    """The wait for a destination VM that is not running (see :meth:`after_resume`)."""
+    return SideError(
+        "the destination VM is not running and its disks are not complete; the source keeps "
+        f"serving them: start it again on the destination ({ctx.destination.home_path}) to carry on",
+        transient=True,
+    )
+
+
+async def _resume_relocations(ctx: MoveContext) -> None:
+    """Patience without end, and the relocations resumed (paused until now: postcopy from the start,
+    hybrid since the switchover). A disk service that does not answer is given what the loop of
+    :meth:`Relocating.after_resume` gives it (it may be restarting), and a destination VM that died took
+    its disk service with it: a wait for it to be started again, not the end of the migration (the fault
+    campaign's kill -9 of the destination's QEMU or disk service at this phase ended it "failed", the
+    source serving for good)."""
+    deadline = time.monotonic() + SERVICE_GRACE
+    while True:
+        try:
+            await ctx.destination.set_patience(None)
+            for disk in ctx.spec.disks:
+                await ctx.destination.relocation(disk.name, "resume")
+            return
+        except SideError as exc:
+            if exc.transient:
+                raise
+            if not await ctx.destination.is_running():
+                raise _not_running(ctx) from None
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
