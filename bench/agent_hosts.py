@@ -1,7 +1,9 @@
 """Host agents for the endurance and fault benchmarks: each a real ``hikkoshi agent`` process (on
 loopback, or inside a lab host's network namespace) that can be stopped with any signal and started
 again on the same state directory and the same address, as an operator's service manager would; and a
-small synchronous client of the agent's API.
+small synchronous client of the agent's API. Each host has its certificate from a cluster CA made for
+the run beside the shared token (``pki/``), as ``hikkoshi cluster init``/``issue`` make them: the API is
+HTTPS and every migration stream between the hosts TLS, as on real hosts.
 
 The agents' VMs outlive them (each has its own supervisor): whoever uses these cleans VMs up by pid
 (:func:`bench.host_census.kill_vm_processes`).
@@ -13,6 +15,7 @@ import os
 import re
 import secrets
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -21,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from hikkoshi.identity.authority import Issued, issue_host, make_ca
 
 _LISTENING = re.compile(r"listening on (\S+)")
 #: Migration phases after which nothing happens any more.
@@ -47,10 +52,14 @@ def make_token(path: Path) -> None:
 class AgentApi:
     """Requests to one agent (JSON in and out; errors as :class:`ApiError`)."""
 
-    def __init__(self, url: str, token: str, timeout: float = 120.0) -> None:
+    def __init__(self, url: str, token: str, ca: Path, timeout: float = 120.0) -> None:
         self.url = url
         self._http = httpx.Client(
-            base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout, trust_env=False
+            base_url=url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout,
+            trust_env=False,
+            verify=ssl.create_default_context(cafile=str(ca)),
         )
 
     def close(self) -> None:
@@ -172,10 +181,22 @@ class AgentHost:
         """Where the agent's VMs keep their sockets."""
         return self.state_dir / "run"
 
+    def identity(self) -> Issued:
+        """This host's certificate (made the first time, from the run's CA beside the token)."""
+        pki = self.token_file.parent / "pki"
+        if not (pki / "ca" / "ca-cert.pem").exists():
+            make_ca(pki / "ca")
+        out = pki / self.name
+        if not (out / "host-cert.pem").exists():
+            return issue_host(pki / "ca", self.name, out, [self.address])
+        return Issued(out / "host-cert.pem", out / "host-key.pem", out / "ca-cert.pem")
+
     def command(self) -> list[str]:
+        ids = self.identity()
         cmd = ["ip", "netns", "exec", self.netns] if self.netns else []
         cmd += [sys.executable, "-m", "hikkoshi", "-v", "agent", "--name", self.name]
         cmd += ["--listen", f"{self.address}:{self.port}"]
+        cmd += ["--cert", str(ids.cert), "--key", str(ids.key), "--ca", str(ids.ca)]
         for ds, path in self.datastores.items():
             cmd += ["--datastore", f"{ds}={path}"]
         return [*cmd, "--state-dir", str(self.state_dir), "--token-file", str(self.token_file)]
@@ -241,7 +262,7 @@ class AgentHost:
         if self._api is None or self._api.url != self.url:
             if self._api is not None:
                 self._api.close()
-            self._api = AgentApi(self.url, self.token_file.read_text().strip())
+            self._api = AgentApi(self.url, self.token_file.read_text().strip(), self.identity().ca)
         return self._api
 
     def usage(self) -> dict[str, int]:
