@@ -31,7 +31,7 @@ from hikkoshi.vm.datastore import Datastore
 from tests.support.agent_vms import create_busy, stop_and_verify, vm_names, wait_console
 from tests.support.agents import AgentProc, agents, identify
 from tests.support.cluster_peek import ClusterPeek
-from tests.support.etcd import gone, start_member
+from tests.support.etcd import member_running
 from tests.support.tcp_cut import TcpCut
 from tests.support.vms import guest as guest
 from tests.support.vms import need_qemu_tools
@@ -39,14 +39,8 @@ from tests.support.vms import need_qemu_tools
 
 @pytest.fixture
 def etcd(tmp_path: Path) -> Iterator[EtcdMember]:
-    member = start_member(tmp_path / "etcd")
-    pid = member.pid
-    assert pid is not None
-    try:
+    with member_running(tmp_path / "etcd") as member:
         yield member
-    finally:
-        member.stop_sync()
-        assert gone(pid)
 
 
 def api(agent: AgentProc, method: str, path: str, body: Any = None) -> httpx.Response:

@@ -18,22 +18,15 @@ from hikkoshi.migrate.phases import FINAL, Phase
 from tests.support.agent_vms import create_busy, stop_and_verify, vm_names, wait_console
 from tests.support.agents import AgentProc, agents
 from tests.support.cluster_peek import ClusterPeek
-from tests.support.etcd import gone, run
+from tests.support.etcd import cluster_running, run
 from tests.support.vms import guest as guest
 from tests.support.vms import need_qemu_tools
 
 
 @pytest.fixture
 def cluster3(tmp_path: Path) -> Iterator[LocalCluster]:
-    cluster = LocalCluster.loopback(tmp_path / "etcd3", 3)
-    run(cluster.start())
-    pids = cluster.pids
-    try:
+    with cluster_running(tmp_path / "etcd3", 3) as cluster:
         yield cluster
-    finally:
-        cluster.stop_sync()
-        for pid in pids:
-            assert gone(pid)
 
 
 def kill_leader_at(cluster: LocalCluster, peek: ClusterPeek, job_id: str, phases: set[Phase]) -> Phase:

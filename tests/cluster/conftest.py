@@ -11,20 +11,14 @@ import pytest
 from hikkoshi.cluster.config import EtcdConfig
 from hikkoshi.cluster.etcd_process import EtcdMember, LocalCluster
 from hikkoshi.cluster.keys import Keys
-from tests.support.etcd import gone, run, start_member
+from tests.support.etcd import cluster_running, member_running
 
 
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdMember]:
     """One etcd member shared by a test module (tests keep apart by key roots)."""
-    member = start_member(tmp_path_factory.mktemp("etcd"))
-    pid = member.pid
-    assert pid is not None
-    try:
+    with member_running(tmp_path_factory.mktemp("etcd")) as member:
         yield member
-    finally:
-        member.stop_sync()
-        assert gone(pid)
 
 
 @pytest.fixture
@@ -41,12 +35,5 @@ def keys() -> Keys:
 @pytest.fixture
 def cluster3(tmp_path: Path) -> Iterator[LocalCluster]:
     """Three members on loopback, stopped by pid after the test."""
-    cluster = LocalCluster.loopback(tmp_path / "etcd3", 3)
-    run(cluster.start())
-    pids = cluster.pids
-    try:
+    with cluster_running(tmp_path / "etcd3", 3) as cluster:
         yield cluster
-    finally:
-        cluster.stop_sync()
-        for pid in pids:
-            assert gone(pid)

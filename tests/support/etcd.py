@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from hikkoshi.cluster.etcd_process import EtcdMember, MemberSpec, free_ports
+from hikkoshi.cluster.etcd_process import EtcdMember, LocalCluster, MemberSpec, free_ports
 
 T = TypeVar("T")
 
@@ -41,3 +42,30 @@ def start_member(base: Path, name: str = "solo") -> EtcdMember:
         member.stop_sync()
         raise
     return member
+
+
+@contextlib.contextmanager
+def member_running(base: Path) -> Iterator[EtcdMember]:
+    """One member for the ``with`` block; stopped afterwards, and its process gone, whatever happens."""
+    member = start_member(base)
+    pid = member.pid
+    assert pid is not None
+    try:
+        yield member
+    finally:
+        member.stop_sync()
+        assert gone(pid)
+
+
+@contextlib.contextmanager
+def cluster_running(base: Path, members: int = 3) -> Iterator[LocalCluster]:
+    """``members`` members on loopback for the ``with`` block; every process gone afterwards."""
+    cluster = LocalCluster.loopback(base, members)
+    run(cluster.start())
+    pids = cluster.pids
+    try:
+        yield cluster
+    finally:
+        cluster.stop_sync()
+        for pid in pids:
+            assert gone(pid)

@@ -21,7 +21,7 @@ from tests.support.agent_vms import create_busy, vm_names
 from tests.support.agents import agents
 from tests.support.cluster_peek import ClusterPeek
 from tests.support.dashboard import chromium, dashboard_proc, need_chromium, screenshots_dir
-from tests.support.etcd import gone, start_member
+from tests.support.etcd import member_running
 from tests.support.vms import guest as guest
 from tests.support.vms import need_qemu_tools
 
@@ -30,14 +30,8 @@ T = TypeVar("T")
 
 @pytest.fixture
 def etcd(tmp_path: Path) -> Iterator[EtcdMember]:
-    member = start_member(tmp_path / "etcd")
-    pid = member.pid
-    assert pid is not None
-    try:
+    with member_running(tmp_path / "etcd") as member:
         yield member
-    finally:
-        member.stop_sync()
-        assert gone(pid)
 
 
 def off_loop(call: Callable[[], T]) -> T:

@@ -22,19 +22,13 @@ from hikkoshi.cluster.store import Store
 from hikkoshi.migrate.phases import Phase
 from hikkoshi.web.etcd_source import EtcdSource, agent_url
 from hikkoshi.web.source import SourceError
-from tests.support.etcd import gone, run, start_member
+from tests.support.etcd import member_running, run
 
 
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdMember]:
-    member = start_member(tmp_path_factory.mktemp("etcd"))
-    pid = member.pid
-    assert pid is not None
-    try:
+    with member_running(tmp_path_factory.mktemp("etcd")) as member:
         yield member
-    finally:
-        member.stop_sync()
-        assert gone(pid)
 
 
 def _closed_port() -> int:
