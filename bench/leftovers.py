@@ -55,8 +55,11 @@ def vm_traces(
     homes = [path / vm for path in host.datastores.values() if (path / vm).is_dir()]
     if len(homes) != (1 if role else 0):
         problems.append(f"{vm} has {len(homes)} homes here ({[str(h) for h in homes]}), though it {role}")
+    # A disk plan stays where the disks are held elsewhere (``remote``), and where this host holds them
+    # for another (its listener for that host, kept so that a restarted disk service listens again).
+    plan = remote or role == "holds"
     for home in homes:
-        problems += [p for p in stray_files(home.parent, vm, remote) if p.startswith(str(home))]
+        problems += [p for p in stray_files(home.parent, vm, plan) if p.startswith(str(home))]
         if role == "holds" and not (home / "disk0.raw").exists():
             problems.append(f"{home} holds no disk")
     rundir = host.runtime_dir / uuid
@@ -98,8 +101,9 @@ def host_leftovers(
     (:func:`vm_traces`), and no other home, runtime directory, socket, VM process, port or record."""
     procs = processes() if procs is None else procs
     problems = vm_traces(host, vm=vm, uuid=uuid, role=role, remote=remote, procs=procs)
+    plan = remote or role == "holds"
     for path in host.datastores.values():
-        problems += stray_files(path, None) if not (path / vm).is_dir() else stray_files(path, vm, remote)
+        problems += stray_files(path, None) if not (path / vm).is_dir() else stray_files(path, vm, plan)
     problems = list(dict.fromkeys(problems))  # the VM's home files are checked twice
     if host.runtime_dir.exists():
         for entry in sorted(host.runtime_dir.iterdir()):
