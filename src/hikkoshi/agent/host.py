@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,6 +237,8 @@ class Host:
         holds for the host it runs on (only that migration, or the next, may change it)."""
         row = self.db.vms().get(name, {})
         state = row.get("state")
+        if state == RowState.INCOMING and action == "started" and _resumed(row):
+            return  # committed here and resumed once: its QEMU died; starting it again is the way on
         if state == RowState.INCOMING:
             raise Conflict(f"VM {name!r} is coming in from another host: it cannot be {action} until its "
                            "migration ends")  # fmt: skip
@@ -387,3 +390,11 @@ def _spec_data(body: VmCreate) -> dict[str, Any]:
         if boot:
             data["boot"] = boot
     return data
+
+
+def _resumed(row: dict[str, Any]) -> bool:
+    """Whether an incoming VM's row says it was resumed here (its migration committed to this host)."""
+    try:
+        return bool(json.loads(row.get("detail") or "{}").get("resumed"))
+    except ValueError:
+        return False

@@ -349,6 +349,11 @@ class Incoming:
         if self.host.cluster is not None:
             await self.host.cluster.check_token(target.home.load_spec(), token)
         await self._side(target.resume(token))
+        # Past the commit the VM is this host's: if its QEMU dies before the migration ends, a person
+        # (or its supervisor's owner) may start it again here (see AgentHost.protect).
+        row = self._row(vm)
+        detail = {**self.detail(row), "resumed": True}
+        self.db.set_vm(vm, row["datastore"], row.get("uuid"), INCOMING, json.dumps(detail))
 
     async def announce(self, vm: str, peer: str) -> None:
         """The VM's NICs announce their MACs from here."""
