@@ -57,6 +57,7 @@ from hikkoshi.migrate.storage.base import ReleaseHolder
 from hikkoshi.migrate.storage_modes import StorageMode
 from hikkoshi.vm.accel import DEFAULT_QEMU
 from hikkoshi.vm.disk_serving import DiskPlan, DiskServing, Serving
+from hikkoshi.vm.errors import SpecError
 from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.host import host_facts, qemu_version, space
 from hikkoshi.vm.qemu import disk_device_id
@@ -711,7 +712,7 @@ class LiveMigration(Job):
     async def take_over(self) -> None:
         try:
             spec = self.src_home.load_spec()
-        except (OSError, ValueError):
+        except (OSError, ValueError, SpecError):  # past the commit its home files may have left
             spec = await self.target.load_spec()
         self.spec = spec
         self.source = VmSide(self.src_home, spec, "source")
