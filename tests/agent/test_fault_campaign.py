@@ -25,10 +25,6 @@ KNOWN_OPEN = {
     # QEMU 7.2 corrupts its heap when the rollback force-cancels a write-blocking mirror whose NBD
     # target is unreachable while guest writes are in flight: the guest is lost.
     "precopy/memory-precopy/cut": "QEMU 7.2: active mirror cancelled with its target blackholed",
-    # With every stream TLS (issue 16) the source's take-over after B's QEMU died past the commit finds
-    # the VM's home files gone from A (its latency sampler and spec read fail) and the migration waits
-    # at storage-post although B's VM was started again: open, in docs/BENCHMARKS.md ("Faults").
-    "postcopy/storage-post/kill-dst-qemu": "take-over past the commit without the source's home files",
 }
 
 

@@ -307,6 +307,11 @@ class Host:
         """Start a VM (its supervisor owns QEMU and the NBD service)."""
         ds, home, spec = self.find(name)
         self.protect(name, "started")
+        row = self.db.vms().get(name, {})
+        # An incoming VM started again past its commit keeps what its row says of the migration: the
+        # source's job still asks this host for its relocations and ends it (found by the fault
+        # campaign: B's QEMU killed at storage-post, started again, then "no VM coming in" for good).
+        detail = str(row.get("detail") or "") if row.get("state") == RowState.INCOMING else ""
         problems = self.config.policy.spec_problems(spec, home.path)
         if problems:
             raise Problem("; ".join(problems))
@@ -320,7 +325,7 @@ class Host:
                 runtime_dir=self.config.runtime_dir,
                 tls_dir=self.config.tls_dir,
             )
-        self.db.set_vm(name, ds, str(spec.uuid), RowState.RUNNING)
+        self.db.set_vm(name, ds, str(spec.uuid), RowState.RUNNING, detail)
         return await self.vm(name)
 
     async def stop(self, name: str, body: VmStop) -> VmInfo:

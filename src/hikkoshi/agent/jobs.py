@@ -58,6 +58,7 @@ from hikkoshi.migrate.sides import SideError, VmSide
 from hikkoshi.migrate.storage import Route
 from hikkoshi.migrate.storage_move import StorageMigration
 from hikkoshi.vm.disk_serving import Holder
+from hikkoshi.vm.errors import SpecError
 from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.spec import VmSpec
 
@@ -492,8 +493,8 @@ class Jobs:
         source's disk service while it serves the guest, then at the destination's."""
         try:
             side = VmSide(home, home.load_spec(), "source")
-        except (OSError, ValueError):
-            return
+        except (OSError, ValueError, SpecError):
+            return  # past the commit the source's home files may have left (a job taken over there)
         last: dict[str, tuple[int, float]] = {}
         while True:
             await asyncio.sleep(0.5)

@@ -370,7 +370,9 @@ class LocalDestination(Destination):
     async def finish(self) -> None:
         if self.home.is_running() and self.home.read_state().get("nbd_control"):
             # Precopy's mirror target, a holder's listener for the host the VM came from: all closed.
-            await self.side().disks("unlisten", all=True)
+            # A disk service being restarted (killed past the commit) is waited for: the migration is
+            # done, and its end must not fail on the moment the service was away.
+            await self.side().disks_patiently("unlisten", all=True)
         # The start facts (geometry, migration) served their purpose; relocations keep their entries.
         plan = self.home.load_disk_plan()
         self.home.save_disk_plan(plan.model_copy(update={"geometry": {}, "migration": None}))
@@ -381,7 +383,7 @@ class LocalDestination(Destination):
         migration opened there (precopy's mirror target, the export a holder served the host the VM came
         back from) close; left open they would expose the disks on the migration network for good."""
         try:
-            listening = await self.side().disks("listening")
+            listening = await self.side().disks_patiently("listening")
         except SideError:
             return  # no disk service: nothing listens
         for address in listening:

@@ -8,6 +8,8 @@ destination on another host never is: its agent offers typed operations instead.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,14 @@ class SideError(RuntimeError):
         self.transient = transient
 
 
+class ServiceDown(SideError):
+    """A disk service that does not answer: gone with its VM, or being restarted by its supervisor."""
+
+
+#: How long a disk service that does not answer may take to be back (its supervisor restarts it).
+SERVICE_GRACE = 60.0
+
+
 class VmSide:
     """One VM's supervisor on this host, its disk service and its QEMU."""
 
@@ -57,9 +67,21 @@ class VmSide:
         try:
             return await within(control_request(Path(value), command, **args), REQUEST_TIMEOUT)
         except (OSError, TimeoutError) as exc:
-            raise SideError(f"{self.label} disk service does not answer ({exc or 'timeout'})") from None
+            raise ServiceDown(f"{self.label} disk service does not answer ({exc or 'timeout'})") from None
         except ControlError as exc:
             raise SideError(f"{self.label} disk service: {command}: {exc}") from None
+
+    async def disks_patiently(self, command: str, grace: float = SERVICE_GRACE, **args: Any) -> Any:
+        """A verb of the VM's disk service, asked again while the service is down and the VM's
+        supervisor runs (it restarts a disk service that died), for up to ``grace`` s."""
+        deadline = time.monotonic() + grace
+        while True:
+            try:
+                return await self.disks(command, **args)
+            except ServiceDown:
+                if not self.is_running() or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.5)
 
     # --- QMP through the supervisor (a qmp_migration.QmpPort) --------------------------------------------
 

@@ -11,12 +11,9 @@ import time
 from typing import Any
 
 from hikkoshi.migrate.phases import Phase
-from hikkoshi.migrate.sides import SideError
+from hikkoshi.migrate.sides import SERVICE_GRACE, SideError
 from hikkoshi.migrate.storage.base import Finish, MoveContext, StorageStrategy
 from hikkoshi.vm.disk_serving import DiskServing, Serving
-
-#: How long the destination's disk service may not answer (restarting) after the switchover.
-SERVICE_GRACE = 60.0
 
 
 class Relocating(StorageStrategy):
