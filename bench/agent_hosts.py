@@ -164,6 +164,8 @@ class AgentHost:
     """0 the first time (a free port is picked); the agent comes back on the same one."""
     netns: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    extra: list[str] = field(default_factory=list)
+    """More arguments for ``hikkoshi agent`` (``--etcd URL``, ``--load-interval S``)."""
     proc: subprocess.Popen[bytes] | None = None
     url: str = ""
     _api: AgentApi | None = None
@@ -199,7 +201,7 @@ class AgentHost:
         cmd += ["--cert", str(ids.cert), "--key", str(ids.key), "--ca", str(ids.ca)]
         for ds, path in self.datastores.items():
             cmd += ["--datastore", f"{ds}={path}"]
-        return [*cmd, "--state-dir", str(self.state_dir), "--token-file", str(self.token_file)]
+        return [*cmd, "--state-dir", str(self.state_dir), "--token-file", str(self.token_file), *self.extra]
 
     def start(self, timeout: float = 120.0) -> None:
         """Start the agent and wait until it answers."""

@@ -11,7 +11,15 @@ from hikkoshi.agent.drs_prediction import forecast
 from hikkoshi.agent.drs_read import ClusterState
 from hikkoshi.agent.drs_snapshot import ClusterVm, snapshot
 from hikkoshi.cluster.host_view import HostState, HostView
-from hikkoshi.cluster.models import DatastoreInfo, DrsSettings, HostInfo, HostStatus, RuleRecord, VmLoad
+from hikkoshi.cluster.models import (
+    DatastoreInfo,
+    DrsSettings,
+    HostInfo,
+    HostStatus,
+    LinkRecord,
+    RuleRecord,
+    VmLoad,
+)
 from hikkoshi.drs.model import problems
 from hikkoshi.drs.plan import Move, MoveKind, Why
 from hikkoshi.drs.planner import plan
@@ -153,3 +161,33 @@ def test_datastore_latency_is_the_slowest_vm_per_sample() -> None:
     hosts = [view("a", vms={"u-x": "running", "u-y": "running"}, loads={"u-x": a, "u-y": b}), view("b")]
     s = snapshot(hosts, [cvm("x", "a"), cvm("y", "a")])
     assert {d.name: d.latency_p90 for d in s.datastores} == {"ds-a": (1.0, 9.0, 3.0), "ds-b": ()}
+
+
+def test_measured_links_and_dirty_rates_feed_the_forecast() -> None:
+    """A link a migration measured replaces the assumed one (within a site too), one between sites the
+    cluster does not have is ignored, and a VM's measured dirty rate reaches the prediction."""
+    busy = VmLoad(cpu=(0.5,), memory=(100 * MIB,), dirty_rate=40.0 * MIB)
+    hosts = [view("a", vms={"u-x": "running"}, loads={"u-x": busy}), view("b"), view("far")]
+    vms = [cvm("x", "a")]
+    assumed = snapshot(hosts, vms)
+    measured = [
+        LinkRecord(a="s", b="s", bandwidth=50e6, rtt_ms=0.3),
+        LinkRecord(a="t", b="s", bandwidth=2e6, rtt_ms=80.0),
+        LinkRecord(a="s", b="mars", bandwidth=1.0, rtt_ms=1.0),
+    ]
+    got = snapshot(hosts, vms, measured=measured)
+    assert not problems(got)
+    assert [(k.a, k.b, k.measured) for k in assumed.links] == [("s", "t", False)]
+    assert {(k.a, k.b, k.bandwidth, k.measured) for k in got.links} == {
+        ("s", "s", 50e6, True),
+        ("t", "s", 2e6, True),
+    }
+    assert got.vms[0].dirty_rate == 40.0 * MIB
+    near, far = forecast(got, "x", "b"), forecast(got, "x", "far")
+    before = forecast(assumed, "x", "far")
+    assert not isinstance(near, str) and not isinstance(far, str) and not isinstance(before, str)
+    assert near.assumptions["link"] == "measured" and near.assumptions["link_bandwidth"] == 50e6
+    assert near.assumptions["dirty_rate"] == 40.0 * MIB
+    assert far.assumptions["link"] == "measured" and before.assumptions["link"] == "assumed"
+    # The measured WAN is slower than the assumed one: the move costs more.
+    assert far.predicted.total_time_ms > before.predicted.total_time_ms

@@ -127,10 +127,18 @@ def test_spread_by_drs_apply(capsys: CapSys, cluster: Cluster) -> None:
     assert alpha is not None and alpha.vm_memory == 512 << 20 and alpha.cpu_cores >= 1
     load = next(iter(alpha.vm_loads.values()))
     assert all(x >= 0 for x in load.cpu) and all(m > 0 for m in load.memory) and load.datastore
-    # The prediction: nothing moves.
+
+    # Each guest's dirty rate, measured by QEMU (calc-dirty-rate) every few samples.
+    def dirty_rates() -> bool:
+        st = c.peek.hosts()["alpha"].status
+        return st is not None and all(x.dirty_rate is not None for x in st.vm_loads.values())
+
+    wait_for("dirty rates", dirty_rates, timeout=30)
+    # The prediction: nothing moves. No migration measured the link yet: it is assumed.
     dry = as_json(capsys, c, "migrate", "s1", "--to", "beta", "--dry-run")
     p = dry["predicted"]
     assert p["total_time_ms"] > 0 and p["downtime_ms"] > 0 and p["bytes"] > 0, dry
+    assert dry["assumptions"]["link"] == "assumed" and dry["assumptions"]["dirty_rate"] > 0, dry
     assert dry["from"] == "alpha" and dry["to"] == "beta" and dry["storage"] == "hybrid"
     assert "total time" in ok(capsys, c, "migrate", "s1", "--to", "beta", "--dry-run")
     assert hosts_of(capsys, c)["s1"] == "alpha"
@@ -156,6 +164,10 @@ def test_spread_by_drs_apply(capsys: CapSys, cluster: Cluster) -> None:
     report = as_json(capsys, c, "migrations", "show", done[0]["id"])["agent"]["record"]["report"]
     assert report["predicted"]["total_time_ms"] > 0 and report["predicted"]["bytes"] > 0, report
     assert report["elapsed_s"] > 0
+    # The migrations measured the link within the site: the next prediction rests on it.
+    other = next(h for h in ("alpha", "beta", "gamma") if h != where["s1"])
+    after = as_json(capsys, c, "migrate", "s1", "--to", other, "--dry-run")
+    assert after["assumptions"]["link"] == "measured" and after["assumptions"]["link_rtt_ms"] > 0, after
 
 
 def test_anti_affinity_separates(capsys: CapSys, cluster: Cluster) -> None:

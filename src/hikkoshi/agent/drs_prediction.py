@@ -1,15 +1,19 @@
 """What one migration in the cluster will cost, before it runs: :func:`hikkoshi.migrate.predict.predict`
-fed from the DRS snapshot (the VM's memory and resident set, its disks and their write rate, the link
-between the hosts' sites) the way the planner prices its moves. Pure."""
+fed from the DRS snapshot (the VM's memory, resident set and measured dirty rate, its disks and their
+write rate, the link between the hosts' sites as the last migration measured it) the way the planner
+prices its moves, with the fixed costs calibrated on the cluster's recent migrations
+(:mod:`hikkoshi.migrate.observation`). Pure."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 from hikkoshi.drs.cost import Costs
 from hikkoshi.drs.model import Snapshot
 from hikkoshi.drs.policy import Policy
-from hikkoshi.migrate.predict import Mode, Prediction
+from hikkoshi.migrate.observation import calibration_for, migration_json
+from hikkoshi.migrate.predict import Mode, Observed, Prediction
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,9 @@ class Forecast:
     storage: str
     predicted: Prediction
     assumptions: dict[str, object]
+    inputs: dict[str, object] = field(default_factory=dict)
+    """The prediction's inputs (:func:`~hikkoshi.migrate.observation.migration_json`): kept with the
+    migration, they make it an observation the next calibration learns from."""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -35,10 +42,17 @@ class Forecast:
 
 
 def forecast(
-    snap: Snapshot, vm_name: str, target: str, storage: str = "hybrid", *, max_downtime_ms: int = 300
+    snap: Snapshot,
+    vm_name: str,
+    target: str,
+    storage: str = "hybrid",
+    *,
+    max_downtime_ms: int = 300,
+    observations: Sequence[Observed] = (),
 ) -> Forecast | str:
     """The prediction of moving ``vm_name`` to host ``target`` (disks by ``storage`` unless the target
-    sees their datastore, or ``storage`` is ``shared``), or why there is none."""
+    sees their datastore, or ``storage`` is ``shared``), calibrated on ``observations`` (the cluster's
+    recent migrations, oldest first), or why there is none."""
     vm = next((v for v in snap.vms if v.name == vm_name), None)
     if vm is None:
         return f"VM {vm_name!r} is not running in the cluster (no figures to predict from)"
@@ -48,10 +62,14 @@ def forecast(
     src, dst = hosts[vm.host], hosts[target]
     moving = frozenset() if storage == Mode.SHARED else vm.datastores - dst.datastores
     mode = Mode(storage) if moving else Mode.HYBRID
+    calibration, runs = calibration_for(observations, Mode(storage) if moving else Mode.SHARED)
     limited = replace(snap, limits=replace(snap.limits, max_downtime_ms=max_downtime_ms))
-    costs = Costs(limited, Policy(storage_mode=mode))
+    costs = Costs(limited, Policy(storage_mode=mode, calibration=calibration))
     predicted = costs.migration(vm, src, dst, moving)
+    inputs = migration_json(costs.inputs(vm, src, dst, moving), max_downtime_ms, snap.limits.allow_postcopy)
     link = costs.link(src.site, dst.site)
+    pair = frozenset((src.site, dst.site))
+    measured = any(k.measured for k in snap.links if frozenset((k.a, k.b)) == pair)
     assumptions: dict[str, object] = {
         "memory_bytes": vm.memory,
         "resident_bytes": vm.resident,
@@ -59,9 +77,12 @@ def forecast(
         "disk_bytes_moving": sum(d.allocated for d in vm.disks if d.datastore in moving),
         "link_bandwidth": link.bandwidth,
         "link_rtt_ms": link.rtt_ms,
+        "link": "measured" if measured else "assumed",
         "max_downtime_ms": max_downtime_ms,
+        "calibrated_on": runs,
     }
-    return Forecast(vm.name, src.name, dst.name, mode.value if moving else "shared", predicted, assumptions)
+    storage_used = mode.value if moving else "shared"
+    return Forecast(vm.name, src.name, dst.name, storage_used, predicted, assumptions, dict(inputs))
 
 
 def alone(memory: int, disks: tuple[tuple[int, int], ...], storage: str, max_downtime_ms: int) -> Prediction:

@@ -3,17 +3,21 @@ for what it means)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hikkoshi.agent.drs_snapshot import ClusterVm, snapshot
 from hikkoshi.cluster.drs_records import DrsRecords
 from hikkoshi.cluster.host_view import HostView
 from hikkoshi.cluster.hosts import list_hosts
 from hikkoshi.cluster.keys import Keys
+from hikkoshi.cluster.links import Links
 from hikkoshi.cluster.models import DrsSettings
+from hikkoshi.cluster.observations import Observations
 from hikkoshi.cluster.ownership import Ownership
 from hikkoshi.cluster.store import Store
 from hikkoshi.drs.model import Limits, Snapshot
+from hikkoshi.migrate.observation import observed_of
+from hikkoshi.migrate.predict import Observed
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,8 @@ class ClusterState:
     vms: list[ClusterVm]
     settings: DrsSettings
     snapshot: Snapshot
+    observations: list[Observed] = field(default_factory=list)
+    """The cluster's recent completed migrations, oldest first: what predictions calibrate on."""
 
     def host(self, name: str) -> HostView | None:
         return next((h for h in self.hosts if h.info.name == name), None)
@@ -48,4 +54,12 @@ async def read_state(store: Store, keys: Keys | None = None, *, max_moves: int |
     settings = await records.settings()
     rules = await records.rules()
     limits = Limits(max_moves=max_moves or settings.max_moves)
-    return ClusterState(hosts, vms, settings, snapshot(hosts, vms, rules, limits=limits))
+    measured = await Links(store, k).all()
+    seen = [observed_of(o.inputs, o.report) for o in await Observations(store, k).recent()]
+    return ClusterState(
+        hosts,
+        vms,
+        settings,
+        snapshot(hosts, vms, rules, limits=limits, measured=measured),
+        [o for o in seen if o is not None],
+    )

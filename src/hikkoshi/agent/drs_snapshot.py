@@ -10,7 +10,10 @@ turned into a :class:`hikkoshi.drs.model.Snapshot`. Pure.
 - Only running VMs whose owner is up or in maintenance are the planner's; a VM's disks are on the
   datastore its owner says (else the one its record names, else the owner's first).
 - A rule keeps the VMs of it that are in the snapshot (a stopped VM is placed when it starts).
-- Sites get a link between them (``WAN``) when the snapshot has none.
+- Links are what the last migration between two sites measured (``links/``); sites get an assumed
+  one between them (``WAN``) where none was measured yet, and a site's own network is the policy's LAN
+  until a migration within it measured it.
+- A VM's dirty rate is the last its host measured (``calc-dirty-rate``), else 0: an idle guest's.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 
 from hikkoshi.cluster.host_view import HostState as ClusterHostState
 from hikkoshi.cluster.host_view import HostView
-from hikkoshi.cluster.models import RuleRecord, VmLoad
+from hikkoshi.cluster.models import LinkRecord, RuleRecord, VmLoad
 from hikkoshi.drs.model import Datastore, Demand, Host, HostState, Limits, Link, Snapshot, Vm, VmDisk
 from hikkoshi.drs.rules import Rule, RuleKind, Strength
 
@@ -122,6 +125,7 @@ def vm_of(vm: ClusterVm, owner: HostView, measured: VmLoad | None) -> Vm:
         cpus=vm.vcpus,
         disks=disks,
         demand=Demand(cpu=got.cpu, memory=memory, disk_read=got.disk_read, disk_write=got.disk_write),
+        dirty_rate=got.dirty_rate or 0.0,
         resident=min(got.memory[-1], vm.memory) if got.memory else None,
     )
 
@@ -141,6 +145,7 @@ def snapshot(
     rules: Iterable[RuleRecord] = (),
     *,
     limits: Limits | None = None,
+    measured: Iterable[LinkRecord] = (),
 ) -> Snapshot:
     """The cluster as the planner sees it (see the module's docstring)."""
     by_name = {h.info.name: h for h in hosts}
@@ -160,7 +165,14 @@ def snapshot(
         if rule is not None and (rule.hosts or rule.kind in (RuleKind.AFFINITY, RuleKind.ANTI_AFFINITY)):
             out_rules.append(rule)
     sites = sorted({h.info.site for h in hosts})
-    links = tuple(Link(a, b, *WAN) for i, a in enumerate(sites) for b in sites[i + 1 :])
+    known_sites = set(sites)
+    got = {
+        frozenset((m.a, m.b)): Link(m.a, m.b, m.bandwidth, m.rtt_ms, measured=True)
+        for m in measured
+        if m.a in known_sites and m.b in known_sites
+    }
+    assumed = {frozenset((a, b)): Link(a, b, *WAN) for i, a in enumerate(sites) for b in sites[i + 1 :]}
+    links = tuple(sorted({**assumed, **got}.values(), key=lambda k: (k.a, k.b)))
     return Snapshot(
         hosts=tuple(host_of(h) for h in sorted(hosts, key=lambda h: h.info.name)),
         vms=tuple(out_vms),

@@ -32,6 +32,7 @@ from hikkoshi.agent.db import AgentDb, DbMigrationStore
 from hikkoshi.agent.errors import Conflict, NotFound, Problem
 from hikkoshi.agent.host import Host
 from hikkoshi.agent.incoming import INCOMING, RUNNING, SERVING, Incoming
+from hikkoshi.agent.link_measure import record_link
 from hikkoshi.agent.models import (
     MigrateBody,
     MigrationInfo,
@@ -45,6 +46,8 @@ from hikkoshi.agent.remote_destination import RemoteDestination, side_error
 from hikkoshi.agent.timeline import draw_timeline
 from hikkoshi.block.throttle import parse_rate
 from hikkoshi.cluster.errors import ClusterError, CoordinatorAlive, EtcdUnavailable, LimitReached
+from hikkoshi.cluster.links import Links
+from hikkoshi.cluster.observations import Observations
 from hikkoshi.cluster.ownership import Claim
 from hikkoshi.cluster.slots import Decision
 from hikkoshi.daemons import supervisor_client
@@ -312,10 +315,17 @@ class Jobs:
             if cluster is not None and cluster.online and cluster.store is not None:
                 state = await read_state(cluster.store, cluster.keys)
                 got = forecast(
-                    state.snapshot, spec.name, target, storage, max_downtime_ms=body.max_downtime_ms
+                    state.snapshot,
+                    spec.name,
+                    target,
+                    storage,
+                    max_downtime_ms=body.max_downtime_ms,
+                    observations=state.observations,
                 )
                 if not isinstance(got, str):
-                    return dict(got.predicted.to_json())
+                    # The inputs go with the report: once done, the migration is an observation.
+                    return {**got.predicted.to_json(), "calibrated_on": got.assumptions["calibrated_on"],
+                            "inputs": got.inputs}  # fmt: skip
             disks = []
             for d in spec.disks:
                 try:
@@ -406,9 +416,27 @@ class Jobs:
                 elif isinstance(job, ColdMigration):
                     job.route = route
                 await self._run_job(state, job.run(), home)
+            if clustered is not None and isinstance(job, LiveMigration) and job.record.phase == Phase.DONE:
+                await self._measured_link(job, client.url, peer_site)
         finally:
             state.running = False  # also when the routes could not be set up
             await client.aclose()
+
+    async def _measured_link(self, job: LiveMigration, url: str, peer_site: str) -> None:
+        """Keep what the migration measured for the next prediction: the link, and the migration as an
+        observation to calibrate on (never a reason to fail a migration that is done)."""
+        cluster = self.host.cluster
+        if cluster is None or cluster.store is None:
+            return
+        try:
+            links = Links(cluster.store, cluster.keys)
+            await record_link(links, self.host.config.site, peer_site, job.report, url, job.record.id)
+            inputs = (job.report.get("predicted") or {}).get("inputs")
+            if isinstance(inputs, dict):
+                report = job.record.report or job.report
+                await Observations(cluster.store, cluster.keys).add(job.record.id, inputs, report)
+        except Exception:
+            log.exception("migration %s: its figures were not kept for the next prediction", job.record.id)
 
     @contextlib.asynccontextmanager
     async def _cluster_job(

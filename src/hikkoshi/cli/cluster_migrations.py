@@ -71,7 +71,14 @@ async def dry_run(store: Store, args: argparse.Namespace) -> int:
 
     await source_for(store, args)
     state = await read_state(store)
-    got = forecast(state.snapshot, args.name, args.to, args.storage, max_downtime_ms=args.max_downtime)
+    got = forecast(
+        state.snapshot,
+        args.name,
+        args.to,
+        args.storage,
+        max_downtime_ms=args.max_downtime,
+        observations=state.observations,
+    )
     if isinstance(got, str):
         raise CommandError(got)
     if args.json:

@@ -19,6 +19,8 @@ Under one root (``/hikkoshi`` by default; tests use a root of their own):
 | ``schedules/<id>`` | :class:`ScheduleRecord`: a migration at a time, and what became of it | none |
 | ``drs`` | :class:`DrsSettings`: the automatic planner's switch, level, interval | none |
 | ``leader/drs`` | the host running the automatic planner (text) | the leader's |
+| ``links/<site>,<site>`` | :class:`LinkRecord`: two sites' link as a migration measured it | none |
+| ``observations/<id>`` | :class:`ObservationRecord`: a done migration's inputs and figures | none |
 
 Load figures travel in ``live/<host>`` (:attr:`HostStatus.vm_loads`: each VM's recent window).
 
@@ -157,6 +159,24 @@ class Keys:
     @property
     def drs_leader(self) -> str:
         return f"{self.root}/leader/drs"
+
+    # links
+    @property
+    def links(self) -> str:
+        return self._p("links")
+
+    def link(self, a: str, b: str) -> str:
+        """The link between sites ``a`` and ``b`` (either order; the same site twice: its own network)."""
+        first, second = sorted((segment(a, "site"), segment(b, "site")))
+        return f"{self.links}{first},{second}"
+
+    # observations
+    @property
+    def observations(self) -> str:
+        return self._p("observations")
+
+    def observation(self, job_id: str) -> str:
+        return self.observations + segment(job_id, "migration id")
 
     @staticmethod
     def last(key: str) -> str:

@@ -7,7 +7,7 @@ fails loudly (:class:`pydantic.ValidationError`) rather than being silently stri
 from __future__ import annotations
 
 import time
-from typing import Self
+from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -76,6 +76,9 @@ class VmLoad(Record):
     disk_latency_ms: tuple[float, ...] = Field(default=(), description="mean request latency per sample")
     datastore: str | None = Field(default=None, description="uuid of the datastore of its disks")
     disk_allocated: int = Field(default=0, ge=0, description="bytes its disks take")
+    dirty_rate: float | None = Field(
+        default=None, ge=0, description="bytes/s its memory is dirtied, last measured (QEMU calc-dirty-rate)"
+    )
 
 
 class HostStatus(Record):
@@ -179,6 +182,28 @@ class Limits(Record):
 
 
 # -- DRS --------------------------------------------------------------------------------------------
+
+
+class LinkRecord(Record):
+    """The network between two sites (the same site twice: the site's own) as the last migration
+    between them measured it: what its memory stream got, and the round trip to the destination."""
+
+    a: str
+    b: str
+    bandwidth: float = Field(gt=0, description="bytes/s the memory stream got (QEMU's mbps)")
+    rtt_ms: float = Field(ge=0, description="TCP connect time to the destination agent, the least of a few")
+    migration: str = Field(default="", description="the migration that measured it")
+    measured_at: float = Field(default_factory=now)
+
+
+class ObservationRecord(Record):
+    """A completed live migration as the prediction learns from it
+    (:mod:`hikkoshi.migrate.observation`): what was known before it, and what its report measured."""
+
+    migration: str
+    inputs: dict[str, Any] = Field(description="the prediction's inputs (observation.migration_json)")
+    report: dict[str, Any] = Field(description="the report's figures the calibration reads")
+    finished_at: float = Field(default_factory=now)
 
 
 class RuleRecord(Record):

@@ -32,24 +32,27 @@ class Costs:
             raise KeyError(f"no link between sites {a} and {b}")
         return found
 
+    def inputs(self, vm: Vm, src: Host, dst: Host, moving: frozenset[str]) -> Migration:
+        """What is known before ``vm`` goes from ``src`` to ``dst`` (its disks on ``moving`` along)."""
+        disks = tuple(Disk(d.size, d.allocated) for d in vm.disks if d.datastore in moving)
+        return Migration(
+            memory_bytes=vm.memory,
+            dirty_rate=vm.dirty_rate,
+            link=self.link(src.site, dst.site),
+            mode=self.policy.storage_mode if moving else Mode.SHARED,
+            disks=disks,
+            disk_write_rate=load.mean(vm.demand.disk_write) if disks else 0.0,
+            schedule=self.schedule,
+            resident_bytes=None if vm.resident is None else min(vm.resident, vm.memory),
+        )
+
     def migration(self, vm: Vm, src: Host, dst: Host, moving: frozenset[str]) -> Prediction:
         """``vm`` from ``src`` to ``dst``, its disks on the datastores ``moving`` going along."""
         mode = self.policy.storage_mode if moving else Mode.SHARED
         key = (vm.name, src.site, dst.site, mode, moving)
         found = self._cache.get(key)
         if found is None:
-            disks = tuple(Disk(d.size, d.allocated) for d in vm.disks if d.datastore in moving)
-            m = Migration(
-                memory_bytes=vm.memory,
-                dirty_rate=vm.dirty_rate,
-                link=self.link(src.site, dst.site),
-                mode=mode,
-                disks=disks,
-                disk_write_rate=load.mean(vm.demand.disk_write) if disks else 0.0,
-                schedule=self.schedule,
-                resident_bytes=None if vm.resident is None else min(vm.resident, vm.memory),
-            )
-            found = self._cache[key] = predict(m, self.policy.calibration)
+            found = self._cache[key] = predict(self.inputs(vm, src, dst, moving), self.policy.calibration)
         return found
 
     def disk_move(self, vm: Vm, sources: frozenset[str], rate: float) -> Prediction:

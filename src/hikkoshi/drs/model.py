@@ -133,6 +133,8 @@ class Link:
     bandwidth: float
     """Bytes per second a migration stream gets."""
     rtt_ms: float
+    measured: bool = False
+    """Whether a migration between the two sites measured it (else it is assumed)."""
 
 
 @dataclass(frozen=True)

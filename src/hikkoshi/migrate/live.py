@@ -360,6 +360,7 @@ class LiveMigration(Job):
             await self.source.ctl("pause")
         # The guest's dirty rate, measured while everything else is prepared (QEMU samples pages).
         with contextlib.suppress(SideError):
+            await qm.dirty_rate_settled(self.source, 3.0)  # the agent's load sampler may be measuring
             await qm.calc_dirty_rate(self.source, 1)
             self.record.facts.dirty_rate_started = True
         await self.strategy.prepare(self.ctx)

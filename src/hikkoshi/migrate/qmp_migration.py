@@ -8,7 +8,9 @@ a destination is driven through typed operations (:mod:`destination`).
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -273,9 +275,28 @@ async def announce(port: QmpPort) -> None:
     await port.qmp("announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100})
 
 
-async def calc_dirty_rate(port: QmpPort, seconds: int) -> None:
-    """Start measuring the guest's memory dirty rate (QEMU samples pages for ``seconds``)."""
-    await port.qmp("calc-dirty-rate", {"calc-time": seconds})
+#: Idle: nothing migrates (a measurement then cannot be in a migration's way).
+IDLE = frozenset({MigrationStatus.NONE, *TERMINAL})
+
+
+async def calc_dirty_rate(port: QmpPort, seconds: int, mode: str | None = None) -> None:
+    """Start measuring the guest's memory dirty rate over ``seconds`` (QEMU's default mode samples
+    pages; ``dirty-bitmap`` counts every page dirtied through the dirty log, and kills QEMU 7.2 under TCG:
+    see :mod:`hikkoshi.agent.load_sampler`)."""
+    arguments: dict[str, Any] = {"calc-time": seconds}
+    if mode is not None:
+        arguments["mode"] = mode
+    await port.qmp("calc-dirty-rate", arguments)
+
+
+async def dirty_rate_settled(port: QmpPort, limit: float) -> None:
+    """Once no dirty-rate measurement runs (a load sampler's may, for up to its second), or ``limit``
+    s: QEMU refuses a second measurement while one runs, and a migration wants its own."""
+    deadline = time.monotonic() + limit
+    while (await port.qmp("query-dirty-rate")).get("status") == "measuring":
+        if time.monotonic() > deadline:
+            return
+        await asyncio.sleep(0.1)
 
 
 async def dirty_rate(port: QmpPort) -> float | None:
