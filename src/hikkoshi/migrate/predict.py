@@ -494,9 +494,10 @@ def calibrate(observations: Sequence[Observed], base: Calibration = DEFAULT_CALI
 
 
 def _line(xs: Sequence[float], ys: Sequence[float], slope: float) -> tuple[float, float]:
-    """``ys ~ a + b x``, least squares, both clamped at 0; with all ``x`` alike only ``a`` is fitted."""
+    """``ys ~ a + b x``, least squares, both clamped at 0; with all ``x`` alike only ``a`` is fitted, as
+    the median (one run slowed by something else, a cold cache or a busy host, must not move it)."""
     if max(xs) - min(xs) < 0.1:  # RTTs within 0.1 ms of each other say nothing about the slope
-        a = statistics.fmean(y - slope * x for x, y in zip(xs, ys, strict=True))
+        a = statistics.median(y - slope * x for x, y in zip(xs, ys, strict=True))
         return max(0.0, a), slope
     b, a = statistics.linear_regression(xs, ys)
     if b < 0:
