@@ -23,9 +23,9 @@ import pytest
 
 from hikkoshi.cluster.etcd_process import EtcdMember
 from hikkoshi.guest.guest_image import GuestImage
-from tests.support.agents import AgentProc, agents, identify
+from tests.support.agents import AgentProc, identify
 from tests.support.cluster_cli import ClusterCli, Result, in_process, wait_for
-from tests.support.etcd import gone, start_member
+from tests.support.etcd_agents import cluster_cli, etcd_agents
 from tests.support.vms import guest as guest
 from tests.support.vms import need_qemu_tools
 
@@ -53,27 +53,13 @@ class Cluster:
 def cluster(tmp_path_factory: pytest.TempPathFactory, guest: GuestImage) -> Iterator[Cluster]:
     need_qemu_tools()
     root = tmp_path_factory.mktemp("cluster")
-    member = start_member(root)
-    pid = member.pid
-    assert pid is not None
-    url = f"http://{member.spec.endpoint}"
-    try:
-        with agents(root, "alpha", "beta", extra=["--etcd", url]) as (a, b):
-            yield Cluster(member, url, a, b, root)
-    finally:
-        member.stop_sync()
-        assert gone(pid)
-
-
-@pytest.fixture(autouse=True)
-def own_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("HIKKOSHI_ETCD", "HIKKOSHI_AGENT", "HIKKOSHI_TOKEN_FILE", "HIKKOSHI_CA_FILE"):
-        monkeypatch.delenv(name, raising=False)
+    with etcd_agents(root, "alpha", "beta") as (member, url, (a, b)):
+        yield Cluster(member, url, a, b, root)
 
 
 def hk(capsys: CapSys, c: Cluster, *args: str) -> Result:
     """``hikkoshi --etcd URL --token-file F --ca-file F ARGS``, in this process."""
-    return in_process(capsys, "--etcd", c.url, "--token-file", str(c.token_file), *_ca(c.alpha), *args)
+    return cluster_cli(capsys, c.url, c.alpha, *args)
 
 
 def _ca(agent: AgentProc) -> list[str]:

@@ -26,12 +26,6 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdMember]:
         yield member
 
 
-@pytest.fixture(autouse=True)
-def own_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("HIKKOSHI_ETCD", "HIKKOSHI_AGENT", "HIKKOSHI_TOKEN_FILE", "HIKKOSHI_CA_FILE"):
-        monkeypatch.delenv(name, raising=False)
-
-
 @pytest.fixture
 def url(etcd: EtcdMember) -> str:
     return f"http://{etcd.spec.endpoint}"

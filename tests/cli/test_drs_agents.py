@@ -21,10 +21,10 @@ import pytest
 from hikkoshi.cluster.etcd_process import EtcdMember
 from hikkoshi.guest.guest_image import GuestImage
 from tests.support.agent_vms import create_busy, stop_and_verify
-from tests.support.agents import AgentProc, agents
-from tests.support.cluster_cli import Result, in_process, wait_for
+from tests.support.agents import AgentProc
+from tests.support.cluster_cli import Result, wait_for
 from tests.support.cluster_peek import ClusterPeek
-from tests.support.etcd import gone, start_member
+from tests.support.etcd_agents import cluster_cli, etcd_agents
 from tests.support.vms import guest as guest
 from tests.support.vms import need_qemu_tools
 
@@ -44,29 +44,13 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, guest: GuestImage) -> Iterator[Cluster]:
     need_qemu_tools()
-    root = tmp_path_factory.mktemp("drs")
-    member = start_member(root)
-    pid = member.pid
-    assert pid is not None
-    url = f"http://{member.spec.endpoint}"
-    try:
-        with agents(root, "alpha", "beta", "gamma", extra=["--etcd", url, *DRS_AGENT]) as procs:
-            yield Cluster(member, url, {p.name: p for p in procs}, ClusterPeek([member.spec.endpoint]))
-    finally:
-        member.stop_sync()
-        assert gone(pid)
-
-
-@pytest.fixture(autouse=True)
-def own_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("HIKKOSHI_ETCD", "HIKKOSHI_AGENT", "HIKKOSHI_TOKEN_FILE", "HIKKOSHI_CA_FILE"):
-        monkeypatch.delenv(name, raising=False)
+    with etcd_agents(tmp_path_factory.mktemp("drs"), "alpha", "beta", "gamma", extra=DRS_AGENT) as got:
+        member, url, procs = got
+        yield Cluster(member, url, {p.name: p for p in procs}, ClusterPeek([member.spec.endpoint]))
 
 
 def hk(capsys: CapSys, c: Cluster, *args: str) -> Result:
-    alpha = c.agents["alpha"]
-    ca = ["--ca-file", str(alpha.ca_file)] if alpha.ca_file else []
-    return in_process(capsys, "--etcd", c.url, "--token-file", str(alpha.token_file), *ca, *args)
+    return cluster_cli(capsys, c.url, c.agents["alpha"], *args)
 
 
 def ok(capsys: CapSys, c: Cluster, *args: str) -> str:

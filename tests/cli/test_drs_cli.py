@@ -11,12 +11,6 @@ CapSys = pytest.CaptureFixture[str]
 NOWHERE = ("--etcd", "http://127.0.0.1:9")  # discard: nothing answers
 
 
-@pytest.fixture(autouse=True)
-def own_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("HIKKOSHI_ETCD", "HIKKOSHI_AGENT", "HIKKOSHI_TOKEN_FILE", "HIKKOSHI_CA_FILE"):
-        monkeypatch.delenv(name, raising=False)
-
-
 @pytest.mark.parametrize(
     "args",
     [

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from hikkoshi.guest.guest_image import GuestImage
-from tests.support.agents import AgentProc, agents
-from tests.support.cluster_cli import in_process, wait_for
-from tests.support.etcd import gone, start_member
+from tests.support.agents import AgentProc
+from tests.support.cluster_cli import wait_for
+from tests.support.etcd_agents import cluster_cli, etcd_agents
 from tests.support.vms import guest as guest
 from tests.support.vms import need_qemu_tools
 
@@ -27,32 +27,19 @@ DISK = ("--disk", "88M:thick")
 @pytest.fixture
 def solo(tmp_path_factory: pytest.TempPathFactory, guest: GuestImage) -> Iterator[tuple[str, AgentProc]]:
     need_qemu_tools()
-    root = tmp_path_factory.mktemp("sdrs")
-    member = start_member(root)
-    pid = member.pid
-    assert pid is not None
-    url = f"http://{member.spec.endpoint}"
-    extra = ["--etcd", url, "--datastore-capacity", "main=100M", "--load-interval", "1", "--load-window", "3"]
-    try:
-        with agents(root, "solo", datastores=("main", "spare"), extra=extra) as (a,):
-            yield url, a
-    finally:
-        member.stop_sync()
-        assert gone(pid)
-
-
-@pytest.fixture(autouse=True)
-def own_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("HIKKOSHI_ETCD", "HIKKOSHI_AGENT", "HIKKOSHI_TOKEN_FILE", "HIKKOSHI_CA_FILE"):
-        monkeypatch.delenv(name, raising=False)
+    extra = ["--datastore-capacity", "main=100M", "--load-interval", "1", "--load-window", "3"]
+    with etcd_agents(
+        tmp_path_factory.mktemp("sdrs"), "solo", datastores=("main", "spare"), extra=extra
+    ) as got:
+        _member, url, (a,) = got
+        yield url, a
 
 
 def test_a_full_datastore_is_relieved(capsys: CapSys, solo: tuple[str, AgentProc]) -> None:
     url, agent = solo
 
     def run(*args: str) -> str:
-        ca = ["--ca-file", str(agent.ca_file)] if agent.ca_file else []
-        r = in_process(capsys, "--etcd", url, "--token-file", str(agent.token_file), *ca, *args)
+        r = cluster_cli(capsys, url, agent, *args)
         assert r.code == 0, r
         return r.out
 
