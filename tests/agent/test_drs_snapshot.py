@@ -3,13 +3,15 @@ VMs of live owners, rules over what is there; plans and predictions from it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hikkoshi.agent.drs_moves import request_of
 from hikkoshi.agent.drs_prediction import forecast
 from hikkoshi.agent.drs_read import ClusterState
-from hikkoshi.agent.drs_snapshot import ClusterVm, snapshot
+from hikkoshi.agent.drs_snapshot import ClusterVm, latencies, snapshot
 from hikkoshi.cluster.host_view import HostState, HostView
 from hikkoshi.cluster.models import (
     DatastoreInfo,
@@ -191,3 +193,17 @@ def test_measured_links_and_dirty_rates_feed_the_forecast() -> None:
     assert far.assumptions["link"] == "measured" and before.assumptions["link"] == "assumed"
     # The measured WAN is slower than the assumed one: the move costs more.
     assert far.predicted.total_time_ms > before.predicted.total_time_ms
+
+
+def test_a_datastores_latency_is_the_p90_its_hosts_publish() -> None:
+    """Where a host publishes its datastore's p90 it is used, not the VMs' p99 (a host that publishes
+    none still counts by its VMs)."""
+    vm_p99 = VmLoad(cpu=(0.1, 0.1), disk_latency_ms=(50.0, 60.0), datastore="ds-a")
+    a = view("a", vms={"u-x": "running"}, loads={"u-x": vm_p99})
+    assert a.status is not None
+    published = replace(a, status=a.status.model_copy(update={"datastore_latency_p90": {"ds-a": (2.0, 4.0)}}))
+    other = VmLoad(cpu=(0.1,), disk_latency_ms=(8.0,), datastore="ds-a")
+    b = view("b", vms={"u-y": "running"}, loads={"u-y": other})
+    assert latencies([a]) == {"ds-a": (50.0, 60.0)}
+    assert latencies([published]) == {"ds-a": (2.0, 4.0)}
+    assert latencies([published, b]) == {"ds-a": (2.0, 8.0)}

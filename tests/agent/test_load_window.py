@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hikkoshi.agent.load_window import LoadWindow, Raw, point
+from hikkoshi.agent.load_window import DatastoreLatency, LoadWindow, Raw, percentile_ms, point
 
 
 def test_rates_between_two_readings() -> None:
@@ -41,3 +41,43 @@ def test_counter_going_back_starts_afresh_and_gone_vms_are_forgotten() -> None:
     assert w.load("a").cpu == ()
     w.keep(["a"])
     assert w.uuids() == [] and w.load("b").cpu == ()
+
+
+def test_network_rate_from_the_taps_counters() -> None:
+    p = point(Raw(1.0, 0, 1, net_bytes=1000), Raw(3.0, 0, 1, net_bytes=9000), hz=100)
+    assert p is not None and p.network == 4000
+    again = point(Raw(1.0, 0, 1, net_bytes=9000), Raw(3.0, 0, 1, net_bytes=100), hz=100)
+    assert again is not None and again.network == 0.0  # the tap was made again: no rate this time
+
+
+def test_percentile_of_a_log2_histogram() -> None:
+    assert percentile_ms([], 0.9) == 0.0 and percentile_ms([0, 0], 0.9) == 0.0
+    # 9 requests under 2 us, 1 under 1024 us: p90 is in the first bucket, p99 in the tenth.
+    hist = [9] + [0] * 8 + [1]
+    assert percentile_ms(hist, 0.9) == 0.002 and percentile_ms(hist, 0.99) == 1.024
+
+
+def test_datastore_latency_merges_its_vms_per_interval() -> None:
+    d = DatastoreLatency(size=3)
+    d.add({"a": ("ds1", [0, 0, 0]), "b": ("ds1", [0, 0, 0]), "c": ("ds2", [5, 0, 0])})
+    assert d.windows() == {}  # first readings: nothing to compare with
+    # In the interval: a made 9 fast requests, b one slow one; the p90 of the ten is fast.
+    d.add({"a": ("ds1", [9, 0, 0]), "b": ("ds1", [0, 0, 1]), "c": ("ds2", [5, 0, 0])})
+    assert d.windows() == {"ds1": (0.002,)}  # ds2 had no requests: no sample
+    # b's service restarted (its counts went back): only a counts; then b again from its new counts.
+    d.add({"a": ("ds1", [9, 4, 0]), "b": ("ds1", [0, 0, 0])})
+    d.add({"a": ("ds1", [9, 4, 0]), "b": ("ds1", [0, 0, 3])})
+    assert d.windows() == {"ds1": (0.002, 0.004, 0.008)}
+
+
+@given(st.lists(st.lists(st.integers(0, 50), min_size=4, max_size=4), min_size=2, max_size=12))
+def test_datastore_percentile_is_within_its_vms_buckets(increments: list[list[int]]) -> None:
+    d = DatastoreLatency(size=50, fraction=0.9)
+    total = [0, 0, 0, 0]
+    d.add({"vm": ("ds", tuple(total))})
+    for step in increments:
+        total = [a + b for a, b in zip(total, step, strict=True)]
+        d.add({"vm": ("ds", tuple(total))})
+    got = d.windows().get("ds", ())
+    assert len(got) == sum(1 for s in increments if sum(s))
+    assert all(x in (0.002, 0.004, 0.008, 0.016) for x in got)

@@ -194,6 +194,7 @@ class ClusterMember:
             cpu_cores=self.settings.vm_cpus or os.cpu_count() or 1,
             vm_memory=self.settings.vm_memory,
             vm_loads=self.sampler.loads(),
+            datastore_latency_p90=self.sampler.latency.windows(),
             sample_interval=self.settings.load_interval,
         )
 

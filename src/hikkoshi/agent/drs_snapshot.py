@@ -5,8 +5,9 @@ turned into a :class:`hikkoshi.drs.model.Snapshot`. Pure.
   whole memory and one core; its load is the sum of its VMs' demand (what each VM measured over the
   window: QEMU's CPU time, resident memory, its NBD service's I/O rates).
 - A datastore is one per uuid, seen by every host that lists it; its free space is the least any of
-  them reports; its latency per sample is the slowest its VMs' disk services measured (their p99,
-  which bounds the p90 Storage DRS asks for from above).
+  them reports; its latency per sample is the p90 over its VMs' requests in the interval, as each host
+  publishes it (the highest of the hosts that use it); from a host that publishes none, the slowest
+  of its VMs' p99 (which bounds the p90 from above).
 - Only running VMs whose owner is up or in maintenance are the planner's; a VM's disks are on the
   datastore its owner says (else the one its record names, else the owner's first).
 - A rule keeps the VMs of it that are in the snapshot (a stopped VM is placed when it starts).
@@ -69,22 +70,29 @@ def host_of(view: HostView) -> Host:
     )
 
 
+def _merge(have: list[float], mine: Iterable[float]) -> None:
+    """``have`` becomes the per-sample maximum of itself and ``mine`` (aligned on the newest sample)."""
+    values = list(mine)
+    if len(values) > len(have):
+        have[:0] = [0.0] * (len(values) - len(have))
+    offset = len(have) - len(values)
+    for i, x in enumerate(values):
+        have[offset + i] = max(have[offset + i], x)
+
+
 def latencies(views: Iterable[HostView]) -> dict[str, tuple[float, ...]]:
-    """Datastore uuid -> per sample (newest last), the slowest latency its VMs measured."""
+    """Datastore uuid -> per sample (newest last): the p90 its hosts publish, else the slowest p99 of
+    its VMs on hosts that publish none."""
     out: dict[str, list[float]] = {}
     for v in views:
         if v.status is None:
             continue
+        published = v.status.datastore_latency_p90
+        for store, window in published.items():
+            _merge(out.setdefault(store, []), window)
         for got in v.status.vm_loads.values():
-            if not got.datastore or not got.disk_latency_ms:
-                continue
-            have = out.setdefault(got.datastore, [])
-            mine = list(got.disk_latency_ms)
-            if len(mine) > len(have):  # aligned on the newest sample
-                have[:0] = [0.0] * (len(mine) - len(have))
-            offset = len(have) - len(mine)
-            for i, x in enumerate(mine):
-                have[offset + i] = max(have[offset + i], x)
+            if got.datastore and got.disk_latency_ms and got.datastore not in published:
+                _merge(out.setdefault(got.datastore, []), got.disk_latency_ms)
     return {k: tuple(v) for k, v in out.items()}
 
 
@@ -124,7 +132,13 @@ def vm_of(vm: ClusterVm, owner: HostView, measured: VmLoad | None) -> Vm:
         memory=vm.memory,
         cpus=vm.vcpus,
         disks=disks,
-        demand=Demand(cpu=got.cpu, memory=memory, disk_read=got.disk_read, disk_write=got.disk_write),
+        demand=Demand(
+            cpu=got.cpu,
+            memory=memory,
+            disk_read=got.disk_read,
+            disk_write=got.disk_write,
+            network=got.network,
+        ),
         dirty_rate=got.dirty_rate or 0.0,
         resident=min(got.memory[-1], vm.memory) if got.memory else None,
     )

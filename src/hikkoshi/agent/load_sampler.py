@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hikkoshi.agent.host import Host
-from hikkoshi.agent.load_window import LoadWindow, Raw
+from hikkoshi.agent.load_window import DatastoreLatency, LoadWindow, Raw
 from hikkoshi.migrate import qmp_migration as qm
 from hikkoshi.migrate.sides import SideError, VmSide
 from hikkoshi.nbd.control import ControlError, control_request
@@ -42,6 +42,35 @@ def proc_counters(pid: int) -> tuple[int, int] | None:
         return None
     fields = stat[stat.rindex(")") + 2 :].split()
     return int(fields[11]) + int(fields[12]), int(statm.split()[1]) * PAGE
+
+
+def latency_histogram(stats: dict[str, Any]) -> tuple[int, ...]:
+    """The VM's exports' request latency counts (log2 microsecond buckets, since the service started),
+    summed bucket by bucket."""
+    out: list[int] = []
+    for s in stats.values():
+        hist = (s.get("latency_us") or {}).get("histogram_log2") if isinstance(s, dict) else None
+        if not isinstance(hist, list):
+            continue
+        if len(out) < len(hist):
+            out += [0] * (len(hist) - len(out))
+        for i, n in enumerate(hist):
+            out[i] += int(n)
+    return tuple(out)
+
+
+def tap_bytes(taps: object) -> int:
+    """Bytes received and sent so far by the VM's taps (state's ``taps``: NIC index -> tap name)."""
+    if not isinstance(taps, dict):
+        return 0
+    total = 0
+    for tap in taps.values():
+        if not isinstance(tap, str) or "/" in tap:
+            continue
+        for counter in ("rx_bytes", "tx_bytes"):
+            with contextlib.suppress(OSError, ValueError):
+                total += int(Path(f"/sys/class/net/{tap}/statistics/{counter}").read_text())
+    return total
 
 
 def nbd_counters(stats: dict[str, Any]) -> tuple[int, int, float]:
@@ -73,6 +102,7 @@ class LoadSampler:
         self.host = host
         self.interval = interval
         self.window = LoadWindow(size, os.sysconf("SC_CLK_TCK"))
+        self.latency = DatastoreLatency(size)
         self.datastores: dict[str, tuple[str, int]] = {}
         """VM uuid -> (uuid of the datastore of its disks, bytes they take)."""
         self.dirty_every = max(1, dirty_every)
@@ -95,6 +125,7 @@ class LoadSampler:
     async def sample(self) -> None:
         """Read every running VM once."""
         seen = []
+        histograms: dict[str, tuple[str, tuple[int, ...]]] = {}
         due = self._samples % self.dirty_every == 0
         self._samples += 1
         for name, (ds_name, home) in self.host.homes().items():
@@ -110,9 +141,13 @@ class LoadSampler:
             counters = await asyncio.to_thread(proc_counters, int(pid))
             if counters is None:
                 continue
-            read, written, lat = nbd_counters(await _nbd_stats(home))
-            self.window.add(uuid, Raw(time.monotonic(), counters[0], counters[1], read, written, lat))
+            stats = await _nbd_stats(home)
+            read, written, lat = nbd_counters(stats)
+            net = tap_bytes(state.get("taps"))
+            self.window.add(uuid, Raw(time.monotonic(), counters[0], counters[1], read, written, lat, net))
             store = self.host.stores.get(ds_name)
+            if store is not None:
+                histograms[uuid] = (str(store.uuid), latency_histogram(stats))
             allocated = 0
             for disk in spec.disks:
                 with contextlib.suppress(OSError):
@@ -123,6 +158,7 @@ class LoadSampler:
             seen.append(uuid)
             log.debug("VM %s sampled", name)
         self.window.keep(seen)
+        self.latency.add(histograms)
         for table in (self.datastores, self.dirty):
             for u in [u for u in table if u not in seen]:
                 del table[u]

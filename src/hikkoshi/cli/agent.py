@@ -209,7 +209,10 @@ def agent_command(args: argparse.Namespace) -> int:
     from hikkoshi.agent.cluster_member import ClusterSettings
     from hikkoshi.agent.db import StateError
     from hikkoshi.agent.host import AgentConfig
+    from hikkoshi.agent.malloc_arenas import limit_arenas
     from hikkoshi.agent.server import main_error, serve
+
+    limit_arenas()  # before any thread allocates: see the module
     from hikkoshi.cluster.errors import ClusterError
     from hikkoshi.identity.credentials import HostCredentials
 

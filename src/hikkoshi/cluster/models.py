@@ -73,9 +73,10 @@ class VmLoad(Record):
     memory: tuple[int, ...] = Field(default=(), description="bytes resident (its QEMU process)")
     disk_read: tuple[float, ...] = Field(default=(), description="bytes/s read (its NBD service's stats)")
     disk_write: tuple[float, ...] = Field(default=(), description="bytes/s written (its NBD service's stats)")
-    disk_latency_ms: tuple[float, ...] = Field(default=(), description="mean request latency per sample")
+    disk_latency_ms: tuple[float, ...] = Field(default=(), description="p99 request latency per sample (ms)")
     datastore: str | None = Field(default=None, description="uuid of the datastore of its disks")
     disk_allocated: int = Field(default=0, ge=0, description="bytes its disks take")
+    network: tuple[float, ...] = Field(default=(), description="bytes/s through its NICs' taps")
     dirty_rate: float | None = Field(
         default=None, ge=0, description="bytes/s its memory is dirtied, last measured (QEMU calc-dirty-rate)"
     )
@@ -92,6 +93,9 @@ class HostStatus(Record):
     cpu_cores: int = Field(default=0, ge=0, description="cores VMs may use (0: not said)")
     vm_memory: int = Field(default=0, ge=0, description="bytes VMs may be given (0: not said)")
     vm_loads: dict[str, VmLoad] = Field(default_factory=dict, description="VM uuid -> its recent load")
+    datastore_latency_p90: dict[str, tuple[float, ...]] = Field(
+        default_factory=dict, description="datastore uuid -> p90 of its VMs' requests per sample (ms)"
+    )
     sample_interval: float = Field(default=0.0, ge=0.0, description="seconds between load samples")
     updated_at: float = Field(default_factory=now)
 
