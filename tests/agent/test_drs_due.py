@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hikkoshi.agent.drs_due import due_now, parse_days, parse_window, when_of
+from hikkoshi.agent.drs_due import due_now, parse_days, parse_window, parse_zone, when_of
 from hikkoshi.cluster.models import ScheduleRecord
 from hikkoshi.drs.schedule import Once, Window
 
@@ -61,3 +61,14 @@ def test_once_runs_once(at_ms: int, now_ms: int) -> None:
     rec = once(at)
     assert due_now([rec], now) == (["o"] if now >= at else [])
     assert due_now([rec.model_copy(update={"state": "started", "last_run": now})], now) == []
+
+
+def test_a_window_in_a_time_zone() -> None:
+    """02:00-04:00 in Tokyo (UTC+9) is open at 17:30 UTC the day before, not at 02:30 UTC."""
+    tokyo = window(tz="Asia/Tokyo")
+    assert due_now([tokyo], MONDAY_0230) == []
+    assert due_now([tokyo], MONDAY_0230 - 9 * 3600) == ["w"]  # Sunday 17:30 UTC = Monday 02:30 in Tokyo
+    assert parse_zone("utc") is UTC and parse_zone("Europe/Paris").utcoffset(datetime(2026, 7, 1)) is not None
+    for bad in ("Mars/Olympus", "", "../etc/passwd"):
+        with pytest.raises(ValueError, match="--tz"):
+            parse_zone(bad)

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime, time
+from datetime import UTC, datetime, time, tzinfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from hikkoshi.cluster.models import ScheduleRecord
 from hikkoshi.drs.schedule import EVERY_DAY, Once, Scheduled, Weekday, When, Window, due
@@ -43,12 +44,22 @@ def parse_days(text: str) -> tuple[int, ...]:
     return tuple(sorted(set(out)))
 
 
+def parse_zone(name: str) -> tzinfo:
+    """The IANA time zone ``name`` (``UTC``, ``Asia/Tokyo``); ValueError if there is none such."""
+    if name.upper() == "UTC":
+        return UTC
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"--tz {name!r}: no such time zone (an IANA name: UTC, Asia/Tokyo, ...)") from None
+
+
 def when_of(rec: ScheduleRecord) -> When:
     if rec.window is None:
         return Once(datetime.fromtimestamp(rec.at, UTC))
     start, end = parse_window(rec.window)
     days = frozenset(Weekday(d) for d in rec.days) or EVERY_DAY
-    return Window(start, end, days)
+    return Window(start, end, days, parse_zone(rec.tz))
 
 
 def due_now(records: Iterable[ScheduleRecord], now: float) -> list[str]:

@@ -76,7 +76,7 @@ def schedule_lines(schedules: Sequence[ScheduleRecord], now: float | None = None
             if not s.days
             else " " + ",".join(("mon", "tue", "wed", "thu", "fri", "sat", "sun")[d] for d in s.days)
         )
-        at = f"window {s.window} UTC{days}" if s.window is not None else when(s.at)
+        at = f"window {s.window} {s.tz}{days}" if s.window is not None else when(s.at)
         rows.append((s.id, s.vm, s.to, at, s.state, detail or "-"))
     return _table(("ID", "VM", "TO", "AT", "STATE", "DETAIL"), rows)
 

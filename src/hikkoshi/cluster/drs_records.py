@@ -54,6 +54,7 @@ class DrsRecords:
         *,
         window: str | None = None,
         days: tuple[int, ...] = (),
+        tz: str = "UTC",
     ) -> ScheduleRecord:
         state = "recurring" if window else "pending"
         rec = ScheduleRecord(
@@ -64,6 +65,7 @@ class DrsRecords:
             storage=storage,
             window=window,
             days=days,
+            tz=tz,
             state=state,
         )
         await self.store.put(self.keys.schedule(rec.id), rec.to_bytes())

@@ -229,8 +229,9 @@ class ScheduleRecord(Record):
     vm: str = Field(description="VM name")
     to: str = Field(description="destination host")
     at: float = Field(default=0.0, description="when (Unix time); a window's schedule: when it was added")
-    window: str | None = Field(default=None, description="HH:MM-HH:MM (UTC), recurring")
+    window: str | None = Field(default=None, description="HH:MM-HH:MM (wall clock in tz), recurring")
     days: tuple[int, ...] = Field(default=(), description="window days, 0 = Monday (empty: every day)")
+    tz: str = Field(default="UTC", description="the window's time zone (IANA name)")
     state: str = Field(default="pending", description="pending, started, done, failed, cancelled; recurring")
     storage: str = "hybrid"
     runner: str | None = Field(default=None, description="the host that ran it (last)")
