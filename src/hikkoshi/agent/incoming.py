@@ -380,18 +380,23 @@ class Incoming:
         """The migration is done: the VM is this host's (no peer can remove it any more, nor reach its
         disks here). Repeating it is harmless (a job taken over repeats its last step)."""
         row = self._row(vm)
-        target = self._target(vm, peer, INCOMING, RUNNING)
+        # STOPPED: a powered-off VM that came home to the host holding its disks (``stop_serving``).
+        target = self._target(vm, peer, INCOMING, RUNNING, STOPPED)
         await self._side(target.finish())
         spec = target.home.load_spec()
         detail = {"source_host": peer, "migration": self.detail(row).get("migration")}
-        self.db.set_vm(vm, row["datastore"], str(spec.uuid), RUNNING, json.dumps(detail))
+        state = STOPPED if row.get("state") == STOPPED else RUNNING
+        self.db.set_vm(vm, row["datastore"], str(spec.uuid), state, json.dumps(detail))
 
     async def stop_serving(self, vm: str, peer: str) -> None:
         """A powered-off VM came home: the serving supervisor stops; the home is the VM's again."""
         row = self._row(vm)
         target = self._target(vm, peer, SERVING, INCOMING)
         await self._side(target.stop_serving())
-        self.db.set_vm(vm, row["datastore"], row.get("uuid"), STOPPED)
+        # The row remembers where it came from: the migration's last step (``finish``) asks for it
+        # (without, an offline move home ended "failed" after its commit: "no VM coming in").
+        detail = {"source_host": peer, "migration": self.detail(row).get("migration")}
+        self.db.set_vm(vm, row["datastore"], row.get("uuid"), STOPPED, json.dumps(detail))
 
     async def remove(self, vm: str, peer: str) -> None:
         """Roll back: the incoming VM goes, with its home (a VM that was coming home serves again)."""
