@@ -44,7 +44,7 @@ from hikkoshi.daemons.process import dump_tasks
 from hikkoshi.daemons.qemu_run import QemuRun, StopOutcome
 from hikkoshi.daemons.verbs import Args, NoArgs, Verbs
 from hikkoshi.nbd.control import ControlError, ControlServer, control_request
-from hikkoshi.vm import precheck
+from hikkoshi.vm import precheck, tcp_sockets
 from hikkoshi.vm.accel import DEFAULT_QEMU, choose_accel
 from hikkoshi.vm.disk_serving import DiskPlan, Serving
 from hikkoshi.vm.errors import PrecheckError, VmError
@@ -134,6 +134,10 @@ class RehomeArgs(Args):
 class GuardArgs(Args):
     migration: str = Field(min_length=1, max_length=64)
     timeout: float = Field(default=10.0, gt=0, le=3600)
+    stream: str | None = Field(
+        default=None, max_length=300, pattern=r"^[A-Za-z0-9.:\[\]-]+:[0-9]{1,5}$", description="host:port"
+    )
+    """Where QEMU sends the migration stream: the connection cut if QEMU hangs on it."""
 
 
 class MigrationArgs(Args):
@@ -193,6 +197,8 @@ class Supervisor:
         #: After a hand-off: the VM runs elsewhere and this host serves its disks (until release, or for
         #: good with shared storage). QEMU ending then leaves the supervisor serving, not stopped.
         self.serving_others = serving
+        #: The migration stream's endpoint (host:port) of the outgoing migration the guard watches.
+        self.stream: str | None = None
         self.released = False
         self.stopping = False
         self.requests: asyncio.Queue[StopRequest] = asyncio.Queue()
@@ -432,21 +438,39 @@ class Supervisor:
         qemu = self.qemu
         if qemu is None:
             return
-        try:
-            info = await qemu.execute("query-migrate")
-            status = info.get("status")
-            if status == "postcopy-active":
-                log.error("the migration is in post-copy: the guest's memory is on both sides; not cancelled")
+        for attempt in range(2):
+            try:
+                info = await qemu.execute("query-migrate")
+                status = info.get("status")
+                if status == "postcopy-active":
+                    log.error(
+                        "the migration is in post-copy: the guest's memory is on both sides; not cancelled"
+                    )
+                    return
+                if status in _CANCELLABLE:
+                    await qemu.execute("migrate_cancel")
+                    assert qemu.qmp is not None
+                    with contextlib.suppress(MigrationWaitTimeout):
+                        await qemu.qmp.wait_migration(frozenset({"cancelled", "failed", "completed"}), 30)
+                if await qemu.status() != "running":
+                    await qemu.resume()  # a completed (postmigrate) or paused source takes over again
                 return
-            if status in _CANCELLABLE:
-                await qemu.execute("migrate_cancel")
-                assert qemu.qmp is not None
-                with contextlib.suppress(MigrationWaitTimeout):
-                    await qemu.qmp.wait_migration(frozenset({"cancelled", "failed", "completed"}), 30)
-            if await qemu.status() != "running":
-                await qemu.resume()  # a completed (postmigrate) or paused source takes over again
-        except QmpCommandError as exc:
-            log.error("the guard could not resume the guest: %s", exc)
+            except QmpCommandError as exc:
+                if attempt == 0 and await self._cut_stream():
+                    continue  # QEMU hung on a silent stream: cut, it fails the migration and answers
+                log.error("the guard could not resume the guest: %s", exc)
+                return
+
+    async def _cut_stream(self) -> int:
+        """Cut QEMU's connection to the migration's stream endpoint (see :mod:`hikkoshi.vm.tcp_sockets`);
+        how many connections were cut."""
+        qemu, stream = self.qemu, self.stream
+        if qemu is None or qemu.qemu is None or stream is None:
+            return 0
+        cut = await asyncio.to_thread(tcp_sockets.cut_to, qemu.qemu.pid, stream)
+        if cut:
+            log.warning("QEMU hung on the migration stream to %s: cut %d connection(s)", stream, cut)
+        return cut
 
     # --- rehome (storage migration) ------------------------------------------------------------------------
 
@@ -594,7 +618,15 @@ class Supervisor:
                 self.guard = self.guard.arm(a.migration, time.monotonic(), a.timeout)
             except GuardRefused as exc:
                 raise ControlError(str(exc)) from None
+            if a.stream is not None:
+                self.stream = a.stream
             return {"guard": self.guard.state.value}
+
+        @verb("migration-cut-stream", MigrationArgs, "QEMU hangs on the stream: cut it (not committed only)")
+        async def migration_cut_stream(a: MigrationArgs) -> dict[str, int]:
+            if self.guard.migration != a.migration or self.guard.state == GuardState.COMMITTED:
+                raise ControlError("not this host's uncommitted migration: its stream is not cut")
+            return {"cut": await self._cut_stream()}
 
         @verb("migration-commit", MigrationArgs, "the destination may run: the source never runs again")
         def migration_commit(a: MigrationArgs) -> dict[str, str]:

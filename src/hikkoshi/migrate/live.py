@@ -412,7 +412,10 @@ class LiveMigration(Job):
         """Keep the source supervisor's guard armed while the stream runs (it stops when we do)."""
         assert self.source is not None
         source, migration = self.source, self.record.id
-        await source.ctl("migration-arm", migration=migration, timeout=GUARD_SECONDS)
+        # Where the stream goes (``tcp:HOST:PORT``): the supervisor cuts that connection if QEMU hangs
+        # on it (see hikkoshi.vm.tcp_sockets).
+        stream = {"stream": self.record.facts.stream[4:]} if self.record.facts.stream else {}
+        await source.ctl("migration-arm", migration=migration, timeout=GUARD_SECONDS, **stream)
 
         async def renew() -> None:
             while True:
@@ -690,7 +693,15 @@ class LiveMigration(Job):
         return not self.src_home.is_running()
 
     async def _undo_source(self, src: VmSide) -> None:
-        info = await qm.query(src)
+        try:
+            info = await qm.query(src)
+        except SideError:
+            # QEMU does not answer: it may hang on a stream gone silent (the link cut at the switchover);
+            # cut that connection (it then fails the migration) and ask again.
+            got = await src.ctl("migration-cut-stream", migration=self.record.id)
+            if not got.get("cut"):
+                raise
+            info = await qm.query(src)
         if info.status in qm.CANCELLABLE:
             await qm.cancel(src)
             await qm.wait(src, qm.TERMINAL, 30)
