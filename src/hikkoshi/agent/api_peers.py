@@ -182,6 +182,12 @@ def peer_router(agent: Agent) -> APIRouter:
         await inc.resume(name, peer, body.token if body else None)
         return Response(status_code=204)
 
+    @router.post("/v1/incoming/{name}/committed", status_code=204)
+    async def incoming_committed(name: VmName, peer: Peer) -> Response:
+        """The migration committed here, but the VM died before it resumed: it may be started here."""
+        await inc.committed(name, peer)
+        return Response(status_code=204)
+
     @router.post("/v1/incoming/{name}/announce", status_code=204)
     async def incoming_announce(name: VmName, peer: Peer) -> Response:
         """The VM's NICs announce their MACs from here."""

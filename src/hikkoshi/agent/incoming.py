@@ -355,6 +355,14 @@ class Incoming:
         detail = {**self.detail(row), "resumed": True}
         self.db.set_vm(vm, row["datastore"], row.get("uuid"), INCOMING, json.dumps(detail))
 
+    async def committed(self, vm: str, peer: str) -> None:
+        """The migration committed to this host and the VM died before it resumed: like a resumed one,
+        it is this host's to start again (see AgentHost.protect). Repeating it is harmless."""
+        self._coming(vm, peer)  # NotFound unless it comes in from ``peer``
+        row = self._row(vm)
+        detail = {**self.detail(row), "resumed": True}
+        self.db.set_vm(vm, row["datastore"], row.get("uuid"), INCOMING, json.dumps(detail))
+
     async def announce(self, vm: str, peer: str) -> None:
         """The VM's NICs announce their MACs from here."""
         await self._side(self._arrived(vm, peer).announce())

@@ -173,6 +173,9 @@ class RemoteDestination(Destination):
     async def resume(self, token: int | None = None) -> None:
         await self._call("POST", "/resume", json={"token": token})
 
+    async def committed(self) -> None:
+        await self._call("POST", "/committed")
+
     async def announce(self) -> None:
         await self._call("POST", "/announce")
 

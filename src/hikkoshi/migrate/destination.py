@@ -150,6 +150,11 @@ class Destination(abc.ABC):
         there, when a cluster records it (the destination checks it before it lets the guest run)."""
 
     @abc.abstractmethod
+    async def committed(self) -> None:
+        """The migration committed to the destination, whose VM died before it resumed: it may be
+        started there again (an agent refuses to start a VM still coming in until told so)."""
+
+    @abc.abstractmethod
     async def announce(self) -> None:
         """The VM's NICs announce their MACs from there."""
 
@@ -348,6 +353,9 @@ class LocalDestination(Destination):
 
     async def set_patience(self, seconds: float | None) -> None:
         await self.side().disks("patience", seconds=seconds)
+
+    async def committed(self) -> None:
+        return None  # on this host no agent guards the incoming VM: nothing to tell
 
     async def resume(self, token: int | None = None) -> None:
         await self.side().ctl("resume")

@@ -589,7 +589,16 @@ class LiveMigration(Job):
 
     async def _resume(self) -> None:
         if not await self.target.is_running():
-            raise SideError("the destination VM is gone after the commit point; its source stays stopped")
+            # Committed: the VM is the destination's, whatever became of its QEMU there. The job waits
+            # until it is started there again (then carries on), and tells the destination it may be
+            # (found by the fault campaign: B's QEMU killed at resume-destination ended the migration
+            # "failed", and B refused to start a VM "coming in").
+            await self.target.committed()
+            raise SideError(
+                "the destination VM is gone after the commit point; its source stays stopped: start it "
+                f"again on the destination ({self.target.home_path}) to carry on",
+                transient=True,
+            )
         # The ledger's word first (a cluster's owner key moves to the destination), then the destination
         # resumes with the token it got: an unreachable ledger makes the job wait, never go back.
         token = await self.request.ledger.record_commit(self.record)
