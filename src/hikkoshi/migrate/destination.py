@@ -25,7 +25,7 @@ from hikkoshi.migrate import qmp_migration as qm
 from hikkoshi.migrate.disk_pull import pull_disk
 from hikkoshi.migrate.home_files import copy_home_files
 from hikkoshi.migrate.precheck import Side
-from hikkoshi.migrate.sides import SideError, VmSide
+from hikkoshi.migrate.sides import ServiceDown, SideError, VmSide
 from hikkoshi.vm.disk_serving import DiskPlan, Holder
 from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.host import host_facts, qemu_version, space
@@ -379,8 +379,13 @@ class LocalDestination(Destination):
         if self.home.is_running() and self.home.read_state().get("nbd_control"):
             # Precopy's mirror target, a holder's listener for the host the VM came from: all closed.
             # A disk service being restarted (killed past the commit) is waited for: the migration is
-            # done, and its end must not fail on the moment the service was away.
-            await self.side().disks_patiently("unlisten", all=True)
+            # done, and its end must not fail on the moment the service was away. A VM whose QEMU died
+            # meanwhile took its disk service along: nothing listens any more.
+            try:
+                await self.side().disks_patiently("unlisten", all=True)
+            except ServiceDown:
+                if self.home.is_running():
+                    raise
         # The start facts (geometry, migration) served their purpose; relocations keep their entries.
         plan = self.home.load_disk_plan()
         self.home.save_disk_plan(plan.model_copy(update={"geometry": {}, "migration": None}))

@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hikkoshi import __version__
 from hikkoshi.aio import background, unwrapped
@@ -589,16 +589,7 @@ class LiveMigration(Job):
 
     async def _resume(self) -> None:
         if not await self.target.is_running():
-            # Committed: the VM is the destination's, whatever became of its QEMU there. The job waits
-            # until it is started there again (then carries on), and tells the destination it may be
-            # (found by the fault campaign: B's QEMU killed at resume-destination ended the migration
-            # "failed", and B refused to start a VM "coming in").
-            await self.target.committed()
-            raise SideError(
-                "the destination VM is gone after the commit point; its source stays stopped: start it "
-                f"again on the destination ({self.target.home_path}) to carry on",
-                transient=True,
-            )
+            await self._destination_gone()
         # The ledger's word first (a cluster's owner key moves to the destination), then the destination
         # resumes with the token it got: an unreachable ledger makes the job wait, never go back.
         token = await self.request.ledger.record_commit(self.record)
@@ -608,13 +599,39 @@ class LiveMigration(Job):
             crashpoints.reached("migrate-ledger-committed")  # tests: committed everywhere, not resumed
         if (await self.target.vm_status()).get("state") == "running":
             return  # resumed before a job died
-        await self.target.resume(self.record.facts.fencing_token)
+        try:
+            await self.target.resume(self.record.facts.fencing_token)
+        except SideError as exc:
+            if exc.transient or await self._destination_qemu_alive():
+                raise
+            await self._destination_gone()
         now = time.monotonic()
         with contextlib.suppress(SideError):
             await self._final_figures()  # after the resume: never on the guest's time
         if self._t_stop:
             self.report.setdefault("switchover", {})["gap_ms"] = round((now - self._t_stop) * 1000, 2)
         self.report["time_to_destination_s"] = round(now - self.t0, 3)
+
+    async def _destination_gone(self) -> NoReturn:
+        """Committed, and the destination's QEMU died before it resumed: the VM is the destination's all
+        the same. The job waits until it is started there again (then carries on), and tells the
+        destination it may be (found by the fault campaign: B's QEMU killed at resume-destination ended
+        the migration "failed", and B refused to start a VM "coming in")."""
+        await self.target.committed()
+        raise SideError(
+            "the destination VM is gone after the commit point; its source stays stopped: start it "
+            f"again on the destination ({self.target.home_path}) to carry on",
+            transient=True,
+        )
+
+    async def _destination_qemu_alive(self) -> bool:
+        """Whether the destination VM's QEMU is there (its supervisor may outlive it a moment)."""
+        if not await self.target.is_running():
+            return False
+        try:
+            return (await self.target.vm_status()).get("qemu_pid") is not None
+        except SideError:
+            return False  # not known to be there: waited for (it is the destination's either way)
 
     async def _final_figures(self) -> None:
         """QEMU announces ``completed`` before it fills in the downtime and total time: ask again."""
@@ -670,6 +687,7 @@ class LiveMigration(Job):
                 await self._undo_source(src)
             except SideError as exc:
                 if await self._source_crashed(src):
+                    await self._undo_source_disks()
                     # Its QEMU died (the guest crashed, or was killed) before any commit: the VM is
                     # stopped where it belongs, which is all a rollback could make of it. Counting
                     # this as a rollback problem ended the record "failed", saying nowhere where the
@@ -679,6 +697,8 @@ class LiveMigration(Job):
                     )
                 else:
                     problems.append(str(exc))
+        elif self.src_home.path.exists():  # its supervisor is gone: nothing runs to undo, only the plan
+            await asyncio.to_thread(self.src_home.forget_listeners, self.record.id)
         if self.record.facts.destination_takes_back:
             await self.target.abort_take_back()
         elif self.record.facts.destination_home_created:
@@ -700,6 +720,17 @@ class LiveMigration(Job):
                 pass  # on its way out
             await asyncio.sleep(0.2)
         return not self.src_home.is_running()
+
+    async def _undo_source_disks(self) -> None:
+        """A source whose QEMU died: its disk service stops serving the destination (the rollback's
+        disk part), and a service gone with its supervisor leaves nothing in the disk plan that a start
+        would open again (found by the fault campaign: the export's listener and disks.json left on A
+        after a rollback, and listening again at the next start)."""
+        if self.spec is not None:
+            with contextlib.suppress(SideError):
+                await self.strategy.rollback(self.ctx)
+        if not self.src_home.is_running() and self.src_home.path.exists():
+            await asyncio.to_thread(self.src_home.forget_listeners, self.record.id)
 
     async def _undo_source(self, src: VmSide) -> None:
         try:

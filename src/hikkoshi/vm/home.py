@@ -154,6 +154,16 @@ class VmHome:
         except ValidationError as exc:
             raise VmStartError(f"disk plan {self.disk_plan_file} is not valid: {exc}") from None
 
+    def forget_listeners(self, migration: str) -> None:
+        """Drop from the disk plan the listeners opened for ``migration`` (its disk service gone: they
+        must not open again when the VM starts)."""
+        if not self.disk_plan_file.exists():
+            return
+        plan = self.load_disk_plan()
+        kept = tuple(x for x in plan.listeners if x.migration != migration)
+        if kept != plan.listeners:
+            self.save_disk_plan(plan.with_listeners(kept))
+
     def save_disk_plan(self, plan: DiskPlan) -> None:
         """Write the plan atomically; a plan of plain files without start facts is no plan at all."""
         if plan.all_files and not plan.geometry and plan.migration is None and not plan.listeners:
