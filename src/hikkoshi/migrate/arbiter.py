@@ -6,8 +6,9 @@ destination never did. The destination runs only after the source supervisor *co
 after. So a job taken over after a crash decides from the record and from the two sides:
 
 - the record says committed, or the source supervisor does: forward (resume the destination), or wait
-  while the destination cannot be reached; if the destination's VM is gone, nobody can know whether it
-  ran, so nothing is resumed and the record says so (failed, for a person);
+  while the destination cannot be reached. If the destination's VM is gone (its QEMU died), the VM is
+  the destination's all the same: forward, and the job waits until it is started there again (it may
+  have run, so the source never runs again; it keeps serving the disks the destination needs);
 - not committed and the source's QEMU lives: back (the destination never ran);
 - not committed and the source's QEMU is gone: the destination is the only copy of the guest if its
   stream completed: forward; else the guest is lost with the source's QEMU (back: clean up).
@@ -73,8 +74,9 @@ def decide(record_committed: bool, source: SourceView, dest: DestinationView) ->
             return Decision(Way.WAIT, "committed, and the destination cannot be reached: waiting for it")
         if not dest.exists:
             return Decision(
-                Way.FAILED,
-                "committed, but the destination's VM is gone: it may have run, so the source stays stopped",
+                Way.FORWARD,
+                "committed, and the destination's VM is gone: it is the VM all the same (the source stays "
+                "stopped); started there again, it carries on",
             )
         return Decision(Way.FORWARD, "committed: the destination runs the VM")
     if source.qemu_alive:
