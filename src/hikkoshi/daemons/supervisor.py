@@ -356,6 +356,12 @@ class Supervisor:
                         self._last_outcome = await self.qemu.wait()
                         await self.qemu.close()
                         self.qemu = None
+                        if not self.stopping and self.guard.state == GuardState.COMMITTED:
+                            # Past the commit the guest is the destination's, and so are these disks
+                            # until it releases them: a QEMU dying here must not take them away (found
+                            # by the fault campaign: the source's QEMU killed at storage-post ended its
+                            # supervisor, and the post-copy guest waited on its disk for good).
+                            self.serving_others = True
                         if self.stopping or not self.serving_others:
                             break
                         self._enter(State.SERVING, qemu_pid=None, taps={}, incoming=False)
@@ -648,6 +654,13 @@ class Supervisor:
 
         @verb("hand-off", NoArgs, "after a completed migration: QEMU quits, the disks stay served")
         async def hand_off(_a: NoArgs) -> dict[str, bool]:
+            child = None if self.qemu is None else self.qemu.qemu
+            if self.guard.state == GuardState.COMMITTED and (child is None or not child.running):
+                # QEMU died past the commit: nothing to hand off, the disks stay served all the same
+                # (see _life). Repeating a hand-off is harmless too.
+                self.serving_others = True
+                self._changed.set()
+                return {"handed_off": True}
             qemu = self._qemu()
             try:
                 run_state = await qemu.status()
