@@ -654,28 +654,26 @@ class Supervisor:
 
         @verb("hand-off", NoArgs, "after a completed migration: QEMU quits, the disks stay served")
         async def hand_off(_a: NoArgs) -> dict[str, bool]:
-            child = None if self.qemu is None else self.qemu.qemu
-            if self.guard.state == GuardState.COMMITTED and (child is None or not child.running):
-                # QEMU died past the commit: nothing to hand off, the disks stay served all the same
-                # (see _life). Repeating a hand-off is harmless too.
-                self.serving_others = True
-                self._changed.set()
-                return {"handed_off": True}
-            qemu = self._qemu()
-            try:
-                run_state = await qemu.status()
-                if run_state not in ("postmigrate", "finish-migrate"):
+            if self.guard.state != GuardState.COMMITTED:
+                raise ControlError("the migration was not committed here; refusing to hand off")
+            qemu = self.qemu
+            if qemu is not None and qemu.qemu is not None and qemu.qemu.running:
+                try:
+                    run_state: str | None = await qemu.status()
+                except QmpCommandError:
+                    run_state = None  # QEMU on its way out (or deaf): past the commit, it goes either way
+                if run_state not in (None, "postmigrate", "finish-migrate", "exited"):
                     raise ControlError(f"QEMU is {run_state}, not migrated out; refusing to hand off")
-                if self.guard.state != GuardState.COMMITTED:
-                    raise ControlError("the migration was not committed here; refusing to hand off")
-                self.serving_others = True
-            except QmpCommandError as exc:
-                raise ControlError(str(exc)) from None
-            # Quit, and SIGKILL a QEMU that does not: committed and migrated out, it holds nothing the
-            # guest needs, but it may hang on a disk target gone with the link (precopy's mirror into
-            # the destination; found by the fault campaign: the link cut at storage-post left a second
-            # QEMU of the VM, and the migration "failed", after "QMP quit: no answer within 30 s").
-            await qemu.stop(grace=10.0, hard=True)
+            # Past the commit the disks are the destination's to read until it releases them, whatever
+            # became of QEMU here (it may have died: see _life). Repeating a hand-off is harmless.
+            self.serving_others = True
+            if qemu is not None and qemu.qemu is not None:
+                # Quit, and SIGKILL a QEMU that does not: committed and migrated out, it holds nothing
+                # the guest needs, but it may hang on a disk target gone with the link (precopy's mirror
+                # into the destination; found by the fault campaign: the link cut at storage-post left a
+                # second QEMU of the VM, and the migration "failed", after "QMP quit: no answer").
+                await qemu.stop(grace=10.0, hard=True)
+            self._changed.set()
             return {"handed_off": True}
 
         @verb("release", NoArgs, "serving only: stop serving the disks and exit")
