@@ -27,6 +27,7 @@ from hikkoshi.vm.errors import DatastoreError, VmError
 from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.host import host_facts, qemu_version, space
 from hikkoshi.vm.host_policy import HostPolicy
+from hikkoshi.vm.procs import alive
 from hikkoshi.vm.spec import VmSpec, parse_spec
 
 if TYPE_CHECKING:
@@ -318,6 +319,11 @@ class Host:
         with self.busy(name):
             if self.cluster is not None:
                 await self.cluster.ensure_owner(spec)  # owned here, by the current token
+            qemu_pid = home.read_state().get("qemu_pid") if home.is_running() else None
+            if detail and home.is_running() and not (isinstance(qemu_pid, int) and alive(qemu_pid)):
+                # An incoming VM whose QEMU died: its supervisor ends a moment later (found by the fault
+                # campaign: "running already" when started again right after B's QEMU was killed).
+                await asyncio.to_thread(control.wait_stopped, home, 15.0)
             await asyncio.to_thread(
                 control.start_vm,
                 home,

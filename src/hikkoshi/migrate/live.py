@@ -597,8 +597,14 @@ class LiveMigration(Job):
             self.record.facts.fencing_token = token
             self._save()
             crashpoints.reached("migrate-ledger-committed")  # tests: committed everywhere, not resumed
-        if (await self.target.vm_status()).get("state") == "running":
-            return  # resumed before a job died
+        try:
+            state = (await self.target.vm_status()).get("state")
+        except SideError as exc:
+            if exc.transient:
+                raise
+            await self._destination_gone()  # its supervisor ending, or starting again: waited for
+        if state == "running":
+            return  # resumed before a job died (or started again there)
         try:
             await self.target.resume(self.record.facts.fencing_token)
         except SideError as exc:
