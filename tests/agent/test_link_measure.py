@@ -10,11 +10,13 @@ from hikkoshi.agent.link_measure import connect_rtt_ms, stream_bandwidth
 
 
 def test_stream_bandwidth_from_the_report() -> None:
-    info = {"ram": {"mbps": 800.0}, "total-time": 1500, "setup-time": 20}
+    info = {"ram": {"mbps": 800.0, "transferred": 64 << 20}, "total-time": 1500, "setup-time": 20}
     assert stream_bandwidth({"migrate_info": info}) == 100e6
     assert stream_bandwidth({}) is None
-    assert stream_bandwidth({"migrate_info": {**info, "total-time": 100}}) is None  # too short to tell
-    assert stream_bandwidth({"migrate_info": {**info, "ram": {"mbps": 0}}}) is None
+    assert stream_bandwidth({"migrate_info": {**info, "total-time": 30}}) is None  # too short to tell
+    small = {**info, "ram": {"mbps": 800.0, "transferred": 1 << 20}}
+    assert stream_bandwidth({"migrate_info": small}) is None  # too little
+    assert stream_bandwidth({"migrate_info": {**info, "ram": {"mbps": 0, "transferred": 64 << 20}}}) is None
     assert stream_bandwidth({"migrate_info": {**info, "ram": {"mbps": "fast"}}}) is None
 
 

@@ -18,8 +18,9 @@ from hikkoshi.cluster.models import LinkRecord
 
 log = logging.getLogger("hikkoshi.agent")
 
-#: Streams shorter than this say more about their start than about the link.
-MIN_TRANSFER_MS = 200
+#: Streams shorter or smaller than this say more about their start than about the link.
+MIN_TRANSFER_MS = 20
+MIN_TRANSFER_BYTES = 4 << 20
 
 
 def stream_bandwidth(report: dict[str, Any]) -> float | None:
@@ -30,7 +31,10 @@ def stream_bandwidth(report: dict[str, Any]) -> float | None:
     mbps = ram.get("mbps")
     total = info.get("total-time") or 0
     setup = info.get("setup-time") or 0
+    moved = ram.get("transferred") or 0
     if not isinstance(mbps, int | float) or mbps <= 0 or total - setup < MIN_TRANSFER_MS:
+        return None
+    if not isinstance(moved, int) or moved < MIN_TRANSFER_BYTES:
         return None
     return float(mbps) * 1e6 / 8
 

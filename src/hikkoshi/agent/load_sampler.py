@@ -25,6 +25,7 @@ from hikkoshi.agent.load_window import DatastoreLatency, LoadWindow, Raw
 from hikkoshi.migrate import qmp_migration as qm
 from hikkoshi.migrate.sides import SideError, VmSide
 from hikkoshi.nbd.control import ControlError, control_request
+from hikkoshi.vm.errors import VmError
 from hikkoshi.vm.home import VmHome
 from hikkoshi.vm.spec import VmSpec
 
@@ -132,8 +133,8 @@ class LoadSampler:
             try:
                 state = home.read_state()
                 spec = home.load_spec()
-            except (OSError, ValueError):
-                continue
+            except (OSError, ValueError, VmError):
+                continue  # a home leaving (a migration's clean-up) or not readable: not sampled now
             uuid = str(spec.uuid)
             pid = state.get("qemu_pid")
             if not pid or not home.is_running():
