@@ -148,10 +148,6 @@ def test_spread_by_drs_apply(capsys: CapSys, cluster: Cluster) -> None:
     report = as_json(capsys, c, "migrations", "show", done[0]["id"])["agent"]["record"]["report"]
     assert report["predicted"]["total_time_ms"] > 0 and report["predicted"]["bytes"] > 0, report
     assert report["elapsed_s"] > 0
-    # The migrations measured the link within the site: the next prediction rests on it.
-    other = next(h for h in ("alpha", "beta", "gamma") if h != where["s1"])
-    after = as_json(capsys, c, "migrate", "s1", "--to", other, "--dry-run")
-    assert after["assumptions"]["link"] == "measured" and after["assumptions"]["link_rtt_ms"] > 0, after
 
 
 def test_anti_affinity_separates(capsys: CapSys, cluster: Cluster) -> None:

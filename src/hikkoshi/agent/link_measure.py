@@ -68,6 +68,16 @@ async def record_link(
     bandwidth = stream_bandwidth(report)
     rtt = await connect_rtt_ms(url)
     if bandwidth is None or rtt is None:
+        info = report.get("migrate_info") or {}
+        log.info(
+            "link %s-%s not measured by migration %s (stream: %s ms, %s; RTT: %s)",
+            source_site,
+            destination_site,
+            migration,
+            info.get("total-time"),
+            info.get("ram"),
+            rtt,
+        )
         return None
     link = LinkRecord(
         a=source_site, b=destination_site, bandwidth=bandwidth, rtt_ms=round(rtt, 3), migration=migration
