@@ -43,7 +43,6 @@ from bench.agent_hosts import AgentHost, make_token
 from bench.busy_guest import BusyGuest
 from bench.host_census import kill_vm_processes
 from bench.run_nbd import DEFAULT_OUTPUT_DIR, DEFAULT_WORKDIR, log, machine_facts, write_results
-from hikkoshi.agent.drs_prediction import forecast
 from hikkoshi.agent.drs_read import read_state
 from hikkoshi.cluster.config import EtcdConfig
 from hikkoshi.cluster.etcd_process import EtcdMember, MemberSpec, free_ports
@@ -160,7 +159,7 @@ class Bench:
     async def _forecast(self, vm: str, target: str, storage: str) -> dict[str, Any]:
         async with Store(self._etcd()) as store:
             state = await read_state(store)
-        got = forecast(state.snapshot, vm, target, storage, observations=state.observations)
+        got = state.forecast(vm, target, storage)
         if isinstance(got, str):
             raise RuntimeError(f"no prediction: {got}")
         return got.to_json()

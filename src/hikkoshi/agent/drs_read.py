@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hikkoshi.agent.drs_prediction import Forecast, forecast
 from hikkoshi.agent.drs_snapshot import ClusterVm, snapshot
 from hikkoshi.cluster.drs_records import DrsRecords
 from hikkoshi.cluster.host_view import HostView
@@ -33,6 +34,18 @@ class ClusterState:
 
     def host(self, name: str) -> HostView | None:
         return next((h for h in self.hosts if h.info.name == name), None)
+
+    def forecast(self, vm: str, target: str, storage: str, max_downtime_ms: int = 300) -> Forecast | str:
+        """The prediction of moving ``vm`` to ``target`` from these figures, calibrated on these
+        observations (:func:`hikkoshi.agent.drs_prediction.forecast`), or why there is none."""
+        return forecast(
+            self.snapshot,
+            vm,
+            target,
+            storage,
+            max_downtime_ms=max_downtime_ms,
+            observations=self.observations,
+        )
 
     def datastore_name(self, host: str, uuid: str) -> str | None:
         """The name ``host`` gives the datastore ``uuid``."""

@@ -306,7 +306,7 @@ class Jobs:
     ) -> dict[str, Any] | None:
         """What the migration is predicted to cost (the report shows it beside what happened): from the
         cluster's figures when in one, else from the VM's size over the default LAN."""
-        from hikkoshi.agent.drs_prediction import alone, forecast
+        from hikkoshi.agent.drs_prediction import alone
         from hikkoshi.agent.drs_read import read_state
 
         cluster = self.host.cluster
@@ -314,14 +314,7 @@ class Jobs:
         try:
             if cluster is not None and cluster.online and cluster.store is not None:
                 state = await read_state(cluster.store, cluster.keys)
-                got = forecast(
-                    state.snapshot,
-                    spec.name,
-                    target,
-                    storage,
-                    max_downtime_ms=body.max_downtime_ms,
-                    observations=state.observations,
-                )
+                got = state.forecast(spec.name, target, storage, max_downtime_ms=body.max_downtime_ms)
                 if not isinstance(got, str):
                     # The inputs go with the report: once done, the migration is an observation.
                     return {**got.predicted.to_json(), "calibrated_on": got.assumptions["calibrated_on"],
@@ -417,12 +410,12 @@ class Jobs:
                     job.route = route
                 await self._run_job(state, job.run(), home)
             if clustered is not None and isinstance(job, LiveMigration) and job.record.phase == Phase.DONE:
-                await self._measured_link(job, client.url, peer_site)
+                await self._keep_measurements(job, client.url, peer_site)
         finally:
             state.running = False  # also when the routes could not be set up
             await client.aclose()
 
-    async def _measured_link(self, job: LiveMigration, url: str, peer_site: str) -> None:
+    async def _keep_measurements(self, job: LiveMigration, url: str, peer_site: str) -> None:
         """Keep what the migration measured for the next prediction: the link, and the migration as an
         observation to calibrate on (never a reason to fail a migration that is done)."""
         cluster = self.host.cluster

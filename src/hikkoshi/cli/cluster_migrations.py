@@ -66,19 +66,11 @@ def migrate_command(args: argparse.Namespace) -> int:
 
 async def dry_run(store: Store, args: argparse.Namespace) -> int:
     """``migrate VM --to HOST --dry-run``: the prediction, from the cluster's figures; nothing moves."""
-    from hikkoshi.agent.drs_prediction import forecast
     from hikkoshi.agent.drs_read import read_state
 
     await source_for(store, args)
     state = await read_state(store)
-    got = forecast(
-        state.snapshot,
-        args.name,
-        args.to,
-        args.storage,
-        max_downtime_ms=args.max_downtime,
-        observations=state.observations,
-    )
+    got = state.forecast(args.name, args.to, args.storage, max_downtime_ms=args.max_downtime)
     if isinstance(got, str):
         raise CommandError(got)
     if args.json:

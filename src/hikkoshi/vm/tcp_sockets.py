@@ -34,8 +34,12 @@ class Connection:
 
     def endpoint(self) -> str:
         """The remote end as ``host:port`` (``[v6]:port``)."""
-        host = f"[{self.remote}]" if ":" in self.remote else self.remote
-        return f"{host}:{self.remote_port}"
+        return _join(self.remote, self.remote_port)
+
+
+def _join(host: str, port: int | str) -> str:
+    """``host:port``, an IPv6 host in brackets (as ``ss`` and :class:`Connection` write it)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -99,12 +103,8 @@ def connections(pid: int) -> list[Connection]:
 
 def cut(connection: Connection) -> bool:
     """Destroy ``connection`` at the kernel (``ss -K``); whether ``ss`` said it did."""
-
-    def end(host: str, port: int) -> str:
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-    argv = ["ss", "-K", "-t", "-n", "src", end(connection.local, connection.local_port)]
-    argv += ["dst", end(connection.remote, connection.remote_port)]
+    argv = ["ss", "-K", "-t", "-n", "src", _join(connection.local, connection.local_port)]
+    argv += ["dst", connection.endpoint()]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
@@ -129,4 +129,4 @@ def _normal(endpoint: str) -> str:
         host = str(ip)
     except ValueError:
         pass
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return _join(host, port)
