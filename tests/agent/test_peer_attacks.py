@@ -277,6 +277,11 @@ def test_an_incoming_migration_under_attack(
                 assert r.status_code in (404, 409, 422), (method, url, r.status_code, r.text)
         assert not mark.exists() and not (tmp / "stolen.raw").exists()
         # The memory stream: TLS, or nothing (this host encrypts).
+        # "Committed" is for a migration whose VM died here before it resumed: not a live one, not another.
+        r = alpha.post(f"{base}/committed", json={"migration": MIGRATION})
+        assert r.status_code == 409 and "resumed, not started again" in r.text, r.text
+        assert alpha.post(f"{base}/committed", json={"migration": "ffff"}).status_code == 409
+        assert mallory.post(f"{base}/committed", json={"migration": MIGRATION}).status_code == 404
         assert alpha.post(f"{base}/stream", json={"tls": False}).status_code == 409
         assert alpha.post(f"{base}/stream", json={"tls": True}).status_code == 204
         where = alpha.post(f"{base}/stream/listen").json()

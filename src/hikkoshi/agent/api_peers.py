@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from hikkoshi.agent.errors import Problem
 from hikkoshi.agent.models import (
+    CommittedBody,
     DiskListen,
     IncomingDisks,
     IncomingFacts,
@@ -183,9 +184,9 @@ def peer_router(agent: Agent) -> APIRouter:
         return Response(status_code=204)
 
     @router.post("/v1/incoming/{name}/committed", status_code=204)
-    async def incoming_committed(name: VmName, peer: Peer) -> Response:
+    async def incoming_committed(name: VmName, body: CommittedBody, peer: Peer) -> Response:
         """The migration committed here, but the VM died before it resumed: it may be started here."""
-        await inc.committed(name, peer)
+        await inc.committed(name, peer, body.migration, body.token)
         return Response(status_code=204)
 
     @router.post("/v1/incoming/{name}/announce", status_code=204)

@@ -355,13 +355,34 @@ class Incoming:
         detail = {**self.detail(row), "resumed": True}
         self.db.set_vm(vm, row["datastore"], row.get("uuid"), INCOMING, json.dumps(detail))
 
-    async def committed(self, vm: str, peer: str) -> None:
+    async def committed(self, vm: str, peer: str, migration: str, token: int | None = None) -> None:
         """The migration committed to this host and the VM died before it resumed: like a resumed one,
-        it is this host's to start again (see AgentHost.protect). Repeating it is harmless."""
-        self._coming(vm, peer)  # NotFound unless it comes in from ``peer``
+        it is this host's to start again (see AgentHost.protect). Repeating it is harmless.
+
+        Only for the migration that brings it, only once its QEMU is gone (a live one is resumed,
+        not started again), and in a cluster only with the owner key naming this host."""
+        target = self._coming(vm, peer)  # NotFound unless it comes in from ``peer``
+        if self._migration(vm) != migration:
+            raise Conflict(f"VM {vm!r} comes in by another migration than {migration}")
+        if self.host.cluster is not None:
+            await self.host.cluster.check_token(target.home.load_spec(), token)
         row = self._row(vm)
+        if self.detail(row).get("resumed"):
+            return  # said before (a job taken over says it again), or resumed here
+        if await self._qemu_answers(target):
+            raise Conflict(f"VM {vm!r}: its QEMU runs here: it is resumed, not started again")
         detail = {**self.detail(row), "resumed": True}
         self.db.set_vm(vm, row["datastore"], row.get("uuid"), INCOMING, json.dumps(detail))
+
+    @staticmethod
+    async def _qemu_answers(target: LocalDestination) -> bool:
+        """Whether the VM's supervisor answers with a QEMU (one starting or ending is not known to run)."""
+        if not await target.is_running():
+            return False
+        try:
+            return bool((await target.vm_status()).get("qemu_pid"))
+        except SideError:
+            return False
 
     async def announce(self, vm: str, peer: str) -> None:
         """The VM's NICs announce their MACs from here."""

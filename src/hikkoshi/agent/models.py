@@ -307,3 +307,10 @@ class ResumeBody(_Body):
     """Resume an incoming VM: the fencing token of its ownership here (a cluster's owner key)."""
 
     token: int | None = Field(default=None, ge=0)
+
+
+class CommittedBody(_Body):
+    """The migration (by id) committed to this host; in a cluster, with the owner key's token."""
+
+    migration: MigrationId
+    token: int | None = Field(default=None, ge=0)

@@ -173,8 +173,8 @@ class RemoteDestination(Destination):
     async def resume(self, token: int | None = None) -> None:
         await self._call("POST", "/resume", json={"token": token})
 
-    async def committed(self) -> None:
-        await self._call("POST", "/committed")
+    async def committed(self, migration: str, token: int | None = None) -> None:
+        await self._call("POST", "/committed", json={"migration": migration, "token": token})
 
     async def announce(self) -> None:
         await self._call("POST", "/announce")

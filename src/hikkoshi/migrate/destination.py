@@ -150,9 +150,10 @@ class Destination(abc.ABC):
         there, when a cluster records it (the destination checks it before it lets the guest run)."""
 
     @abc.abstractmethod
-    async def committed(self) -> None:
-        """The migration committed to the destination, whose VM died before it resumed: it may be
-        started there again (an agent refuses to start a VM still coming in until told so)."""
+    async def committed(self, migration: str, token: int | None = None) -> None:
+        """Migration ``migration`` committed to the destination (in a cluster: owner key ``token``),
+        whose VM died before it resumed: it may be started there again (an agent refuses to start a
+        VM still coming in until told so)."""
 
     @abc.abstractmethod
     async def announce(self) -> None:
@@ -354,7 +355,7 @@ class LocalDestination(Destination):
     async def set_patience(self, seconds: float | None) -> None:
         await self.side().disks("patience", seconds=seconds)
 
-    async def committed(self) -> None:
+    async def committed(self, migration: str, token: int | None = None) -> None:
         return None  # on this host no agent guards the incoming VM: nothing to tell
 
     async def resume(self, token: int | None = None) -> None:

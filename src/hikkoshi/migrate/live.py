@@ -623,7 +623,11 @@ class LiveMigration(Job):
         the same. The job waits until it is started there again (then carries on), and tells the
         destination it may be (found by the fault campaign: B's QEMU killed at resume-destination ended
         the migration "failed", and B refused to start a VM "coming in")."""
-        await self.target.committed()
+        try:
+            await self.target.committed(self.record.id, self.record.facts.fencing_token)
+        except SideError as exc:
+            # Refused while a QEMU there answers (started again meanwhile): the next round sees it run.
+            log.info("migration %s: the destination was not told it committed: %s", self.record.id, exc)
         raise SideError(
             "the destination VM is gone after the commit point; its source stays stopped: start it "
             f"again on the destination ({self.target.home_path}) to carry on",
