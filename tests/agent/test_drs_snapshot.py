@@ -79,6 +79,8 @@ def test_records_become_a_snapshot() -> None:
     s = snapshot(hosts, vms, rules)
     assert problems(s) == []
     assert [v.name for v in s.vms] == ["x", "z"]
+    # y is powered off: listed apart, with the host rules naming it (none here).
+    assert [(o.vm.name, o.vm.host, o.rules) for o in s.stopped] == [("y", "a", ())]
     x = s.vms[0]
     assert x.host == "a" and x.demand.cpu == (0.5, 0.5) and x.resident == 110 * MIB
     assert x.disks[0].datastore == "ds-a" and s.vms[1].demand.memory == (128 * MIB,)
@@ -155,6 +157,29 @@ def test_a_move_becomes_the_agent_request() -> None:
     assert request_of(state, stays) == ("/v1/vms/x/migrate", {"to": "b", "storage": "shared"})
     disk = Move("x", "a", "a", MoveKind.STORAGE, Why.SPACE, "r", datastore="ds-a")
     assert request_of(state, disk) == ("/v1/vms/x/storage-migrate", {"datastore": "main"})
+    cold = Move("x", "a", "b", MoveKind.OFFLINE, Why.MAINTENANCE, "r", datastore="ds-b")
+    assert request_of(state, cold) == (
+        "/v1/vms/x/migrate",
+        {"to": "b", "mode": "offline", "datastore": "main"},
+    )
+
+
+def test_a_powered_off_vm_keeps_its_host_rules_and_leaves_a_host_in_maintenance() -> None:
+    hosts = [view("a", HostState.MAINTENANCE, vms={"u-y": "stopped"}), view("b"), view("far")]
+    rules = [
+        RuleRecord(name="pin", kind="run-on", vms=("y",), hosts=("far",)),
+        RuleRecord(name="pair", kind="affinity", vms=("y", "q")),
+    ]
+    s = snapshot(hosts, [cvm("y", "a")], rules)
+    assert problems(s) == [] and s.vms == () and s.rules == ()
+    ((off),) = s.stopped
+    assert [r.name for r in off.rules] == ["pin"]
+    p = plan(s)  # the planner balances running VMs only; maintenance (evacuate) moves this one
+    assert p.moves == ()
+    from hikkoshi.drs.maintenance import evacuate
+
+    (m,) = evacuate(s, ["a"]).moves
+    assert (m.vm, m.target, m.kind) == ("y", "far", MoveKind.OFFLINE)
 
 
 def test_datastore_latency_is_the_slowest_vm_per_sample() -> None:

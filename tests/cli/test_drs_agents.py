@@ -10,6 +10,7 @@ and sampling its VMs every second over a window of 5 samples; the tests run in o
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -176,13 +177,24 @@ def test_maintenance_empties_a_host(capsys: CapSys, cluster: Cluster) -> None:
     gamma = c.agents["gamma"]
     create_busy(gamma, "busy", run=7)
     sampled(c, ["busy"], samples=2)
+    # A powered-off VM leaves too (offline), its disk's bytes along.
+    ok(capsys, c, "vm", "create", "cold", "--host", "gamma", *SMALL_VM)
+    pattern = os.urandom(1 << 20)
+    with (gamma.datastores["main"] / "cold" / "disk0.raw").open("r+b") as f:
+        f.seek(4 << 20)
+        f.write(pattern)
     on_gamma = sorted(n for n, h in hosts_of(capsys, c).items() if h == "gamma")
-    assert "busy" in on_gamma
+    assert "busy" in on_gamma and "cold" in on_gamma
     r = hk(capsys, c, "host", "maintenance", "gamma", "--enter")
     assert r.code == 0, r
-    assert "no VM runs on it" in r.out and "[1/" in r.out
+    assert "no VM is on it" in r.out and "[1/" in r.out
     where = hosts_of(capsys, c)
     assert all(where[n] != "gamma" for n in on_gamma), where
+    assert not (gamma.datastores["main"] / "cold").exists()
+    with (c.agents[str(where["cold"])].datastores["main"] / "cold" / "disk0.raw").open("rb") as f:
+        f.seek(4 << 20)
+        assert f.read(1 << 20) == pattern
+    ok(capsys, c, "vm", "delete", "cold", "--yes")
     assert {h["name"]: h["state"] for h in as_json(capsys, c, "host", "list")}["gamma"] == "maintenance"
     # Nothing is placed on it meanwhile, and the guest kept writing: it verifies its disk where it is.
     placed = ok(capsys, c, "vm", "create", "later", *SMALL_VM)
@@ -234,6 +246,16 @@ def test_automatic_planner_repairs_a_rule(capsys: CapSys, cluster: Cluster) -> N
     ok(capsys, c, "rule", "add", "pin", "--vm-host", "s2", "--hosts", target, "--must")
     wait_for("s2 moved by the automatic planner", lambda: hosts_of(capsys, c)["s2"] == target, timeout=180)
     assert "automatic DRS is off" in ok(capsys, c, "drs", "auto", "off")
+    # The run that moved it is recorded in etcd: what it saw, the move, the schedule it was handed to.
+    runs = as_json(capsys, c, "drs", "history")
+    moved = [(r, m) for r in runs for m in r["moves"] if m["vm"] == "s2"]
+    assert moved, runs
+    run, move = moved[0]
+    assert run["leader"] in c.agents and run["level"] == 1
+    assert (move["source"], move["target"], move["why"]) == (source, target, "rule") and move["schedule"]
+    schedules = {s["id"]: s for s in as_json(capsys, c, "schedule", "list")}
+    assert any(schedules[m["schedule"]]["state"] == "done" for _, m in moved), (moved, schedules)
+    assert f"s2: {source} -> {target} (migrate, rule; schedule" in ok(capsys, c, "drs", "history")
     ok(capsys, c, "rule", "delete", "pin")
 
 

@@ -8,9 +8,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hikkoshi.cli.drs_tables import move_line, parse_time, plan_lines, rule_lines, schedule_lines
+from hikkoshi.cli.drs_tables import (
+    history_lines,
+    move_line,
+    parse_time,
+    plan_lines,
+    rule_lines,
+    schedule_lines,
+)
 from hikkoshi.cli.rules import rule_from
-from hikkoshi.cluster.models import RuleRecord, ScheduleRecord
+from hikkoshi.cluster.models import DrsRunRecord, RuleRecord, RunMove, ScheduleRecord
 from hikkoshi.drs.plan import Move, MoveKind, Plan, Why
 
 
@@ -81,3 +88,46 @@ def test_lines() -> None:
         in schedule_lines([s.model_copy(update={"state": "done", "migration": "m1", "runner": "a"})])[1]
     )
     assert schedule_lines([]) == ["no scheduled migrations"]
+    storage = ScheduleRecord(id="st", vm="web", to="a", at=0.0, kind="storage", datastore="fast")
+    assert schedule_lines([storage], now=40.0)[1].split()[2] == "a:fast"
+
+
+def test_history_lines() -> None:
+    assert history_lines([]) == ["no automatic DRS runs recorded"]
+    handed = RunMove(
+        vm="web", source="a", target="b", kind="migrate", why="rule", reason="pinned", schedule="s1"
+    )
+    skipped = RunMove(
+        vm="db",
+        source="a",
+        target="c",
+        kind="storage",
+        why="space",
+        reason="full",
+        note="c names no datastore x",
+    )
+    run = DrsRunRecord(
+        id="1-a", at=0.0, leader="a", level=2, imbalance_before=0.3, imbalance_after=0.1, threshold=0.15,
+        moves=(handed, skipped), notes=("could not repair x",),
+    )  # fmt: skip
+    lines = history_lines([run, run.model_copy(update={"moves": (), "notes": ()})])
+    assert lines[0] == (
+        "1970-01-01 00:00:00 UTC  a  level 2: imbalance 0.300 (tolerance 0.150) -> 0.100, 2 move(s)"
+    )
+    assert lines[1] == "  web: a -> b (migrate, rule; schedule s1): pinned"
+    assert lines[2] == "  db: a -> c (storage, space; not run: c names no datastore x): full"
+    assert lines[3] == "  note: could not repair x" and lines[4].endswith(", no moves")
+
+
+def test_a_schedule_becomes_the_agents_own_typed_request() -> None:
+    from hikkoshi.agent.drs_service import DrsService
+
+    go = ScheduleRecord(id="a", vm="web", to="b", at=0.0, storage="shared")
+    assert DrsService._request(go) == ("/v1/vms/web/migrate", {"to": "b", "storage": "shared"})
+    along = go.model_copy(update={"storage": "hybrid", "datastore": "big"})
+    assert DrsService._request(along) == (
+        "/v1/vms/web/migrate",
+        {"to": "b", "storage": "hybrid", "datastore": "big"},
+    )
+    disks = go.model_copy(update={"kind": "storage", "to": "a", "datastore": "fast"})
+    assert DrsService._request(disks) == ("/v1/vms/web/storage-migrate", {"datastore": "fast"})

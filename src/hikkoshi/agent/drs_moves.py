@@ -46,10 +46,14 @@ class Carried:
 
 def request_of(state: ClusterState, move: Move) -> tuple[str, dict[str, object]]:
     """The agent API path and body that start ``move``."""
+    body: dict[str, object]
     if move.kind is MoveKind.STORAGE:
         store = state.datastore_name(move.source, move.datastore or "") or ""
         return f"/v1/vms/{move.vm}/storage-migrate", {"datastore": store}
-    body: dict[str, object] = {"to": move.target, "storage": "shared" if move.datastore is None else "hybrid"}
+    if move.kind is MoveKind.OFFLINE:
+        body = {"to": move.target, "mode": "offline"}
+    else:
+        body = {"to": move.target, "storage": "shared" if move.datastore is None else "hybrid"}
     if move.datastore is not None:
         name = state.datastore_name(move.target, move.datastore)
         if name is not None:

@@ -17,8 +17,9 @@ from hikkoshi.cluster.observations import Observations
 from hikkoshi.cluster.ownership import Ownership
 from hikkoshi.cluster.store import Store
 from hikkoshi.drs.model import Limits, Snapshot
-from hikkoshi.migrate.observation import observed_of
-from hikkoshi.migrate.predict import Observed
+from hikkoshi.drs.policy import Policy
+from hikkoshi.migrate.observation import calibration_for, observed_of
+from hikkoshi.migrate.predict import Mode, Observed
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,12 @@ class ClusterState:
             max_downtime_ms=max_downtime_ms,
             observations=self.observations,
         )
+
+    def policy(self, level: int | None = None) -> Policy:
+        """The planner's policy at ``level`` (default: the cluster's), its migration costs calibrated on
+        the cluster's own completed migrations (the planner's storage mode's when there are enough)."""
+        calibration, _runs = calibration_for(self.observations, Mode.HYBRID)
+        return Policy(level=level or self.settings.level, calibration=calibration)
 
     def datastore_name(self, host: str, uuid: str) -> str | None:
         """The name ``host`` gives the datastore ``uuid``."""

@@ -7,7 +7,9 @@
   so it passes to another agent when this one goes) plans every ``interval`` seconds and hands each
   migration to the VM's owner as a schedule due now, which that host's agent runs as above. Agents
   never call each other's user routes (the token stays with people and scripts: issue 16), so the
-  leader starts nothing on other hosts itself; storage moves are left to ``drs apply``.
+  leader starts nothing on other hosts itself. Storage moves go the same way (a ``storage`` schedule:
+  the owner runs ``storage-migrate``). Each run is recorded in etcd (``drs-runs/``: the imbalance it
+  saw, its moves and the schedule each was handed to, its notes): ``hikkoshi drs history`` shows them.
 """
 
 from __future__ import annotations
@@ -21,14 +23,13 @@ from typing import TYPE_CHECKING
 from hikkoshi.agent.client import AgentClient, AgentError
 from hikkoshi.agent.drs_due import due_now
 from hikkoshi.agent.drs_moves import Connect, request_of
-from hikkoshi.agent.drs_read import read_state
+from hikkoshi.agent.drs_read import ClusterState, read_state
 from hikkoshi.cluster.drs_records import DrsRecords
 from hikkoshi.cluster.errors import ClusterError
-from hikkoshi.cluster.models import ScheduleRecord
+from hikkoshi.cluster.models import DrsRunRecord, RunMove, ScheduleRecord
 from hikkoshi.cluster.ownership import Ownership
-from hikkoshi.drs.plan import MoveKind
+from hikkoshi.drs.plan import Move, MoveKind
 from hikkoshi.drs.planner import plan
-from hikkoshi.drs.policy import Policy
 
 if TYPE_CHECKING:
     from hikkoshi.agent.cluster_member import ClusterMember
@@ -82,7 +83,7 @@ class DrsService:
         if owner is None or owner.host != self.name:
             return  # its owner runs it
         recurring = rec.window is not None
-        if recurring and rec.to == self.name:  # there already: this window's run has nothing to do
+        if recurring and rec.kind == "migrate" and rec.to == self.name:  # there already: nothing to do
             await records.update_schedule(rec, rev, last_run=time.time(), outcome="done", error=None)
             return
         stamp = time.time()
@@ -97,12 +98,22 @@ class DrsService:
         log.info("scheduled migration %s: %s to %s", rec.id, rec.vm, rec.to)
         try:
             async with self.connect(self.url) as client:
-                body = {"to": rec.to, "storage": rec.storage}
-                accepted = await client.post(f"/v1/vms/{rec.vm}/migrate", body)
+                path, body = self._request(rec)
+                accepted = await client.post(path, body)
         except AgentError as e:
             await self._settle(records, rec.id, **self._ended(rec, "failed"), error=e.detail)
             return
         await self._settle(records, rec.id, migration=accepted["id"])
+
+    @staticmethod
+    def _request(rec: ScheduleRecord) -> tuple[str, dict[str, object]]:
+        """The agent's own typed route and body that start ``rec`` (never a path etcd names)."""
+        if rec.kind == "storage":
+            return f"/v1/vms/{rec.vm}/storage-migrate", {"datastore": rec.datastore}
+        body: dict[str, object] = {"to": rec.to, "storage": rec.storage}
+        if rec.datastore is not None:
+            body["datastore"] = rec.datastore
+        return f"/v1/vms/{rec.vm}/migrate", body
 
     @staticmethod
     def _ended(rec: ScheduleRecord, how: str) -> dict[str, object]:
@@ -148,20 +159,47 @@ class DrsService:
             return
         self.next_run = now + settings.interval
         state = await read_state(records.store, records.keys, max_moves=settings.max_moves)
-        p = plan(state.snapshot, Policy(level=settings.level))
+        policy = state.policy(settings.level)
+        p = plan(state.snapshot, policy)
         self.runs += 1
         if not p.moves:
             log.info("automatic DRS: no moves (imbalance %.3f); %s", p.imbalance_before, "; ".join(p.notes))
-            return
+        handed: list[RunMove] = []
         for m in p.moves:
             log.info("automatic DRS: %s %s -> %s: %s", m.vm, m.source, m.target, m.reason)
-        for m in p.moves:
-            if m.kind is MoveKind.STORAGE:
-                log.info("automatic DRS: storage move of %s not applied (drs apply applies it)", m.vm)
-                continue
-            _path, body = request_of(state, m)
-            rec = await records.add_schedule(m.vm, m.target, time.time(), str(body["storage"]))
-            log.info("automatic DRS: %s -> %s handed to its owner (schedule %s)", m.vm, m.target, rec.id)
+            handed.append(await self._hand_over(records, state, m))
+        balance = policy.balance
+        run = DrsRunRecord(
+            id=f"{int(now * 1000):013d}-{self.name}"[:64],
+            at=now,
+            leader=self.name,
+            level=p.level,
+            imbalance_before=p.imbalance_before,
+            imbalance_after=p.imbalance_after,
+            threshold=balance.tolerance if balance is not None else 0.0,
+            moves=tuple(handed),
+            notes=p.notes,
+        )
+        await records.add_run(run)
+
+    async def _hand_over(self, records: DrsRecords, state: ClusterState, m: Move) -> RunMove:
+        """``m`` as a schedule due now, which the VM's owner runs; what became of it, for the run's record."""
+        _path, body = request_of(state, m)
+        datastore = body.get("datastore")
+        name = str(datastore) if datastore is not None else None
+        kind = "storage" if m.kind is MoveKind.STORAGE else "migrate"
+        what = RunMove(
+            vm=m.vm, source=m.source, target=m.target, kind=m.kind.value, why=m.why.value, reason=m.reason
+        )
+        if m.kind is MoveKind.OFFLINE:
+            return what.model_copy(update={"note": "a powered-off VM moves only by maintenance"})
+        if m.kind is MoveKind.STORAGE and name is None:
+            note = f"{m.target} names no datastore {m.datastore}"
+            return what.model_copy(update={"note": note})
+        storage = "shared" if m.kind is MoveKind.STORAGE else str(body["storage"])
+        rec = await records.add_schedule(m.vm, m.target, time.time(), storage, kind=kind, datastore=name)
+        log.info("automatic DRS: %s -> %s handed to its owner (schedule %s)", m.vm, m.target, rec.id)
+        return what.model_copy(update={"schedule": rec.id})
 
     # --- loops ---------------------------------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ turned into a :class:`hikkoshi.drs.model.Snapshot`. Pure.
   publishes it (the highest of the hosts that use it); from a host that publishes none, the slowest
   of its VMs' p99 (which bounds the p90 from above).
 - Only running VMs whose owner is up or in maintenance are the planner's; a VM's disks are on the
-  datastore its owner says (else the one its record names, else the owner's first).
+  datastore its owner says (else the one its record names, else the owner's first). Powered-off VMs
+  are listed apart (``Snapshot.stopped``, with their host rules): maintenance moves them, nothing else.
 - A rule keeps the VMs of it that are in the snapshot (a stopped VM is placed when it starts).
 - Links are what the last migration between two sites measured (``links/``); sites get an assumed
   one between them (``WAN``) where none was measured yet, and a site's own network is the policy's LAN
@@ -25,12 +26,24 @@ from dataclasses import dataclass
 from hikkoshi.cluster.host_view import HostState as ClusterHostState
 from hikkoshi.cluster.host_view import HostView
 from hikkoshi.cluster.models import LinkRecord, RuleRecord, VmLoad
-from hikkoshi.drs.model import Datastore, Demand, Host, HostState, Limits, Link, Snapshot, Vm, VmDisk
+from hikkoshi.drs.model import (
+    Datastore,
+    Demand,
+    Host,
+    HostState,
+    Limits,
+    Link,
+    Snapshot,
+    StoppedVm,
+    Vm,
+    VmDisk,
+)
 from hikkoshi.drs.rules import Rule, RuleKind, Strength
 
 WAN = (12.5e6, 50.0)
 """Bandwidth (bytes/s) and RTT (ms) assumed between two sites (100 Mbit/s, 50 ms)."""
 RUNNING = "running"
+STOPPED = "stopped"
 
 
 @dataclass(frozen=True)
@@ -164,20 +177,25 @@ def snapshot(
     """The cluster as the planner sees it (see the module's docstring)."""
     by_name = {h.info.name: h for h in hosts}
     out_vms: list[Vm] = []
+    off: list[Vm] = []
     for vm in sorted(vms, key=lambda v: v.name):
         owner = by_name.get(vm.owner or "")
         if owner is None or owner.status is None:
             continue
-        if owner.status.vms.get(vm.uuid) != RUNNING:
-            continue
-        out_vms.append(vm_of(vm, owner, owner.status.vm_loads.get(vm.uuid)))
+        state = owner.status.vms.get(vm.uuid)
+        if state == RUNNING:
+            out_vms.append(vm_of(vm, owner, owner.status.vm_loads.get(vm.uuid)))
+        elif state == STOPPED:
+            off.append(vm_of(vm, owner, None))
     known = {v.name for v in out_vms}
     host_names = set(by_name)
     out_rules = []
-    for r in rules:
-        rule = rule_of(r.model_copy(update={"hosts": tuple(h for h in r.hosts if h in host_names)}), known)
+    stored = [r.model_copy(update={"hosts": tuple(h for h in r.hosts if h in host_names)}) for r in rules]
+    for r in stored:
+        rule = rule_of(r, known)
         if rule is not None and (rule.hosts or rule.kind in (RuleKind.AFFINITY, RuleKind.ANTI_AFFINITY)):
             out_rules.append(rule)
+    stopped = tuple(StoppedVm(v, _host_rules(stored, v.name)) for v in off)
     sites = sorted({h.info.site for h in hosts})
     known_sites = set(sites)
     got = {
@@ -194,4 +212,15 @@ def snapshot(
         links=links,
         rules=tuple(out_rules),
         limits=limits or Limits(),
+        stopped=stopped,
     )
+
+
+def _host_rules(rules: Iterable[RuleRecord], vm: str) -> tuple[Rule, ...]:
+    """The run-on and not-run-on rules naming ``vm`` (over the hosts the cluster knows)."""
+    out = []
+    for r in rules:
+        rule = rule_of(r, {vm})
+        if rule is not None and rule.hosts:
+            out.append(rule)
+    return tuple(out)

@@ -50,12 +50,11 @@ async def chosen_host(store: Store, args: argparse.Namespace) -> HostView:
     """The host ``vm create`` goes to: ``--host``, else DRS placement's choice (said, with why)."""
     from hikkoshi.agent.drs_read import read_state
     from hikkoshi.drs.placement import place
-    from hikkoshi.drs.policy import Policy
 
     if args.host is not None:
         return await host_named(store, args.host)
     state = await read_state(store)
-    got = place(state.snapshot, wanted_vm(args), Policy(level=state.settings.level))
+    got = place(state.snapshot, wanted_vm(args), state.policy())
     view = state.host(got.host) if got.host is not None else None
     if view is None:
         raise CommandError(f"no host can take VM {args.name!r}: {got.reason}")

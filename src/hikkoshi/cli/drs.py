@@ -1,11 +1,12 @@
-"""`hikkoshi --etcd URL drs plan|apply|auto`: DRS recommendations, carried out through the cluster's
-migration jobs (and their limits), and the automatic planner's switch.
+"""`hikkoshi --etcd URL drs plan|apply|auto|history`: DRS recommendations, carried out through the
+cluster's migration jobs (and their limits), the automatic planner's switch and what it did.
 
 ``drs plan [--level N] [--json]`` shows what the planner recommends now and why (nothing moves);
 ``drs apply`` plans the same way and carries the moves out, showing each as it goes; ``drs auto on|off``
 turns the automatic planner on or off (``--interval S``, ``--level N``): an agent elected through an
-etcd lease plans and applies every ``S`` seconds. Exit status: 0 done (or nothing to do), 1 a move
-failed, 2 refused, 3 etcd unreachable.
+etcd lease plans and applies every ``S`` seconds; ``drs history`` shows its recent runs (the imbalance
+each saw, its moves and the schedule each was handed to, or why it did nothing). Exit status: 0 done
+(or nothing to do), 1 a move failed, 2 refused, 3 etcd unreachable.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def add_parser(top: Any) -> None:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=needs_etcd, via_cluster=apply_command)
+    p = sub.add_parser("history", help="what the automatic planner's recent runs saw and handed on")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=needs_etcd, via_cluster=history_command)
     p = sub.add_parser("auto", help="turn the automatic planner on or off (no argument: show it)")
     p.add_argument("switch", nargs="?", choices=("on", "off"))
     p.add_argument("--interval", type=float, metavar="S", help="seconds between runs (default 300)")
@@ -48,10 +52,9 @@ def add_parser(top: Any) -> None:
 async def plan_of(store: Store, level: int | None) -> tuple[ClusterState, Any]:
     from hikkoshi.agent.drs_read import read_state
     from hikkoshi.drs.planner import plan
-    from hikkoshi.drs.policy import Policy
 
     state = await read_state(store)
-    return state, plan(state.snapshot, Policy(level=level or state.settings.level))
+    return state, plan(state.snapshot, state.policy(level))
 
 
 def plan_command(args: argparse.Namespace) -> int:
@@ -119,4 +122,20 @@ def auto_command(args: argparse.Namespace) -> int:
     if args.interval is not None and args.interval <= 0:
         print("hikkoshi drs auto: --interval must be positive", file=sys.stderr)
         return 2
+    return with_store(args, go)
+
+
+def history_command(args: argparse.Namespace) -> int:
+    from hikkoshi.cli.cluster_session import print_json, with_store
+    from hikkoshi.cli.drs_tables import history_lines
+    from hikkoshi.cluster.drs_records import DrsRecords
+
+    async def go(store: Store) -> int:
+        runs = await DrsRecords(store).runs()
+        if args.json:
+            print_json([r.model_dump(mode="json") for r in runs])
+        else:
+            print("\n".join(history_lines(runs)))
+        return 0
+
     return with_store(args, go)

@@ -1,4 +1,5 @@
-"""DRS as text for a terminal: plans, moves as they are carried out, rules, schedules. Pure."""
+"""DRS as text for a terminal: plans, moves as they are carried out, rules, schedules, the automatic
+planner's runs. Pure."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from hikkoshi.cluster.models import RuleRecord, ScheduleRecord
+from hikkoshi.cluster.models import DrsRunRecord, RuleRecord, ScheduleRecord
 from hikkoshi.drs.plan import Move, Plan
 
 
@@ -77,8 +78,26 @@ def schedule_lines(schedules: Sequence[ScheduleRecord], now: float | None = None
             else " " + ",".join(("mon", "tue", "wed", "thu", "fri", "sat", "sun")[d] for d in s.days)
         )
         at = f"window {s.window} {s.tz}{days}" if s.window is not None else when(s.at)
-        rows.append((s.id, s.vm, s.to, at, s.state, detail or "-"))
+        to = f"{s.to}:{s.datastore}" if s.kind == "storage" else s.to
+        rows.append((s.id, s.vm, to, at, s.state, detail or "-"))
     return _table(("ID", "VM", "TO", "AT", "STATE", "DETAIL"), rows)
+
+
+def history_lines(runs: Sequence[DrsRunRecord]) -> list[str]:
+    """The automatic planner's runs, oldest first: when, who, the imbalance, each move and its schedule."""
+    if not runs:
+        return ["no automatic DRS runs recorded"]
+    lines = []
+    for r in runs:
+        head = f"{when(r.at)}  {r.leader}  level {r.level}: imbalance {r.imbalance_before:.3f}"
+        head += f" (tolerance {r.threshold:.3f})"
+        head += f" -> {r.imbalance_after:.3f}, {len(r.moves)} move(s)" if r.moves else ", no moves"
+        lines.append(head)
+        for m in r.moves:
+            how = f"schedule {m.schedule}" if m.schedule else f"not run: {m.note}"
+            lines.append(f"  {m.vm}: {m.source} -> {m.target} ({m.kind}, {m.why}; {how}): {m.reason}")
+        lines += [f"  note: {n}" for n in r.notes]
+    return lines
 
 
 def parse_time(text: str, now: float) -> float:

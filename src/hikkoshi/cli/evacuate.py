@@ -1,7 +1,8 @@
-"""``host maintenance HOST --enter``'s evacuation: every running VM leaves the host, spread over the
-others by the planner's placement (:func:`hikkoshi.drs.maintenance.evacuate`), each move a cluster
-migration job within the limits, shown as it goes. A VM that cannot go anywhere stops it before anything
-moves, with the reason; the host stays marked (nothing new is placed on it) until ``--exit``."""
+"""``host maintenance HOST --enter``'s evacuation: every VM leaves the host (running ones live, then
+powered-off ones offline), spread over the others by the planner's placement
+(:func:`hikkoshi.drs.maintenance.evacuate`), each move a cluster migration job within the limits, shown
+as it goes. A VM that cannot go anywhere stops it before anything moves, with the reason; the host stays
+marked (nothing is placed on it) until ``--exit``."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ async def evacuate(store: Store, args: argparse.Namespace) -> int:
     from hikkoshi.cli.cluster_session import print_json
     from hikkoshi.cli.drs_carry import carry_out
     from hikkoshi.drs.maintenance import evacuate as plan_evacuation
-    from hikkoshi.drs.policy import Policy
 
     host = args.name
     done: list[dict[str, Any]] = []
@@ -29,7 +29,7 @@ async def evacuate(store: Store, args: argparse.Namespace) -> int:
     failed = False
     for _ in range(ROUNDS):
         state = await read_state(store)
-        ev = plan_evacuation(state.snapshot, [host], Policy(level=state.settings.level))
+        ev = plan_evacuation(state.snapshot, [host], state.policy())
         if ev.blocked is not None:
             blocked = ev.blocked
             break
@@ -42,7 +42,8 @@ async def evacuate(store: Store, args: argparse.Namespace) -> int:
         if any(not c.ok for c in carried):
             failed = True
             break
-    left = sorted(v.name for v in (await read_state(store)).snapshot.vms if v.host == host)
+    after = (await read_state(store)).snapshot
+    left = sorted(v.name for v in (*after.vms, *(x.vm for x in after.stopped)) if v.host == host)
     if args.json:
         print_json({"host": host, "moves": done, "complete": not left, "blocked": blocked, "left": left})
     elif blocked is not None:
@@ -51,7 +52,7 @@ async def evacuate(store: Store, args: argparse.Namespace) -> int:
             f"host {host!r} is marked in maintenance (nothing is placed on it); VMs left: {', '.join(left)}"
         )
     elif left:
-        print(f"host {host!r} is in maintenance but VMs still run on it: {', '.join(left)}")
+        print(f"host {host!r} is in maintenance but VMs are still on it: {', '.join(left)}")
     else:
-        print(f"host {host!r} is in maintenance: no VM runs on it")
+        print(f"host {host!r} is in maintenance: no VM is on it")
     return 1 if blocked is not None or failed or left else 0

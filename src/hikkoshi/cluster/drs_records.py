@@ -1,5 +1,5 @@
-"""DRS's records in etcd: placement rules, scheduled migrations, the automatic planner's settings and
-its leader. Reads and writes only; what they mean is the planner's (:mod:`hikkoshi.drs`).
+"""DRS's records in etcd: placement rules, scheduled migrations, the automatic planner's settings, its
+leader and what its runs did. Reads and writes only; what they mean is the planner's (:mod:`hikkoshi.drs`).
 
 A scheduled migration runs once even with several agents up: an agent starts it only after a
 transaction moved it from ``pending`` to ``started`` at the revision it read (whoever loses the race
@@ -14,11 +14,13 @@ import uuid as uuidlib
 
 from hikkoshi.cluster import txn as t
 from hikkoshi.cluster.keys import Keys, segment
-from hikkoshi.cluster.models import DrsSettings, RuleRecord, ScheduleRecord
+from hikkoshi.cluster.models import DrsRunRecord, DrsSettings, RuleRecord, ScheduleRecord
 from hikkoshi.cluster.store import Store
 
 FINAL = frozenset({"done", "failed", "cancelled"})
 """Schedule states that never change again."""
+KEEP_RUNS = 50
+"""Automatic planner runs kept (the oldest dropped): at the default interval, about four hours."""
 
 
 class DrsRecords:
@@ -55,7 +57,15 @@ class DrsRecords:
         window: str | None = None,
         days: tuple[int, ...] = (),
         tz: str = "UTC",
+        kind: str = "migrate",
+        datastore: str | None = None,
     ) -> ScheduleRecord:
+        """``kind`` ``migrate``: the VM goes to host ``to`` (disks to ``datastore`` there, if named);
+        ``storage``: its disks go to ``datastore`` of its host ``to``."""
+        if kind not in ("migrate", "storage"):
+            raise ValueError(f"a schedule migrates a VM or its storage, not {kind!r}")
+        if kind == "storage" and not datastore:
+            raise ValueError("a storage schedule names the datastore its disks go to")
         state = "recurring" if window else "pending"
         rec = ScheduleRecord(
             id=uuidlib.uuid4().hex[:12],
@@ -67,6 +77,8 @@ class DrsRecords:
             days=days,
             tz=tz,
             state=state,
+            kind=kind,
+            datastore=datastore,
         )
         await self.store.put(self.keys.schedule(rec.id), rec.to_bytes())
         return rec
@@ -106,6 +118,27 @@ class DrsRecords:
             if done is not None:
                 return done
         return f"schedule {schedule_id} keeps changing; try again"
+
+    # --- the automatic planner's runs ----------------------------------------------------------------------
+
+    async def add_run(self, run: DrsRunRecord) -> None:
+        """Keep ``run``; drop the oldest beyond :data:`KEEP_RUNS`."""
+        await self.store.put(self.keys.drs_run(run.id), run.to_bytes())
+        got = await self.store.get_prefix(self.keys.drs_runs, keys_only=True)
+        if len(got.kvs) > KEEP_RUNS:
+            for kv in sorted(got.kvs, key=lambda kv: kv.create_revision)[: len(got.kvs) - KEEP_RUNS]:
+                await self.store.delete(kv.key)
+
+    async def runs(self) -> list[DrsRunRecord]:
+        """The kept runs, oldest first (unreadable ones skipped)."""
+        got = await self.store.get_prefix(self.keys.drs_runs)
+        out = []
+        for kv in sorted(got.kvs, key=lambda kv: kv.create_revision):
+            try:
+                out.append(DrsRunRecord.from_bytes(kv.value))
+            except ValueError:
+                continue
+        return out
 
     # --- settings and leader -------------------------------------------------------------------------------
 

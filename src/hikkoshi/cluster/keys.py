@@ -19,6 +19,7 @@ Under one root (``/hikkoshi`` by default; tests use a root of their own):
 | ``schedules/<id>`` | :class:`ScheduleRecord`: a migration at a time, and what became of it | none |
 | ``drs`` | :class:`DrsSettings`: the automatic planner's switch, level, interval | none |
 | ``leader/drs`` | the host running the automatic planner (text) | the leader's |
+| ``drs-runs/<id>`` | :class:`DrsRunRecord`: an automatic planner run: what it saw, what it handed on | none |
 | ``links/<site>,<site>`` | :class:`LinkRecord`: two sites' link as a migration measured it | none |
 | ``observations/<id>`` | :class:`ObservationRecord`: a done migration's inputs and figures | none |
 
@@ -159,6 +160,13 @@ class Keys:
     @property
     def drs_leader(self) -> str:
         return f"{self.root}/leader/drs"
+
+    @property
+    def drs_runs(self) -> str:
+        return self._p("drs-runs")
+
+    def drs_run(self, run_id: str) -> str:
+        return self.drs_runs + segment(run_id, "run id")
 
     # links
     @property

@@ -234,6 +234,8 @@ class ScheduleRecord(Record):
     tz: str = Field(default="UTC", description="the window's time zone (IANA name)")
     state: str = Field(default="pending", description="pending, started, done, failed, cancelled; recurring")
     storage: str = "hybrid"
+    kind: str = Field(default="migrate", description="migrate (to a host) or storage (to a datastore)")
+    datastore: str | None = Field(default=None, description="the datastore (name, on the host) disks go to")
     runner: str | None = Field(default=None, description="the host that ran it (last)")
     migration: str | None = Field(default=None, description="the (last) migration's id once started")
     outcome: str | None = Field(default=None, description="a window's last run: started, done, failed")
@@ -241,6 +243,33 @@ class ScheduleRecord(Record):
     error: str | None = None
     created_at: float = Field(default_factory=now)
     updated_at: float = Field(default_factory=now)
+
+
+class RunMove(Record):
+    """One move of an automatic DRS run, and the schedule that carries it out."""
+
+    vm: str
+    source: str
+    target: str
+    kind: str = Field(description="migrate, storage or offline")
+    why: str
+    reason: str
+    schedule: str | None = Field(default=None, description="the schedule it was handed to (None: not run)")
+    note: str | None = None
+
+
+class DrsRunRecord(Record):
+    """What one run of the automatic planner saw and did (kept: the last ``drs_records.KEEP_RUNS``)."""
+
+    id: str
+    at: float = Field(default_factory=now)
+    leader: str
+    level: int
+    imbalance_before: float
+    imbalance_after: float
+    threshold: float
+    moves: tuple[RunMove, ...] = ()
+    notes: tuple[str, ...] = ()
 
 
 class DrsSettings(Record):

@@ -10,7 +10,16 @@ from hikkoshi.drs import load
 from hikkoshi.drs.model import Host, Snapshot, Vm
 from hikkoshi.drs.policy import Policy
 from hikkoshi.migrate.convergence import build_schedule
-from hikkoshi.migrate.predict import Disk, Link, Migration, Mode, Prediction, predict, predict_disk_move
+from hikkoshi.migrate.predict import (
+    Disk,
+    Link,
+    Migration,
+    Mode,
+    Prediction,
+    predict,
+    predict_cold,
+    predict_disk_move,
+)
 
 
 class Costs:
@@ -54,6 +63,10 @@ class Costs:
         if found is None:
             found = self._cache[key] = predict(self.inputs(vm, src, dst, moving), self.policy.calibration)
         return found
+
+    def cold(self, vm: Vm, src: Host, dst: Host) -> Prediction:
+        """Powered-off ``vm`` from ``src`` to ``dst``: every disk copied over the link."""
+        return predict_cold(sum(d.allocated for d in vm.disks), self.link(src.site, dst.site))
 
     def disk_move(self, vm: Vm, sources: frozenset[str], rate: float) -> Prediction:
         """``vm``'s disks on ``sources`` copied to another datastore of its host at ``rate``."""

@@ -5,7 +5,8 @@ each to the host that fits it and is least loaded once it is there, in its own s
 fits, else another; should rules are broken only when nothing else fits, and the move says so. Because
 every placement counts the ones before it, the VMs spread instead of following each other to the host
 that was emptiest at the start. A VM that cannot go anywhere, or whose migration would not converge,
-stops the evacuation: the host cannot be emptied, and the reason says why.
+stops the evacuation: the host cannot be emptied, and the reason says why. Powered-off VMs leave
+too, after the running ones (:mod:`hikkoshi.drs.stopped`), by offline migrations.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from hikkoshi.drs.placement import Choice, choose, summarise
 from hikkoshi.drs.plan import Move, Why
 from hikkoshi.drs.policy import Policy
 from hikkoshi.drs.state import State, Unit
+from hikkoshi.drs.stopped import stopped_moves
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,12 @@ def evacuate(snap: Snapshot, hosts: Iterable[str], policy: Policy | None = None)
         hosts=tuple(replace(h, state=HostState.MAINTENANCE) if h.name in leaving else h for h in snap.hosts),
     )
     state = State(snap, policy)
-    moves, blocked = evacuation_moves(state, Costs(snap, policy), names)
+    costs = Costs(snap, policy)
+    moves, blocked = evacuation_moves(state, costs, names)
+    if blocked is None:
+        # Running VMs first (they need the room most); then the powered-off ones, where they may start.
+        off, blocked = stopped_moves(state, costs, snap.stopped, names)
+        moves += off
     peak = max((state.load[h] for h in state.balanced), default=0.0)
     return Evacuation(names, tuple(moves), blocked is None, blocked, peak)
 

@@ -156,6 +156,16 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class StoppedVm:
+    """A powered-off VM registered on a host: no load, outside balancing; a host entering maintenance
+    sends it away all the same (an offline migration), where it may start again."""
+
+    vm: Vm
+    rules: tuple[Rule, ...] = ()
+    """The run-on and not-run-on rules naming it (where it may start); VM-VM rules count once it runs."""
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """The whole cluster at one moment."""
 
@@ -165,6 +175,8 @@ class Snapshot:
     links: tuple[Link, ...] = ()
     rules: tuple[Rule, ...] = ()
     limits: Limits = field(default_factory=Limits)
+    stopped: tuple[StoppedVm, ...] = ()
+    """Powered-off VMs (maintenance moves them; nothing else does)."""
 
 
 def problems(s: Snapshot) -> list[str]:
@@ -181,7 +193,14 @@ def problems(s: Snapshot) -> list[str]:
     ):
         if len(names) != count:
             out.append(f"duplicate {kind} names")
-    for v in s.vms:
+    off = [x.vm.name for x in s.stopped]
+    if len(set(off)) != len(off) or vms & set(off):
+        out.append("duplicate VM names (a powered-off VM is also listed running, or twice)")
+    for x in s.stopped:
+        out += [
+            f"rule {r.name} of powered-off VM {x.vm.name} is not a host rule" for r in x.rules if not r.hosts
+        ]
+    for v in (*s.vms, *(x.vm for x in s.stopped)):
         if v.host not in hosts:
             out.append(f"VM {v.name} is on unknown host {v.host}")
         out += [

@@ -13,6 +13,8 @@ class MoveKind(enum.StrEnum):
     """The VM goes to another host (its disks along when that host does not see them)."""
     STORAGE = "storage"
     """The VM stays; its disks go to another datastore the host sees (``storage-migrate``)."""
+    OFFLINE = "offline"
+    """A powered-off VM goes to another host, its disks along (an offline migration)."""
 
 
 class Why(enum.StrEnum):

@@ -392,6 +392,34 @@ def predict(m: Migration, cal: Calibration = DEFAULT_CALIBRATION) -> Prediction:
     )
 
 
+COLD_CALLS = 12
+"""Round trips of an offline migration besides the copy (precheck, home files, export, commit, cleanup)."""
+
+
+def predict_cold(allocated: int, link: Link) -> Prediction:
+    """A powered-off VM moved to another host (an offline migration): its home files and its disks'
+    allocated bytes pulled once over ``link``; no guest runs, so nothing is dirtied and nothing stops."""
+    if allocated < 0:
+        raise ValueError("a disk size is non-negative")
+    seconds = allocated / link.bandwidth + COLD_CALLS * link.rtt_ms / 1000
+    return Prediction(
+        total_time_ms=seconds * 1000,
+        downtime_ms=0.0,
+        bytes=allocated,
+        time_to_destination_ms=seconds * 1000,
+        converges=True,
+        rounds=0,
+        finish=Finish.PRECOPY,
+        memory_bytes=0,
+        disk_bytes=allocated,
+        downtime_limit_ms=0,
+        throttle_percent=0,
+        explanation=(
+            f"powered off: {_size(allocated)} of disk copied at {_rate(link.bandwidth)}: {seconds:.1f} s"
+        ),
+    )
+
+
 def predict_disk_move(allocated: int, write_rate: float, bandwidth: float) -> Prediction:
     """A disk moved to another datastore of the same host (``storage-migrate``, mirror mode): one pass
     while the guest's writes behind the cursor go to both files; no memory moves, the guest never stops

@@ -178,7 +178,6 @@ class EtcdSource:
     async def _plan(self) -> tuple[Any, Any]:
         from hikkoshi.agent.drs_read import read_state
         from hikkoshi.drs.planner import plan
-        from hikkoshi.drs.policy import Policy
 
         store = await self._etcd()
         try:
@@ -186,7 +185,7 @@ class EtcdSource:
         except ClusterError as exc:
             raise SourceError(502, f"etcd: {exc}") from None
         try:
-            return state, plan(state.snapshot, Policy(level=state.settings.level))
+            return state, plan(state.snapshot, state.policy())
         except ValueError as exc:
             raise SourceError(409, str(exc)) from None
 
