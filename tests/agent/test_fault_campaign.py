@@ -21,11 +21,7 @@ pytestmark = pytest.mark.skipif(
 
 
 #: Misses known and not fixed yet (docs/BENCHMARKS.md, "Faults"): any other miss fails the test.
-KNOWN_OPEN = {
-    # QEMU 7.2 corrupts its heap when the rollback force-cancels a write-blocking mirror whose NBD
-    # target is unreachable while guest writes are in flight: the guest is lost.
-    "precopy/memory-precopy/cut": "QEMU 7.2: active mirror cancelled with its target blackholed",
-}
+KNOWN_OPEN: dict[str, str] = {}
 
 
 @pytest.mark.slow

@@ -138,10 +138,19 @@ class GuardArgs(Args):
         default=None, max_length=300, pattern=r"^[A-Za-z0-9.:\[\]-]+:[0-9]{1,5}$", description="host:port"
     )
     """Where QEMU sends the migration stream: the connection cut if QEMU hangs on it."""
+    mirror: str | None = Field(
+        default=None, max_length=300, pattern=r"^[A-Za-z0-9.:\[\]-]+:[0-9]{1,5}$", description="host:port"
+    )
+    """Where precopy's disk mirrors write (the destination's disk listener): cut the same way."""
 
 
 class MigrationArgs(Args):
     migration: str = Field(min_length=1, max_length=64)
+
+
+class MirrorCutArgs(MigrationArgs):
+    target: str = Field(max_length=300, pattern=r"^[A-Za-z0-9.:\[\]-]+:[0-9]{1,5}$", description="host:port")
+    """The mirrors' target: QEMU's own connections to it are cut."""
 
 
 # --- prechecks ---------------------------------------------------------------------------------------------
@@ -199,6 +208,8 @@ class Supervisor:
         self.serving_others = serving
         #: The migration stream's endpoint (host:port) of the outgoing migration the guard watches.
         self.stream: str | None = None
+        #: The disk mirrors' target (host:port) of that migration (precopy), cut with the stream.
+        self.mirror: str | None = None
         self.released = False
         self.stopping = False
         self.requests: asyncio.Queue[StopRequest] = asyncio.Queue()
@@ -468,14 +479,21 @@ class Supervisor:
                 return
 
     async def _cut_stream(self) -> int:
-        """Cut QEMU's connection to the migration's stream endpoint (see :mod:`hikkoshi.vm.tcp_sockets`);
-        how many connections were cut."""
-        qemu, stream = self.qemu, self.stream
-        if qemu is None or qemu.qemu is None or stream is None:
+        """Cut QEMU's connections to the migration's endpoints, its stream and its disk mirrors' target
+        (see :mod:`hikkoshi.vm.tcp_sockets`): a write-blocking mirror whose target went silent hangs
+        QEMU's main loop as a stream does, and force-cancelling it with writes in flight corrupts QEMU
+        7.2's heap (found by the fault campaign). How many connections were cut."""
+        qemu = self.qemu
+        if qemu is None or qemu.qemu is None:
             return 0
-        cut = await asyncio.to_thread(tcp_sockets.cut_to, qemu.qemu.pid, stream)
-        if cut:
-            log.warning("QEMU hung on the migration stream to %s: cut %d connection(s)", stream, cut)
+        cut = 0
+        for what, endpoint in (("disk mirror", self.mirror), ("migration stream", self.stream)):
+            if endpoint is None:
+                continue
+            n = await asyncio.to_thread(tcp_sockets.cut_to, qemu.qemu.pid, endpoint)
+            if n:
+                log.warning("QEMU hung on the %s to %s: cut %d connection(s)", what, endpoint, n)
+            cut += n
         return cut
 
     # --- rehome (storage migration) ------------------------------------------------------------------------
@@ -626,13 +644,27 @@ class Supervisor:
                 raise ControlError(str(exc)) from None
             if a.stream is not None:
                 self.stream = a.stream
+            if a.mirror is not None:
+                self.mirror = a.mirror
             return {"guard": self.guard.state.value}
 
-        @verb("migration-cut-stream", MigrationArgs, "QEMU hangs on the stream: cut it (not committed only)")
+        @verb("migration-cut-stream", MigrationArgs, "QEMU hangs on the migration: cut stream and mirrors")
         async def migration_cut_stream(a: MigrationArgs) -> dict[str, int]:
             if self.guard.migration != a.migration or self.guard.state == GuardState.COMMITTED:
                 raise ControlError("not this host's uncommitted migration: its stream is not cut")
             return {"cut": await self._cut_stream()}
+
+        @verb("mirror-cut", MirrorCutArgs, "cut QEMU's connections to a disk mirror target (rollback)")
+        async def mirror_cut(a: MirrorCutArgs) -> dict[str, int]:
+            qemu = self.qemu
+            if self.guard.state == GuardState.COMMITTED or qemu is None or qemu.qemu is None:
+                raise ControlError("no uncommitted migration's QEMU here: nothing is cut")
+            cut = await asyncio.to_thread(tcp_sockets.cut_to, qemu.qemu.pid, a.target)
+            if cut:
+                log.warning(
+                    "migration %s: cut %d disk mirror connection(s) to %s", a.migration, cut, a.target
+                )
+            return {"cut": cut}
 
         @verb("migration-commit", MigrationArgs, "the destination may run: the source never runs again")
         def migration_commit(a: MigrationArgs) -> dict[str, str]:

@@ -415,6 +415,8 @@ class LiveMigration(Job):
         # Where the stream goes (``tcp:HOST:PORT``): the supervisor cuts that connection if QEMU hangs
         # on it (see hikkoshi.vm.tcp_sockets).
         stream = {"stream": self.record.facts.stream[4:]} if self.record.facts.stream else {}
+        if self.record.facts.mirror_target is not None:
+            stream["mirror"] = self.record.facts.mirror_target  # precopy's disk mirrors: cut the same way
         await source.ctl("migration-arm", migration=migration, timeout=GUARD_SECONDS, **stream)
 
         async def renew() -> None:

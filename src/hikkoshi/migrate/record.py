@@ -91,6 +91,8 @@ class MigrationFacts(BaseModel):
     dirty_rate_started: bool = False
     mirror_nodes: list[str] = []
     mirror_jobs: list[str] = []
+    mirror_target: str | None = None
+    """``host:port`` of the destination's disk listener precopy's mirrors write to (cut by a rollback)."""
     stream: str | None = None
     tls: bool = False
     """The source QEMU has the memory stream's TLS credentials (dropped by a rollback)."""

@@ -42,7 +42,10 @@ class Precopy(StorageStrategy):
             ctx.record.id, peer=ctx.source_name, tls=ctx.tls_dir is not None
         )
         listening = address.rsplit(":", 1)[0].strip("[]")
-        host, port = (await ctx.route("mirror", address)).rsplit(":", 1)
+        routed = await ctx.route("mirror", address)
+        host, port = routed.rsplit(":", 1)
+        ctx.facts.mirror_target = routed
+        ctx.save()
         tls: dict[str, str] = {}
         if ctx.tls_dir is not None:
             # QEMU's NBD client: this host's certificate, the destination's checked by its name.
@@ -96,6 +99,13 @@ class Precopy(StorageStrategy):
         return finish
 
     async def rollback(self, ctx: MoveContext) -> list[str]:
+        if ctx.facts.mirror_jobs and ctx.facts.mirror_target is not None:
+            # The mirrors' connections go first: a write-blocking mirror force-cancelled while its
+            # writes hang on a silent target corrupts QEMU 7.2's heap (found by the fault campaign: the
+            # link cut during the memory copy lost the guest). Cut, those writes fail at once, the jobs
+            # fail, and the cancel meets nothing in flight.
+            with contextlib.suppress(SideError):
+                await ctx.source.ctl("mirror-cut", migration=ctx.record.id, target=ctx.facts.mirror_target)
         for job in ctx.facts.mirror_jobs:
             with contextlib.suppress(SideError):
                 await qm.cancel_block_job(ctx.source, job, force=True)
