@@ -33,6 +33,7 @@ from hikkoshi.agent.errors import Conflict, NotFound, Problem
 from hikkoshi.agent.host import Host
 from hikkoshi.agent.incoming import INCOMING, RUNNING, SERVING, Incoming
 from hikkoshi.agent.link_measure import record_link
+from hikkoshi.agent.malloc_arenas import trim
 from hikkoshi.agent.models import (
     MigrateBody,
     MigrationInfo,
@@ -375,6 +376,8 @@ class Jobs:
             await coro
         except Exception:
             log.exception("a migration job failed unexpectedly")
+        # What the job allocated is free now: its pages go back (see hikkoshi.agent.malloc_arenas).
+        await asyncio.to_thread(trim)
 
     def cancel_all(self) -> None:
         """The agent stops: cancel every job (before its commit point a job rolls back; after it, its
