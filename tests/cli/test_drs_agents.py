@@ -253,8 +253,13 @@ def test_automatic_planner_repairs_a_rule(capsys: CapSys, cluster: Cluster) -> N
     run, move = moved[0]
     assert run["leader"] in c.agents and run["level"] == 1
     assert (move["source"], move["target"], move["why"]) == (source, target, "rule") and move["schedule"]
-    schedules = {s["id"]: s for s in as_json(capsys, c, "schedule", "list")}
-    assert any(schedules[m["schedule"]]["state"] == "done" for _, m in moved), (moved, schedules)
+    handed = [m["schedule"] for _, m in moved if m["schedule"]]
+    assert len(handed) == 1, moved  # later runs saw its move under way: not handed twice
+
+    def settled() -> bool:
+        return bool({s["id"]: s for s in as_json(capsys, c, "schedule", "list")}[handed[0]]["state"] == "done")
+
+    wait_for("the handed schedule done", settled)
     assert f"s2: {source} -> {target} (migrate, rule; schedule" in ok(capsys, c, "drs", "history")
     ok(capsys, c, "rule", "delete", "pin")
 

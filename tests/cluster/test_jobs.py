@@ -113,6 +113,32 @@ def test_commit_moves_owner_with_the_phase(config: EtcdConfig, keys: Keys) -> No
     run(main())
 
 
+def test_an_offline_move_commits_as_it_enters_cleanup(config: EtcdConfig, keys: Keys) -> None:
+    """A powered-off VM's move commits once the destination holds its disks: the record goes from
+    storage-pre to cleanup in the transaction that moves the owner key (found by the maintenance test:
+    a phase mirrored first made the commit look like a move backwards)."""
+
+    async def main() -> None:
+        async with Store(config) as store:
+            own, jobs = Ownership(store, keys), Jobs(store, keys)
+            vm = VmRecord(uuid=str(uuid.uuid4()), name="cold", memory=1 << 30)
+            source = await own.create_vm(vm, "a")
+            async with kept_lease(store, 5) as lease:
+                coord = await jobs.create(
+                    JobRecord(id="c1", vm=vm.uuid, source="a", destination="b"), "a", lease
+                )
+                await jobs.advance(coord, Phase.STORAGE_PRE)
+                with pytest.raises(ValueError, match="committed phase"):
+                    await jobs.commit(coord, source, Phase.SWITCHOVER)
+                dest = await jobs.commit(coord, source, Phase.CLEANUP)
+                assert dest.host == "b" and (await own.check_owner(vm.uuid, "b", dest.token)).ok
+                got = (await jobs.get("c1")).record
+                assert got.phase is Phase.CLEANUP and got.history[-1][0] == "cleanup"
+                await jobs.advance(coord, Phase.DONE)
+
+    run(main())
+
+
 def test_take_over_after_commit_finishes(config: EtcdConfig, keys: Keys) -> None:
     async def main() -> None:
         async with Store(config) as store:

@@ -36,6 +36,8 @@ class ClusterRun:
     """``None``: etcd has no record of the job any more (its phases are not mirrored)."""
     ledger: ClusterLedger
     phases: asyncio.Queue[tuple[Phase, str | None]]
+    commit_phase: Phase = Phase.RESUME
+    """The job's commit point: recorded by the commit itself (with the owner key), never mirrored."""
 
     def entered(self, phase: Phase, error: str | None = None) -> None:
         """The job entered ``phase`` (mirrored to etcd by the run's task, in order)."""
@@ -43,13 +45,14 @@ class ClusterRun:
 
 
 async def _mirror(member: ClusterMember, run: ClusterRun) -> None:
-    """Advance the etcd record as the job goes; ``resume-destination`` is the commit's own write."""
+    """Advance the etcd record as the job goes; the commit point is the commit's own write (a phase past
+    it mirrored first would say "committed" while the owner key still names the source)."""
     job_id = run.coordination.job_id if run.coordination else "?"
     last = Phase.PRECHECK
     while True:
         phase, error = await run.phases.get()
         try:
-            if run.coordination is None or phase == Phase.RESUME or phase == last:
+            if run.coordination is None or phase in (Phase.RESUME, run.commit_phase) or phase == last:
                 last = phase
                 continue
             behind = phase in FORWARD and last in FORWARD and FORWARD.index(phase) < FORWARD.index(last)

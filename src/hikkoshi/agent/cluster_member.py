@@ -39,7 +39,7 @@ from hikkoshi.cluster.models import DatastoreInfo, HostInfo, HostLoad, HostStatu
 from hikkoshi.cluster.ownership import Claim, Ownership
 from hikkoshi.cluster.store import Store
 from hikkoshi.cluster.tasks import background
-from hikkoshi.migrate.phases import PhaseError
+from hikkoshi.migrate.phases import Phase, PhaseError, committed
 from hikkoshi.migrate.record import MigrationRecord
 from hikkoshi.migrate.sides import SideError
 from hikkoshi.vm.facts import parse_meminfo
@@ -362,7 +362,8 @@ class ClusterLedger:
         jobs = self.member.jobs()
         for attempt in range(5):
             try:
-                self.moved = await jobs.commit(self.coordination, self.claim)
+                phase = record.phase if committed(record.phase) else Phase.RESUME
+                self.moved = await jobs.commit(self.coordination, self.claim, phase)
                 return self.moved.token
             except PhaseError:  # settled (rolled back) by another host while this one was away
                 raise OwnedElsewhere(self.claim.uuid, current.host if current else None, 0) from None

@@ -164,9 +164,17 @@ class DrsService:
         self.runs += 1
         if not p.moves:
             log.info("automatic DRS: no moves (imbalance %.3f); %s", p.imbalance_before, "; ".join(p.notes))
+        # A VM whose earlier move is still waiting or running is not handed again (runs come every few
+        # seconds; a migration takes longer).
+        under_way = {r.vm: r.id for r in await records.schedules() if r.state in ("pending", "started")}
         handed: list[RunMove] = []
         for m in p.moves:
             log.info("automatic DRS: %s %s -> %s: %s", m.vm, m.source, m.target, m.reason)
+            if m.vm in under_way:
+                handed.append(
+                    self._run_move(m, note=f"a move of it is under way (schedule {under_way[m.vm]})")
+                )
+                continue
             handed.append(await self._hand_over(records, state, m))
         balance = policy.balance
         run = DrsRunRecord(
@@ -182,15 +190,20 @@ class DrsService:
         )
         await records.add_run(run)
 
+    @staticmethod
+    def _run_move(m: Move, note: str | None = None) -> RunMove:
+        return RunMove(
+            vm=m.vm, source=m.source, target=m.target, kind=m.kind.value, why=m.why.value, reason=m.reason,
+            note=note,
+        )  # fmt: skip
+
     async def _hand_over(self, records: DrsRecords, state: ClusterState, m: Move) -> RunMove:
         """``m`` as a schedule due now, which the VM's owner runs; what became of it, for the run's record."""
         _path, body = request_of(state, m)
         datastore = body.get("datastore")
         name = str(datastore) if datastore is not None else None
         kind = "storage" if m.kind is MoveKind.STORAGE else "migrate"
-        what = RunMove(
-            vm=m.vm, source=m.source, target=m.target, kind=m.kind.value, why=m.why.value, reason=m.reason
-        )
+        what = self._run_move(m)
         if m.kind is MoveKind.OFFLINE:
             return what.model_copy(update={"note": "a powered-off VM moves only by maintenance"})
         if m.kind is MoveKind.STORAGE and name is None:

@@ -27,7 +27,7 @@ from urllib.parse import quote
 from hikkoshi import __version__
 from hikkoshi.agent.client import AgentClient, AgentError
 from hikkoshi.agent.cluster_jobs import ClusterRun, cluster_job, taken_over
-from hikkoshi.agent.cluster_member import ClusterLedger, ClusterUnavailable
+from hikkoshi.agent.cluster_member import ClusterUnavailable
 from hikkoshi.agent.db import AgentDb, DbMigrationStore
 from hikkoshi.agent.errors import Conflict, NotFound, Problem
 from hikkoshi.agent.host import Host
@@ -405,7 +405,7 @@ class Jobs:
                     if run is None:
                         return  # refused by a limit: recorded
                     state.on_phase = run.entered
-                    self._use_ledger(job, run.ledger)
+                    self._use_ledger(job, run)
                 route = await stack.enter_async_context(self.routes(self.host.config.site, peer_site))
                 if isinstance(job, LiveMigration):
                     job.request = replace(job.request, route=route)
@@ -637,7 +637,7 @@ class Jobs:
         try:
             async with taken_over(member, job.record.id, vm_uuid) as run:
                 state.on_phase = run.entered
-                self._use_ledger(job, run.ledger)
+                self._use_ledger(job, run)
                 return await job.recover()
         except CoordinatorAlive as exc:
             raise MigrationPending(
@@ -647,7 +647,9 @@ class Jobs:
             raise MigrationPending(f"the cluster: {exc}", job.record) from None
 
     @staticmethod
-    def _use_ledger(job: Job, ledger: ClusterLedger) -> None:
+    def _use_ledger(job: Job, run: ClusterRun) -> None:
+        run.commit_phase = job.commit_phase
+        ledger = run.ledger
         if isinstance(job, LiveMigration):
             job.request = replace(job.request, ledger=ledger)
         elif isinstance(job, ColdMigration):

@@ -26,7 +26,7 @@ from hikkoshi.cluster.lease import KeptLease
 from hikkoshi.cluster.models import Coordinator, JobRecord, Owner, now
 from hikkoshi.cluster.ownership import Claim
 from hikkoshi.cluster.store import KeyValue, Store
-from hikkoshi.migrate.phases import FINAL, Phase, Recovery, move, recovery
+from hikkoshi.migrate.phases import FINAL, FORWARD, Phase, Recovery, committed, move, recovery
 
 
 @dataclass(frozen=True)
@@ -163,8 +163,9 @@ class Jobs:
             who = f"host {held.host!r}" if held else "nobody"
             raise NotCoordinator(f"migration {c.job_id}: no longer coordinated by {c.host!r} (now {who})")
 
-    async def commit(self, c: Coordination, claim: Claim) -> Claim:
-        """The commit point: record ``resume-destination`` and move the owner key to the destination.
+    async def commit(self, c: Coordination, claim: Claim, phase: Phase = Phase.RESUME) -> Claim:
+        """The commit point: record ``phase`` (``resume-destination``; an offline or storage move commits
+        as it enters ``cleanup``) and move the owner key to the destination.
 
         ``claim`` is the source's ownership (its token). Returns the destination's claim, whose token
         the destination presents before resuming the VM. :class:`OwnedElsewhere` if the owner key
@@ -172,10 +173,12 @@ class Jobs:
         """
         k = self.keys
         rec_key, owner_key = k.migration(c.job_id), k.owner(claim.uuid)
+        if not committed(phase) or phase not in FORWARD:
+            raise ValueError(f"the commit point is recorded as a committed phase, not {phase}")
         nonce = uuidlib.uuid4().hex
         while True:
             view = await self.get(c.job_id)
-            new = self._next(view, Phase.RESUME, None)
+            new = self._next(view, phase, None)
             owner = Owner(host=view.record.destination, claim=nonce)
             r = await self.store.txn(
                 [
