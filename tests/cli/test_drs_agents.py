@@ -257,7 +257,9 @@ def test_automatic_planner_repairs_a_rule(capsys: CapSys, cluster: Cluster) -> N
     assert len(handed) == 1, moved  # later runs saw its move under way: not handed twice
 
     def settled() -> bool:
-        return bool({s["id"]: s for s in as_json(capsys, c, "schedule", "list")}[handed[0]]["state"] == "done")
+        return bool(
+            {s["id"]: s for s in as_json(capsys, c, "schedule", "list")}[handed[0]]["state"] == "done"
+        )
 
     wait_for("the handed schedule done", settled)
     assert f"s2: {source} -> {target} (migrate, rule; schedule" in ok(capsys, c, "drs", "history")
