@@ -2,8 +2,10 @@
 
     .venv/bin/python -m bench.run_predict [--repeat 3] [--modes hybrid,precopy,postcopy,shared]
                                           [--workloads idle,busy] [--load-interval 2]
+                                          [--wan 50ms,200Mbit]
 
-Starts a local etcd member and two agents (alpha, beta) in one cluster on loopback, with host
+Starts a local etcd member and two agents (alpha, beta) in one cluster on loopback (with ``--wan``, in
+two sites whose migrations go through the WAN emulator at that RTT and rate), with host
 certificates (HTTPS, every stream TLS) and the load sampler measuring each VM every
 ``--load-interval`` s (its memory's dirty rate by QEMU's ``calc-dirty-rate`` every third sample). For
 each workload (``idle``: the test guest at rest; ``busy``: the disk writer and the memory dirtier) and
@@ -68,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     p.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
     p.add_argument("--keep", action="store_true", help="keep the agents' logs and state")
+    p.add_argument(
+        "--wan",
+        metavar="RTT,RATE",
+        help="put the hosts in two sites joined by the WAN emulator, e.g. 50ms,200Mbit (default: one site)",
+    )
     return p
 
 
@@ -125,10 +132,11 @@ class Bench:
         make_token(token)
         extra = ["--etcd", f"http://{self.endpoint}", "--load-interval", str(args.load_interval)]
         self.hosts = []
-        for name in ("alpha", "beta"):
+        for name, site in (("alpha", "east"), ("beta", "west")):
             state = Path(tempfile.mkdtemp(prefix=f"hkp-{name}-", dir="/tmp"))  # short: socket paths
             datastores = {"main": workdir / name / "main"}
-            self.hosts.append(AgentHost(name, workdir / "logs", state, datastores, token, extra=extra))
+            wan = ["--site", site, "--wan-link", f"east:west={args.wan}"] if args.wan else []
+            self.hosts.append(AgentHost(name, workdir / "logs", state, datastores, token, extra=extra + wan))
         self.runs: list[Run] = []
         self.failures: list[str] = []
 
@@ -313,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = args.workdir / f"predict-{stamp}"
     workdir.mkdir(parents=True)
     command = "python -m bench.run_predict " + shlex.join(list(argv if argv is not None else sys.argv[1:]))
-    results: dict[str, Any] = {"command": command.strip(), "machine": machine_facts(workdir)}
+    results: dict[str, Any] = {"command": command.strip(), "machine": machine_facts(workdir), "wan": args.wan}
     build_guest()
     bench = Bench(args, workdir)
     t0 = time.monotonic()
