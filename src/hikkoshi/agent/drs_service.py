@@ -203,16 +203,14 @@ class DrsService:
         datastore = body.get("datastore")
         name = str(datastore) if datastore is not None else None
         kind = "storage" if m.kind is MoveKind.STORAGE else "migrate"
-        what = self._run_move(m)
         if m.kind is MoveKind.OFFLINE:
-            return what.model_copy(update={"note": "a powered-off VM moves only by maintenance"})
+            return self._run_move(m, note="a powered-off VM moves only by maintenance")
         if m.kind is MoveKind.STORAGE and name is None:
-            note = f"{m.target} names no datastore {m.datastore}"
-            return what.model_copy(update={"note": note})
+            return self._run_move(m, note=f"{m.target} names no datastore {m.datastore}")
         storage = "shared" if m.kind is MoveKind.STORAGE else str(body["storage"])
         rec = await records.add_schedule(m.vm, m.target, time.time(), storage, kind=kind, datastore=name)
         log.info("automatic DRS: %s -> %s handed to its owner (schedule %s)", m.vm, m.target, rec.id)
-        return what.model_copy(update={"schedule": rec.id})
+        return self._run_move(m).model_copy(update={"schedule": rec.id})
 
     # --- loops ---------------------------------------------------------------------------------------------
 

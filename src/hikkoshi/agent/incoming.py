@@ -349,11 +349,7 @@ class Incoming:
         if self.host.cluster is not None:
             await self.host.cluster.check_token(target.home.load_spec(), token)
         await self._side(target.resume(token))
-        # Past the commit the VM is this host's: if its QEMU dies before the migration ends, a person
-        # (or its supervisor's owner) may start it again here (see AgentHost.protect).
-        row = self._row(vm)
-        detail = {**self.detail(row), "resumed": True}
-        self.db.set_vm(vm, row["datastore"], row.get("uuid"), INCOMING, json.dumps(detail))
+        self._mark_resumed(vm, self._row(vm))
 
     async def committed(self, vm: str, peer: str, migration: str, token: int | None = None) -> None:
         """The migration committed to this host and the VM died before it resumed: like a resumed one,
@@ -369,20 +365,15 @@ class Incoming:
         row = self._row(vm)
         if self.detail(row).get("resumed"):
             return  # said before (a job taken over says it again), or resumed here
-        if await self._qemu_answers(target):
+        if await target.qemu_alive():
             raise Conflict(f"VM {vm!r}: its QEMU runs here: it is resumed, not started again")
+        self._mark_resumed(vm, row)
+
+    def _mark_resumed(self, vm: str, row: dict[str, Any]) -> None:
+        """Past the commit the VM is this host's: if its QEMU dies before the migration ends, a person
+        (or its supervisor's owner) may start it again here (see AgentHost.protect)."""
         detail = {**self.detail(row), "resumed": True}
         self.db.set_vm(vm, row["datastore"], row.get("uuid"), INCOMING, json.dumps(detail))
-
-    @staticmethod
-    async def _qemu_answers(target: LocalDestination) -> bool:
-        """Whether the VM's supervisor answers with a QEMU (one starting or ending is not known to run)."""
-        if not await target.is_running():
-            return False
-        try:
-            return bool((await target.vm_status()).get("qemu_pid"))
-        except SideError:
-            return False
 
     async def announce(self, vm: str, peer: str) -> None:
         """The VM's NICs announce their MACs from here."""

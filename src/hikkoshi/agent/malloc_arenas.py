@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 
 log = logging.getLogger("hikkoshi.agent")
@@ -28,16 +29,27 @@ MMAP_THRESHOLD = 1 << 20
 """Blocks from this size up get their own mapping, given back when freed (fixed: never raised)."""
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, looked up once (``find_library`` runs ``ldconfig``: not for every job's trim)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
 def limit_arenas(count: int = 2) -> bool:
     """Ask glibc for at most ``count`` arenas (before threads allocate) and a fixed mmap threshold;
     False where there is no glibc (or it refused)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
+    libc = _libc()
+    if libc is None:
         return False
     try:
-        libc = ctypes.CDLL(name)
         ok = bool(libc.mallopt(M_ARENA_MAX, count))
-    except (OSError, AttributeError):
+    except AttributeError:
         return False
     if not ok:
         log.debug("mallopt(M_ARENA_MAX, %d) refused", count)
@@ -49,10 +61,10 @@ def limit_arenas(count: int = 2) -> bool:
 
 def trim() -> bool:
     """``malloc_trim(0)``: free heap pages go back to the system; False where there is no glibc."""
-    name = ctypes.util.find_library("c")
-    if name is None:
+    libc = _libc()
+    if libc is None:
         return False
     try:
-        return bool(ctypes.CDLL(name).malloc_trim(0))
-    except (OSError, AttributeError):
+        return bool(libc.malloc_trim(0))
+    except AttributeError:
         return False

@@ -15,6 +15,7 @@ import uuid as uuidlib
 from hikkoshi.cluster import txn as t
 from hikkoshi.cluster.keys import Keys, segment
 from hikkoshi.cluster.models import DrsRunRecord, DrsSettings, RuleRecord, ScheduleRecord
+from hikkoshi.cluster.recent import put_recent, read_recent
 from hikkoshi.cluster.store import Store
 
 FINAL = frozenset({"done", "failed", "cancelled"})
@@ -123,22 +124,11 @@ class DrsRecords:
 
     async def add_run(self, run: DrsRunRecord) -> None:
         """Keep ``run``; drop the oldest beyond :data:`KEEP_RUNS`."""
-        await self.store.put(self.keys.drs_run(run.id), run.to_bytes())
-        got = await self.store.get_prefix(self.keys.drs_runs, keys_only=True)
-        if len(got.kvs) > KEEP_RUNS:
-            for kv in sorted(got.kvs, key=lambda kv: kv.create_revision)[: len(got.kvs) - KEEP_RUNS]:
-                await self.store.delete(kv.key)
+        await put_recent(self.store, self.keys.drs_runs, self.keys.drs_run(run.id), run, KEEP_RUNS)
 
     async def runs(self) -> list[DrsRunRecord]:
         """The kept runs, oldest first (unreadable ones skipped)."""
-        got = await self.store.get_prefix(self.keys.drs_runs)
-        out = []
-        for kv in sorted(got.kvs, key=lambda kv: kv.create_revision):
-            try:
-                out.append(DrsRunRecord.from_bytes(kv.value))
-            except ValueError:
-                continue
-        return out
+        return await read_recent(self.store, self.keys.drs_runs, DrsRunRecord)
 
     # --- settings and leader -------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from hikkoshi.cluster.keys import Keys
 from hikkoshi.cluster.models import ObservationRecord
+from hikkoshi.cluster.recent import put_recent, read_recent
 from hikkoshi.cluster.store import Store
 
 #: Observations kept in etcd (a calibration reads far fewer; the rest are for a person to look at).
@@ -30,20 +31,11 @@ class Observations:
         if downtime is not None:
             figures["migrate_info"] = {"downtime": downtime}
         record = ObservationRecord(migration=migration, inputs=inputs, report=figures)
-        await self.store.put(self.keys.observation(migration), record.to_bytes())
-        got = await self.store.get_prefix(self.keys.observations, keys_only=True)
-        if len(got.kvs) > self.keep:
-            for kv in sorted(got.kvs, key=lambda kv: kv.create_revision)[: len(got.kvs) - self.keep]:
-                await self.store.delete(kv.key)
+        await put_recent(
+            self.store, self.keys.observations, self.keys.observation(migration), record, self.keep
+        )
         return record
 
     async def recent(self) -> list[ObservationRecord]:
         """Every kept observation, oldest first (unreadable ones skipped)."""
-        got = await self.store.get_prefix(self.keys.observations)
-        out = []
-        for kv in sorted(got.kvs, key=lambda kv: kv.create_revision):
-            try:
-                out.append(ObservationRecord.from_bytes(kv.value))
-            except ValueError:
-                continue
-        return out
+        return await read_recent(self.store, self.keys.observations, ObservationRecord)

@@ -34,7 +34,7 @@ import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field
 
@@ -131,16 +131,16 @@ class RehomeArgs(Args):
     to: str = Field(min_length=2, max_length=4096, pattern=r"^/")
 
 
+Endpoint = Annotated[str, Field(max_length=300, pattern=r"^[A-Za-z0-9.:\[\]-]+:[0-9]{1,5}$")]
+"""``host:port`` (``[v6]:port``) of a connection QEMU makes: one it may have to be cut from."""
+
+
 class GuardArgs(Args):
     migration: str = Field(min_length=1, max_length=64)
     timeout: float = Field(default=10.0, gt=0, le=3600)
-    stream: str | None = Field(
-        default=None, max_length=300, pattern=r"^[A-Za-z0-9.:\[\]-]+:[0-9]{1,5}$", description="host:port"
-    )
+    stream: Endpoint | None = None
     """Where QEMU sends the migration stream: the connection cut if QEMU hangs on it."""
-    mirror: str | None = Field(
-        default=None, max_length=300, pattern=r"^[A-Za-z0-9.:\[\]-]+:[0-9]{1,5}$", description="host:port"
-    )
+    mirror: Endpoint | None = None
     """Where precopy's disk mirrors write (the destination's disk listener): cut the same way."""
 
 
@@ -149,7 +149,7 @@ class MigrationArgs(Args):
 
 
 class MirrorCutArgs(MigrationArgs):
-    target: str = Field(max_length=300, pattern=r"^[A-Za-z0-9.:\[\]-]+:[0-9]{1,5}$", description="host:port")
+    target: Endpoint
     """The mirrors' target: QEMU's own connections to it are cut."""
 
 
@@ -483,17 +483,20 @@ class Supervisor:
         (see :mod:`hikkoshi.vm.tcp_sockets`): a write-blocking mirror whose target went silent hangs
         QEMU's main loop as a stream does, and force-cancelling it with writes in flight corrupts QEMU
         7.2's heap (found by the fault campaign). How many connections were cut."""
+        cut = 0
+        for what, endpoint in (("disk mirror", self.mirror), ("migration stream", self.stream)):
+            if endpoint is not None:
+                cut += await self._cut_to(endpoint, f"it hung on the {what}")
+        return cut
+
+    async def _cut_to(self, endpoint: str, why: str) -> int:
+        """Cut QEMU's connections to ``endpoint`` (``why``, for the log); how many were cut."""
         qemu = self.qemu
         if qemu is None or qemu.qemu is None:
             return 0
-        cut = 0
-        for what, endpoint in (("disk mirror", self.mirror), ("migration stream", self.stream)):
-            if endpoint is None:
-                continue
-            n = await asyncio.to_thread(tcp_sockets.cut_to, qemu.qemu.pid, endpoint)
-            if n:
-                log.warning("QEMU hung on the %s to %s: cut %d connection(s)", what, endpoint, n)
-            cut += n
+        cut = await asyncio.to_thread(tcp_sockets.cut_to, qemu.qemu.pid, endpoint)
+        if cut:
+            log.warning("cut %d connection(s) of QEMU to %s: %s", cut, endpoint, why)
         return cut
 
     # --- rehome (storage migration) ------------------------------------------------------------------------
@@ -659,12 +662,8 @@ class Supervisor:
             qemu = self.qemu
             if self.guard.state == GuardState.COMMITTED or qemu is None or qemu.qemu is None:
                 raise ControlError("no uncommitted migration's QEMU here: nothing is cut")
-            cut = await asyncio.to_thread(tcp_sockets.cut_to, qemu.qemu.pid, a.target)
-            if cut:
-                log.warning(
-                    "migration %s: cut %d disk mirror connection(s) to %s", a.migration, cut, a.target
-                )
-            return {"cut": cut}
+            why = f"migration {a.migration} rolls back its disk mirrors"
+            return {"cut": await self._cut_to(a.target, why)}
 
         @verb("migration-commit", MigrationArgs, "the destination may run: the source never runs again")
         def migration_commit(a: MigrationArgs) -> dict[str, str]:

@@ -167,6 +167,16 @@ class Destination(abc.ABC):
     async def is_running(self) -> bool:
         """Whether the VM's supervisor runs there."""
 
+    async def qemu_alive(self) -> bool:
+        """Whether the VM's QEMU is there: its supervisor runs and names one (a supervisor may outlive
+        its QEMU a moment; one that does not answer is not known to have one)."""
+        if not await self.is_running():
+            return False
+        try:
+            return (await self.vm_status()).get("qemu_pid") is not None
+        except SideError:
+            return False
+
     @abc.abstractmethod
     async def home_exists(self) -> bool:
         """Whether the VM's home exists there."""

@@ -610,7 +610,8 @@ class LiveMigration(Job):
         try:
             await self.target.resume(self.record.facts.fencing_token)
         except SideError as exc:
-            if exc.transient or await self._destination_qemu_alive():
+            # Its supervisor may outlive a dead QEMU a moment; one not known to be there is waited for.
+            if exc.transient or await self.target.qemu_alive():
                 raise
             await self._destination_gone()
         now = time.monotonic()
@@ -635,15 +636,6 @@ class LiveMigration(Job):
             f"again on the destination ({self.target.home_path}) to carry on",
             transient=True,
         )
-
-    async def _destination_qemu_alive(self) -> bool:
-        """Whether the destination VM's QEMU is there (its supervisor may outlive it a moment)."""
-        if not await self.target.is_running():
-            return False
-        try:
-            return (await self.target.vm_status()).get("qemu_pid") is not None
-        except SideError:
-            return False  # not known to be there: waited for (it is the destination's either way)
 
     async def _final_figures(self) -> None:
         """QEMU announces ``completed`` before it fills in the downtime and total time: ask again."""

@@ -402,21 +402,10 @@ def predict_cold(allocated: int, link: Link) -> Prediction:
     if allocated < 0:
         raise ValueError("a disk size is non-negative")
     seconds = allocated / link.bandwidth + COLD_CALLS * link.rtt_ms / 1000
-    return Prediction(
-        total_time_ms=seconds * 1000,
-        downtime_ms=0.0,
-        bytes=allocated,
-        time_to_destination_ms=seconds * 1000,
-        converges=True,
-        rounds=0,
-        finish=Finish.PRECOPY,
-        memory_bytes=0,
-        disk_bytes=allocated,
-        downtime_limit_ms=0,
-        throttle_percent=0,
-        explanation=(
-            f"powered off: {_size(allocated)} of disk copied at {_rate(link.bandwidth)}: {seconds:.1f} s"
-        ),
+    return _disk_only(
+        seconds,
+        allocated,
+        f"powered off: {_size(allocated)} of disk copied at {_rate(link.bandwidth)}: {seconds:.1f} s",
     )
 
 
@@ -430,6 +419,13 @@ def predict_disk_move(allocated: int, write_rate: float, bandwidth: float) -> Pr
     writes = min(write_rate, bandwidth / 2)
     seconds = allocated / (bandwidth - writes)
     nbytes = int(allocated + writes * seconds)
+    return _disk_only(
+        seconds, nbytes, f"disk mirror of {_size(allocated)} at {_rate(bandwidth)}: {seconds:.1f} s"
+    )
+
+
+def _disk_only(seconds: float, nbytes: int, explanation: str) -> Prediction:
+    """A move of disk data alone: no memory, no pause of the guest, done when the copy is."""
     return Prediction(
         total_time_ms=seconds * 1000,
         downtime_ms=0.0,
@@ -442,7 +438,7 @@ def predict_disk_move(allocated: int, write_rate: float, bandwidth: float) -> Pr
         disk_bytes=nbytes,
         downtime_limit_ms=0,
         throttle_percent=0,
-        explanation=f"disk mirror of {_size(allocated)} at {_rate(bandwidth)}: {seconds:.1f} s",
+        explanation=explanation,
     )
 
 
